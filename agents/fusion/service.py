@@ -1,0 +1,228 @@
+"""The fusion agent: collects results per task and emits exactly one decision per task.
+
+A decision goes out as soon as every expected type has answered, or when the coordinator's
+status says the task ended without them (partial, or failed with nothing in). Results are
+acked only once their task is decided, so a fusion agent that restarts is redelivered what
+it had not finished; decisions carry ``Nats-Msg-Id: decision:<task_id>`` so the server
+drops a second decision for a task even across such a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from agents.fusion.strategies import Strategy, Vote, WeightedMean
+from bus import (
+    BatchPuller,
+    Producer,
+    Subjects,
+    TopologySettings,
+    ensure_reader_consumer,
+    ensure_streams,
+    keep_running,
+    register_service,
+)
+from bus.discovery import PREFIX, ROLE
+from schemas import CODEC, Decision, Result, SchemaError, TaskStatus, Window
+
+log = structlog.get_logger("fusebus.fusion")
+
+COMPONENT = "fusion"
+
+
+@dataclass(frozen=True)
+class FusionSettings:
+    """Limits of the fusion agent."""
+
+    batch: int = 512
+    pending_ttl_s: float = 60.0  # a task heard of but never ended is decided partial after this
+    remember_decided: int = 200_000
+
+
+@dataclass
+class PendingTask:
+    """What fusion knows of a task not yet decided."""
+
+    stream: str
+    window: Window
+    expected: tuple[str, ...]
+    ingest_ns: int
+    results: dict[str, Result] = field(default_factory=dict)
+    msgs: list[Msg] = field(default_factory=list)  # acked once the task is decided
+    first_seen: float = field(default_factory=time.monotonic)
+
+
+class FusionAgent:
+    """Turns agents' results into one decision per task with a fusion :class:`Strategy`."""
+
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        subjects: Subjects,
+        strategy: Strategy | None = None,
+        topology: TopologySettings | None = None,
+        settings: FusionSettings | None = None,
+    ) -> None:
+        self.nc = nc
+        self.subjects = subjects
+        self.strategy = strategy or WeightedMean()
+        self.topology = topology or TopologySettings()
+        self.settings = settings or FusionSettings()
+        self.producer = Producer(nc, subjects)
+        self.instance_id = secrets.token_hex(4)
+        self.pending: dict[str, PendingTask] = {}
+        self.decided: OrderedDict[str, None] = OrderedDict()
+        self.counts: Counter[str] = Counter()
+        self._puller: BatchPuller | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._service: Any = None
+
+    def __repr__(self) -> str:
+        counts = " ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
+        return f"FusionAgent({self.strategy.name}, pending={len(self.pending)} {counts})"
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``$SRV.STATS`` and the status endpoint."""
+        return {"pending": len(self.pending), "strategy": self.strategy.name, **self.counts}
+
+    async def start(self) -> FusionAgent:
+        """Set up streams and the durable consumer, then start deciding."""
+        js = self.nc.jetstream()
+        await ensure_streams(js, self.subjects, self.topology)
+        await ensure_reader_consumer(
+            js, self.subjects.results_stream, self.subjects.fusion_consumer,
+            [self.subjects.all_results(), self.subjects.all_statuses()], self.topology,
+        )
+        self._puller = await BatchPuller(
+            js, stream=self.subjects.results_stream, consumer=self.subjects.fusion_consumer
+        ).start()
+        self._tasks = [
+            asyncio.create_task(keep_running(self._step, name="fusion")),
+            asyncio.create_task(keep_running(self._expire_step, name="fusion-expiry")),
+        ]
+        self._service = await register_service(
+            self.nc,
+            name="fusebus-fusion",
+            version="0.1.0",
+            description="fusebus fusion agent: one decision per task",
+            metadata={ROLE: COMPONENT, PREFIX: self.subjects.prefix},
+            status_subject=self.subjects.control(COMPONENT, self.instance_id),
+            stats=self.stats,
+        )
+        log.info("fusion.started", strategy=self.strategy.name, prefix=self.subjects.prefix)
+        return self
+
+    async def stop(self) -> None:
+        """Stop deciding; undecided results stay unacked for the next fusion agent."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self._puller is not None:
+            await self._puller.stop()
+        if self._service is not None:
+            with contextlib.suppress(Exception):
+                await self._service.stop()
+        log.info("fusion.stopped", **self.stats())
+
+    async def __aenter__(self) -> FusionAgent:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # Loop -----------------------------------------------------------------------------------
+    async def _step(self) -> None:
+        assert self._puller is not None
+        msgs = await self._puller.next_batch(self.settings.batch, idle_timeout_s=1.0)
+        for msg in msgs:
+            await self._handle(msg)
+
+    async def _handle(self, msg: Msg) -> None:
+        try:
+            message = CODEC.decode(msg.data)
+            if not isinstance(message, Result | TaskStatus):
+                raise SchemaError("wrong_kind", f"{type(message).__name__} on {msg.subject}")
+        except SchemaError as exc:
+            self.counts["dead_letters"] += 1
+            await self.producer.dead_letter(
+                component=COMPONENT, subject=msg.subject, data=msg.data, reason=exc.reason,
+                error=str(exc), headers=msg.headers,
+            )
+            await msg.term()
+            return
+        if message.task_id in self.decided:
+            self.counts["after_decision"] += 1
+            await msg.ack()
+            return
+        task = self.pending.get(message.task_id)
+        if task is None:
+            task = self.pending[message.task_id] = PendingTask(
+                stream=message.stream, window=message.window, expected=message.expected,
+                ingest_ns=message.ingest_ns,
+            )
+        task.msgs.append(msg)
+        if isinstance(message, TaskStatus):
+            await self._decide(message.task_id, task, reason=message.reason or message.state)
+            return
+        if message.type in task.results:
+            self.counts["repeat_results"] += 1
+            return
+        task.results[message.type] = message
+        if task.expected and all(t in task.results for t in task.expected):
+            await self._decide(message.task_id, task, reason="")
+
+    async def _expire_step(self) -> None:
+        await asyncio.sleep(1.0)
+        cutoff = time.monotonic() - self.settings.pending_ttl_s
+        for task_id, task in list(self.pending.items()):
+            if task.first_seen < cutoff:
+                self.counts["expired_pending"] += 1
+                await self._decide(task_id, task, reason="no word from the coordinator")
+
+    async def _decide(self, task_id: str, task: PendingTask, *, reason: str) -> None:
+        votes = [
+            Vote(r.type, r.labels, r.output, r.weight)
+            for r in task.results.values()
+            if r.error is None and r.output is not None
+        ]
+        contributors = tuple(v.type for v in votes)
+        expected = task.expected or contributors
+        missing = tuple(t for t in expected if t not in contributors)
+        if votes:
+            fused = self.strategy.fuse(votes)
+            label, scores = fused.label, fused.scores
+        else:
+            label, scores = "", {}
+        status = "complete" if not missing else ("partial" if votes else "failed")
+        now_ns = time.time_ns()
+        decision = Decision(
+            task_id=task_id, stream=task.stream, window=task.window, label=label, scores=scores,
+            status=status, contributors=contributors, missing=missing, strategy=self.strategy.name,
+            latency_ms=(now_ns - task.ingest_ns) / 1e6 if task.ingest_ns else 0.0, decided_ns=now_ns,
+        )
+        await self.producer.decision(decision)
+        del self.pending[task_id]
+        self.decided[task_id] = None
+        if len(self.decided) > self.settings.remember_decided:
+            self.decided.popitem(last=False)
+        self.counts[f"decisions_{status}"] += 1
+        for msg in task.msgs:
+            await msg.ack()
+        log.info(
+            "decision.emitted", task_id=task_id, stream=task.stream, label=label, status=status,
+            missing=list(missing), latency_ms=round(decision.latency_ms, 2), reason=reason,
+        )

@@ -1,0 +1,268 @@
+"""The agent runtime: pulls subtasks of one type, batches them, runs the agent, publishes results.
+
+It owns the consumer, micro-batching, decoding, deadlines, acks, results, errors, logs and
+counters, so that an agent is only a type and a batch function. Inference runs in a
+dedicated thread, so the event loop keeps acking and answering discovery while a batch runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from agents.base import Agent
+from bus import (
+    BatchPuller,
+    Producer,
+    Subjects,
+    TopologySettings,
+    agent_info_metadata,
+    ensure_streams,
+    ensure_task_consumer,
+    keep_running,
+    register_service,
+)
+from schemas import CODEC, AgentInfo, ConfigError, ErrorInfo, Result, SchemaError, Subtask
+
+log = structlog.get_logger("fusebus.agent")
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """How an agent replica pulls and batches."""
+
+    max_batch: int = 64  # most subtasks in one model call
+    max_wait_ms: float = 2.0  # longest wait for a batch to fill once one subtask is in
+    idle_timeout_s: float = 1.0  # one pull request's life when nothing is waiting
+    nak_delays_s: tuple[float, ...] = (0.2, 1.0, 3.0)  # redelivery delay after a model error, by attempt
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_wait_ms < 0:
+            raise ConfigError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.idle_timeout_s <= 0:
+            raise ConfigError(f"idle_timeout_s must be > 0, got {self.idle_timeout_s}")
+
+
+def new_agent_id(type_name: str) -> str:
+    """A replica id that says where it runs: ``<type>-<host>-<pid>-<random>``."""
+    host = "".join(c if c.isalnum() else "-" for c in socket.gethostname())[:24]
+    return f"{type_name}-{host}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+class AgentRuntime:
+    """Serves one :class:`~agents.base.Agent` on the bus as one replica of its type.
+
+    Every replica of a type pulls from the same durable consumer, so replicas share the
+    work and an idle one takes the next subtask.
+    """
+
+    def __init__(
+        self,
+        agent: Agent,
+        nc: Client,
+        *,
+        subjects: Subjects,
+        settings: AgentSettings | None = None,
+        topology: TopologySettings | None = None,
+        agent_id: str | None = None,
+    ) -> None:
+        self.agent = agent
+        self.nc = nc
+        self.subjects = subjects
+        self.settings = settings or AgentSettings()
+        self.topology = topology or TopologySettings()
+        self.agent_id = agent_id or new_agent_id(agent.type)
+        self.component = f"agent-{agent.type}"
+        self.producer = Producer(nc, subjects)
+        self.counts: Counter[str] = Counter()
+        self.batch_sizes: Counter[int] = Counter()
+        self.inference_ms = 0.0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{agent.type}")
+        self._puller: BatchPuller | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._service: Any = None
+
+    def __repr__(self) -> str:
+        return (
+            f"AgentRuntime({self.agent_id}, processed={self.counts['processed']} "
+            f"errors={self.counts['errors']} expired={self.counts['expired']} "
+            f"dead_letters={self.counts['dead_letters']} batches={self.counts['batches']})"
+        )
+
+    @property
+    def info(self) -> AgentInfo:
+        """What this replica serves, as published in its service metadata."""
+        a = self.agent
+        return AgentInfo(
+            agent_id=self.agent_id, type=a.type, model=a.model, runtime=a.runtime,
+            inputs=a.inputs, labels=a.labels, weight=a.weight,
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``$SRV.STATS`` and the status endpoint."""
+        batches = self.counts["batches"]
+        return {
+            "processed": self.counts["processed"],
+            "errors": self.counts["errors"],
+            "expired": self.counts["expired"],
+            "dead_letters": self.counts["dead_letters"],
+            "batches": batches,
+            "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            "inference_ms_total": round(self.inference_ms, 3),
+            "inference_ms_per_batch": round(self.inference_ms / batches, 4) if batches else 0.0,
+        }
+
+    async def start(self) -> AgentRuntime:
+        """Warm the model up, join the type's consumer and start serving."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        await loop.run_in_executor(self._executor, self.agent.warm_up)
+        js = self.nc.jetstream()
+        await ensure_streams(js, self.subjects, self.topology)
+        consumer = await ensure_task_consumer(js, self.subjects, self.agent.type, self.topology)
+        self._puller = await BatchPuller(js, stream=self.subjects.tasks_stream, consumer=consumer).start()
+        self._loop_task = asyncio.create_task(keep_running(self._step, name=self.component))
+        self._service = await register_service(
+            self.nc,
+            name=self.agent.type,
+            version="0.1.0",
+            description=f"fusebus agent for {self.agent.type} subtasks ({self.agent.model.name})",
+            metadata=agent_info_metadata(self.info, prefix=self.subjects.prefix),
+            status_subject=self.subjects.control(self.component, self.agent_id),
+            stats=self.stats,
+        )
+        log.info(
+            "agent.started", agent_id=self.agent_id, type=self.agent.type, runtime=self.agent.runtime,
+            model=self.agent.model.name, warm_up_ms=round((time.perf_counter() - started) * 1e3, 1),
+        )
+        return self
+
+    async def stop(self) -> None:
+        """Stop pulling; a batch in hand is finished and acked first."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+            self._loop_task = None
+        if self._puller is not None:
+            await self._puller.stop()
+        if self._service is not None:
+            with contextlib.suppress(Exception):
+                await self._service.stop()
+        self._executor.shutdown(wait=True)
+        log.info("agent.stopped", agent_id=self.agent_id, **self.stats())
+
+    async def __aenter__(self) -> AgentRuntime:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # The batching loop -----------------------------------------------------------------------
+    async def _step(self) -> None:
+        assert self._puller is not None
+        msgs = await self._puller.next_batch(
+            self.settings.max_batch,
+            idle_timeout_s=self.settings.idle_timeout_s,
+            fill_wait_s=self.settings.max_wait_ms / 1e3,
+        )
+        if msgs:
+            # Shielded so that a stop request lets the batch in hand finish and be acked.
+            await asyncio.shield(self._handle_batch(msgs))
+
+    async def _handle_batch(self, msgs: list[Msg]) -> None:
+        pulled = time.perf_counter()
+        now_ns = time.time_ns()
+        batch: list[tuple[Msg, Subtask]] = []
+        for msg in msgs:
+            try:
+                subtask = CODEC.decode(msg.data, Subtask)
+                self._check(subtask)
+            except SchemaError as exc:
+                await self._dead_letter(msg, exc.reason, str(exc))
+                continue
+            if subtask.deadline_ns < now_ns:
+                self.counts["expired"] += 1
+                log.debug("subtask.expired", task_id=subtask.task_id, type=subtask.type)
+                await msg.ack()
+                continue
+            batch.append((msg, subtask))
+        if not batch:
+            return
+        inputs = {
+            spec.sensor: np.stack([s.inputs[spec.sensor] for _, s in batch]) for spec in self.agent.inputs
+        }
+        loop = asyncio.get_running_loop()
+        infer_start = time.perf_counter()
+        try:
+            outputs = await loop.run_in_executor(self._executor, self.agent.predict, inputs)
+        except Exception as exc:
+            await self._model_failed(batch, exc)
+            return
+        infer_ms = (time.perf_counter() - infer_start) * 1e3
+        self.inference_ms += infer_ms
+        self.counts["batches"] += 1
+        self.batch_sizes[len(batch)] += 1
+        latency_ms = (time.perf_counter() - pulled) * 1e3
+        a = self.agent
+        results = [
+            Result(
+                task_id=s.task_id, stream=s.stream, type=s.type, agent_id=self.agent_id,
+                model=a.model, output=np.asarray(out, np.float32), labels=a.labels,
+                latency_ms=latency_ms, window=s.window, expected=s.expected, ingest_ns=s.ingest_ns,
+                weight=a.weight,
+            )
+            for (_, s), out in zip(batch, outputs, strict=True)
+        ]
+        await self.producer.results(results)
+        for msg, _ in batch:
+            await msg.ack()
+        self.counts["processed"] += len(batch)
+        log.debug(
+            "batch.done", type=a.type, size=len(batch), infer_ms=round(infer_ms, 3),
+            duration_ms=round((time.perf_counter() - pulled) * 1e3, 3), outcome="ok",
+        )
+
+    def _check(self, subtask: Subtask) -> None:
+        if subtask.type != self.agent.type:
+            raise SchemaError("wrong_type", f"subtask of type {subtask.type!r} sent to {self.agent.type!r}")
+        for spec in self.agent.inputs:
+            array = subtask.inputs.get(spec.sensor)
+            if array is None:
+                raise SchemaError("missing_input", f"subtask has no input {spec.sensor!r}")
+            want = (spec.samples or array.shape[0], spec.channels or (array.shape[1] if array.ndim == 2 else -1))
+            if array.shape != want:
+                raise SchemaError(
+                    "bad_input", f"input {spec.sensor!r} has shape {array.shape}, agent reads {want}"
+                )
+
+    async def _model_failed(self, batch: list[tuple[Msg, Subtask]], exc: Exception) -> None:
+        self.counts["errors"] += 1
+        log.error("batch.failed", type=self.agent.type, size=len(batch), error=str(exc), exc_info=exc)
+        delays = self.settings.nak_delays_s
+        for msg, _ in batch:
+            attempt = msg.metadata.num_delivered if msg.metadata else 1
+            await msg.nak(delay=delays[min(attempt, len(delays)) - 1] if delays else None)
+
+    async def _dead_letter(self, msg: Msg, reason: str, error: str) -> None:
+        self.counts["dead_letters"] += 1
+        await self.producer.dead_letter(
+            component=self.component, subject=msg.subject, data=msg.data, reason=reason, error=error,
+            headers=msg.headers,
+        )
+        await msg.term()

@@ -1,0 +1,48 @@
+"""The NATS bus: connection, embedded server, subjects, JetStream topology, publish and pull,
+dead letters and service discovery. The only layer that imports ``nats``."""
+
+from bus.connection import BusSettings, connect
+from bus.consume import BatchPuller
+from bus.discovery import (
+    agent_info_from_metadata,
+    agent_info_metadata,
+    discover_agents,
+    discover_components,
+    gather,
+    register_service,
+)
+from bus.producer import Producer
+from bus.loops import keep_running
+from bus.server import EmbeddedServer, find_server_binary, free_port
+from bus.subjects import Subjects, check_token
+from bus.topology import (
+    TopologySettings,
+    ensure_reader_consumer,
+    ensure_streams,
+    ensure_task_consumer,
+    stream_configs,
+)
+
+__all__ = [
+    "BatchPuller",
+    "BusSettings",
+    "EmbeddedServer",
+    "Producer",
+    "Subjects",
+    "TopologySettings",
+    "agent_info_from_metadata",
+    "agent_info_metadata",
+    "check_token",
+    "connect",
+    "discover_agents",
+    "discover_components",
+    "ensure_reader_consumer",
+    "ensure_streams",
+    "ensure_task_consumer",
+    "find_server_binary",
+    "free_port",
+    "gather",
+    "keep_running",
+    "register_service",
+    "stream_configs",
+]

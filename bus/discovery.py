@@ -1,0 +1,138 @@
+"""Service discovery over the NATS micro protocol (``$SRV.PING``, ``$SRV.INFO``, ``$SRV.STATS``).
+
+Every fusebus component registers as a micro service; agents use their subtask type as the
+service name and put their :class:`~schemas.AgentInfo` in the metadata, so any NATS tool can
+list them and the coordinator can learn which types are running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from nats.aio.client import Client
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import EndpointStats, Service
+
+from schemas import AgentInfo, InputSpec, ModelRef
+
+log = structlog.get_logger("fusebus.bus")
+
+ROLE = "fusebus.role"
+PREFIX = "fusebus.prefix"
+INFO = "fusebus.agent_info"
+
+
+def agent_info_metadata(info: AgentInfo, *, prefix: str) -> dict[str, str]:
+    """Service metadata (string to string) that carries an agent's info."""
+    body = dataclasses.asdict(info)
+    return {ROLE: "agent", PREFIX: prefix, INFO: json.dumps(body, separators=(",", ":"))}
+
+
+def agent_info_from_metadata(metadata: dict[str, str]) -> AgentInfo | None:
+    """The :class:`AgentInfo` in a service's metadata, or ``None`` if it is not an agent."""
+    raw = metadata.get(INFO)
+    if metadata.get(ROLE) != "agent" or not raw:
+        return None
+    try:
+        body = json.loads(raw)
+        return AgentInfo(
+            agent_id=str(body["agent_id"]),
+            type=str(body["type"]),
+            model=ModelRef(**body["model"]),
+            runtime=str(body["runtime"]),
+            inputs=tuple(InputSpec(**spec) for spec in body["inputs"]),
+            labels=tuple(body["labels"]),
+            weight=float(body.get("weight", 1.0)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        log.warning("discovery.bad_agent_info", error=str(exc))
+        return None
+
+
+async def register_service(
+    nc: Client,
+    *,
+    name: str,
+    version: str,
+    description: str,
+    metadata: dict[str, str],
+    status_subject: str,
+    stats: Callable[[], dict[str, Any]],
+) -> Service:
+    """Register a micro service with one ``status`` endpoint answering ``stats()`` as JSON.
+
+    ``stats()`` also fills the endpoint's ``data`` in ``$SRV.STATS`` replies.
+    """
+
+    def stats_handler(_: EndpointStats) -> dict[str, Any]:
+        return stats()
+
+    service = await add_service(
+        nc,
+        name=name,
+        version=version,
+        description=description,
+        metadata=metadata,
+        stats_handler=stats_handler,
+    )
+
+    async def handle_status(request: Request) -> None:
+        await request.respond(json.dumps(stats()).encode())
+
+    await service.add_endpoint(name="status", subject=status_subject, handler=handle_status)
+    return service
+
+
+async def gather(nc: Client, subject: str, *, timeout_s: float = 0.5) -> list[dict[str, Any]]:
+    """Send one request and collect every JSON reply that arrives within ``timeout_s``."""
+    inbox = nc.new_inbox()
+    replies: list[dict[str, Any]] = []
+    sub = await nc.subscribe(inbox)
+    try:
+        await nc.publish(subject, b"", reply=inbox)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (remaining := deadline - loop.time()) > 0:
+            try:
+                msg = await sub.next_msg(timeout=remaining)
+            except TimeoutError:
+                break
+            if not msg.data:  # a status message (no responders), not a reply
+                continue
+            try:
+                replies.append(json.loads(msg.data))
+            except ValueError:
+                log.warning("discovery.bad_reply", subject=subject, data=msg.data[:200])
+    finally:
+        await sub.unsubscribe()
+    return replies
+
+
+async def discover_agents(
+    nc: Client, *, prefix: str, timeout_s: float = 0.5
+) -> list[tuple[AgentInfo, dict[str, Any]]]:
+    """Every running agent replica under ``prefix``, with its current counters."""
+    found = []
+    for reply in await gather(nc, "$SRV.STATS", timeout_s=timeout_s):
+        metadata = reply.get("metadata") or {}
+        if metadata.get(PREFIX) != prefix:
+            continue
+        info = agent_info_from_metadata(metadata)
+        if info is None:
+            continue
+        endpoints = reply.get("endpoints") or []
+        counters = next((e.get("data") or {} for e in endpoints if e.get("name") == "status"), {})
+        found.append((info, counters))
+    return found
+
+
+async def discover_components(nc: Client, *, prefix: str, timeout_s: float = 0.5) -> list[dict[str, Any]]:
+    """``$SRV.PING`` replies of every fusebus component under ``prefix``."""
+    replies = await gather(nc, "$SRV.PING", timeout_s=timeout_s)
+    return [r for r in replies if (r.get("metadata") or {}).get(PREFIX) == prefix]

@@ -1,0 +1,114 @@
+"""Publishing, in one place: every fusebus message goes out through :class:`Producer`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import structlog
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from bus.subjects import Subjects
+from schemas import (
+    DeadLetter,
+    Decision,
+    Result,
+    SensorChunk,
+    SensorFrame,
+    Subtask,
+    TaskStatus,
+    encode,
+)
+
+log = structlog.get_logger("fusebus.bus")
+
+MSG_ID = "Nats-Msg-Id"
+
+
+class Producer:
+    """Encodes messages and publishes them on the right subject.
+
+    Sensor data goes over core NATS (fire and forget, like a sensor); subtasks, results,
+    statuses, decisions and dead letters go through JetStream and are acknowledged by the
+    server before the call returns, so a caller that acks its input afterwards never
+    loses anything. Subtasks and decisions carry a ``Nats-Msg-Id`` so that a re-publish
+    (after a restart or a redelivery) is dropped by the server.
+    """
+
+    def __init__(self, nc: Client, subjects: Subjects, *, publish_timeout_s: float = 5.0) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=publish_timeout_s)
+        self.subjects = subjects
+        self.dead_letters = 0
+
+    def __repr__(self) -> str:
+        return f"Producer({self.subjects.prefix!r}, dead_letters={self.dead_letters})"
+
+    async def frame(self, frame: SensorFrame) -> None:
+        """Publish a pre-aligned frame."""
+        await self.nc.publish(self.subjects.frame(frame.stream), encode(frame))
+
+    async def chunk(self, chunk: SensorChunk) -> None:
+        """Publish one sensor's chunk of samples."""
+        await self.nc.publish(self.subjects.sensor(chunk.stream, chunk.sensor), encode(chunk))
+
+    async def subtasks(self, subtasks: list[Subtask]) -> None:
+        """Publish subtasks to the work queue, deduplicated by ``<task_id>:<type>``."""
+        await asyncio.gather(
+            *(
+                self.js.publish(
+                    self.subjects.task(s.type),
+                    encode(s),
+                    headers={MSG_ID: f"{s.task_id}:{s.type}"},
+                )
+                for s in subtasks
+            )
+        )
+
+    async def results(self, results: list[Result]) -> None:
+        """Publish agents' results."""
+        await asyncio.gather(
+            *(self.js.publish(self.subjects.result(r.stream), encode(r)) for r in results)
+        )
+
+    async def status(self, status: TaskStatus) -> None:
+        """Publish a task's final status, deduplicated by task id."""
+        await self.js.publish(
+            self.subjects.status(status.stream),
+            encode(status),
+            headers={MSG_ID: f"status:{status.task_id}"},
+        )
+
+    async def decision(self, decision: Decision) -> None:
+        """Publish a decision, deduplicated by task id so a task never gets two."""
+        await self.js.publish(
+            self.subjects.decision(decision.stream),
+            encode(decision),
+            headers={MSG_ID: f"decision:{decision.task_id}"},
+        )
+
+    async def dead_letter(
+        self,
+        *,
+        component: str,
+        subject: str,
+        data: bytes,
+        reason: str,
+        error: str,
+        headers: dict[str, Any] | None = None,
+    ) -> None:
+        """Keep a message that could not be handled on ``fb.dlq.<component>``, with its reason."""
+        letter = DeadLetter(
+            component=component,
+            subject=subject,
+            reason=reason,
+            error=error,
+            data=bytes(data),
+            headers={str(k): str(v) for k, v in (headers or {}).items()},
+            first_seen_ns=time.time_ns(),
+        )
+        await self.js.publish(self.subjects.dlq(component), encode(letter))
+        self.dead_letters += 1
+        log.warning("deadletter.sent", component=component, subject=subject, reason=reason, error=error)

@@ -1,0 +1,125 @@
+"""Plans: which subtasks a window of a stream needs, and from which sensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bus.subjects import check_token
+from schemas import ConfigError, SchemaError
+
+OVERFLOW_POLICIES = ("drop_oldest",)
+
+
+@dataclass(frozen=True)
+class SensorInput:
+    """Data a subtask type reads: one sensor, all its channels or the ``channels`` listed."""
+
+    sensor: str
+    channels: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_token(self.sensor, "sensor")
+        if self.channels is not None and (
+            not self.channels or any(c < 0 for c in self.channels)
+        ):
+            raise ConfigError(f"sensor {self.sensor!r}: channels must be non-negative indexes")
+
+    def select(self, samples: np.ndarray) -> np.ndarray:
+        """This input's slice of a sensor's ``[samples, channels]`` array."""
+        if samples.ndim != 2:
+            raise SchemaError("bad_field", f"sensor {self.sensor!r}: expected [samples, channels], got shape {samples.shape}")
+        if self.channels is None:
+            return samples
+        if max(self.channels) >= samples.shape[1]:
+            raise SchemaError(
+                "bad_field",
+                f"sensor {self.sensor!r} has {samples.shape[1]} channels, plan reads {list(self.channels)}",
+            )
+        return np.ascontiguousarray(samples[:, list(self.channels)])
+
+
+@dataclass(frozen=True)
+class SubtaskSpec:
+    """One subtask type of a plan and the inputs it is given."""
+
+    type: str
+    inputs: tuple[SensorInput, ...]
+
+    def __post_init__(self) -> None:
+        check_token(self.type, "type")
+        if not self.inputs:
+            raise ConfigError(f"subtask {self.type!r} reads no sensor")
+
+    @property
+    def sensors(self) -> tuple[str, ...]:
+        """The sensors this subtask reads."""
+        return tuple(i.sensor for i in self.inputs)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the coordinator decomposes every window of a stream.
+
+    ``deadline_ms`` is counted from the moment the task opens; ``max_inflight`` bounds the
+    open tasks of one stream, past which the oldest is shed (a real-time stream wants fresh
+    answers).
+    """
+
+    subtasks: tuple[SubtaskSpec, ...]
+    deadline_ms: float = 2000.0
+    max_inflight: int = 1000
+    overflow: str = "drop_oldest"
+    weights: dict[str, float] = field(default_factory=dict)  # fusion weights by type; empty = agents'
+
+    def __post_init__(self) -> None:
+        if not self.subtasks:
+            raise ConfigError("a plan needs at least one subtask type")
+        types = [s.type for s in self.subtasks]
+        if len(set(types)) != len(types):
+            raise ConfigError(f"plan lists a subtask type twice: {types}")
+        if not self.deadline_ms > 0:
+            raise ConfigError(f"deadline_ms must be > 0, got {self.deadline_ms}")
+        if self.max_inflight < 1:
+            raise ConfigError(f"max_inflight must be >= 1, got {self.max_inflight}")
+        if self.overflow not in OVERFLOW_POLICIES:
+            raise ConfigError(f"overflow must be one of {OVERFLOW_POLICIES}, got {self.overflow!r}")
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        """Every subtask type, in plan order."""
+        return tuple(s.type for s in self.subtasks)
+
+
+def basicmotions_plan(*, deadline_ms: float = 2000.0, max_inflight: int = 1000) -> Plan:
+    """The demo plan: ``accel`` reads the accelerometer, ``gyro`` the gyroscope."""
+    return Plan(
+        subtasks=(
+            SubtaskSpec("accel", (SensorInput("accel"),)),
+            SubtaskSpec("gyro", (SensorInput("gyro"),)),
+        ),
+        deadline_ms=deadline_ms,
+        max_inflight=max_inflight,
+    )
+
+
+class PlanBook:
+    """The plan of every stream: an explicit plan per stream id, else the default."""
+
+    def __init__(self, plans: dict[str, Plan] | None = None, *, default: Plan | None = None) -> None:
+        self.plans = dict(plans or {})
+        for stream in self.plans:
+            check_token(stream, "stream")
+        self.default = default
+
+    def __repr__(self) -> str:
+        return f"PlanBook(streams={sorted(self.plans)}, default={self.default is not None})"
+
+    def for_stream(self, stream: str) -> Plan | None:
+        """The plan that applies to ``stream``, or ``None`` when no plan does."""
+        return self.plans.get(stream, self.default)
+
+
+#: Plans shipped with fusebus, by name.
+BUILTIN_PLANS = {"basicmotions": basicmotions_plan}

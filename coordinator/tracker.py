@@ -1,0 +1,197 @@
+"""The task tracker: a pure state machine deciding when each task is finished.
+
+No asyncio, no NATS: the service feeds it events (open, result seen, time passes) and
+publishes what it returns. Every task it opens ends exactly once, as ``complete`` (every
+expected type answered), ``partial`` (some answered by the deadline) or ``failed`` (none).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import Enum
+
+from schemas import Window
+
+
+class Seen(Enum):
+    """What a result meant to the tracker."""
+
+    NEW = "new"  # counted toward its task
+    REPEAT = "repeat"  # that type had already answered this task
+    LATE = "late"  # the task had already ended
+    UNKNOWN = "unknown"  # never opened here (or forgotten long ago)
+
+
+@dataclass
+class OpenTask:
+    """A task still waiting for results."""
+
+    task_id: str
+    stream: str
+    window: Window
+    expected: tuple[str, ...]
+    deadline_ns: int
+    ingest_ns: int
+    seen: set[str] = field(default_factory=set)
+    unavailable: frozenset[str] = frozenset()  # types that were never published (no input)
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        """Expected types not answered, in expected order."""
+        return tuple(t for t in self.expected if t not in self.seen)
+
+    @property
+    def settled(self) -> bool:
+        """Every type that could answer has answered."""
+        return all(t in self.seen or t in self.unavailable for t in self.expected)
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A task that just ended, and how."""
+
+    task_id: str
+    stream: str
+    window: Window
+    expected: tuple[str, ...]
+    ingest_ns: int
+    state: str  # complete | partial | failed
+    missing: tuple[str, ...]
+    reason: str
+
+
+class TaskTracker:
+    """Tracks open tasks, their deadlines and the per-stream in-flight bound.
+
+    Args:
+        remember_ended: how many ended task ids to remember, so that a result arriving after
+            its task ended is recognised as late rather than unknown.
+    """
+
+    def __init__(self, *, remember_ended: int = 100_000) -> None:
+        self._open: dict[str, OpenTask] = {}
+        self._by_stream: dict[str, OrderedDict[str, None]] = {}
+        self._windows: dict[tuple[str, int], str] = {}
+        self._deadlines: list[tuple[int, str]] = []
+        self._ended: OrderedDict[str, str] = OrderedDict()
+        self._remember_ended = remember_ended
+        self.counts: dict[str, int] = dict.fromkeys(
+            ("opened", "complete", "partial", "failed", "shed", "repeat", "late", "unknown",
+             "duplicate_windows"),
+            0,
+        )
+
+    def __repr__(self) -> str:
+        counts = " ".join(f"{k}={v}" for k, v in self.counts.items() if v)
+        return f"TaskTracker(open={len(self._open)} {counts})"
+
+    # Queries ------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self._open
+
+    def get(self, task_id: str) -> OpenTask | None:
+        """The open task with this id, if any."""
+        return self._open.get(task_id)
+
+    def open_in(self, stream: str) -> int:
+        """How many tasks of ``stream`` are open."""
+        return len(self._by_stream.get(stream, ()))
+
+    def has_window(self, stream: str, t_start_ns: int) -> bool:
+        """Whether a task for this window of this stream is open."""
+        return (stream, t_start_ns) in self._windows
+
+    def next_deadline_ns(self) -> int | None:
+        """The earliest deadline among open tasks."""
+        while self._deadlines and self._deadlines[0][1] not in self._open:
+            heapq.heappop(self._deadlines)
+        return self._deadlines[0][0] if self._deadlines else None
+
+    # Events -------------------------------------------------------------------------------
+    def open(
+        self,
+        *,
+        task_id: str,
+        stream: str,
+        window: Window,
+        expected: tuple[str, ...],
+        deadline_ns: int,
+        ingest_ns: int,
+        unavailable: frozenset[str] = frozenset(),
+        max_inflight: int | None = None,
+    ) -> list[Ended]:
+        """Open a task; returns the tasks this ends (shed ones, or itself if nothing can answer).
+
+        Raises:
+            ValueError: the id is already open, or ``expected`` is empty.
+        """
+        if task_id in self._open or task_id in self._ended:
+            raise ValueError(f"task {task_id!r} was already opened")
+        if not expected:
+            raise ValueError(f"task {task_id!r} expects no type")
+        ended: list[Ended] = []
+        if max_inflight is not None:
+            while self.open_in(stream) >= max_inflight:
+                oldest = next(iter(self._by_stream[stream]))
+                self.counts["shed"] += 1
+                ended.append(self._end(self._open[oldest], reason="shed: over max_inflight"))
+        task = OpenTask(
+            task_id=task_id, stream=stream, window=window, expected=expected,
+            deadline_ns=deadline_ns, ingest_ns=ingest_ns, unavailable=unavailable,
+        )
+        self._open[task_id] = task
+        self._by_stream.setdefault(stream, OrderedDict())[task_id] = None
+        self._windows[(stream, window.t_start_ns)] = task_id
+        heapq.heappush(self._deadlines, (deadline_ns, task_id))
+        self.counts["opened"] += 1
+        if task.settled:
+            ended.append(self._end(task, reason="no input for " + ",".join(sorted(unavailable))))
+        return ended
+
+    def record(self, task_id: str, type_name: str) -> tuple[Seen, Ended | None]:
+        """Note that ``type_name`` answered ``task_id``; returns the task if that ended it."""
+        task = self._open.get(task_id)
+        if task is None:
+            seen = Seen.LATE if task_id in self._ended else Seen.UNKNOWN
+            self.counts[seen.value] += 1
+            return seen, None
+        if type_name in task.seen or type_name not in task.expected:
+            self.counts["repeat"] += 1
+            return Seen.REPEAT, None
+        task.seen.add(type_name)
+        if task.settled:
+            return Seen.NEW, self._end(task, reason="")
+        return Seen.NEW, None
+
+    def expire(self, now_ns: int) -> list[Ended]:
+        """End every task whose deadline is at or before ``now_ns``."""
+        ended = []
+        while self._deadlines and self._deadlines[0][0] <= now_ns:
+            _, task_id = heapq.heappop(self._deadlines)
+            task = self._open.get(task_id)
+            if task is not None:
+                ended.append(self._end(task, reason="deadline"))
+        return ended
+
+    def _end(self, task: OpenTask, *, reason: str) -> Ended:
+        missing = task.missing
+        state = "complete" if not missing else ("partial" if task.seen else "failed")
+        del self._open[task.task_id]
+        stream_tasks = self._by_stream[task.stream]
+        del stream_tasks[task.task_id]
+        if not stream_tasks:
+            del self._by_stream[task.stream]
+        self._windows.pop((task.stream, task.window.t_start_ns), None)
+        self._ended[task.task_id] = state
+        if len(self._ended) > self._remember_ended:
+            self._ended.popitem(last=False)
+        self.counts[state] += 1
+        return Ended(
+            task_id=task.task_id, stream=task.stream, window=task.window, expected=task.expected,
+            ingest_ns=task.ingest_ns, state=state, missing=missing, reason=reason,
+        )

@@ -1,0 +1,241 @@
+"""The ``fusebus`` command line.
+
+Every subcommand validates its arguments at the edge; a bad value or a failure the user can
+fix ends with one line naming the problem and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from schemas import FusebusError
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive(kind: type[float] | type[int]) -> Any:
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text} must be > 0")
+        return value
+
+    return parse
+
+
+def _weight(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not TYPE=WEIGHT") from None
+
+
+def _bus_options(parser: argparse.ArgumentParser, *, url_default: str | None) -> None:
+    group = parser.add_argument_group("bus")
+    group.add_argument(
+        "--nats-url", default=url_default,
+        help="NATS server URL(s), comma-separated" + ("" if url_default else "; default: start an embedded nats-server"),
+    )
+    group.add_argument("--prefix", default=os.environ.get("FUSEBUS_PREFIX", "fb"), help="subject prefix (default: fb)")
+    group.add_argument("--user", default=os.environ.get("FUSEBUS_NATS_USER"), help="NATS user")
+    group.add_argument("--password", default=os.environ.get("FUSEBUS_NATS_PASSWORD"), help="NATS password")
+    group.add_argument("--token", default=os.environ.get("FUSEBUS_NATS_TOKEN"), help="NATS token")
+    group.add_argument("--creds", type=Path, default=os.environ.get("FUSEBUS_NATS_CREDS"), help="NATS .creds file")
+    group.add_argument(
+        "--connect-wait-s", type=float, default=float(os.environ.get("FUSEBUS_CONNECT_WAIT_S", "5")),
+        help="how long to wait for the server at start (default: 5)",
+    )
+    logs = parser.add_argument_group("logging")
+    logs.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    logs.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``fusebus`` argument parser."""
+    parser = _Parser(prog="fusebus", description="ML model agents fusing live sensor data over NATS.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    env_url = os.environ.get("FUSEBUS_NATS_URL")
+
+    up = commands.add_parser("up", help="run everything on one machine with recorded data")
+    _bus_options(up, url_default=env_url)
+    up.add_argument("--rate", type=_positive(float), default=10.0, help="frames per second (default: 10)")
+    up.add_argument("--deadline-ms", type=_positive(float), default=2000.0, help="task deadline (default: 2000)")
+    up.add_argument("--agents", default="accel,gyro", help="agent types to start (default: accel,gyro)")
+    up.add_argument("--log-dir", type=Path, help="folder for each process's log (default: a temp folder)")
+
+    coordinator = commands.add_parser("coordinator", help="run the coordinator")
+    _bus_options(coordinator, url_default=env_url or DEFAULT_URL)
+    coordinator.add_argument("--plan", default="basicmotions", help="built-in plan for every stream")
+    coordinator.add_argument("--deadline-ms", type=_positive(float), default=2000.0)
+    coordinator.add_argument("--max-inflight", type=_positive(int), default=1000)
+
+    agent = commands.add_parser("agent", help="run one agent replica")
+    _bus_options(agent, url_default=env_url or DEFAULT_URL)
+    agent.add_argument("--model", required=True, help="model file (.tflite or .keras) with a .json card beside it, or a shipped model's name")
+    agent.add_argument("--type", dest="type_name", help="subtask type to serve (default: the card's)")
+    agent.add_argument("--max-batch", type=_positive(int), default=64)
+    agent.add_argument("--max-wait-ms", type=float, default=2.0)
+
+    fusion = commands.add_parser("fusion", help="run the fusion agent")
+    _bus_options(fusion, url_default=env_url or DEFAULT_URL)
+    fusion.add_argument("--strategy", default="weighted_mean", help="mean or weighted_mean (default)")
+    fusion.add_argument("--weight", type=_weight, action="append", default=[], metavar="TYPE=W",
+                        help="fusion weight of a type, overriding the agents' own (repeatable)")
+
+    replay = commands.add_parser("replay", help="replay a recorded dataset as a live stream")
+    _bus_options(replay, url_default=env_url or DEFAULT_URL)
+    replay.add_argument("dataset", help="dataset name (basicmotions)")
+    replay.add_argument("--stream", default=None, help="stream id (default: the dataset name)")
+    replay.add_argument("--rate", type=_positive(float), default=10.0, help="frames per second")
+    replay.add_argument("--split", choices=("train", "test"), default="test")
+    replay.add_argument("--limit", type=_positive(int), help="send at most this many frames")
+
+    train = commands.add_parser("train", help="train the shipped models again (needs TensorFlow)")
+    train.add_argument("--out", type=Path, default=None, help="output folder (default: models/)")
+    train.add_argument("--seed", type=int, default=7)
+    return parser
+
+
+def _bus_settings(args: argparse.Namespace, url: str) -> Any:
+    from bus import BusSettings
+
+    password = args.password
+    return BusSettings(
+        url=url, prefix=args.prefix, user=args.user, password=password, token=args.token,
+        creds_file=args.creds, wait_for_server_s=args.connect_wait_s,
+    )
+
+
+def _resolve_model(text: str) -> Path:
+    from fusebus.paths import models_dir
+
+    path = Path(text)
+    if path.exists() or path.suffix:
+        return path
+    return models_dir() / f"{text}.tflite"
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from bus import Subjects
+
+    if args.command == "up":
+        from fusebus.up import UpSettings, run_up
+
+        agents = tuple(a.strip() for a in args.agents.split(",") if a.strip())
+        return await run_up(
+            UpSettings(
+                nats_url=args.nats_url, prefix=args.prefix, rate_hz=args.rate,
+                deadline_ms=args.deadline_ms, agents=agents, log_dir=args.log_dir,
+            )
+        )
+
+    bus = _bus_settings(args, args.nats_url)
+    subjects = Subjects(bus.prefix)
+    from fusebus.components import serve
+
+    if args.command == "coordinator":
+        from coordinator import Coordinator, PlanBook
+        from coordinator.plan import BUILTIN_PLANS
+
+        make_plan = BUILTIN_PLANS.get(args.plan)
+        if make_plan is None:
+            raise _usage(f"unknown plan {args.plan!r}; known: {', '.join(sorted(BUILTIN_PLANS))}")
+        plans = PlanBook(default=make_plan(deadline_ms=args.deadline_ms, max_inflight=args.max_inflight))
+        return await serve(
+            lambda nc: Coordinator(nc, plans=plans, subjects=subjects).start(), bus=bus, name="coordinator"
+        )
+    if args.command == "agent":
+        from agents import AgentRuntime, AgentSettings, ModelAgent
+
+        settings = AgentSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+        model = ModelAgent(_resolve_model(args.model), type_name=args.type_name)
+        return await serve(
+            lambda nc: AgentRuntime(model, nc, subjects=subjects, settings=settings).start(),
+            bus=bus, name=f"agent-{model.type}",
+        )
+    if args.command == "fusion":
+        from agents.fusion import FusionAgent, make_strategy
+
+        strategy = make_strategy(args.strategy, weights=dict(args.weight))
+        return await serve(
+            lambda nc: FusionAgent(nc, subjects=subjects, strategy=strategy).start(), bus=bus, name="fusion"
+        )
+    if args.command == "replay":
+        from bus import Producer, connect
+        from fusebus.datasets import load_dataset
+        from fusebus.replay import replay_frames
+
+        dataset = load_dataset(args.dataset)
+        nc = await connect(bus, name="replay")
+        try:
+            sent = await replay_frames(
+                Producer(nc, subjects), dataset, stream=args.stream or dataset.name,
+                rate_hz=args.rate, split=args.split, limit=args.limit,
+            )
+        finally:
+            await nc.drain()
+        print(f"replayed {len(sent)} frames of {dataset.name} ({args.split}) on {subjects.frame(args.stream or dataset.name)}")
+        return 0
+    raise _usage(f"unknown command {args.command!r}")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from agents.training import TrainingSettings, train_sensor_model
+    from fusebus.datasets import load_basicmotions
+    from fusebus.paths import models_dir
+
+    dataset = load_basicmotions()
+    out = args.out or models_dir()
+    for sensor in dataset.sensors:
+        card = train_sensor_model(
+            type_name=sensor, sensor=sensor,
+            x_train=dataset.sensor_view(dataset.x_train, sensor), y_train=dataset.y_train,
+            x_test=dataset.sensor_view(dataset.x_test, sensor), y_test=dataset.y_test,
+            labels=dataset.labels, out_dir=out, settings=TrainingSettings(seed=args.seed),
+        )
+        print(f"{sensor}: {card.metrics} -> {out}")
+    return 0
+
+
+class _UsageError(FusebusError, ValueError):
+    """A command-line value that cannot be used."""
+
+
+def _usage(message: str) -> _UsageError:
+    return _UsageError(message)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fusebus`` command."""
+    args = build_parser().parse_args(argv)
+    from fusebus.logs import configure_logging
+
+    configure_logging(level=getattr(args, "log_level", "info"), fmt=getattr(args, "log_format", "auto"))
+    try:
+        if args.command == "train":
+            return _train(args)
+        return asyncio.run(_run(args))
+    except FusebusError as exc:
+        print(f"fusebus {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

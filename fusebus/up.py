@@ -1,0 +1,246 @@
+"""``fusebus up``: the whole system on one machine, fed with recorded sensor data.
+
+Starts ``nats-server`` (unless a URL is given), the coordinator, one agent process per
+type and the fusion agent as separate processes, waits until each has registered on the
+bus, replays a dataset's TEST split as a live stream, prints every decision as it arrives
+and a summary, then stops everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+from nats.aio.msg import Msg
+
+from bus import BusSettings, EmbeddedServer, Producer, Subjects, connect, discover_components
+from bus.discovery import ROLE
+from fusebus.datasets import load_dataset
+from fusebus.paths import models_dir
+from fusebus.replay import replay_frames
+from schemas import CODEC, BusError, ConfigError, Decision, SchemaError
+
+
+@dataclass(frozen=True)
+class UpSettings:
+    """What ``fusebus up`` runs."""
+
+    nats_url: str | None = None  # None: start an embedded nats-server
+    prefix: str = "fb"
+    dataset: str = "basicmotions"
+    stream: str = "basicmotions"
+    agents: tuple[str, ...] = ("accel", "gyro")
+    rate_hz: float = 10.0
+    deadline_ms: float = 2000.0
+    ready_timeout_s: float = 60.0
+    log_dir: Path | None = None  # where each process writes its log; default a temp folder
+    log_level: str = "info"
+
+
+@dataclass
+class Child:
+    """A component process started by ``up``."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The last lines of the process's log."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 10.0) -> int:
+        """SIGTERM, wait, then SIGKILL; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident memory of a process in MB (Linux), or ``None`` when unknown."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+@dataclass
+class Tally:
+    """Decisions seen so far, and how they compare to the truth."""
+
+    truth: dict[int, str]
+    decisions: list[Decision] = field(default_factory=list)
+    seen_tasks: set[str] = field(default_factory=set)
+    first_at: float | None = None
+
+    @property
+    def correct(self) -> int:
+        """Decisions whose label matches the true label."""
+        return sum(d.label == self.truth.get(d.window.t_start_ns) for d in self.decisions)
+
+
+async def run_up(settings: UpSettings, *, out: TextIO = sys.stdout) -> int:
+    """Run the demo end to end; returns 0 when every window got exactly one decision."""
+    started = time.perf_counter()
+    dataset = load_dataset(settings.dataset)
+    for agent in settings.agents:
+        if not (models_dir() / f"{agent}.tflite").exists():
+            raise ConfigError(f"no model for agent {agent!r} in {models_dir()}")
+    log_dir = settings.log_dir or Path(tempfile.mkdtemp(prefix="fusebus-up-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    server: EmbeddedServer | None = None
+    if settings.nats_url is None:
+        server = EmbeddedServer(store_dir=log_dir / "nats").start()
+    url = server.url if server else str(settings.nats_url)
+    bus = BusSettings(url=url, prefix=settings.prefix)
+    print(f"fusebus up · NATS {url}{' (embedded)' if server else ''} · logs {log_dir}", file=out)
+
+    children: list[Child] = []
+    nc = None
+    try:
+        children = _spawn_components(settings, url, log_dir)
+        nc = await connect(bus, name="fusebus-up")
+        await _wait_ready(nc, settings, children)
+        subjects = Subjects(settings.prefix)
+        case_ns = dataset.x_test.shape[1] * dataset.period_ns
+        start_ns = time.time_ns()
+        tally = Tally(truth={start_ns + i * case_ns: dataset.labels[int(y)] for i, y in enumerate(dataset.y_test)})
+        all_in = asyncio.Event()
+
+        async def on_decision(msg: Msg) -> None:
+            try:
+                decision = CODEC.decode(msg.data, Decision)
+            except SchemaError as exc:
+                print(f"  unreadable decision: {exc}", file=out)
+                return
+            if decision.task_id in tally.seen_tasks:
+                print(f"  DUPLICATE decision for {decision.task_id}", file=out)
+                return
+            tally.seen_tasks.add(decision.task_id)
+            if tally.first_at is None:
+                tally.first_at = time.perf_counter()
+            tally.decisions.append(decision)
+            _print_decision(out, len(tally.decisions), decision, tally.truth, start_ns)
+            if len(tally.decisions) >= len(tally.truth):
+                all_in.set()
+
+        sub = await nc.subscribe(subjects.decision(settings.stream), cb=on_decision)
+        print(f"{'#':>3}  {'window (s)':<13} {'predicted':<10} {'true':<10}    {'status':<9} latency", file=out)
+        await replay_frames(
+            Producer(nc, subjects), dataset, stream=settings.stream, rate_hz=settings.rate_hz,
+            start_ns=start_ns,
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(all_in.wait(), timeout=settings.deadline_ms / 1e3 + 10.0)
+        await sub.unsubscribe()
+        memory = {c.name: rss_mb(c.process.pid) for c in children}
+        if server is not None and server.pid is not None:
+            memory["nats-server"] = rss_mb(server.pid)
+        _print_summary(out, tally, started, memory)
+        return 0 if len(tally.decisions) == len(tally.truth) else 1
+    finally:
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await nc.drain()
+        codes = {c.name: c.stop() for c in children}
+        failed = {name: code for name, code in codes.items() if code != 0}
+        if failed:
+            print(f"components exited with errors: {failed} (logs in {log_dir})", file=out)
+        if server is not None:
+            server.stop()
+
+
+def _spawn_components(settings: UpSettings, url: str, log_dir: Path) -> list[Child]:
+    common = ["--nats-url", url, "--prefix", settings.prefix, "--log-format", "json",
+              "--log-level", settings.log_level]
+    commands = {
+        "coordinator": ["coordinator", "--plan", settings.dataset, "--deadline-ms", str(settings.deadline_ms)],
+        "fusion": ["fusion"],
+        **{f"agent-{a}": ["agent", "--model", str(models_dir() / f"{a}.tflite")] for a in settings.agents},
+    }
+    children = []
+    for name, args in commands.items():
+        log_path = log_dir / f"{name}.log"
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "fusebus", *args, *common],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            )
+        children.append(Child(name, process, log_path))
+    return children
+
+
+async def _wait_ready(nc: object, settings: UpSettings, children: list[Child]) -> None:
+    wanted = {"coordinator", "fusion", *(f"agent-{a}" for a in settings.agents)}
+    deadline = time.monotonic() + settings.ready_timeout_s
+    while True:
+        for child in children:
+            if child.process.poll() is not None:
+                raise BusError(
+                    f"{child.name} exited with {child.process.returncode} while starting:\n{child.log_tail()}"
+                )
+        replies = await discover_components(nc, prefix=settings.prefix, timeout_s=0.3)  # type: ignore[arg-type]
+        ready = set()
+        for reply in replies:
+            role = (reply.get("metadata") or {}).get(ROLE)
+            ready.add(f"agent-{reply.get('name')}" if role == "agent" else str(role))
+        if wanted <= ready:
+            return
+        if time.monotonic() > deadline:
+            raise BusError(f"components not ready after {settings.ready_timeout_s:g}s: {sorted(wanted - ready)}")
+
+
+def _print_decision(out: TextIO, n: int, d: Decision, truth: dict[int, str], start_ns: int) -> None:
+    true = truth.get(d.window.t_start_ns, "?")
+    mark = "✓" if d.label == true else "✗"
+    t0 = (d.window.t_start_ns - start_ns) / 1e9
+    t1 = (d.window.t_end_ns - start_ns) / 1e9
+    extra = f"  missing {','.join(d.missing)}" if d.missing else ""
+    print(
+        f"{n:>3}  {t0:5.0f}-{t1:<7.0f} {d.label or '-':<10} {true:<10} {mark}  {d.status:<9} "
+        f"{d.latency_ms:7.1f} ms{extra}",
+        file=out, flush=True,
+    )
+
+
+def _print_summary(out: TextIO, tally: Tally, started: float, memory: dict[str, float | None]) -> None:
+    decisions = tally.decisions
+    total = len(tally.truth)
+    states = {s: sum(d.status == s for d in decisions) for s in ("complete", "partial", "failed")}
+    latencies = np.array([d.latency_ms for d in decisions]) if decisions else np.zeros(1)
+    accuracy = tally.correct / total if total else 0.0
+    print("", file=out)
+    print(
+        f"decisions {len(decisions)}/{total} · accuracy {accuracy:.3f} ({tally.correct}/{total}) · "
+        + " · ".join(f"{k} {v}" for k, v in states.items()),
+        file=out,
+    )
+    first = f"{tally.first_at - started:.2f} s" if tally.first_at else "never"
+    print(
+        f"latency p50 {np.percentile(latencies, 50):.1f} ms · p99 {np.percentile(latencies, 99):.1f} ms"
+        f" · first decision {first} after start",
+        file=out,
+    )
+    rss = " · ".join(f"{name} {mb:.0f} MB" for name, mb in memory.items() if mb is not None)
+    print(f"memory (RSS) {rss}", file=out, flush=True)
