@@ -45,7 +45,7 @@ class AgentSettings:
     """How an agent replica pulls and batches."""
 
     max_batch: int = 64  # most subtasks in one model call
-    max_wait_ms: float = 2.0  # longest wait for a batch to fill once one subtask is in
+    max_wait_ms: float = 1.0  # longest wait for a batch to fill once one subtask is in
     idle_timeout_s: float = 1.0  # one pull request's life when nothing is waiting
     nak_delays_s: tuple[float, ...] = (0.2, 1.0, 3.0)  # redelivery delay after a model error, by attempt
 
@@ -135,7 +135,9 @@ class AgentRuntime:
         js = self.nc.jetstream()
         await ensure_streams(js, self.subjects, self.topology)
         consumer = await ensure_task_consumer(js, self.subjects, self.agent.type, self.topology)
-        self._puller = await BatchPuller(js, stream=self.subjects.tasks_stream, consumer=consumer).start()
+        self._puller = await BatchPuller(
+            self.nc, stream=self.subjects.tasks_stream, consumer=consumer, prefetch=self.settings.max_batch
+        ).start()
         self._loop_task = asyncio.create_task(keep_running(self._step, name=self.component))
         self._service = await register_service(
             self.nc,

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nats
 import structlog
 from nats.aio.client import Client
 
@@ -63,11 +62,14 @@ async def connect(settings: BusSettings, *, name: str) -> Client:
         name: the client name the server shows for this connection.
     """
 
+    nc = Client()
+
     async def on_error(exc: Exception) -> None:
-        log.warning("bus.error", client=name, error=str(exc))
+        log.warning("bus.error", client=name, error=str(exc) or type(exc).__name__)
 
     async def on_disconnect() -> None:
-        log.warning("bus.disconnected", client=name)
+        if not (nc.is_draining or nc.is_closed):  # a close we asked for is no news
+            log.warning("bus.disconnected", client=name)
 
     async def on_reconnect() -> None:
         log.info("bus.reconnected", client=name)
@@ -94,7 +96,8 @@ async def connect(settings: BusSettings, *, name: str) -> Client:
     # for a server that is not up (yet) is bounded here.
     budget_s = max(settings.wait_for_server_s, settings.connect_timeout_s)
     try:
-        return await asyncio.wait_for(nats.connect(**options), timeout=budget_s)
+        await asyncio.wait_for(nc.connect(**options), timeout=budget_s)
+        return nc
     except TimeoutError:
         raise BusError(f"cannot connect to NATS at {settings.url} within {budget_s:g}s") from None
     except Exception as exc:  # nats-py raises assorted types for refused/auth/timeouts

@@ -1,80 +1,178 @@
-"""Pulling from durable JetStream consumers in batches."""
+"""Pulling from a durable JetStream consumer with one request always open.
+
+nats-py's ``fetch`` sends a pull request per call and, once the first message is in, waits
+for the whole batch or the full timeout, so latency depends on luck. :class:`BatchPuller`
+instead keeps one pull request open at the server (the pattern newer NATS clients call
+*consume*): messages stream into a local buffer as they are stored, a finished request is
+replaced at once, and :meth:`BatchPuller.next_batch` hands out what is buffered.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from collections import deque
+from collections.abc import Callable
 
 import nats.errors
 import structlog
+from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
+from nats.aio.subscription import Subscription
 
 log = structlog.get_logger("fusebus.bus")
 
+_STATUS = "Status"
+_HEARTBEAT = "100"
+_PENDING = "Nats-Pending-Messages"
+
 
 class BatchPuller:
-    """Pulls batches of messages from one durable consumer.
+    """Streams messages of one durable pull consumer into a bounded local buffer.
 
-    :meth:`next_batch` returns what is waiting, up to ``max_msgs``; when fewer are waiting it
-    keeps pulling for up to ``fill_wait_s`` so that a batch can fill, and it returns an empty
-    list after ``idle_timeout_s`` with nothing at all. Bus hiccups (a reconnect, a server
-    restart) are logged and answered with an empty batch, never raised, so the loop around
-    it keeps serving.
+    At most ``prefetch`` messages are requested at a time, so a replica never holds more
+    than that many un-acked messages that an idle replica could have taken. Messages are
+    acked (or nak'd, or terminated) by the caller.
+
+    Args:
+        nc: the connection.
+        stream: the JetStream stream.
+        consumer: the durable consumer (which must exist).
+        prefetch: messages per pull request, and the most held locally.
+        request_expiry_s: how long one pull request lives at the server when idle.
     """
 
-    def __init__(self, js: JetStreamContext, *, stream: str, consumer: str) -> None:
-        self._js = js
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        stream: str,
+        consumer: str,
+        prefetch: int = 256,
+        request_expiry_s: float = 5.0,
+    ) -> None:
+        self._nc = nc
         self.stream = stream
         self.consumer = consumer
-        self._sub: JetStreamContext.PullSubscription | None = None
+        self.prefetch = prefetch
+        self.request_expiry_s = request_expiry_s
+        self._buffer: deque[Msg] = deque()
+        self._arrived = asyncio.Event()
+        self._credits = 0  # messages the open request may still bring
+        self._request_deadline = 0.0  # after this the open request is presumed lost
+        self._sub: Subscription | None = None
+        self._inbox = ""
+        self._watchdog: asyncio.Task[None] | None = None
+        self.requests = 0
 
     def __repr__(self) -> str:
-        return f"BatchPuller({self.stream}/{self.consumer})"
+        return (
+            f"BatchPuller({self.stream}/{self.consumer}, buffered={len(self._buffer)}, "
+            f"credits={self._credits}, requests={self.requests})"
+        )
 
     async def start(self) -> BatchPuller:
-        """Bind to the consumer (which must exist)."""
-        self._sub = await self._js.pull_subscribe_bind(durable=self.consumer, stream=self.stream)
+        """Subscribe to a private inbox and open the first pull request."""
+        self._inbox = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
+        self._watchdog = asyncio.create_task(self._watch_requests())
+        await self._request()
         return self
 
     async def stop(self) -> None:
-        """Stop pulling."""
+        """Stop pulling. Buffered, un-acked messages are redelivered after the ack wait."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._sub is not None:
             sub, self._sub = self._sub, None
             try:
                 await sub.unsubscribe()
-            except Exception as exc:  # closing connection: nothing left to release
+            except Exception as exc:  # the connection is closing: nothing left to release
                 log.debug("puller.unsubscribe_failed", consumer=self.consumer, error=str(exc))
+
+    @property
+    def buffered(self) -> int:
+        """Messages received and not yet handed out."""
+        return len(self._buffer)
 
     async def next_batch(
         self, max_msgs: int, *, idle_timeout_s: float = 1.0, fill_wait_s: float = 0.0
     ) -> list[Msg]:
-        """Up to ``max_msgs`` messages; empty after ``idle_timeout_s`` with none waiting."""
-        if self._sub is None:
-            raise RuntimeError(f"{self!r} is not started")
-        msgs = await self._fetch(max_msgs, idle_timeout_s)
-        if not msgs or fill_wait_s <= 0:
-            return msgs
-        deadline = time.monotonic() + fill_wait_s
-        while len(msgs) < max_msgs:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0.0005:
-                break
-            more = await self._fetch(max_msgs - len(msgs), remaining)
-            if not more:
-                break
-            msgs.extend(more)
-        return msgs
+        """Up to ``max_msgs`` messages; empty after ``idle_timeout_s`` with none arriving.
 
-    async def _fetch(self, max_msgs: int, timeout_s: float) -> list[Msg]:
-        assert self._sub is not None
+        Once one message is in, waits up to ``fill_wait_s`` for the batch to fill.
+        """
+        if not self._buffer and not await self._wait_for(lambda: bool(self._buffer), idle_timeout_s):
+            return []
+        if fill_wait_s > 0 and len(self._buffer) < max_msgs:
+            await self._wait_for(lambda: len(self._buffer) >= max_msgs, fill_wait_s)
+        count = min(max_msgs, len(self._buffer))
+        batch = [self._buffer.popleft() for _ in range(count)]
+        if self._credits == 0 and len(self._buffer) < self.prefetch // 2:
+            await self._request()
+        return batch
+
+    async def _wait_for(self, ready: Callable[[], bool], timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                return bool(ready())
+        return True
+
+    async def _request(self) -> None:
+        """Open a pull request for as many messages as the buffer has room for."""
+        if self._sub is None or self._nc.is_closed:
+            return
+        room = self.prefetch - len(self._buffer)
+        if room <= 0:
+            return
+        body = {"batch": room, "expires": int(self.request_expiry_s * 1e9)}
+        subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.consumer}"
         try:
-            return await self._sub.fetch(max_msgs, timeout=timeout_s)
-        except (nats.errors.TimeoutError, asyncio.TimeoutError):
-            return []
+            await self._nc.publish(subject, json.dumps(body).encode(), reply=self._inbox)
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
-            raise
-        except Exception as exc:  # a reconnect or a restarting server: wait and try again
-            log.warning("puller.fetch_failed", consumer=self.consumer, error=str(exc))
-            await asyncio.sleep(min(timeout_s, 0.5))
-            return []
+            return
+        except Exception as exc:  # reconnecting: the watchdog asks again
+            log.warning("puller.request_failed", consumer=self.consumer, error=str(exc))
+            return
+        self._credits = room
+        self._request_deadline = time.monotonic() + self.request_expiry_s + 1.0
+        self.requests += 1
+
+    async def _on_msg(self, msg: Msg) -> None:
+        status = msg.headers.get(_STATUS) if msg.headers else None
+        if status is None:
+            self._buffer.append(msg)
+            self._credits = max(0, self._credits - 1)
+            self._arrived.set()
+            if self._credits == 0 and len(self._buffer) < self.prefetch // 2:
+                await self._request()
+            return
+        if status == _HEARTBEAT:
+            return
+        # 404 no messages, 408 request expired, 409 (max waiting, leadership change, consumer
+        # deleted...): this request is over.
+        if status != "408":
+            log.debug("puller.status", consumer=self.consumer, status=status,
+                      description=msg.headers.get("Description") if msg.headers else None)
+        self._credits = 0
+        if status == "409":
+            await asyncio.sleep(0.1)  # do not spin against a consumer that refuses requests
+        if len(self._buffer) < self.prefetch // 2:
+            await self._request()
+
+    async def _watch_requests(self) -> None:
+        """Re-open the pull request when it was lost (a reconnect drops it silently)."""
+        while True:
+            await asyncio.sleep(0.5)
+            if time.monotonic() > self._request_deadline and len(self._buffer) < self.prefetch // 2:
+                self._credits = 0
+                await self._request()

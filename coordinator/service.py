@@ -109,7 +109,8 @@ class Coordinator:
             [self.subjects.all_results()], self.topology,
         )
         self._puller = await BatchPuller(
-            js, stream=self.subjects.results_stream, consumer=self.subjects.coordinator_consumer
+            self.nc, stream=self.subjects.results_stream, consumer=self.subjects.coordinator_consumer,
+            prefetch=self.settings.results_batch,
         ).start()
         self._tasks = [
             asyncio.create_task(keep_running(self._results_step, name="coordinator-results")),

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--model", required=True, help="model file (.tflite or .keras) with a .json card beside it, or a shipped model's name")
     agent.add_argument("--type", dest="type_name", help="subtask type to serve (default: the card's)")
     agent.add_argument("--max-batch", type=_positive(int), default=64)
-    agent.add_argument("--max-wait-ms", type=float, default=2.0)
+    agent.add_argument("--max-wait-ms", type=float, default=1.0)
 
     fusion = commands.add_parser("fusion", help="run the fusion agent")
     _bus_options(fusion, url_default=env_url or DEFAULT_URL)

@@ -105,7 +105,8 @@ class FusionAgent:
             [self.subjects.all_results(), self.subjects.all_statuses()], self.topology,
         )
         self._puller = await BatchPuller(
-            js, stream=self.subjects.results_stream, consumer=self.subjects.fusion_consumer
+            self.nc, stream=self.subjects.results_stream, consumer=self.subjects.fusion_consumer,
+            prefetch=self.settings.batch,
         ).start()
         self._tasks = [
             asyncio.create_task(keep_running(self._step, name="fusion")),

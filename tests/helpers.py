@@ -1,0 +1,74 @@
+"""Test helpers: collecting messages from the bus and waiting on them without sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from agents import AgentRuntime
+from agents.fusion import FusionAgent
+from bus import Subjects
+from coordinator import Coordinator
+from schemas import CODEC
+
+M = TypeVar("M")
+
+
+class Collector(Generic[M]):
+    """Decodes every message on a subject into a list; ``wait_for`` waits for a count."""
+
+    def __init__(self, kind: type[M]) -> None:
+        self.kind = kind
+        self.items: list[M] = []
+        self._changed = asyncio.Event()
+        self._sub: Subscription | None = None
+
+    async def start(self, nc: Client, subject: str) -> Collector[M]:
+        async def on_msg(msg: Msg) -> None:
+            self.items.append(CODEC.decode(msg.data, self.kind))
+            self._changed.set()
+
+        self._sub = await nc.subscribe(subject, cb=on_msg)
+        await nc.flush()
+        return self
+
+    async def wait_for(self, count: int, timeout_s: float = 30.0) -> list[M]:
+        """Wait until at least ``count`` items are in; fails the test on timeout."""
+        async def reached() -> None:
+            while len(self.items) < count:
+                self._changed.clear()
+                await self._changed.wait()
+
+        try:
+            await asyncio.wait_for(reached(), timeout_s)
+        except TimeoutError:
+            raise AssertionError(f"got {len(self.items)} of {count} {self.kind.__name__} in {timeout_s}s") from None
+        return self.items
+
+    async def settle(self, quiet_s: float = 0.3) -> list[M]:
+        """Wait until no new item has arrived for ``quiet_s`` (to catch unwanted extras)."""
+        while True:
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), quiet_s)
+            except TimeoutError:
+                return self.items
+
+
+@dataclass
+class Pipeline:
+    """The components of an in-process pipeline started by the ``pipeline`` fixture."""
+
+    subjects: Subjects
+    nc: Client
+    coordinator: Coordinator | None = None
+    fusion: FusionAgent | None = None
+    agents: list[AgentRuntime] = field(default_factory=list)
+
+    def components(self) -> list[Any]:
+        return [c for c in (self.coordinator, *self.agents, self.fusion) if c is not None]

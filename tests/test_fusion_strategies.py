@@ -1,0 +1,65 @@
+"""Fusion strategies, as pure code, on hand-computed cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agents.fusion import Mean, Vote, WeightedMean, make_strategy
+from schemas import ConfigError
+
+LABELS = ("walk", "run", "stand")
+
+
+def vote(type_name: str, probs: list[float], weight: float = 1.0, labels: tuple[str, ...] = LABELS) -> Vote:
+    return Vote(type_name, labels, np.array(probs, dtype=np.float32), weight)
+
+
+def test_weighted_mean_uses_the_agents_weights() -> None:
+    """(0.9*[.6,.3,.1] + 0.3*[.1,.8,.1]) / 1.2 = [.475, .425, .1]."""
+    fused = WeightedMean().fuse([vote("accel", [0.6, 0.3, 0.1], 0.9), vote("gyro", [0.1, 0.8, 0.1], 0.3)])
+    assert fused.label == "walk"
+    assert fused.scores == pytest.approx({"walk": 0.475, "run": 0.425, "stand": 0.1})
+
+
+def test_plan_weights_override_agent_weights() -> None:
+    """Weights given for a type replace the weight the agent declared."""
+    strategy = WeightedMean(weights={"gyro": 3.0})
+    fused = strategy.fuse([vote("accel", [0.6, 0.3, 0.1], 0.9), vote("gyro", [0.1, 0.8, 0.1], 0.3)])
+    # (0.9*.6 + 3*.1)/3.9 = .2154 ; (0.9*.3 + 3*.8)/3.9 = .6846
+    assert fused.label == "run"
+    assert fused.scores["run"] == pytest.approx(0.6846, abs=1e-4)
+
+
+def test_labels_are_aligned_by_name_not_position() -> None:
+    """Agents may list labels in different orders."""
+    fused = Mean().fuse([
+        vote("accel", [0.6, 0.3, 0.1]),
+        vote("gyro", [0.1, 0.6, 0.3], labels=("stand", "walk", "run")),
+    ])
+    assert fused.scores == pytest.approx({"walk": 0.6, "run": 0.3, "stand": 0.1})
+
+
+def test_partial_answers_renormalise_over_agents_present() -> None:
+    """With one agent missing the scores still sum to one and follow the agent present."""
+    fused = WeightedMean().fuse([vote("accel", [0.2, 0.7, 0.1], 0.8)])
+    assert sum(fused.scores.values()) == pytest.approx(1.0)
+    assert fused.scores == pytest.approx({"walk": 0.2, "run": 0.7, "stand": 0.1})
+
+
+def test_mean_ignores_weights() -> None:
+    """The plain mean treats every agent alike."""
+    fused = Mean().fuse([vote("a", [1, 0, 0], 100.0), vote("b", [0, 1, 0], 0.01), vote("c", [0, 1, 0], 0.01)])
+    assert fused.label == "run" and fused.scores["run"] == pytest.approx(2 / 3)
+
+
+def test_strategies_refuse_bad_input() -> None:
+    """No votes, mismatched lengths, bad weights or unknown names are errors."""
+    with pytest.raises(ValueError):
+        Mean().fuse([])
+    with pytest.raises(ValueError, match="2 scores for 3 labels"):
+        Mean().fuse([vote("a", [0.5, 0.5])])
+    with pytest.raises(ConfigError):
+        WeightedMean(weights={"a": 0.0})
+    with pytest.raises(ConfigError, match="unknown fusion strategy"):
+        make_strategy("soft-magic")

@@ -1,0 +1,126 @@
+"""The task tracker decides, as pure code, how every task ends."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator import Seen, TaskTracker
+from schemas import Window
+
+MS = 1_000_000
+
+
+def open_task(tracker: TaskTracker, task_id: str = "t1", *, stream: str = "s", start: int = 0,
+              deadline_ns: int = 100 * MS, **kwargs: object) -> list[object]:
+    return tracker.open(  # type: ignore[arg-type]
+        task_id=task_id, stream=stream, window=Window(start, start + 10), expected=("accel", "gyro"),
+        deadline_ns=deadline_ns, ingest_ns=0, **kwargs,
+    )
+
+
+def test_task_completes_when_every_type_answers() -> None:
+    """The last expected result ends the task as complete, with nothing missing."""
+    tracker = TaskTracker()
+    assert open_task(tracker) == []
+    assert tracker.record("t1", "accel") == (Seen.NEW, None)
+    seen, ended = tracker.record("t1", "gyro")
+    assert seen is Seen.NEW and ended is not None
+    assert (ended.state, ended.missing) == ("complete", ())
+    assert len(tracker) == 0 and tracker.counts["complete"] == 1
+
+
+def test_repeated_result_is_ignored_and_counted() -> None:
+    """A redelivered result does not count twice."""
+    tracker = TaskTracker()
+    open_task(tracker)
+    tracker.record("t1", "accel")
+    assert tracker.record("t1", "accel") == (Seen.REPEAT, None)
+    assert tracker.counts["repeat"] == 1 and "t1" in tracker
+
+
+def test_deadline_ends_task_partial_with_missing_types() -> None:
+    """At its deadline a task with some results ends partial, naming who is missing."""
+    tracker = TaskTracker()
+    open_task(tracker, deadline_ns=50 * MS)
+    tracker.record("t1", "accel")
+    assert tracker.expire(49 * MS) == []
+    [ended] = tracker.expire(50 * MS)
+    assert (ended.state, ended.missing, ended.reason) == ("partial", ("gyro",), "deadline")
+
+
+def test_deadline_ends_task_failed_without_results() -> None:
+    """A task nobody answered ends failed, with every type missing."""
+    tracker = TaskTracker()
+    open_task(tracker)
+    [ended] = tracker.expire(10**12)
+    assert (ended.state, ended.missing) == ("failed", ("accel", "gyro"))
+
+
+def test_result_after_the_end_is_late_and_unknown_ids_are_unknown() -> None:
+    """Results for ended tasks are recognised as late; never-opened ids as unknown."""
+    tracker = TaskTracker()
+    open_task(tracker)
+    tracker.expire(10**12)
+    assert tracker.record("t1", "gyro") == (Seen.LATE, None)
+    assert tracker.record("nope", "gyro") == (Seen.UNKNOWN, None)
+    assert (tracker.counts["late"], tracker.counts["unknown"]) == (1, 1)
+
+
+def test_every_task_ends_exactly_once() -> None:
+    """Whatever the order of events, each opened task ends once."""
+    tracker = TaskTracker()
+    ended = []
+    for i in range(50):
+        ended += open_task(tracker, f"t{i}", start=i * 10, deadline_ns=(i + 1) * MS)
+    for i in range(0, 50, 2):
+        for type_name in ("accel", "gyro", "accel"):
+            _, done = tracker.record(f"t{i}", type_name)
+            ended += [done] if done else []
+    ended += tracker.expire(10**12)
+    assert sorted(e.task_id for e in ended) == sorted(f"t{i}" for i in range(50))
+    assert tracker.counts["complete"] == 25 and tracker.counts["failed"] == 25
+
+
+def test_next_deadline_skips_ended_tasks() -> None:
+    """The earliest deadline is that of a task still open."""
+    tracker = TaskTracker()
+    open_task(tracker, "a", start=0, deadline_ns=5)
+    open_task(tracker, "b", start=10, deadline_ns=9)
+    assert tracker.next_deadline_ns() == 5
+    tracker.record("a", "accel")
+    tracker.record("a", "gyro")
+    assert tracker.next_deadline_ns() == 9
+
+
+def test_over_max_inflight_the_oldest_task_is_shed() -> None:
+    """Past the in-flight bound the oldest open task of that stream ends, counted as shed."""
+    tracker = TaskTracker()
+    open_task(tracker, "a", start=0, max_inflight=2)
+    open_task(tracker, "b", start=10, max_inflight=2)
+    open_task(tracker, "other", stream="s2", start=0, max_inflight=2)
+    [shed] = open_task(tracker, "c", start=20, max_inflight=2)
+    assert shed.task_id == "a" and shed.reason.startswith("shed")
+    assert tracker.open_in("s") == 2 and tracker.open_in("s2") == 1 and tracker.counts["shed"] == 1
+
+
+def test_types_without_input_end_the_task_once_the_rest_answer() -> None:
+    """A type that could not be published is missing from the start; the task ends when the rest are in."""
+    tracker = TaskTracker()
+    assert open_task(tracker, unavailable=frozenset({"gyro"})) == []
+    _, ended = tracker.record("t1", "accel")
+    assert ended is not None and (ended.state, ended.missing) == ("partial", ("gyro",))
+
+
+def test_task_nobody_can_answer_ends_failed_at_once() -> None:
+    """With no input for any type, the task fails immediately instead of waiting."""
+    tracker = TaskTracker()
+    [ended] = open_task(tracker, unavailable=frozenset({"accel", "gyro"}))
+    assert ended.state == "failed"
+
+
+def test_opening_the_same_id_twice_is_an_error() -> None:
+    """Task ids are unique."""
+    tracker = TaskTracker()
+    open_task(tracker)
+    with pytest.raises(ValueError, match="already opened"):
+        open_task(tracker)
