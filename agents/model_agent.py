@@ -9,7 +9,7 @@ import numpy as np
 from agents.model_card import ModelCard
 from agents.runtimes import DEFAULT_BUCKETS, ModelRuntime, load_runtime
 from bus.subjects import check_token
-from schemas import InputSpec, ModelError, ModelRef
+from schemas import ConfigError, InputSpec, ModelError, ModelRef
 
 
 class ModelAgent:
@@ -21,8 +21,14 @@ class ModelAgent:
     """
 
     def __init__(
-        self, model_path: Path, *, type_name: str | None = None, buckets: tuple[int, ...] = DEFAULT_BUCKETS
+        self,
+        model_path: Path,
+        *,
+        type_name: str | None = None,
+        buckets: tuple[int, ...] = DEFAULT_BUCKETS,
     ) -> None:
+        if not model_path.exists():
+            raise ConfigError(f"model file {model_path} does not exist")
         self.card = ModelCard.for_model(model_path)
         self.type = check_token(type_name or self.card.type, "type")
         self.model = ModelRef(self.card.name, self.card.version)

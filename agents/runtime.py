@@ -35,7 +35,7 @@ from bus import (
     keep_running,
     register_service,
 )
-from schemas import CODEC, AgentInfo, ConfigError, ErrorInfo, Result, SchemaError, Subtask
+from schemas import CODEC, AgentInfo, ConfigError, Result, SchemaError, Subtask
 
 log = structlog.get_logger("fusebus.agent")
 
@@ -47,7 +47,11 @@ class AgentSettings:
     max_batch: int = 64  # most subtasks in one model call
     max_wait_ms: float = 1.0  # longest wait for a batch to fill once one subtask is in
     idle_timeout_s: float = 1.0  # one pull request's life when nothing is waiting
-    nak_delays_s: tuple[float, ...] = (0.2, 1.0, 3.0)  # redelivery delay after a model error, by attempt
+    nak_delays_s: tuple[float, ...] = (
+        0.2,
+        1.0,
+        3.0,
+    )  # redelivery delay after a model error, by attempt
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -109,8 +113,13 @@ class AgentRuntime:
         """What this replica serves, as published in its service metadata."""
         a = self.agent
         return AgentInfo(
-            agent_id=self.agent_id, type=a.type, model=a.model, runtime=a.runtime,
-            inputs=a.inputs, labels=a.labels, weight=a.weight,
+            agent_id=self.agent_id,
+            type=a.type,
+            model=a.model,
+            runtime=a.runtime,
+            inputs=a.inputs,
+            labels=a.labels,
+            weight=a.weight,
         )
 
     def stats(self) -> dict[str, Any]:
@@ -136,7 +145,10 @@ class AgentRuntime:
         await ensure_streams(js, self.subjects, self.topology)
         consumer = await ensure_task_consumer(js, self.subjects, self.agent.type, self.topology)
         self._puller = await BatchPuller(
-            self.nc, stream=self.subjects.tasks_stream, consumer=consumer, prefetch=self.settings.max_batch
+            self.nc,
+            stream=self.subjects.tasks_stream,
+            consumer=consumer,
+            prefetch=self.settings.max_batch,
         ).start()
         self._loop_task = asyncio.create_task(keep_running(self._step, name=self.component))
         self._service = await register_service(
@@ -149,8 +161,12 @@ class AgentRuntime:
             stats=self.stats,
         )
         log.info(
-            "agent.started", agent_id=self.agent_id, type=self.agent.type, runtime=self.agent.runtime,
-            model=self.agent.model.name, warm_up_ms=round((time.perf_counter() - started) * 1e3, 1),
+            "agent.started",
+            agent_id=self.agent_id,
+            type=self.agent.type,
+            runtime=self.agent.runtime,
+            model=self.agent.model.name,
+            warm_up_ms=round((time.perf_counter() - started) * 1e3, 1),
         )
         return self
 
@@ -207,7 +223,8 @@ class AgentRuntime:
         if not batch:
             return
         inputs = {
-            spec.sensor: np.stack([s.inputs[spec.sensor] for _, s in batch]) for spec in self.agent.inputs
+            spec.sensor: np.stack([s.inputs[spec.sensor] for _, s in batch])
+            for spec in self.agent.inputs
         }
         loop = asyncio.get_running_loop()
         infer_start = time.perf_counter()
@@ -224,9 +241,17 @@ class AgentRuntime:
         a = self.agent
         results = [
             Result(
-                task_id=s.task_id, stream=s.stream, type=s.type, agent_id=self.agent_id,
-                model=a.model, output=np.asarray(out, np.float32), labels=a.labels,
-                latency_ms=latency_ms, window=s.window, expected=s.expected, ingest_ns=s.ingest_ns,
+                task_id=s.task_id,
+                stream=s.stream,
+                type=s.type,
+                agent_id=self.agent_id,
+                model=a.model,
+                output=np.asarray(out, np.float32),
+                labels=a.labels,
+                latency_ms=latency_ms,
+                window=s.window,
+                expected=s.expected,
+                ingest_ns=s.ingest_ns,
                 weight=a.weight,
             )
             for (_, s), out in zip(batch, outputs, strict=True)
@@ -236,26 +261,38 @@ class AgentRuntime:
             await msg.ack()
         self.counts["processed"] += len(batch)
         log.debug(
-            "batch.done", type=a.type, size=len(batch), infer_ms=round(infer_ms, 3),
-            duration_ms=round((time.perf_counter() - pulled) * 1e3, 3), outcome="ok",
+            "batch.done",
+            type=a.type,
+            size=len(batch),
+            infer_ms=round(infer_ms, 3),
+            duration_ms=round((time.perf_counter() - pulled) * 1e3, 3),
+            outcome="ok",
         )
 
     def _check(self, subtask: Subtask) -> None:
         if subtask.type != self.agent.type:
-            raise SchemaError("wrong_type", f"subtask of type {subtask.type!r} sent to {self.agent.type!r}")
+            raise SchemaError(
+                "wrong_type", f"subtask of type {subtask.type!r} sent to {self.agent.type!r}"
+            )
         for spec in self.agent.inputs:
             array = subtask.inputs.get(spec.sensor)
             if array is None:
                 raise SchemaError("missing_input", f"subtask has no input {spec.sensor!r}")
-            want = (spec.samples or array.shape[0], spec.channels or (array.shape[1] if array.ndim == 2 else -1))
+            want = (
+                spec.samples or array.shape[0],
+                spec.channels or (array.shape[1] if array.ndim == 2 else -1),
+            )
             if array.shape != want:
                 raise SchemaError(
-                    "bad_input", f"input {spec.sensor!r} has shape {array.shape}, agent reads {want}"
+                    "bad_input",
+                    f"input {spec.sensor!r} has shape {array.shape}, agent reads {want}",
                 )
 
     async def _model_failed(self, batch: list[tuple[Msg, Subtask]], exc: Exception) -> None:
         self.counts["errors"] += 1
-        log.error("batch.failed", type=self.agent.type, size=len(batch), error=str(exc), exc_info=exc)
+        log.error(
+            "batch.failed", type=self.agent.type, size=len(batch), error=str(exc), exc_info=exc
+        )
         delays = self.settings.nak_delays_s
         for msg, _ in batch:
             attempt = msg.metadata.num_delivered if msg.metadata else 1
@@ -264,7 +301,11 @@ class AgentRuntime:
     async def _dead_letter(self, msg: Msg, reason: str, error: str) -> None:
         self.counts["dead_letters"] += 1
         await self.producer.dead_letter(
-            component=self.component, subject=msg.subject, data=msg.data, reason=reason, error=error,
+            component=self.component,
+            subject=msg.subject,
+            data=msg.data,
+            reason=reason,
+            error=error,
             headers=msg.headers,
         )
         await msg.term()

@@ -119,7 +119,12 @@ def train_sensor_model(
         metrics=["accuracy"],
     )
     model.fit(
-        x_fit, y_fit, epochs=settings.epochs, batch_size=settings.batch_size, shuffle=True, verbose=0
+        x_fit,
+        y_fit,
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        shuffle=True,
+        verbose=0,
     )
 
     def accuracy(x: np.ndarray, y: np.ndarray) -> float:

@@ -11,8 +11,8 @@ from bus.discovery import (
     gather,
     register_service,
 )
-from bus.producer import Producer
 from bus.loops import keep_running
+from bus.producer import Producer
 from bus.server import EmbeddedServer, find_server_binary, free_port
 from bus.subjects import Subjects, check_token
 from bus.topology import (

@@ -65,7 +65,9 @@ async def connect(settings: BusSettings, *, name: str) -> Client:
     nc = Client()
 
     async def on_error(exc: Exception) -> None:
-        log.warning("bus.error", client=name, error=str(exc) or type(exc).__name__)
+        # Before the first connect the caller gets one BusError; attempts are only debug.
+        level = log.warning if nc.is_connected or nc.is_reconnecting else log.debug
+        level("bus.error", client=name, error=str(exc) or type(exc).__name__)
 
     async def on_disconnect() -> None:
         if not (nc.is_draining or nc.is_closed):  # a close we asked for is no news

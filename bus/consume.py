@@ -104,7 +104,9 @@ class BatchPuller:
 
         Once one message is in, waits up to ``fill_wait_s`` for the batch to fill.
         """
-        if not self._buffer and not await self._wait_for(lambda: bool(self._buffer), idle_timeout_s):
+        if not self._buffer and not await self._wait_for(
+            lambda: bool(self._buffer), idle_timeout_s
+        ):
             return []
         if fill_wait_s > 0 and len(self._buffer) < max_msgs:
             await self._wait_for(lambda: len(self._buffer) >= max_msgs, fill_wait_s)
@@ -161,8 +163,12 @@ class BatchPuller:
         # 404 no messages, 408 request expired, 409 (max waiting, leadership change, consumer
         # deleted...): this request is over.
         if status != "408":
-            log.debug("puller.status", consumer=self.consumer, status=status,
-                      description=msg.headers.get("Description") if msg.headers else None)
+            log.debug(
+                "puller.status",
+                consumer=self.consumer,
+                status=status,
+                description=msg.headers.get("Description") if msg.headers else None,
+            )
         self._credits = 0
         if status == "409":
             await asyncio.sleep(0.1)  # do not spin against a consumer that refuses requests

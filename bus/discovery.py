@@ -132,7 +132,9 @@ async def discover_agents(
     return found
 
 
-async def discover_components(nc: Client, *, prefix: str, timeout_s: float = 0.5) -> list[dict[str, Any]]:
+async def discover_components(
+    nc: Client, *, prefix: str, timeout_s: float = 0.5
+) -> list[dict[str, Any]]:
     """``$SRV.PING`` replies of every fusebus component under ``prefix``."""
     replies = await gather(nc, "$SRV.PING", timeout_s=timeout_s)
     return [r for r in replies if (r.get("metadata") or {}).get(PREFIX) == prefix]

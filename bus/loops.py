@@ -24,5 +24,7 @@ async def keep_running(
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.error("loop.step_failed", loop=name, error=str(exc) or type(exc).__name__, exc_info=True)
+            log.error(
+                "loop.step_failed", loop=name, error=str(exc) or type(exc).__name__, exc_info=True
+            )
             await asyncio.sleep(backoff_s)

@@ -111,4 +111,6 @@ class Producer:
         )
         await self.js.publish(self.subjects.dlq(component), encode(letter))
         self.dead_letters += 1
-        log.warning("deadletter.sent", component=component, subject=subject, reason=reason, error=error)
+        log.warning(
+            "deadletter.sent", component=component, subject=subject, reason=reason, error=error
+        )

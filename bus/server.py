@@ -97,8 +97,16 @@ class EmbeddedServer:
             return self
         self.store_dir.mkdir(parents=True, exist_ok=True)
         command = [
-            str(find_server_binary()), "-a", HOST, "-p", str(self.port),
-            "-js", "-sd", str(self.store_dir), "-l", str(self._log_path),
+            str(find_server_binary()),
+            "-a",
+            HOST,
+            "-p",
+            str(self.port),
+            "-js",
+            "-sd",
+            str(self.store_dir),
+            "-l",
+            str(self._log_path),
         ]
         if self.config_file is not None:
             command += ["-c", str(self.config_file)]
@@ -108,13 +116,19 @@ class EmbeddedServer:
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                err = self._process.stderr.read().decode(errors="replace") if self._process.stderr else ""
+                err = (
+                    self._process.stderr.read().decode(errors="replace")
+                    if self._process.stderr
+                    else ""
+                )
                 raise BusError(f"nats-server exited with {self._process.returncode}: {err.strip()}")
             if self._accepts_clients():
                 return self
             time.sleep(0.02)
         self.stop()
-        raise BusError(f"nats-server did not accept clients on {self.url} within {self.start_timeout_s}s")
+        raise BusError(
+            f"nats-server did not accept clients on {self.url} within {self.start_timeout_s}s"
+        )
 
     def _accepts_clients(self) -> bool:
         try:
@@ -151,6 +165,9 @@ class EmbeddedServer:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()

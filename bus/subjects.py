@@ -46,7 +46,9 @@ class Subjects:
     # One message kind each -------------------------------------------------------------
     def sensor(self, stream: str, sensor: str) -> str:
         """Per-sensor sample chunks of one stream."""
-        return f"{self.prefix}.sensor.{check_token(stream, 'stream')}.{check_token(sensor, 'sensor')}"
+        return (
+            f"{self.prefix}.sensor.{check_token(stream, 'stream')}.{check_token(sensor, 'sensor')}"
+        )
 
     def frame(self, stream: str) -> str:
         """Pre-aligned frames of one stream."""

@@ -101,9 +101,12 @@ def stream_configs(subjects: Subjects, settings: TopologySettings) -> list[Strea
     ]
 
 
-async def ensure_streams(js: JetStreamContext, subjects: Subjects, settings: TopologySettings) -> None:
+async def ensure_streams(
+    js: JetStreamContext, subjects: Subjects, settings: TopologySettings
+) -> None:
     """Create every stream, or bring an existing one to the current configuration."""
     for config in stream_configs(subjects, settings):
+        assert config.name is not None
         try:
             await js.stream_info(config.name)
         except NotFoundError:
@@ -117,7 +120,9 @@ async def ensure_streams(js: JetStreamContext, subjects: Subjects, settings: Top
         try:
             await js.update_stream(config)
         except BadRequestError as exc:
-            raise BusError(f"stream {config.name} exists with an incompatible setup: {exc}") from exc
+            raise BusError(
+                f"stream {config.name} exists with an incompatible setup: {exc}"
+            ) from exc
 
 
 async def ensure_task_consumer(
@@ -162,7 +167,9 @@ async def ensure_reader_consumer(
     return name
 
 
-async def _add_or_update_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig) -> None:
+async def _add_or_update_consumer(
+    js: JetStreamContext, stream: str, config: ConsumerConfig
+) -> None:
     try:
         await js.add_consumer(stream, config)
     except BadRequestError as exc:

@@ -21,15 +21,16 @@ class SensorInput:
 
     def __post_init__(self) -> None:
         check_token(self.sensor, "sensor")
-        if self.channels is not None and (
-            not self.channels or any(c < 0 for c in self.channels)
-        ):
+        if self.channels is not None and (not self.channels or any(c < 0 for c in self.channels)):
             raise ConfigError(f"sensor {self.sensor!r}: channels must be non-negative indexes")
 
     def select(self, samples: np.ndarray) -> np.ndarray:
         """This input's slice of a sensor's ``[samples, channels]`` array."""
         if samples.ndim != 2:
-            raise SchemaError("bad_field", f"sensor {self.sensor!r}: expected [samples, channels], got shape {samples.shape}")
+            raise SchemaError(
+                "bad_field",
+                f"sensor {self.sensor!r}: expected [samples, channels], got shape {samples.shape}",
+            )
         if self.channels is None:
             return samples
         if max(self.channels) >= samples.shape[1]:
@@ -71,7 +72,9 @@ class Plan:
     deadline_ms: float = 2000.0
     max_inflight: int = 1000
     overflow: str = "drop_oldest"
-    weights: dict[str, float] = field(default_factory=dict)  # fusion weights by type; empty = agents'
+    weights: dict[str, float] = field(
+        default_factory=dict
+    )  # fusion weights by type; empty = agents'
 
     def __post_init__(self) -> None:
         if not self.subtasks:
@@ -107,7 +110,9 @@ def basicmotions_plan(*, deadline_ms: float = 2000.0, max_inflight: int = 1000) 
 class PlanBook:
     """The plan of every stream: an explicit plan per stream id, else the default."""
 
-    def __init__(self, plans: dict[str, Plan] | None = None, *, default: Plan | None = None) -> None:
+    def __init__(
+        self, plans: dict[str, Plan] | None = None, *, default: Plan | None = None
+    ) -> None:
         self.plans = dict(plans or {})
         for stream in self.plans:
             check_token(stream, "stream")

@@ -87,8 +87,7 @@ class Coordinator:
 
     def __repr__(self) -> str:
         return (
-            f"Coordinator(frames={self.frames} dead_letters={self.dead_letters} "
-            f"{self.tracker!r})"
+            f"Coordinator(frames={self.frames} dead_letters={self.dead_letters} {self.tracker!r})"
         )
 
     def stats(self) -> dict[str, Any]:
@@ -105,11 +104,16 @@ class Coordinator:
         js = self.nc.jetstream()
         await ensure_streams(js, self.subjects, self.topology)
         await ensure_reader_consumer(
-            js, self.subjects.results_stream, self.subjects.coordinator_consumer,
-            [self.subjects.all_results()], self.topology,
+            js,
+            self.subjects.results_stream,
+            self.subjects.coordinator_consumer,
+            [self.subjects.all_results()],
+            self.topology,
         )
         self._puller = await BatchPuller(
-            self.nc, stream=self.subjects.results_stream, consumer=self.subjects.coordinator_consumer,
+            self.nc,
+            stream=self.subjects.results_stream,
+            consumer=self.subjects.coordinator_consumer,
             prefetch=self.settings.results_batch,
         ).start()
         self._tasks = [
@@ -173,8 +177,11 @@ class Coordinator:
             await self.producer.subtasks(subtasks)
         await self._publish_ended(ended)
         log.debug(
-            "frame.handled", stream=frame.stream, subtasks=len(subtasks),
-            duration_ms=round((time.perf_counter() - started) * 1e3, 3), outcome="opened",
+            "frame.handled",
+            stream=frame.stream,
+            subtasks=len(subtasks),
+            duration_ms=round((time.perf_counter() - started) * 1e3, 3),
+            outcome="opened",
         )
 
     def _decompose(self, frame: SensorFrame) -> tuple[list[Subtask], list[Ended]]:
@@ -200,13 +207,24 @@ class Coordinator:
             inputs = {i.sensor: i.select(frame.sensors[i.sensor]) for i in spec.inputs}
             subtasks.append(
                 Subtask(
-                    task_id=task_id, stream=frame.stream, type=spec.type, window=window,
-                    inputs=inputs, deadline_ns=deadline_ns, expected=plan.types, ingest_ns=ingest_ns,
+                    task_id=task_id,
+                    stream=frame.stream,
+                    type=spec.type,
+                    window=window,
+                    inputs=inputs,
+                    deadline_ns=deadline_ns,
+                    expected=plan.types,
+                    ingest_ns=ingest_ns,
                 )
             )
         ended = self.tracker.open(
-            task_id=task_id, stream=frame.stream, window=window, expected=plan.types,
-            deadline_ns=deadline_ns, ingest_ns=ingest_ns, unavailable=frozenset(unavailable),
+            task_id=task_id,
+            stream=frame.stream,
+            window=window,
+            expected=plan.types,
+            deadline_ns=deadline_ns,
+            ingest_ns=ingest_ns,
+            unavailable=frozenset(unavailable),
             max_inflight=plan.max_inflight,
         )
         return subtasks, ended
@@ -226,7 +244,9 @@ class Coordinator:
             handled.append(msg)
             seen, closed = self.tracker.record(result.task_id, result.type)
             if seen is not Seen.NEW:
-                log.debug("result.ignored", task_id=result.task_id, type=result.type, outcome=seen.value)
+                log.debug(
+                    "result.ignored", task_id=result.task_id, type=result.type, outcome=seen.value
+                )
             if closed is not None:
                 ended.append(closed)
         await self._publish_ended(ended)
@@ -247,20 +267,33 @@ class Coordinator:
                 continue
             await self.producer.status(
                 TaskStatus(
-                    task_id=task.task_id, stream=task.stream, state=task.state,
-                    missing=task.missing, reason=task.reason, window=task.window,
-                    expected=task.expected, ingest_ns=task.ingest_ns,
+                    task_id=task.task_id,
+                    stream=task.stream,
+                    state=task.state,
+                    missing=task.missing,
+                    reason=task.reason,
+                    window=task.window,
+                    expected=task.expected,
+                    ingest_ns=task.ingest_ns,
                 )
             )
             log.info(
-                "task.ended", task_id=task.task_id, stream=task.stream, state=task.state,
-                missing=list(task.missing), reason=task.reason,
+                "task.ended",
+                task_id=task.task_id,
+                stream=task.stream,
+                state=task.state,
+                missing=list(task.missing),
+                reason=task.reason,
             )
 
     async def _dead_letter(self, msg: Msg, reason: str, error: str) -> None:
         self.dead_letters += 1
         await self.producer.dead_letter(
-            component=COMPONENT, subject=msg.subject, data=msg.data, reason=reason, error=error,
+            component=COMPONENT,
+            subject=msg.subject,
+            data=msg.data,
+            reason=reason,
+            error=error,
             headers=msg.headers,
         )
         if msg.reply and msg.reply.startswith("$JS.ACK"):

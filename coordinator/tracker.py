@@ -78,8 +78,17 @@ class TaskTracker:
         self._ended: OrderedDict[str, str] = OrderedDict()
         self._remember_ended = remember_ended
         self.counts: dict[str, int] = dict.fromkeys(
-            ("opened", "complete", "partial", "failed", "shed", "repeat", "late", "unknown",
-             "duplicate_windows"),
+            (
+                "opened",
+                "complete",
+                "partial",
+                "failed",
+                "shed",
+                "repeat",
+                "late",
+                "unknown",
+                "duplicate_windows",
+            ),
             0,
         )
 
@@ -141,8 +150,13 @@ class TaskTracker:
                 self.counts["shed"] += 1
                 ended.append(self._end(self._open[oldest], reason="shed: over max_inflight"))
         task = OpenTask(
-            task_id=task_id, stream=stream, window=window, expected=expected,
-            deadline_ns=deadline_ns, ingest_ns=ingest_ns, unavailable=unavailable,
+            task_id=task_id,
+            stream=stream,
+            window=window,
+            expected=expected,
+            deadline_ns=deadline_ns,
+            ingest_ns=ingest_ns,
+            unavailable=unavailable,
         )
         self._open[task_id] = task
         self._by_stream.setdefault(stream, OrderedDict())[task_id] = None
@@ -192,6 +206,12 @@ class TaskTracker:
             self._ended.popitem(last=False)
         self.counts[state] += 1
         return Ended(
-            task_id=task.task_id, stream=task.stream, window=task.window, expected=task.expected,
-            ingest_ns=task.ingest_ns, state=state, missing=missing, reason=reason,
+            task_id=task.task_id,
+            stream=task.stream,
+            window=task.window,
+            expected=task.expected,
+            ingest_ns=task.ingest_ns,
+            state=state,
+            missing=missing,
+            reason=reason,
         )

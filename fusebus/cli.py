@@ -52,16 +52,28 @@ def _weight(text: str) -> tuple[str, float]:
 def _bus_options(parser: argparse.ArgumentParser, *, url_default: str | None) -> None:
     group = parser.add_argument_group("bus")
     group.add_argument(
-        "--nats-url", default=url_default,
-        help="NATS server URL(s), comma-separated" + ("" if url_default else "; default: start an embedded nats-server"),
+        "--nats-url",
+        default=url_default,
+        help="NATS server URL(s), comma-separated"
+        + ("" if url_default else "; default: start an embedded nats-server"),
     )
-    group.add_argument("--prefix", default=os.environ.get("FUSEBUS_PREFIX", "fb"), help="subject prefix (default: fb)")
-    group.add_argument("--user", default=os.environ.get("FUSEBUS_NATS_USER"), help="NATS user")
-    group.add_argument("--password", default=os.environ.get("FUSEBUS_NATS_PASSWORD"), help="NATS password")
-    group.add_argument("--token", default=os.environ.get("FUSEBUS_NATS_TOKEN"), help="NATS token")
-    group.add_argument("--creds", type=Path, default=os.environ.get("FUSEBUS_NATS_CREDS"), help="NATS .creds file")
     group.add_argument(
-        "--connect-wait-s", type=float, default=float(os.environ.get("FUSEBUS_CONNECT_WAIT_S", "5")),
+        "--prefix",
+        default=os.environ.get("FUSEBUS_PREFIX", "fb"),
+        help="subject prefix (default: fb)",
+    )
+    group.add_argument("--user", default=os.environ.get("FUSEBUS_NATS_USER"), help="NATS user")
+    group.add_argument(
+        "--password", default=os.environ.get("FUSEBUS_NATS_PASSWORD"), help="NATS password"
+    )
+    group.add_argument("--token", default=os.environ.get("FUSEBUS_NATS_TOKEN"), help="NATS token")
+    group.add_argument(
+        "--creds", type=Path, default=os.environ.get("FUSEBUS_NATS_CREDS"), help="NATS .creds file"
+    )
+    group.add_argument(
+        "--connect-wait-s",
+        type=float,
+        default=float(os.environ.get("FUSEBUS_CONNECT_WAIT_S", "5")),
         help="how long to wait for the server at start (default: 5)",
     )
     logs = parser.add_argument_group("logging")
@@ -71,35 +83,61 @@ def _bus_options(parser: argparse.ArgumentParser, *, url_default: str | None) ->
 
 def build_parser() -> argparse.ArgumentParser:
     """The full ``fusebus`` argument parser."""
-    parser = _Parser(prog="fusebus", description="ML model agents fusing live sensor data over NATS.")
+    parser = _Parser(
+        prog="fusebus", description="ML model agents fusing live sensor data over NATS."
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     env_url = os.environ.get("FUSEBUS_NATS_URL")
 
     up = commands.add_parser("up", help="run everything on one machine with recorded data")
     _bus_options(up, url_default=env_url)
-    up.add_argument("--rate", type=_positive(float), default=10.0, help="frames per second (default: 10)")
-    up.add_argument("--deadline-ms", type=_positive(float), default=2000.0, help="task deadline (default: 2000)")
-    up.add_argument("--agents", default="accel,gyro", help="agent types to start (default: accel,gyro)")
-    up.add_argument("--log-dir", type=Path, help="folder for each process's log (default: a temp folder)")
+    up.add_argument(
+        "--rate", type=_positive(float), default=10.0, help="frames per second (default: 10)"
+    )
+    up.add_argument(
+        "--deadline-ms", type=_positive(float), default=2000.0, help="task deadline (default: 2000)"
+    )
+    up.add_argument(
+        "--agents", default="accel,gyro", help="agent types to start (default: accel,gyro)"
+    )
+    up.add_argument(
+        "--log-dir", type=Path, help="folder for each process's log (default: a temp folder)"
+    )
 
     coordinator = commands.add_parser("coordinator", help="run the coordinator")
     _bus_options(coordinator, url_default=env_url or DEFAULT_URL)
-    coordinator.add_argument("--plan", default="basicmotions", help="built-in plan for every stream")
+    coordinator.add_argument(
+        "--plan", default="basicmotions", help="built-in plan for every stream"
+    )
     coordinator.add_argument("--deadline-ms", type=_positive(float), default=2000.0)
     coordinator.add_argument("--max-inflight", type=_positive(int), default=1000)
 
     agent = commands.add_parser("agent", help="run one agent replica")
     _bus_options(agent, url_default=env_url or DEFAULT_URL)
-    agent.add_argument("--model", required=True, help="model file (.tflite or .keras) with a .json card beside it, or a shipped model's name")
-    agent.add_argument("--type", dest="type_name", help="subtask type to serve (default: the card's)")
+    agent.add_argument(
+        "--model",
+        required=True,
+        help="model file (.tflite or .keras) with a .json card beside it, or a shipped model's name",
+    )
+    agent.add_argument(
+        "--type", dest="type_name", help="subtask type to serve (default: the card's)"
+    )
     agent.add_argument("--max-batch", type=_positive(int), default=64)
     agent.add_argument("--max-wait-ms", type=float, default=1.0)
 
     fusion = commands.add_parser("fusion", help="run the fusion agent")
     _bus_options(fusion, url_default=env_url or DEFAULT_URL)
-    fusion.add_argument("--strategy", default="weighted_mean", help="mean or weighted_mean (default)")
-    fusion.add_argument("--weight", type=_weight, action="append", default=[], metavar="TYPE=W",
-                        help="fusion weight of a type, overriding the agents' own (repeatable)")
+    fusion.add_argument(
+        "--strategy", default="weighted_mean", help="mean or weighted_mean (default)"
+    )
+    fusion.add_argument(
+        "--weight",
+        type=_weight,
+        action="append",
+        default=[],
+        metavar="TYPE=W",
+        help="fusion weight of a type, overriding the agents' own (repeatable)",
+    )
 
     replay = commands.add_parser("replay", help="replay a recorded dataset as a live stream")
     _bus_options(replay, url_default=env_url or DEFAULT_URL)
@@ -120,8 +158,13 @@ def _bus_settings(args: argparse.Namespace, url: str) -> Any:
 
     password = args.password
     return BusSettings(
-        url=url, prefix=args.prefix, user=args.user, password=password, token=args.token,
-        creds_file=args.creds, wait_for_server_s=args.connect_wait_s,
+        url=url,
+        prefix=args.prefix,
+        user=args.user,
+        password=password,
+        token=args.token,
+        creds_file=args.creds,
+        wait_for_server_s=args.connect_wait_s,
     )
 
 
@@ -143,8 +186,12 @@ async def _run(args: argparse.Namespace) -> int:
         agents = tuple(a.strip() for a in args.agents.split(",") if a.strip())
         return await run_up(
             UpSettings(
-                nats_url=args.nats_url, prefix=args.prefix, rate_hz=args.rate,
-                deadline_ms=args.deadline_ms, agents=agents, log_dir=args.log_dir,
+                nats_url=args.nats_url,
+                prefix=args.prefix,
+                rate_hz=args.rate,
+                deadline_ms=args.deadline_ms,
+                agents=agents,
+                log_dir=args.log_dir,
             )
         )
 
@@ -159,9 +206,13 @@ async def _run(args: argparse.Namespace) -> int:
         make_plan = BUILTIN_PLANS.get(args.plan)
         if make_plan is None:
             raise _usage(f"unknown plan {args.plan!r}; known: {', '.join(sorted(BUILTIN_PLANS))}")
-        plans = PlanBook(default=make_plan(deadline_ms=args.deadline_ms, max_inflight=args.max_inflight))
+        plans = PlanBook(
+            default=make_plan(deadline_ms=args.deadline_ms, max_inflight=args.max_inflight)
+        )
         return await serve(
-            lambda nc: Coordinator(nc, plans=plans, subjects=subjects).start(), bus=bus, name="coordinator"
+            lambda nc: Coordinator(nc, plans=plans, subjects=subjects).start(),
+            bus=bus,
+            name="coordinator",
         )
     if args.command == "agent":
         from agents import AgentRuntime, AgentSettings, ModelAgent
@@ -170,14 +221,17 @@ async def _run(args: argparse.Namespace) -> int:
         model = ModelAgent(_resolve_model(args.model), type_name=args.type_name)
         return await serve(
             lambda nc: AgentRuntime(model, nc, subjects=subjects, settings=settings).start(),
-            bus=bus, name=f"agent-{model.type}",
+            bus=bus,
+            name=f"agent-{model.type}",
         )
     if args.command == "fusion":
         from agents.fusion import FusionAgent, make_strategy
 
         strategy = make_strategy(args.strategy, weights=dict(args.weight))
         return await serve(
-            lambda nc: FusionAgent(nc, subjects=subjects, strategy=strategy).start(), bus=bus, name="fusion"
+            lambda nc: FusionAgent(nc, subjects=subjects, strategy=strategy).start(),
+            bus=bus,
+            name="fusion",
         )
     if args.command == "replay":
         from bus import Producer, connect
@@ -188,12 +242,18 @@ async def _run(args: argparse.Namespace) -> int:
         nc = await connect(bus, name="replay")
         try:
             sent = await replay_frames(
-                Producer(nc, subjects), dataset, stream=args.stream or dataset.name,
-                rate_hz=args.rate, split=args.split, limit=args.limit,
+                Producer(nc, subjects),
+                dataset,
+                stream=args.stream or dataset.name,
+                rate_hz=args.rate,
+                split=args.split,
+                limit=args.limit,
             )
         finally:
             await nc.drain()
-        print(f"replayed {len(sent)} frames of {dataset.name} ({args.split}) on {subjects.frame(args.stream or dataset.name)}")
+        print(
+            f"replayed {len(sent)} frames of {dataset.name} ({args.split}) on {subjects.frame(args.stream or dataset.name)}"
+        )
         return 0
     raise _usage(f"unknown command {args.command!r}")
 
@@ -207,10 +267,15 @@ def _train(args: argparse.Namespace) -> int:
     out = args.out or models_dir()
     for sensor in dataset.sensors:
         card = train_sensor_model(
-            type_name=sensor, sensor=sensor,
-            x_train=dataset.sensor_view(dataset.x_train, sensor), y_train=dataset.y_train,
-            x_test=dataset.sensor_view(dataset.x_test, sensor), y_test=dataset.y_test,
-            labels=dataset.labels, out_dir=out, settings=TrainingSettings(seed=args.seed),
+            type_name=sensor,
+            sensor=sensor,
+            x_train=dataset.sensor_view(dataset.x_train, sensor),
+            y_train=dataset.y_train,
+            x_test=dataset.sensor_view(dataset.x_test, sensor),
+            y_test=dataset.y_test,
+            labels=dataset.labels,
+            out_dir=out,
+            settings=TrainingSettings(seed=args.seed),
         )
         print(f"{sensor}: {card.metrics} -> {out}")
     return 0
@@ -229,7 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from fusebus.logs import configure_logging
 
-    configure_logging(level=getattr(args, "log_level", "info"), fmt=getattr(args, "log_format", "auto"))
+    configure_logging(
+        level=getattr(args, "log_level", "info"), fmt=getattr(args, "log_format", "auto")
+    )
     try:
         if args.command == "train":
             return _train(args)

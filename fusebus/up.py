@@ -125,7 +125,11 @@ async def run_up(settings: UpSettings, *, out: TextIO = sys.stdout) -> int:
         subjects = Subjects(settings.prefix)
         case_ns = dataset.x_test.shape[1] * dataset.period_ns
         start_ns = time.time_ns()
-        tally = Tally(truth={start_ns + i * case_ns: dataset.labels[int(y)] for i, y in enumerate(dataset.y_test)})
+        tally = Tally(
+            truth={
+                start_ns + i * case_ns: dataset.labels[int(y)] for i, y in enumerate(dataset.y_test)
+            }
+        )
         all_in = asyncio.Event()
 
         async def on_decision(msg: Msg) -> None:
@@ -146,9 +150,15 @@ async def run_up(settings: UpSettings, *, out: TextIO = sys.stdout) -> int:
                 all_in.set()
 
         sub = await nc.subscribe(subjects.decision(settings.stream), cb=on_decision)
-        print(f"{'#':>3}  {'window (s)':<13} {'predicted':<10} {'true':<10}    {'status':<9} latency", file=out)
+        print(
+            f"{'#':>3}  {'window (s)':<13} {'predicted':<10} {'true':<10}    {'status':<9} latency",
+            file=out,
+        )
         await replay_frames(
-            Producer(nc, subjects), dataset, stream=settings.stream, rate_hz=settings.rate_hz,
+            Producer(nc, subjects),
+            dataset,
+            stream=settings.stream,
+            rate_hz=settings.rate_hz,
             start_ns=start_ns,
         )
         with contextlib.suppress(TimeoutError):
@@ -172,12 +182,29 @@ async def run_up(settings: UpSettings, *, out: TextIO = sys.stdout) -> int:
 
 
 def _spawn_components(settings: UpSettings, url: str, log_dir: Path) -> list[Child]:
-    common = ["--nats-url", url, "--prefix", settings.prefix, "--log-format", "json",
-              "--log-level", settings.log_level]
+    common = [
+        "--nats-url",
+        url,
+        "--prefix",
+        settings.prefix,
+        "--log-format",
+        "json",
+        "--log-level",
+        settings.log_level,
+    ]
     commands = {
-        "coordinator": ["coordinator", "--plan", settings.dataset, "--deadline-ms", str(settings.deadline_ms)],
+        "coordinator": [
+            "coordinator",
+            "--plan",
+            settings.dataset,
+            "--deadline-ms",
+            str(settings.deadline_ms),
+        ],
         "fusion": ["fusion"],
-        **{f"agent-{a}": ["agent", "--model", str(models_dir() / f"{a}.tflite")] for a in settings.agents},
+        **{
+            f"agent-{a}": ["agent", "--model", str(models_dir() / f"{a}.tflite")]
+            for a in settings.agents
+        },
     }
     children = []
     for name, args in commands.items():
@@ -185,7 +212,9 @@ def _spawn_components(settings: UpSettings, url: str, log_dir: Path) -> list[Chi
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
                 [sys.executable, "-m", "fusebus", *args, *common],
-                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
             )
         children.append(Child(name, process, log_path))
     return children
@@ -208,7 +237,9 @@ async def _wait_ready(nc: object, settings: UpSettings, children: list[Child]) -
         if wanted <= ready:
             return
         if time.monotonic() > deadline:
-            raise BusError(f"components not ready after {settings.ready_timeout_s:g}s: {sorted(wanted - ready)}")
+            raise BusError(
+                f"components not ready after {settings.ready_timeout_s:g}s: {sorted(wanted - ready)}"
+            )
 
 
 def _print_decision(out: TextIO, n: int, d: Decision, truth: dict[int, str], start_ns: int) -> None:
@@ -220,11 +251,14 @@ def _print_decision(out: TextIO, n: int, d: Decision, truth: dict[int, str], sta
     print(
         f"{n:>3}  {t0:5.0f}-{t1:<7.0f} {d.label or '-':<10} {true:<10} {mark}  {d.status:<9} "
         f"{d.latency_ms:7.1f} ms{extra}",
-        file=out, flush=True,
+        file=out,
+        flush=True,
     )
 
 
-def _print_summary(out: TextIO, tally: Tally, started: float, memory: dict[str, float | None]) -> None:
+def _print_summary(
+    out: TextIO, tally: Tally, started: float, memory: dict[str, float | None]
+) -> None:
     decisions = tally.decisions
     total = len(tally.truth)
     states = {s: sum(d.status == s for d in decisions) for s in ("complete", "partial", "failed")}

@@ -16,9 +16,18 @@ from schemas.errors import SchemaError
 WIRE_DTYPES: dict[str, np.dtype[Any]] = {
     name: np.dtype(name).newbyteorder("<")
     for name in (
-        "bool", "int8", "int16", "int32", "int64",
-        "uint8", "uint16", "uint32", "uint64",
-        "float16", "float32", "float64",
+        "bool",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
     )
 }
 
@@ -28,7 +37,9 @@ def encode_array(array: np.ndarray) -> dict[str, Any]:
     name = array.dtype.name
     wire_dtype = WIRE_DTYPES.get(name)
     if wire_dtype is None:
-        raise SchemaError("bad_array", f"dtype {name!r} cannot travel; use one of {sorted(WIRE_DTYPES)}")
+        raise SchemaError(
+            "bad_array", f"dtype {name!r} cannot travel; use one of {sorted(WIRE_DTYPES)}"
+        )
     if array.dtype != wire_dtype or not array.flags.c_contiguous:
         array = np.ascontiguousarray(array, dtype=wire_dtype)
     return {"dtype": name, "shape": list(array.shape), "data": array.tobytes()}
@@ -54,7 +65,8 @@ def decode_array(value: Any, where: str = "array") -> np.ndarray:
     expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         raise SchemaError(
-            "bad_array", f"{where}: {len(data)} bytes of data for shape {list(shape)} {name}, "
-            f"expected {expected}"
+            "bad_array",
+            f"{where}: {len(data)} bytes of data for shape {list(shape)} {name}, "
+            f"expected {expected}",
         )
     return np.frombuffer(data, dtype=dtype).reshape(shape)

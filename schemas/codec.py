@@ -178,17 +178,30 @@ class Codec:
         body["kind"] = message.KIND
         return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
 
-    def decode(self, data: bytes, expected: type[M] | None = None) -> M:
-        """Decode bytes into a message, of class ``expected`` when given.
+    def decode(self, data: bytes, expected: type[M]) -> M:
+        """Decode bytes into a message of class ``expected``.
 
         Raises:
-            SchemaError: the bytes are not msgpack, not a map, of another or unknown kind, of
-                a newer version, or a field is missing or of the wrong type.
+            SchemaError: as :meth:`decode_any`, or the message is of another kind.
         """
+        return self._decode(data, expected)  # type: ignore[no-any-return]
+
+    def decode_any(self, data: bytes) -> object:
+        """Decode bytes into whichever registered message they hold.
+
+        Raises:
+            SchemaError: the bytes are not msgpack, not a map, of an unknown kind, of a newer
+                version, or a field is missing or of the wrong type.
+        """
+        return self._decode(data, None)
+
+    def _decode(self, data: bytes, expected: type | None) -> Any:
         try:
             body = msgpack.unpackb(data, raw=False)
         except Exception as exc:  # msgpack raises several unrelated types for bad input
-            raise SchemaError("not_msgpack", f"cannot unpack {len(data)} bytes ({type(exc).__name__}: {exc})") from None
+            raise SchemaError(
+                "not_msgpack", f"cannot unpack {len(data)} bytes ({type(exc).__name__}: {exc})"
+            ) from None
         if not isinstance(body, dict):
             raise SchemaError("not_a_map", f"top level is {type(body).__name__}, expected a map")
         kind = body.get("kind")
@@ -198,13 +211,13 @@ class Codec:
         if expected is not None and plan.cls is not expected:
             want = expected.KIND  # type: ignore[attr-defined]
             raise SchemaError("wrong_kind", f"got kind {kind!r}, expected {want!r}")
+        known = plan.cls.VERSION  # type: ignore[attr-defined]
         version = body.get("v")
-        if type(version) is not int or not 1 <= version <= plan.cls.VERSION:  # type: ignore[attr-defined]
+        if type(version) is not int or not 1 <= version <= known:
             raise SchemaError(
-                "unsupported_version",
-                f"{plan.name} v={version!r}; this reader knows v1..v{plan.cls.VERSION}",  # type: ignore[attr-defined]
+                "unsupported_version", f"{plan.name} v={version!r}; this reader knows v1..v{known}"
             )
-        return plan.from_map(body, plan.name)  # type: ignore[no-any-return]
+        return plan.from_map(body, plan.name)
 
 
 #: The codec for every fusebus message.

@@ -194,5 +194,12 @@ class AgentInfo:
 
 #: Every top-level message, in the order the docs list them.
 MESSAGES: tuple[type, ...] = (
-    SensorChunk, SensorFrame, Subtask, Result, TaskStatus, Decision, DeadLetter, AgentInfo,
+    SensorChunk,
+    SensorFrame,
+    Subtask,
+    Result,
+    TaskStatus,
+    Decision,
+    DeadLetter,
+    AgentInfo,
 )

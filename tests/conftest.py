@@ -65,7 +65,9 @@ async def pipeline(
     started: list[Pipeline] = []
 
     async def start(
-        *, agents: tuple[str, ...] = ("accel", "gyro"), plan: Plan | None = None,
+        *,
+        agents: tuple[str, ...] = ("accel", "gyro"),
+        plan: Plan | None = None,
         agent_settings: AgentSettings | None = None,
     ) -> Pipeline:
         parts = Pipeline(subjects=subjects, nc=await connect_bus("test-client"))
@@ -73,8 +75,12 @@ async def pipeline(
         parts.fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
         for type_name in agents:
             agent = ModelAgent(models_dir() / f"{type_name}.tflite")
-            runtime = AgentRuntime(agent, await connect_bus(f"agent-{type_name}"), subjects=subjects,
-                                   settings=agent_settings)
+            runtime = AgentRuntime(
+                agent,
+                await connect_bus(f"agent-{type_name}"),
+                subjects=subjects,
+                settings=agent_settings,
+            )
             parts.agents.append(await runtime.start())
         parts.coordinator = await Coordinator(
             await connect_bus("coordinator"),

@@ -39,6 +39,7 @@ class Collector(Generic[M]):
 
     async def wait_for(self, count: int, timeout_s: float = 30.0) -> list[M]:
         """Wait until at least ``count`` items are in; fails the test on timeout."""
+
         async def reached() -> None:
             while len(self.items) < count:
                 self._changed.clear()
@@ -47,7 +48,9 @@ class Collector(Generic[M]):
         try:
             await asyncio.wait_for(reached(), timeout_s)
         except TimeoutError:
-            raise AssertionError(f"got {len(self.items)} of {count} {self.kind.__name__} in {timeout_s}s") from None
+            raise AssertionError(
+                f"got {len(self.items)} of {count} {self.kind.__name__} in {timeout_s}s"
+            ) from None
         return self.items
 
     async def settle(self, quiet_s: float = 0.3) -> list[M]:

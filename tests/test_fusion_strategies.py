@@ -11,13 +11,17 @@ from schemas import ConfigError
 LABELS = ("walk", "run", "stand")
 
 
-def vote(type_name: str, probs: list[float], weight: float = 1.0, labels: tuple[str, ...] = LABELS) -> Vote:
+def vote(
+    type_name: str, probs: list[float], weight: float = 1.0, labels: tuple[str, ...] = LABELS
+) -> Vote:
     return Vote(type_name, labels, np.array(probs, dtype=np.float32), weight)
 
 
 def test_weighted_mean_uses_the_agents_weights() -> None:
     """(0.9*[.6,.3,.1] + 0.3*[.1,.8,.1]) / 1.2 = [.475, .425, .1]."""
-    fused = WeightedMean().fuse([vote("accel", [0.6, 0.3, 0.1], 0.9), vote("gyro", [0.1, 0.8, 0.1], 0.3)])
+    fused = WeightedMean().fuse(
+        [vote("accel", [0.6, 0.3, 0.1], 0.9), vote("gyro", [0.1, 0.8, 0.1], 0.3)]
+    )
     assert fused.label == "walk"
     assert fused.scores == pytest.approx({"walk": 0.475, "run": 0.425, "stand": 0.1})
 
@@ -33,10 +37,12 @@ def test_plan_weights_override_agent_weights() -> None:
 
 def test_labels_are_aligned_by_name_not_position() -> None:
     """Agents may list labels in different orders."""
-    fused = Mean().fuse([
-        vote("accel", [0.6, 0.3, 0.1]),
-        vote("gyro", [0.1, 0.6, 0.3], labels=("stand", "walk", "run")),
-    ])
+    fused = Mean().fuse(
+        [
+            vote("accel", [0.6, 0.3, 0.1]),
+            vote("gyro", [0.1, 0.6, 0.3], labels=("stand", "walk", "run")),
+        ]
+    )
     assert fused.scores == pytest.approx({"walk": 0.6, "run": 0.3, "stand": 0.1})
 
 
@@ -49,7 +55,9 @@ def test_partial_answers_renormalise_over_agents_present() -> None:
 
 def test_mean_ignores_weights() -> None:
     """The plain mean treats every agent alike."""
-    fused = Mean().fuse([vote("a", [1, 0, 0], 100.0), vote("b", [0, 1, 0], 0.01), vote("c", [0, 1, 0], 0.01)])
+    fused = Mean().fuse(
+        [vote("a", [1, 0, 0], 100.0), vote("b", [0, 1, 0], 0.01), vote("c", [0, 1, 0], 0.01)]
+    )
     assert fused.label == "run" and fused.scores["run"] == pytest.approx(2 / 3)
 
 

@@ -23,7 +23,9 @@ async def test_every_test_case_gets_one_complete_accurate_decision(
     """All 40 BasicMotions TEST cases are decided once each, complete, with accuracy >= 0.95."""
     parts = await pipeline()
     decisions = await Collector(Decision).start(parts.nc, parts.subjects.decision("bm"))
-    sent = await replay_frames(Producer(parts.nc, parts.subjects), basicmotions, stream="bm", rate_hz=200)
+    sent = await replay_frames(
+        Producer(parts.nc, parts.subjects), basicmotions, stream="bm", rate_hz=200
+    )
     await decisions.wait_for(len(sent))
     await decisions.settle()
 
@@ -83,7 +85,9 @@ async def test_malformed_bytes_become_dead_letters_and_the_pipeline_goes_on(
     assert by_component["agent-accel"].data == b"\xc1\xc1"
     assert by_component["agent-accel"].error
 
-    await replay_frames(Producer(parts.nc, subjects), basicmotions, stream="bm", rate_hz=200, limit=10)
+    await replay_frames(
+        Producer(parts.nc, subjects), basicmotions, stream="bm", rate_hz=200, limit=10
+    )
     await decisions.wait_for(10)
     assert all(d.status == "complete" for d in decisions.items)
     assert parts.agents[0].counts["dead_letters"] == 1
@@ -93,7 +97,9 @@ async def test_frame_the_plan_cannot_read_is_dead_lettered(pipeline: StartPipeli
     """A well-formed frame whose sensor data is not [samples, channels] is refused with its reason."""
     parts = await pipeline()
     letters = await Collector(DeadLetter).start(parts.nc, parts.subjects.all_dlq())
-    frame = SensorFrame(stream="bm", t_ns=1, period_ns=1, sensors={"accel": np.zeros(5, np.float32)})
+    frame = SensorFrame(
+        stream="bm", t_ns=1, period_ns=1, sensors={"accel": np.zeros(5, np.float32)}
+    )
     await Producer(parts.nc, parts.subjects).frame(frame)
     [letter] = await letters.wait_for(1)
     assert letter.component == "coordinator"

@@ -20,7 +20,10 @@ def test_subjects_follow_the_documented_layout() -> None:
     assert s.dlq("coordinator") == "fb.dlq.coordinator"
     assert s.all_tasks() == "fb.task.*"
     assert (s.tasks_stream, s.results_stream, s.decisions_stream, s.dlq_stream) == (
-        "FB_TASKS", "FB_RESULTS", "FB_DECISIONS", "FB_DLQ",
+        "FB_TASKS",
+        "FB_RESULTS",
+        "FB_DECISIONS",
+        "FB_DLQ",
     )
     assert s.task_consumer("gyro") == "agent-gyro"
 

@@ -10,11 +10,23 @@ from schemas import Window
 MS = 1_000_000
 
 
-def open_task(tracker: TaskTracker, task_id: str = "t1", *, stream: str = "s", start: int = 0,
-              deadline_ns: int = 100 * MS, **kwargs: object) -> list[object]:
+def open_task(
+    tracker: TaskTracker,
+    task_id: str = "t1",
+    *,
+    stream: str = "s",
+    start: int = 0,
+    deadline_ns: int = 100 * MS,
+    **kwargs: object,
+) -> list[object]:
     return tracker.open(  # type: ignore[arg-type]
-        task_id=task_id, stream=stream, window=Window(start, start + 10), expected=("accel", "gyro"),
-        deadline_ns=deadline_ns, ingest_ns=0, **kwargs,
+        task_id=task_id,
+        stream=stream,
+        window=Window(start, start + 10),
+        expected=("accel", "gyro"),
+        deadline_ns=deadline_ns,
+        ingest_ns=0,
+        **kwargs,
     )
 
 

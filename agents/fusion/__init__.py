@@ -1,7 +1,15 @@
 """The fusion agent and its strategies."""
 
 from agents.fusion.service import FusionAgent, FusionSettings
-from agents.fusion.strategies import Fused, Mean, Strategy, Vote, WeightedMean, aligned, make_strategy
+from agents.fusion.strategies import (
+    Fused,
+    Mean,
+    Strategy,
+    Vote,
+    WeightedMean,
+    aligned,
+    make_strategy,
+)
 
 __all__ = [
     "Fused",

@@ -101,11 +101,16 @@ class FusionAgent:
         js = self.nc.jetstream()
         await ensure_streams(js, self.subjects, self.topology)
         await ensure_reader_consumer(
-            js, self.subjects.results_stream, self.subjects.fusion_consumer,
-            [self.subjects.all_results(), self.subjects.all_statuses()], self.topology,
+            js,
+            self.subjects.results_stream,
+            self.subjects.fusion_consumer,
+            [self.subjects.all_results(), self.subjects.all_statuses()],
+            self.topology,
         )
         self._puller = await BatchPuller(
-            self.nc, stream=self.subjects.results_stream, consumer=self.subjects.fusion_consumer,
+            self.nc,
+            stream=self.subjects.results_stream,
+            consumer=self.subjects.fusion_consumer,
             prefetch=self.settings.batch,
         ).start()
         self._tasks = [
@@ -154,14 +159,18 @@ class FusionAgent:
 
     async def _handle(self, msg: Msg) -> None:
         try:
-            message = CODEC.decode(msg.data)
+            message = CODEC.decode_any(msg.data)
             if not isinstance(message, Result | TaskStatus):
                 raise SchemaError("wrong_kind", f"{type(message).__name__} on {msg.subject}")
         except SchemaError as exc:
             self.counts["dead_letters"] += 1
             await self.producer.dead_letter(
-                component=COMPONENT, subject=msg.subject, data=msg.data, reason=exc.reason,
-                error=str(exc), headers=msg.headers,
+                component=COMPONENT,
+                subject=msg.subject,
+                data=msg.data,
+                reason=exc.reason,
+                error=str(exc),
+                headers=msg.headers,
             )
             await msg.term()
             return
@@ -172,7 +181,9 @@ class FusionAgent:
         task = self.pending.get(message.task_id)
         if task is None:
             task = self.pending[message.task_id] = PendingTask(
-                stream=message.stream, window=message.window, expected=message.expected,
+                stream=message.stream,
+                window=message.window,
+                expected=message.expected,
                 ingest_ns=message.ingest_ns,
             )
         task.msgs.append(msg)
@@ -211,9 +222,17 @@ class FusionAgent:
         status = "complete" if not missing else ("partial" if votes else "failed")
         now_ns = time.time_ns()
         decision = Decision(
-            task_id=task_id, stream=task.stream, window=task.window, label=label, scores=scores,
-            status=status, contributors=contributors, missing=missing, strategy=self.strategy.name,
-            latency_ms=(now_ns - task.ingest_ns) / 1e6 if task.ingest_ns else 0.0, decided_ns=now_ns,
+            task_id=task_id,
+            stream=task.stream,
+            window=task.window,
+            label=label,
+            scores=scores,
+            status=status,
+            contributors=contributors,
+            missing=missing,
+            strategy=self.strategy.name,
+            latency_ms=(now_ns - task.ingest_ns) / 1e6 if task.ingest_ns else 0.0,
+            decided_ns=now_ns,
         )
         await self.producer.decision(decision)
         del self.pending[task_id]
@@ -224,6 +243,12 @@ class FusionAgent:
         for msg in task.msgs:
             await msg.ack()
         log.info(
-            "decision.emitted", task_id=task_id, stream=task.stream, label=label, status=status,
-            missing=list(missing), latency_ms=round(decision.latency_ms, 2), reason=reason,
+            "decision.emitted",
+            task_id=task_id,
+            stream=task.stream,
+            label=label,
+            status=status,
+            missing=list(missing),
+            latency_ms=round(decision.latency_ms, 2),
+            reason=reason,
         )

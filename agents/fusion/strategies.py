@@ -38,7 +38,10 @@ class Fused:
 class Strategy(Protocol):
     """Turns the votes of one task into a verdict."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The strategy's name, as written in decisions."""
+        ...
 
     def fuse(self, votes: Sequence[Vote]) -> Fused:
         """Fuse at least one vote."""
@@ -79,7 +82,9 @@ class WeightedMean:
         weights = np.array([self.weights.get(v.type, v.weight) for v in votes], dtype=np.float64)
         scores = weights @ matrix / weights.sum()
         best = int(np.argmax(scores))
-        return Fused(labels[best], {label: float(s) for label, s in zip(labels, scores, strict=True)})
+        return Fused(
+            labels[best], {label: float(s) for label, s in zip(labels, scores, strict=True)}
+        )
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,9 @@ class Mean:
         labels, matrix = aligned(votes)
         scores = matrix.mean(axis=0)
         best = int(np.argmax(scores))
-        return Fused(labels[best], {label: float(s) for label, s in zip(labels, scores, strict=True)})
+        return Fused(
+            labels[best], {label: float(s) for label, s in zip(labels, scores, strict=True)}
+        )
 
 
 def make_strategy(name: str, *, weights: dict[str, float] | None = None) -> Strategy:

@@ -57,12 +57,17 @@ class KerasModel:
     def predict(self, inputs: list[np.ndarray]) -> np.ndarray:
         """Run a batch of any size, in chunks of at most the largest bucket."""
         if len(inputs) != len(self.input_shapes):
-            raise ModelError(f"{self.path.name} takes {len(self.input_shapes)} inputs, got {len(inputs)}")
+            raise ModelError(
+                f"{self.path.name} takes {len(self.input_shapes)} inputs, got {len(inputs)}"
+            )
         rows = len(inputs[0])
         largest = self.buckets[-1]
         if rows > largest:
             return np.concatenate(
-                [self.predict([x[i : i + largest] for x in inputs]) for i in range(0, rows, largest)]
+                [
+                    self.predict([x[i : i + largest] for x in inputs])
+                    for i in range(0, rows, largest)
+                ]
             )
         bucket = bucket_for(rows, self.buckets)
         padded = [pad_rows(np.asarray(x, np.float32), bucket) for x in inputs]

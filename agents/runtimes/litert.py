@@ -22,7 +22,9 @@ class LiteRTModel:
 
     name = "litert"
 
-    def __init__(self, path: Path, *, buckets: tuple[int, ...] = DEFAULT_BUCKETS, threads: int = 1) -> None:
+    def __init__(
+        self, path: Path, *, buckets: tuple[int, ...] = DEFAULT_BUCKETS, threads: int = 1
+    ) -> None:
         self.path = path
         self.buckets = tuple(sorted(buckets))
         self.threads = threads
@@ -53,23 +55,33 @@ class LiteRTModel:
     def warm_up(self) -> None:
         """Allocate and run every bucket once on zeros."""
         for bucket in self.buckets:
-            zeros = [np.zeros((bucket, *shape), dtype) for shape, dtype in zip(self.input_shapes, self.input_dtypes, strict=True)]
+            zeros = [
+                np.zeros((bucket, *shape), dtype)
+                for shape, dtype in zip(self.input_shapes, self.input_dtypes, strict=True)
+            ]
             self.predict(zeros)
 
     def predict(self, inputs: list[np.ndarray]) -> np.ndarray:
         """Run a batch of any size, in chunks of at most the largest bucket."""
         if len(inputs) != len(self.input_shapes):
-            raise ModelError(f"{self.path.name} takes {len(self.input_shapes)} inputs, got {len(inputs)}")
+            raise ModelError(
+                f"{self.path.name} takes {len(self.input_shapes)} inputs, got {len(inputs)}"
+            )
         rows = len(inputs[0])
         largest = self.buckets[-1]
         if rows > largest:
             return np.concatenate(
-                [self.predict([x[i : i + largest] for x in inputs]) for i in range(0, rows, largest)]
+                [
+                    self.predict([x[i : i + largest] for x in inputs])
+                    for i in range(0, rows, largest)
+                ]
             )
         bucket = bucket_for(rows, self.buckets)
         interpreter = self._interpreter(bucket)
         for detail, array in zip(interpreter.get_input_details(), inputs, strict=True):
-            interpreter.set_tensor(detail["index"], pad_rows(np.asarray(array, detail["dtype"]), bucket))
+            interpreter.set_tensor(
+                detail["index"], pad_rows(np.asarray(array, detail["dtype"]), bucket)
+            )
         interpreter.invoke()
         output = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-        return output[:rows].copy()
+        return np.array(output[:rows])

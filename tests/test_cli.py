@@ -1,0 +1,137 @@
+"""The fusebus command: `up` end to end, each component alone, and one-line errors."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client
+
+from bus import EmbeddedServer, Subjects
+from schemas import Decision
+from tests.helpers import Collector
+
+ROOT = Path(__file__).resolve().parent.parent
+FUSEBUS = [sys.executable, "-m", "fusebus"]
+
+
+def run_fusebus(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*FUSEBUS, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+def test_up_decides_all_forty_cases_and_exits_cleanly(tmp_path: Path) -> None:
+    """`fusebus up` with no URL starts its own nats-server and every component, prints 40
+    decisions and a summary with accuracy >= 0.95, and exits 0."""
+    done = run_fusebus("up", "--rate", "40", "--log-dir", str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line for line in done.stdout.splitlines() if re.match(r"\s*\d+\s+\d+-\d+", line)]
+    assert len(rows) == 40
+    assert "(embedded)" in done.stdout
+    summary = re.search(r"decisions (\d+)/40 · accuracy ([\d.]+)", done.stdout)
+    assert summary is not None, done.stdout
+    assert int(summary.group(1)) == 40 and float(summary.group(2)) >= 0.95
+    assert "complete 40" in done.stdout
+    assert "DUPLICATE" not in done.stdout
+    assert "components exited with errors" not in done.stdout
+    assert "Traceback" not in done.stderr
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Start fusebus subprocesses; any still running at the end are killed."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [*FUSEBUS, *args, "--log-format", "json"],
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+async def test_each_component_runs_alone_against_a_given_server(
+    nats_server: EmbeddedServer,
+    subjects: Subjects,
+    connect_bus: Callable[[str], Awaitable[Client]],
+    spawn: Callable[..., subprocess.Popen[str]],
+) -> None:
+    """coordinator, two agents, fusion and replay as separate processes on --nats-url decide
+    every replayed frame, and each long-running one exits 0 on SIGTERM."""
+    bus_args = ("--nats-url", nats_server.url, "--prefix", subjects.prefix)
+    nc = await connect_bus("test")
+    decisions = await Collector(Decision).start(nc, subjects.decision("bm"))
+    services = [
+        spawn("coordinator", *bus_args),
+        spawn("agent", "--model", "accel", *bus_args),
+        spawn("agent", "--model", "gyro", *bus_args),
+        spawn("fusion", *bus_args),
+    ]
+    await _wait_for_components(nc, subjects.prefix, count=4)
+    replay = spawn(
+        "replay", "basicmotions", "--stream", "bm", "--rate", "100", "--limit", "12", *bus_args
+    )
+    assert replay.wait(60) == 0
+    await decisions.wait_for(12)
+    assert all(d.status == "complete" for d in decisions.items)
+    for process in services:
+        process.send_signal(signal.SIGTERM)
+    for process in services:
+        assert process.wait(30) == 0, process.stdout.read() if process.stdout else ""
+
+
+async def _wait_for_components(nc: Client, prefix: str, *, count: int) -> None:
+    from bus import discover_components
+
+    for _ in range(200):
+        if len(await discover_components(nc, prefix=prefix, timeout_s=0.2)) >= count:
+            return
+    raise AssertionError("components did not register")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("up", "--rate", "-3"), "argument --rate: -3 must be > 0"),
+        (
+            ("agent", "--model", "no/such/model.tflite"),
+            "model file no/such/model.tflite does not exist",
+        ),
+        (("replay", "nosuch", "--nats-url", "nats://127.0.0.1:9"), "unknown dataset 'nosuch'"),
+        (
+            ("coordinator", "--nats-url", "nats://127.0.0.1:9", "--connect-wait-s", "0.3"),
+            "cannot connect to NATS",
+        ),
+        (("coordinator", "--nats-url", "127.0.0.1:4222"), "needs a scheme"),
+        (
+            ("coordinator", "--plan", "nosuch", "--nats-url", "nats://127.0.0.1:9"),
+            "unknown plan 'nosuch'",
+        ),
+        (("fusion", "--weight", "accel", "--nats-url", "nats://127.0.0.1:9"), "is not TYPE=WEIGHT"),
+        (("bogus",), "invalid choice"),
+    ],
+)
+def test_bad_arguments_get_one_line_and_a_nonzero_exit(args: tuple[str, ...], message: str) -> None:
+    """A bad argument or an unreachable server is one line on stderr naming the problem, exit 2."""
+    done = run_fusebus(*args, timeout=60)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert message in lines[0]
+    assert "Traceback" not in done.stderr

@@ -1,0 +1,94 @@
+"""The shipped models: LiteRT serving matches Keras, batches match single calls, cards are honest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agents import ModelAgent, ModelCard
+from agents.runtimes import load_runtime
+from fusebus.datasets import SensorDataset
+from fusebus.paths import models_dir
+from schemas import ConfigError
+
+TYPES = ("accel", "gyro")
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_litert_batches_match_single_calls_and_score_well(
+    type_name: str, basicmotions: SensorDataset
+) -> None:
+    """One call on 40 cases equals 40 calls on one case, and the model is accurate on TEST."""
+    runtime = load_runtime(models_dir() / f"{type_name}.tflite")
+    runtime.warm_up()
+    x = basicmotions.sensor_view(basicmotions.x_test, type_name).astype(np.float32)
+    batched = runtime.predict([x])
+    single = np.concatenate([runtime.predict([x[i : i + 1]]) for i in range(len(x))])
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+    np.testing.assert_allclose(batched.sum(axis=1), 1.0, atol=1e-5)
+    assert np.mean(batched.argmax(axis=1) == basicmotions.y_test) >= 0.9
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_litert_conversion_matches_keras(type_name: str, basicmotions: SensorDataset) -> None:
+    """The served .tflite gives the .keras model's probabilities to float tolerance."""
+    x = basicmotions.sensor_view(basicmotions.x_test, type_name).astype(np.float32)
+    litert = load_runtime(models_dir() / f"{type_name}.tflite").predict([x])
+    keras = load_runtime(models_dir() / f"{type_name}.keras").predict([x])
+    np.testing.assert_allclose(litert, keras, atol=1e-4)
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_cards_describe_the_models(type_name: str, basicmotions: SensorDataset) -> None:
+    """Each card names labels, input spec and validation accuracy consistent with the data."""
+    card = ModelCard.for_model(models_dir() / f"{type_name}.tflite")
+    assert card.type == type_name
+    assert card.labels == basicmotions.labels
+    assert [(i.sensor, i.samples, i.channels) for i in card.inputs] == [(type_name, 100, 3)]
+    assert 0 < card.metrics["val_accuracy"] <= 1 and card.weight == pytest.approx(
+        card.metrics["val_accuracy"]
+    )
+
+
+def test_model_agent_checks_output_shape_against_labels(tmp_path: Path) -> None:
+    """A card whose labels do not fit the model's outputs is caught at the first call."""
+    source = models_dir() / "accel.tflite"
+    (tmp_path / "m.tflite").write_bytes(source.read_bytes())
+    card = json.loads(source.with_suffix(".json").read_text())
+    card["labels"] = ["a", "b"]
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    agent = ModelAgent(tmp_path / "m.tflite")
+    with pytest.raises(Exception, match=r"expected \(1, 2\)"):
+        agent.predict({"accel": np.zeros((1, 100, 3), np.float32)})
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "does not exist"),
+        ("{not json", "not JSON"),
+        ('{"type": "x", "name": "n", "labels": ["a"]}', "missing key 'inputs'"),
+        (
+            '{"type": "x", "name": "n", "labels": [], "inputs": [{"sensor": "s"}]}',
+            "labels must not be empty",
+        ),
+    ],
+)
+def test_bad_cards_give_clear_errors(tmp_path: Path, content: str | None, message: str) -> None:
+    """A missing or malformed card is a ConfigError naming the file and the problem."""
+    path = tmp_path / "m.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        ModelCard.from_file(path)
+
+
+def test_unknown_model_format_is_refused(tmp_path: Path) -> None:
+    """Only .tflite and .keras files are served."""
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    with pytest.raises(ConfigError, match="unknown format"):
+        load_runtime(model)
