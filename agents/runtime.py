@@ -8,7 +8,6 @@ dedicated thread, so the event loop keeps acking and answering discovery while a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import secrets
 import socket
@@ -26,14 +25,13 @@ from nats.aio.msg import Msg
 from agents.base import Agent
 from bus import (
     BatchPuller,
+    Lifecycle,
     Producer,
     Subjects,
     TopologySettings,
     agent_info_metadata,
     ensure_streams,
     ensure_task_consumer,
-    keep_running,
-    register_service,
 )
 from schemas import CODEC, AgentInfo, ConfigError, Result, SchemaError, Subtask
 
@@ -98,8 +96,7 @@ class AgentRuntime:
         self.inference_ms = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{agent.type}")
         self._puller: BatchPuller | None = None
-        self._loop_task: asyncio.Task[None] | None = None
-        self._service: Any = None
+        self._life = Lifecycle()
 
     def __repr__(self) -> str:
         return (
@@ -144,17 +141,16 @@ class AgentRuntime:
         js = self.nc.jetstream()
         await ensure_streams(js, self.subjects, self.topology)
         consumer = await ensure_task_consumer(js, self.subjects, self.agent.type, self.topology)
-        self._puller = await BatchPuller(
+        self._puller = await self._life.pull(
             self.nc,
             stream=self.subjects.tasks_stream,
             consumer=consumer,
             prefetch=self.settings.max_batch,
-        ).start()
-        self._loop_task = asyncio.create_task(keep_running(self._step, name=self.component))
-        self._service = await register_service(
+        )
+        self._life.run(self._step, name=self.component)
+        await self._life.register(
             self.nc,
             name=self.agent.type,
-            version="0.1.0",
             description=f"fusebus agent for {self.agent.type} subtasks ({self.agent.model.name})",
             metadata=agent_info_metadata(self.info, prefix=self.subjects.prefix),
             status_subject=self.subjects.control(self.component, self.agent_id),
@@ -172,16 +168,7 @@ class AgentRuntime:
 
     async def stop(self) -> None:
         """Stop pulling; a batch in hand is finished and acked first."""
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
-            self._loop_task = None
-        if self._puller is not None:
-            await self._puller.stop()
-        if self._service is not None:
-            with contextlib.suppress(Exception):
-                await self._service.stop()
+        await self._life.close()
         self._executor.shutdown(wait=True)
         log.info("agent.stopped", agent_id=self.agent_id, **self.stats())
 

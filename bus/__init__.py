@@ -11,6 +11,7 @@ from bus.discovery import (
     gather,
     register_service,
 )
+from bus.lifecycle import Lifecycle
 from bus.loops import keep_running
 from bus.producer import Producer
 from bus.server import EmbeddedServer, find_server_binary, free_port
@@ -27,6 +28,7 @@ __all__ = [
     "BatchPuller",
     "BusSettings",
     "EmbeddedServer",
+    "Lifecycle",
     "Producer",
     "Subjects",
     "TopologySettings",

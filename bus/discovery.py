@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.metadata
 import json
 from collections.abc import Callable
 from typing import Any
@@ -55,11 +56,18 @@ def agent_info_from_metadata(metadata: dict[str, str]) -> AgentInfo | None:
         return None
 
 
+def software_version() -> str:
+    """The installed fusebus version (semantic), for service registration."""
+    try:
+        return importlib.metadata.version("fusebus")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
 async def register_service(
     nc: Client,
     *,
     name: str,
-    version: str,
     description: str,
     metadata: dict[str, str],
     status_subject: str,
@@ -76,7 +84,7 @@ async def register_service(
     service = await add_service(
         nc,
         name=name,
-        version=version,
+        version=software_version(),
         description=description,
         metadata=metadata,
         stats_handler=stats_handler,

@@ -21,13 +21,12 @@ from nats.aio.subscription import Subscription
 
 from bus import (
     BatchPuller,
+    Lifecycle,
     Producer,
     Subjects,
     TopologySettings,
     ensure_reader_consumer,
     ensure_streams,
-    keep_running,
-    register_service,
 )
 from bus.discovery import PREFIX, ROLE
 from coordinator.plan import PlanBook
@@ -82,8 +81,7 @@ class Coordinator:
         self.dead_letters = 0
         self._frames_sub: Subscription | None = None
         self._puller: BatchPuller | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._service: Any = None
+        self._life = Lifecycle()
 
     def __repr__(self) -> str:
         return (
@@ -110,23 +108,20 @@ class Coordinator:
             [self.subjects.all_results()],
             self.topology,
         )
-        self._puller = await BatchPuller(
+        self._puller = await self._life.pull(
             self.nc,
             stream=self.subjects.results_stream,
             consumer=self.subjects.coordinator_consumer,
             prefetch=self.settings.results_batch,
-        ).start()
-        self._tasks = [
-            asyncio.create_task(keep_running(self._results_step, name="coordinator-results")),
-            asyncio.create_task(keep_running(self._deadline_step, name="coordinator-deadlines")),
-        ]
+        )
+        self._life.run(self._results_step, name="coordinator-results")
+        self._life.run(self._deadline_step, name="coordinator-deadlines")
         self._frames_sub = await self.nc.subscribe(
             self.subjects.all_frames(), cb=self._on_frame, pending_msgs_limit=100_000
         )
-        self._service = await register_service(
+        await self._life.register(
             self.nc,
             name="fusebus-coordinator",
-            version="0.1.0",
             description="fusebus coordinator: windows, subtasks, completion tracking",
             metadata={ROLE: COMPONENT, PREFIX: self.subjects.prefix},
             status_subject=self.subjects.control(COMPONENT, self.instance_id),
@@ -141,17 +136,7 @@ class Coordinator:
             with contextlib.suppress(Exception):
                 await self._frames_sub.unsubscribe()
             self._frames_sub = None
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
-        if self._puller is not None:
-            await self._puller.stop()
-        if self._service is not None:
-            with contextlib.suppress(Exception):
-                await self._service.stop()
+        await self._life.close()
         log.info("coordinator.stopped", **self.stats())
 
     async def __aenter__(self) -> Coordinator:

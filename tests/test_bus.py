@@ -146,7 +146,6 @@ async def test_discovery_finds_registered_components_by_prefix(
     service = await register_service(
         nc,
         name="fusebus-coordinator",
-        version="0.1.0",
         description="test",
         metadata={ROLE: "coordinator", PREFIX: subjects.prefix},
         status_subject=subjects.control("coordinator", "x1"),

@@ -10,7 +10,6 @@ drops a second decision for a task even across such a restart.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
 from collections import Counter, OrderedDict
@@ -24,13 +23,12 @@ from nats.aio.msg import Msg
 from agents.fusion.strategies import Strategy, Vote, WeightedMean
 from bus import (
     BatchPuller,
+    Lifecycle,
     Producer,
     Subjects,
     TopologySettings,
     ensure_reader_consumer,
     ensure_streams,
-    keep_running,
-    register_service,
 )
 from bus.discovery import PREFIX, ROLE
 from schemas import CODEC, Decision, Result, SchemaError, TaskStatus, Window
@@ -85,8 +83,7 @@ class FusionAgent:
         self.decided: OrderedDict[str, None] = OrderedDict()
         self.counts: Counter[str] = Counter()
         self._puller: BatchPuller | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._service: Any = None
+        self._life = Lifecycle()
 
     def __repr__(self) -> str:
         counts = " ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
@@ -107,20 +104,17 @@ class FusionAgent:
             [self.subjects.all_results(), self.subjects.all_statuses()],
             self.topology,
         )
-        self._puller = await BatchPuller(
+        self._puller = await self._life.pull(
             self.nc,
             stream=self.subjects.results_stream,
             consumer=self.subjects.fusion_consumer,
             prefetch=self.settings.batch,
-        ).start()
-        self._tasks = [
-            asyncio.create_task(keep_running(self._step, name="fusion")),
-            asyncio.create_task(keep_running(self._expire_step, name="fusion-expiry")),
-        ]
-        self._service = await register_service(
+        )
+        self._life.run(self._step, name="fusion")
+        self._life.run(self._expire_step, name="fusion-expiry")
+        await self._life.register(
             self.nc,
             name="fusebus-fusion",
-            version="0.1.0",
             description="fusebus fusion agent: one decision per task",
             metadata={ROLE: COMPONENT, PREFIX: self.subjects.prefix},
             status_subject=self.subjects.control(COMPONENT, self.instance_id),
@@ -131,17 +125,7 @@ class FusionAgent:
 
     async def stop(self) -> None:
         """Stop deciding; undecided results stay unacked for the next fusion agent."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
-        if self._puller is not None:
-            await self._puller.stop()
-        if self._service is not None:
-            with contextlib.suppress(Exception):
-                await self._service.stop()
+        await self._life.close()
         log.info("fusion.stopped", **self.stats())
 
     async def __aenter__(self) -> FusionAgent:

@@ -8,12 +8,13 @@ re-traces while serving. TensorFlow is imported only when a ``.keras`` model is 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from schemas import ConfigError
+from schemas import ConfigError, ModelError
 
 #: Batch sizes prepared at warm-up; a batch is padded up to the next one.
 DEFAULT_BUCKETS = (1, 8, 64)
@@ -48,6 +49,29 @@ def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
     padded = np.zeros((rows, *array.shape[1:]), dtype=array.dtype)
     padded[: len(array)] = array
     return padded
+
+
+def predict_in_buckets(
+    run: Callable[[int, list[np.ndarray]], np.ndarray],
+    inputs: list[np.ndarray],
+    buckets: tuple[int, ...],
+) -> np.ndarray:
+    """Run a batch of any size through fixed-size executables.
+
+    The batch is cut into chunks of at most the largest bucket; each chunk is padded up to
+    the smallest bucket that holds it, run as ``run(bucket, padded_inputs)``, and trimmed.
+    """
+    rows = len(inputs[0])
+    if rows == 0:
+        raise ModelError("cannot run an empty batch")
+    largest = buckets[-1]
+    outputs = []
+    for start in range(0, rows, largest):
+        chunk = [x[start : start + largest] for x in inputs]
+        size = len(chunk[0])
+        bucket = bucket_for(size, buckets)
+        outputs.append(run(bucket, [pad_rows(x, bucket) for x in chunk])[:size])
+    return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
 
 def load_runtime(path: Path, *, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> ModelRuntime:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.runtimes import DEFAULT_BUCKETS, bucket_for, pad_rows
+from agents.runtimes import DEFAULT_BUCKETS, predict_in_buckets
 from schemas import ModelError
 
 
@@ -55,21 +55,13 @@ class KerasModel:
             self.predict([np.zeros((bucket, *shape), np.float32) for shape in self.input_shapes])
 
     def predict(self, inputs: list[np.ndarray]) -> np.ndarray:
-        """Run a batch of any size, in chunks of at most the largest bucket."""
+        """Run a batch of any size (padded to buckets, chunked past the largest)."""
         if len(inputs) != len(self.input_shapes):
             raise ModelError(
                 f"{self.path.name} takes {len(self.input_shapes)} inputs, got {len(inputs)}"
             )
-        rows = len(inputs[0])
-        largest = self.buckets[-1]
-        if rows > largest:
-            return np.concatenate(
-                [
-                    self.predict([x[i : i + largest] for x in inputs])
-                    for i in range(0, rows, largest)
-                ]
-            )
-        bucket = bucket_for(rows, self.buckets)
-        padded = [pad_rows(np.asarray(x, np.float32), bucket) for x in inputs]
-        output = self._functions[bucket](*padded)
-        return np.asarray(output)[:rows]
+        typed = [np.asarray(x, np.float32) for x in inputs]
+        return predict_in_buckets(self._run_bucket, typed, self.buckets)
+
+    def _run_bucket(self, bucket: int, padded: list[np.ndarray]) -> np.ndarray:
+        return np.asarray(self._functions[bucket](*padded))

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from agents.runtimes import DEFAULT_BUCKETS, bucket_for, pad_rows
+from agents.runtimes import DEFAULT_BUCKETS, predict_in_buckets
 from schemas import ModelError
 
 
@@ -62,26 +62,18 @@ class LiteRTModel:
             self.predict(zeros)
 
     def predict(self, inputs: list[np.ndarray]) -> np.ndarray:
-        """Run a batch of any size, in chunks of at most the largest bucket."""
+        """Run a batch of any size (padded to buckets, chunked past the largest)."""
         if len(inputs) != len(self.input_shapes):
             raise ModelError(
                 f"{self.path.name} takes {len(self.input_shapes)} inputs, got {len(inputs)}"
             )
-        rows = len(inputs[0])
-        largest = self.buckets[-1]
-        if rows > largest:
-            return np.concatenate(
-                [
-                    self.predict([x[i : i + largest] for x in inputs])
-                    for i in range(0, rows, largest)
-                ]
-            )
-        bucket = bucket_for(rows, self.buckets)
+        typed = [np.asarray(x, dtype) for x, dtype in zip(inputs, self.input_dtypes, strict=True)]
+        return predict_in_buckets(self._run_bucket, typed, self.buckets)
+
+    def _run_bucket(self, bucket: int, padded: list[np.ndarray]) -> np.ndarray:
         interpreter = self._interpreter(bucket)
-        for detail, array in zip(interpreter.get_input_details(), inputs, strict=True):
-            interpreter.set_tensor(
-                detail["index"], pad_rows(np.asarray(array, detail["dtype"]), bucket)
-            )
+        for detail, array in zip(interpreter.get_input_details(), padded, strict=True):
+            interpreter.set_tensor(detail["index"], array)
         interpreter.invoke()
-        output = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-        return np.array(output[:rows])
+        # get_tensor returns a copy, safe to keep after the next invoke
+        return np.asarray(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]))
