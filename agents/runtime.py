@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 from agents.base import Agent
 from bus import (
     BatchPuller,
+    ExhaustedReaper,
     Lifecycle,
     Producer,
     Subjects,
@@ -97,6 +98,7 @@ class AgentRuntime:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{agent.type}")
         self._puller: BatchPuller | None = None
         self._life = Lifecycle()
+        self._reaper: ExhaustedReaper | None = None
 
     def __repr__(self) -> str:
         return (
@@ -126,7 +128,8 @@ class AgentRuntime:
             "processed": self.counts["processed"],
             "errors": self.counts["errors"],
             "expired": self.counts["expired"],
-            "dead_letters": self.counts["dead_letters"],
+            "dead_letters": self.counts["dead_letters"]
+            + (self._reaper.reaped if self._reaper else 0),
             "batches": batches,
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "inference_ms_total": round(self.inference_ms, 3),
@@ -148,6 +151,13 @@ class AgentRuntime:
             prefetch=self.settings.max_batch,
         )
         self._life.run(self._step, name=self.component)
+        reaper = ExhaustedReaper(
+            self.producer,
+            stream=self.subjects.tasks_stream,
+            consumer=consumer,
+            component=self.component,
+        )
+        self._reaper = self._life.adopt(await reaper.start(self.nc))
         await self._life.register(
             self.nc,
             name=self.agent.type,

@@ -1,6 +1,7 @@
 """The NATS bus: connection, embedded server, subjects, JetStream topology, publish and pull,
 dead letters and service discovery. The only layer that imports ``nats``."""
 
+from bus.advisories import ExhaustedReaper, max_deliveries_subject
 from bus.connection import BusSettings, connect
 from bus.consume import BatchPuller
 from bus.discovery import (
@@ -28,6 +29,7 @@ __all__ = [
     "BatchPuller",
     "BusSettings",
     "EmbeddedServer",
+    "ExhaustedReaper",
     "Lifecycle",
     "Producer",
     "Subjects",
@@ -45,6 +47,7 @@ __all__ = [
     "free_port",
     "gather",
     "keep_running",
+    "max_deliveries_subject",
     "register_service",
     "stream_configs",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from nats.aio.client import Client
 from nats.micro.service import Service
@@ -13,6 +13,17 @@ from nats.micro.service import Service
 from bus.consume import BatchPuller
 from bus.discovery import register_service
 from bus.loops import keep_running
+
+
+class Stoppable(Protocol):
+    """Anything the lifecycle stops at close."""
+
+    async def stop(self) -> None:
+        """Stop."""
+        ...
+
+
+S = TypeVar("S", bound=Stoppable)
 
 
 class Lifecycle:
@@ -25,7 +36,7 @@ class Lifecycle:
 
     def __init__(self) -> None:
         self._loops: list[asyncio.Task[None]] = []
-        self._pullers: list[BatchPuller] = []
+        self._parts: list[Stoppable] = []
         self.service: Service | None = None
 
     def run(self, step: Callable[[], Awaitable[None]], *, name: str) -> None:
@@ -35,8 +46,12 @@ class Lifecycle:
     async def pull(self, nc: Client, *, stream: str, consumer: str, prefetch: int) -> BatchPuller:
         """Start a :class:`BatchPuller` that is stopped with the component."""
         puller = await BatchPuller(nc, stream=stream, consumer=consumer, prefetch=prefetch).start()
-        self._pullers.append(puller)
-        return puller
+        return self.adopt(puller)
+
+    def adopt(self, part: S) -> S:
+        """Stop ``part`` (anything with an async ``stop``) when the component closes."""
+        self._parts.append(part)
+        return part
 
     async def register(
         self,
@@ -59,16 +74,16 @@ class Lifecycle:
         )
 
     async def close(self) -> None:
-        """Cancel the loops, stop the pullers, deregister the service."""
+        """Cancel the loops, stop the adopted parts (last first), deregister the service."""
         loops, self._loops = self._loops, []
         for task in loops:
             task.cancel()
         for task in loops:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        pullers, self._pullers = self._pullers, []
-        for puller in pullers:
-            await puller.stop()
+        parts, self._parts = self._parts, []
+        for part in reversed(parts):
+            await part.stop()
         if self.service is not None:
             service, self.service = self.service, None
             with contextlib.suppress(Exception):  # the connection may already be gone

@@ -1,13 +1,25 @@
 """The coordinator: plans, the pure task tracker and the service that runs them."""
 
-from coordinator.plan import Plan, PlanBook, SensorInput, SubtaskSpec, basicmotions_plan
+from coordinator.directory import AgentDirectory, KnownType
+from coordinator.plan import (
+    BUILTIN_PLANS,
+    Plan,
+    PlanBook,
+    SensorInput,
+    SubtaskSpec,
+    auto_plan,
+    basicmotions_plan,
+)
 from coordinator.service import Coordinator, CoordinatorSettings
 from coordinator.tracker import Ended, OpenTask, Seen, TaskTracker
 
 __all__ = [
+    "BUILTIN_PLANS",
+    "AgentDirectory",
     "Coordinator",
     "CoordinatorSettings",
     "Ended",
+    "KnownType",
     "OpenTask",
     "Plan",
     "PlanBook",
@@ -15,5 +27,6 @@ __all__ = [
     "SensorInput",
     "SubtaskSpec",
     "TaskTracker",
+    "auto_plan",
     "basicmotions_plan",
 ]

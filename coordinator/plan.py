@@ -63,12 +63,18 @@ class SubtaskSpec:
 class Plan:
     """How the coordinator decomposes every window of a stream.
 
+    With ``auto`` the subtask types are the listed ones plus every agent type found by
+    service discovery whose inputs the stream's sensors can feed, so an agent started while
+    a stream runs is included from the next windows on, and one that stops is no longer
+    expected.
+
     ``deadline_ms`` is counted from the moment the task opens; ``max_inflight`` bounds the
     open tasks of one stream, past which the oldest is shed (a real-time stream wants fresh
     answers).
     """
 
-    subtasks: tuple[SubtaskSpec, ...]
+    subtasks: tuple[SubtaskSpec, ...] = ()
+    auto: bool = False  # also every discovered agent type whose inputs the stream can feed
     deadline_ms: float = 2000.0
     max_inflight: int = 1000
     overflow: str = "drop_oldest"
@@ -77,8 +83,8 @@ class Plan:
     )  # fusion weights by type; empty = agents'
 
     def __post_init__(self) -> None:
-        if not self.subtasks:
-            raise ConfigError("a plan needs at least one subtask type")
+        if not self.subtasks and not self.auto:
+            raise ConfigError("a plan needs at least one subtask type, or auto")
         types = [s.type for s in self.subtasks]
         if len(set(types)) != len(types):
             raise ConfigError(f"plan lists a subtask type twice: {types}")
@@ -121,10 +127,20 @@ class PlanBook:
     def __repr__(self) -> str:
         return f"PlanBook(streams={sorted(self.plans)}, default={self.default is not None})"
 
+    @property
+    def any_auto(self) -> bool:
+        """Whether any plan learns its types from discovery."""
+        return any(p.auto for p in (*self.plans.values(), self.default) if p is not None)
+
     def for_stream(self, stream: str) -> Plan | None:
         """The plan that applies to ``stream``, or ``None`` when no plan does."""
         return self.plans.get(stream, self.default)
 
 
+def auto_plan(*, deadline_ms: float = 2000.0, max_inflight: int = 1000) -> Plan:
+    """Every discovered agent type the stream can feed, nothing listed."""
+    return Plan(auto=True, deadline_ms=deadline_ms, max_inflight=max_inflight)
+
+
 #: Plans shipped with fusebus, by name.
-BUILTIN_PLANS = {"basicmotions": basicmotions_plan}
+BUILTIN_PLANS = {"basicmotions": basicmotions_plan, "auto": auto_plan}

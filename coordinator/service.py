@@ -25,11 +25,13 @@ from bus import (
     Producer,
     Subjects,
     TopologySettings,
+    discover_agents,
     ensure_reader_consumer,
     ensure_streams,
 )
 from bus.discovery import PREFIX, ROLE
-from coordinator.plan import PlanBook
+from coordinator.directory import AgentDirectory
+from coordinator.plan import Plan, PlanBook, SubtaskSpec
 from coordinator.tracker import Ended, Seen, TaskTracker
 from schemas import (
     CODEC,
@@ -52,6 +54,9 @@ class CoordinatorSettings:
 
     max_deadline_sleep_ms: float = 50.0  # longest nap between two deadline checks
     results_batch: int = 512
+    discovery_interval_s: float = 0.5  # how often auto plans look for agent types
+    discovery_timeout_s: float = 0.25  # how long one look waits for replies
+    forget_type_after_s: float = 1.5  # a type unseen this long is no longer expected
 
 
 class Coordinator:
@@ -76,6 +81,8 @@ class Coordinator:
         self.settings = settings or CoordinatorSettings()
         self.producer = Producer(nc, subjects)
         self.tracker = TaskTracker()
+        self.directory = AgentDirectory(forget_after_s=self.settings.forget_type_after_s)
+        self.unserved = 0
         self.instance_id = secrets.token_hex(4)
         self.frames = 0
         self.dead_letters = 0
@@ -94,6 +101,8 @@ class Coordinator:
             "frames": self.frames,
             "dead_letters": self.dead_letters,
             "open_tasks": len(self.tracker),
+            "unserved_frames": self.unserved,
+            "agent_types": sorted(self.directory.types),
             **self.tracker.counts,
         }
 
@@ -116,6 +125,9 @@ class Coordinator:
         )
         self._life.run(self._results_step, name="coordinator-results")
         self._life.run(self._deadline_step, name="coordinator-deadlines")
+        if self.plans.any_auto:
+            await self._discovery_step()  # know the running types before the first frame
+            self._life.run(self._discovery_step, name="coordinator-discovery")
         self._frames_sub = await self.nc.subscribe(
             self.subjects.all_frames(), cb=self._on_frame, pending_msgs_limit=100_000
         )
@@ -180,12 +192,18 @@ class Coordinator:
         if self.tracker.has_window(frame.stream, window.t_start_ns):
             self.tracker.counts["duplicate_windows"] += 1
             return [], []
+        specs = self._specs_for(plan, frame)
+        if not specs:
+            self.unserved += 1
+            log.warning("frame.unserved", stream=frame.stream, reason="no agent type can serve it")
+            return [], []
+        expected = tuple(spec.type for spec in specs)
         ingest_ns = time.time_ns()
         deadline_ns = ingest_ns + int(plan.deadline_ms * 1e6)
         task_id = f"{frame.stream}:{window.t_start_ns}:{secrets.token_hex(3)}"
         subtasks: list[Subtask] = []
         unavailable = set()
-        for spec in plan.subtasks:
+        for spec in specs:
             if any(sensor not in frame.sensors for sensor in spec.sensors):
                 unavailable.add(spec.type)
                 continue
@@ -198,7 +216,7 @@ class Coordinator:
                     window=window,
                     inputs=inputs,
                     deadline_ns=deadline_ns,
-                    expected=plan.types,
+                    expected=expected,
                     ingest_ns=ingest_ns,
                 )
             )
@@ -206,13 +224,33 @@ class Coordinator:
             task_id=task_id,
             stream=frame.stream,
             window=window,
-            expected=plan.types,
+            expected=expected,
             deadline_ns=deadline_ns,
             ingest_ns=ingest_ns,
             unavailable=frozenset(unavailable),
             max_inflight=plan.max_inflight,
         )
         return subtasks, ended
+
+    def _specs_for(self, plan: Plan, frame: SensorFrame) -> list[SubtaskSpec]:
+        specs = list(plan.subtasks)
+        if plan.auto:
+            listed = set(plan.types)
+            shapes = {name: array.shape for name, array in frame.sensors.items()}
+            specs += [s for s in self.directory.feedable(shapes) if s.type not in listed]
+        return specs
+
+    # Discovery ----------------------------------------------------------------------------
+    async def _discovery_step(self) -> None:
+        found = await discover_agents(
+            self.nc, prefix=self.subjects.prefix, timeout_s=self.settings.discovery_timeout_s
+        )
+        appeared, gone = self.directory.observe((info for info, _ in found), time.monotonic())
+        for type_name in appeared:
+            log.info("agent_type.appeared", type=type_name)
+        for type_name in gone:
+            log.info("agent_type.gone", type=type_name)
+        await asyncio.sleep(self.settings.discovery_interval_s)
 
     # Results -> completion -----------------------------------------------------------------
     async def _results_step(self) -> None:

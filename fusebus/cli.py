@@ -49,6 +49,13 @@ def _weight(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"{text!r} is not TYPE=WEIGHT") from None
 
 
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
 def _bus_options(parser: argparse.ArgumentParser, *, url_default: str | None) -> None:
     group = parser.add_argument_group("bus")
     group.add_argument(
@@ -114,16 +121,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     agent = commands.add_parser("agent", help="run one agent replica")
     _bus_options(agent, url_default=env_url or DEFAULT_URL)
-    agent.add_argument(
+    which = agent.add_mutually_exclusive_group(required=True)
+    which.add_argument(
         "--model",
-        required=True,
         help="model file (.tflite or .keras) with a .json card beside it, or a shipped model's name",
     )
+    which.add_argument(
+        "--agent",
+        dest="agent_spec",
+        metavar="SPEC",
+        help="an agent class as package.module:Class, or a name registered under fusebus.agents",
+    )
     agent.add_argument(
-        "--type", dest="type_name", help="subtask type to serve (default: the card's)"
+        "--type", dest="type_name", help="subtask type to serve (default: the agent's)"
+    )
+    agent.add_argument(
+        "--param",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keyword argument for an --agent class (repeatable)",
     )
     agent.add_argument("--max-batch", type=_positive(int), default=64)
     agent.add_argument("--max-wait-ms", type=float, default=1.0)
+
+    status = commands.add_parser("status", help="list running agents by type, with their counters")
+    _bus_options(status, url_default=env_url or DEFAULT_URL)
+    status.add_argument(
+        "--timeout-s", type=_positive(float), default=0.5, help="how long to wait for replies"
+    )
 
     fusion = commands.add_parser("fusion", help="run the fusion agent")
     _bus_options(fusion, url_default=env_url or DEFAULT_URL)
@@ -216,14 +243,33 @@ async def _run(args: argparse.Namespace) -> int:
         )
     if args.command == "agent":
         from agents import AgentRuntime, AgentSettings, ModelAgent
+        from agents.loading import load_agent
 
         settings = AgentSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
-        model = ModelAgent(_resolve_model(args.model), type_name=args.type_name)
+        if args.agent_spec:
+            params = dict(args.param)
+            if args.type_name:
+                params["type"] = args.type_name
+            model = load_agent(args.agent_spec, params)
+        else:
+            model = ModelAgent(_resolve_model(args.model), type_name=args.type_name)
         return await serve(
             lambda nc: AgentRuntime(model, nc, subjects=subjects, settings=settings).start(),
             bus=bus,
             name=f"agent-{model.type}",
         )
+    if args.command == "status":
+        from bus import connect
+        from fusebus.status import collect_status, render_status
+
+        nc = await connect(bus, name="status")
+        try:
+            print(
+                render_status(await collect_status(nc, prefix=bus.prefix, timeout_s=args.timeout_s))
+            )
+        finally:
+            await nc.drain()
+        return 0
     if args.command == "fusion":
         from agents.fusion import FusionAgent, make_strategy
 

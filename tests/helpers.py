@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -52,6 +53,26 @@ class Collector(Generic[M]):
                 f"got {len(self.items)} of {count} {self.kind.__name__} in {timeout_s}s"
             ) from None
         return self.items
+
+    async def wait_until(self, predicate: Callable[[M], bool], timeout_s: float = 30.0) -> M:
+        """Wait for the first item (already in or yet to come) that satisfies ``predicate``."""
+
+        async def found() -> M:
+            checked = 0
+            while True:
+                for item in self.items[checked:]:
+                    if predicate(item):
+                        return item
+                checked = len(self.items)
+                self._changed.clear()
+                await self._changed.wait()
+
+        try:
+            return await asyncio.wait_for(found(), timeout_s)
+        except TimeoutError:
+            raise AssertionError(
+                f"no matching {self.kind.__name__} among {len(self.items)} in {timeout_s}s"
+            ) from None
 
     async def settle(self, quiet_s: float = 0.3) -> list[M]:
         """Wait until no new item has arrived for ``quiet_s`` (to catch unwanted extras)."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -43,34 +44,11 @@ def test_up_decides_all_forty_cases_and_exits_cleanly(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., subprocess.Popen[str]]]:
-    """Start fusebus subprocesses; any still running at the end are killed."""
-    started: list[subprocess.Popen[str]] = []
-
-    def start(*args: str) -> subprocess.Popen[str]:
-        process = subprocess.Popen(
-            [*FUSEBUS, *args, "--log-format", "json"],
-            cwd=ROOT,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
 async def test_each_component_runs_alone_against_a_given_server(
     nats_server: EmbeddedServer,
     subjects: Subjects,
     connect_bus: Callable[[str], Awaitable[Client]],
-    spawn: Callable[..., subprocess.Popen[str]],
+    spawn: Callable[..., subprocess.Popen[bytes]],
 ) -> None:
     """coordinator, two agents, fusion and replay as separate processes on --nats-url decide
     every replayed frame, and each long-running one exits 0 on SIGTERM."""
@@ -78,22 +56,31 @@ async def test_each_component_runs_alone_against_a_given_server(
     nc = await connect_bus("test")
     decisions = await Collector(Decision).start(nc, subjects.decision("bm"))
     services = [
-        spawn("coordinator", *bus_args),
-        spawn("agent", "--model", "accel", *bus_args),
-        spawn("agent", "--model", "gyro", *bus_args),
-        spawn("fusion", *bus_args),
+        spawn(*FUSEBUS, "coordinator", *bus_args),
+        spawn(*FUSEBUS, "agent", "--model", "accel", *bus_args),
+        spawn(*FUSEBUS, "agent", "--model", "gyro", *bus_args),
+        spawn(*FUSEBUS, "fusion", *bus_args),
     ]
     await _wait_for_components(nc, subjects.prefix, count=4)
     replay = spawn(
-        "replay", "basicmotions", "--stream", "bm", "--rate", "100", "--limit", "12", *bus_args
+        *FUSEBUS,
+        "replay",
+        "basicmotions",
+        "--stream",
+        "bm",
+        "--rate",
+        "100",
+        "--limit",
+        "12",
+        *bus_args,
     )
-    assert replay.wait(60) == 0
+    assert await asyncio.to_thread(replay.wait, 60) == 0
     await decisions.wait_for(12)
     assert all(d.status == "complete" for d in decisions.items)
     for process in services:
         process.send_signal(signal.SIGTERM)
     for process in services:
-        assert process.wait(30) == 0, process.stdout.read() if process.stdout else ""
+        assert await asyncio.to_thread(process.wait, 30) == 0
 
 
 async def _wait_for_components(nc: Client, prefix: str, *, count: int) -> None:

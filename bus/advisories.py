@@ -1,0 +1,85 @@
+"""Messages that used up their deliveries: dead-lettered and removed from the work queue.
+
+JetStream stops redelivering a message after ``max_deliver`` attempts and publishes an
+advisory, but on a work-queue stream the message stays stored. :class:`ExhaustedReaper`
+listens for that advisory (one replica per type handles each, through a queue group),
+copies the message into a :class:`~schemas.DeadLetter` and deletes it from the stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.errors import NotFoundError
+
+from bus.producer import Producer
+
+log = structlog.get_logger("fusebus.bus")
+
+
+def max_deliveries_subject(stream: str, consumer: str) -> str:
+    """The advisory JetStream publishes when a message of ``consumer`` used up its deliveries."""
+    return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}"
+
+
+class ExhaustedReaper:
+    """Turns max-deliveries advisories of one consumer into dead letters."""
+
+    def __init__(self, producer: Producer, *, stream: str, consumer: str, component: str) -> None:
+        self.producer = producer
+        self.stream = stream
+        self.consumer = consumer
+        self.component = component
+        self.reaped = 0
+        self._sub: Subscription | None = None
+
+    def __repr__(self) -> str:
+        return f"ExhaustedReaper({self.stream}/{self.consumer}, reaped={self.reaped})"
+
+    async def start(self, nc: Client) -> ExhaustedReaper:
+        """Listen for the advisories, sharing them with the other replicas of the consumer."""
+        self._sub = await nc.subscribe(
+            max_deliveries_subject(self.stream, self.consumer),
+            queue=f"reaper-{self.consumer}",
+            cb=self._on_advisory,
+        )
+        return self
+
+    async def stop(self) -> None:
+        """Stop listening."""
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:  # the connection is closing
+                log.debug("reaper.unsubscribe_failed", error=str(exc))
+
+    async def _on_advisory(self, msg: Msg) -> None:
+        try:
+            advisory = json.loads(msg.data)
+            seq = int(advisory["stream_seq"])
+            deliveries = int(advisory.get("deliveries", 0))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("reaper.bad_advisory", error=str(exc))
+            return
+        js = self.producer.js
+        try:
+            stored = await js.get_msg(self.stream, seq)
+        except NotFoundError:
+            return  # another replica was quicker, or it was acked at the last moment
+        await self.producer.dead_letter(
+            component=self.component,
+            subject=stored.subject or "",
+            data=stored.data or b"",
+            reason="max_deliveries",
+            error=f"not acked after {deliveries} deliveries",
+            headers=dict(stored.headers or {}),
+        )
+        with contextlib.suppress(NotFoundError):
+            await js.delete_msg(self.stream, seq)
+        self.reaped += 1

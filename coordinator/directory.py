@@ -1,0 +1,79 @@
+"""Which agent types are running, learnt from service discovery: a pure bookkeeping class.
+
+The coordinator polls ``$SRV.STATS`` and feeds the sightings here; a type is known from its
+first sighting and forgotten when no replica of it has been seen for ``forget_after_s``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from coordinator.plan import SensorInput, SubtaskSpec
+from schemas import AgentInfo, InputSpec
+
+
+@dataclass(frozen=True)
+class KnownType:
+    """An agent type seen on the bus."""
+
+    type: str
+    inputs: tuple[InputSpec, ...]
+    replicas: int
+    last_seen: float
+
+    def can_feed(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+        """Whether sensors of these ``(samples, channels)`` shapes satisfy every input."""
+        for spec in self.inputs:
+            shape = shapes.get(spec.sensor)
+            if shape is None or len(shape) != 2:
+                return False
+            if (spec.samples and spec.samples != shape[0]) or (
+                spec.channels and spec.channels != shape[1]
+            ):
+                return False
+        return True
+
+
+class AgentDirectory:
+    """The agent types currently running, by type name."""
+
+    def __init__(self, *, forget_after_s: float = 2.0) -> None:
+        self.forget_after_s = forget_after_s
+        self._types: dict[str, KnownType] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"AgentDirectory({', '.join(f'{t.type}x{t.replicas}' for t in self._types.values())})"
+        )
+
+    def __contains__(self, type_name: object) -> bool:
+        return type_name in self._types
+
+    @property
+    def types(self) -> dict[str, KnownType]:
+        """Every known type."""
+        return dict(self._types)
+
+    def observe(self, sightings: Iterable[AgentInfo], now: float) -> tuple[list[str], list[str]]:
+        """Record one discovery round; returns the types that appeared and that went away."""
+        replicas: dict[str, list[AgentInfo]] = {}
+        for info in sightings:
+            replicas.setdefault(info.type, []).append(info)
+        appeared = [t for t in replicas if t not in self._types]
+        for type_name, infos in replicas.items():
+            self._types[type_name] = KnownType(type_name, infos[0].inputs, len(infos), now)
+        gone = [
+            t for t, known in self._types.items() if now - known.last_seen > self.forget_after_s
+        ]
+        for type_name in gone:
+            del self._types[type_name]
+        return sorted(appeared), sorted(gone)
+
+    def feedable(self, shapes: Mapping[str, tuple[int, ...]]) -> list[SubtaskSpec]:
+        """A subtask spec for every known type that sensors of these shapes can feed, by name."""
+        return [
+            SubtaskSpec(known.type, tuple(SensorInput(spec.sensor) for spec in known.inputs))
+            for known in sorted(self._types.values(), key=lambda k: k.type)
+            if known.can_feed(shapes)
+        ]

@@ -1,0 +1,196 @@
+"""Live plug-in: agents found by discovery join running streams, from any language."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client
+
+from agents import AgentRuntime, ModelAgent
+from agents.builtin import MotionEnergyAgent
+from agents.fusion import FusionAgent
+from bus import EmbeddedServer, Producer, Subjects, discover_agents
+from coordinator import Coordinator, PlanBook, auto_plan
+from fusebus.datasets import SensorDataset
+from fusebus.paths import models_dir
+from fusebus.replay import replay_frames
+from schemas import Decision, SensorFrame
+from tests.helpers import Collector
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE_AGENT = ROOT / "examples" / "node-agent"
+Connect = Callable[[str], Awaitable[Client]]
+
+
+async def start_agent(connect_bus: Connect, subjects: Subjects, agent: object) -> AgentRuntime:
+    return await AgentRuntime(agent, await connect_bus("agent"), subjects=subjects).start()  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def live_stream(
+    nc: Client, subjects: Subjects, dataset: SensorDataset, *, every_s: float
+) -> AsyncIterator[None]:
+    """Publish frames of the TEST cases, one every ``every_s``, until the block ends."""
+    producer = Producer(nc, subjects)
+
+    async def run() -> None:
+        i = 0
+        while True:
+            case = dataset.x_test[i % len(dataset.x_test)]
+            sensors = {name: dataset.sensor_view(case, name) for name in dataset.sensors}
+            await producer.frame(
+                SensorFrame(
+                    stream="bm", t_ns=i * 10**10, period_ns=dataset.period_ns, sensors=sensors
+                )
+            )
+            i += 1
+            await asyncio.sleep(every_s)
+
+    task = asyncio.create_task(run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_auto_plan_follows_agent_types_as_they_come_and_go(
+    subjects: Subjects, connect_bus: Connect, basicmotions: SensorDataset
+) -> None:
+    """With an `auto` plan, a gyro agent started mid-stream is expected from the next windows
+    on, and once it stops, later windows stop expecting it and are complete without it."""
+    nc = await connect_bus("test")
+    decisions = await Collector(Decision).start(nc, subjects.decision("bm"))
+    fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
+    accel = await start_agent(connect_bus, subjects, ModelAgent(models_dir() / "accel.tflite"))
+    coordinator = await Coordinator(
+        await connect_bus("coordinator"),
+        plans=PlanBook(default=auto_plan(deadline_ms=400)),
+        subjects=subjects,
+    ).start()
+    gyro: AgentRuntime | None = None
+    try:
+        async with live_stream(nc, subjects, basicmotions, every_s=0.04):
+            first = await decisions.wait_for(5)
+            assert all(d.contributors == ("accel",) and d.status == "complete" for d in first[:5])
+
+            gyro = await start_agent(
+                connect_bus, subjects, ModelAgent(models_dir() / "gyro.tflite")
+            )
+            both = await decisions.wait_until(lambda d: set(d.contributors) == {"accel", "gyro"})
+            assert both.status == "complete" and both.missing == ()
+
+            await gyro.stop()
+            stopped_at = time.time_ns()
+            gyro = None
+            after = await decisions.wait_until(
+                lambda d: d.decided_ns > stopped_at + 2 * 10**9 and d.status == "complete"
+            )
+            assert after.contributors == ("accel",) and after.missing == ()
+    finally:
+        for component in (coordinator, accel, gyro, fusion):
+            if component is not None:
+                await component.stop()
+    assert "gyro" not in coordinator.directory
+
+
+@pytest.fixture(scope="session")
+def node_agent_ready() -> Path:
+    """The Node example's dependencies, installed from its lock file when missing."""
+    if not (NODE_AGENT / "node_modules" / "@nats-io" / "jetstream").exists():
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_AGENT, check=True, timeout=600
+        )
+    return NODE_AGENT / "agent.mjs"
+
+
+async def test_node_agent_is_discovered_and_its_results_fused(
+    nats_server: EmbeddedServer,
+    subjects: Subjects,
+    connect_bus: Connect,
+    basicmotions: SensorDataset,
+    node_agent_ready: Path,
+    spawn: Callable[..., subprocess.Popen[bytes]],
+) -> None:
+    """The JavaScript agent, written from docs/protocol.md, registers through $SRV, is picked
+    up by an auto plan, and its answers are fused with a Python agent's into every decision."""
+    nc = await connect_bus("test")
+    spawn("node", str(node_agent_ready), "--nats-url", nats_server.url, "--prefix", subjects.prefix)
+    fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
+    accel = await start_agent(connect_bus, subjects, ModelAgent(models_dir() / "accel.tflite"))
+    for _ in range(100):
+        types = {
+            info.type
+            for info, _ in await discover_agents(nc, prefix=subjects.prefix, timeout_s=0.2)
+        }
+        if types == {"accel", "motion-js"}:
+            break
+    else:
+        raise AssertionError(f"node agent not discovered; saw {types}")
+    coordinator = await Coordinator(
+        await connect_bus("coordinator"), plans=PlanBook(default=auto_plan()), subjects=subjects
+    ).start()
+    decisions = await Collector(Decision).start(nc, subjects.decision("bm"))
+    try:
+        sent = await replay_frames(Producer(nc, subjects), basicmotions, stream="bm", rate_hz=100)
+        await decisions.wait_for(40)
+    finally:
+        for component in (coordinator, accel, fusion):
+            await component.stop()
+    truth = {w.t_start_ns: w.label for w in sent}
+    assert all(
+        set(d.contributors) == {"accel", "motion-js"} and d.status == "complete"
+        for d in decisions.items
+    )
+    assert sum(d.label == truth[d.window.t_start_ns] for d in decisions.items) / 40 >= 0.9
+    stats = {
+        info.type: counters for info, counters in await discover_agents(nc, prefix=subjects.prefix)
+    }
+    assert stats["motion-js"]["processed"] == 40
+
+
+async def test_status_lists_agents_by_type_with_replicas_and_counters(
+    nats_server: EmbeddedServer,
+    subjects: Subjects,
+    connect_bus: Connect,
+    basicmotions: SensorDataset,
+) -> None:
+    """`fusebus status` shows each running type once, with its replica count and counters."""
+    runtimes = [
+        await start_agent(connect_bus, subjects, ModelAgent(models_dir() / "accel.tflite")),
+        await start_agent(connect_bus, subjects, ModelAgent(models_dir() / "accel.tflite")),
+        await start_agent(connect_bus, subjects, MotionEnergyAgent()),
+    ]
+    try:
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [
+                sys.executable,
+                "-m",
+                "fusebus",
+                "status",
+                "--nats-url",
+                nats_server.url,
+                "--prefix",
+                subjects.prefix,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+    finally:
+        for runtime in runtimes:
+            await runtime.stop()
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[1:]}
+    assert rows["accel"][1] == "2" and rows["accel"][2] == "litert"
+    assert rows["motion"][1] == "1" and rows["motion"][2] == "rules"
