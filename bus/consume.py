@@ -55,7 +55,11 @@ class BatchPuller:
         self._nc = nc
         self.stream = stream
         self.consumer = consumer
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         self.prefetch = prefetch
+        # Ask for more once the buffer is below half full (at least: once it is empty).
+        self._low_water = max(1, prefetch // 2)
         self.request_expiry_s = request_expiry_s
         self._buffer: deque[Msg] = deque()
         self._arrived = asyncio.Event()
@@ -112,7 +116,7 @@ class BatchPuller:
             await self._wait_for(lambda: len(self._buffer) >= max_msgs, fill_wait_s)
         count = min(max_msgs, len(self._buffer))
         batch = [self._buffer.popleft() for _ in range(count)]
-        if self._credits == 0 and len(self._buffer) < self.prefetch // 2:
+        if self._credits == 0 and len(self._buffer) < self._low_water:
             await self._request()
         return batch
 
@@ -155,7 +159,7 @@ class BatchPuller:
             self._buffer.append(msg)
             self._credits = max(0, self._credits - 1)
             self._arrived.set()
-            if self._credits == 0 and len(self._buffer) < self.prefetch // 2:
+            if self._credits == 0 and len(self._buffer) < self._low_water:
                 await self._request()
             return
         if status == _HEARTBEAT:
@@ -172,13 +176,13 @@ class BatchPuller:
         self._credits = 0
         if status == "409":
             await asyncio.sleep(0.1)  # do not spin against a consumer that refuses requests
-        if len(self._buffer) < self.prefetch // 2:
+        if len(self._buffer) < self._low_water:
             await self._request()
 
     async def _watch_requests(self) -> None:
         """Re-open the pull request when it was lost (a reconnect drops it silently)."""
         while True:
             await asyncio.sleep(0.5)
-            if time.monotonic() > self._request_deadline and len(self._buffer) < self.prefetch // 2:
+            if time.monotonic() > self._request_deadline and len(self._buffer) < self._low_water:
                 self._credits = 0
                 await self._request()
