@@ -23,7 +23,15 @@ from pathlib import Path
 from nats.aio.msg import Msg
 
 from bench.procstat import cpu_seconds, memory_mb
-from bus import BusSettings, EmbeddedServer, Producer, Subjects, TopologySettings, connect, ensure_streams
+from bus import (
+    BusSettings,
+    EmbeddedServer,
+    Producer,
+    Subjects,
+    TopologySettings,
+    connect,
+    ensure_streams,
+)
 from fusebus.datasets import load_basicmotions
 from fusebus.paths import models_dir
 from schemas import Subtask, Window
@@ -50,8 +58,15 @@ async def drain_once(url: str, model: Path, batch: int, count: int) -> Run:
     producer = Producer(nc, subjects)
     x = dataset.sensor_view(dataset.x_test, "accel")
     backlog = [
-        Subtask(task_id=f"t{i}", stream="bench", type="accel", window=Window(i, i + 1),
-                inputs={"accel": x[i % len(x)]}, deadline_ns=2**62, expected=("accel",))
+        Subtask(
+            task_id=f"t{i}",
+            stream="bench",
+            type="accel",
+            window=Window(i, i + 1),
+            inputs={"accel": x[i % len(x)]},
+            deadline_ns=2**62,
+            expected=("accel",),
+        )
         for i in range(count)
     ]
     for start in range(0, count, 500):
@@ -61,7 +76,7 @@ async def drain_once(url: str, model: Path, batch: int, count: int) -> Run:
     first_at = 0.0
     first_cpu = 0.0
     done = asyncio.Event()
-    process: subprocess.Popen[bytes] | None = None
+    process: asyncio.subprocess.Process | None = None
 
     async def on_result(_: Msg) -> None:
         nonlocal seen, first_at, first_cpu
@@ -73,10 +88,26 @@ async def drain_once(url: str, model: Path, batch: int, count: int) -> Run:
             done.set()
 
     await nc.subscribe(subjects.result("bench"), cb=on_result)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fusebus", "agent", "--model", str(model), "--max-batch", str(batch),
-         "--max-wait-ms", "0", "--nats-url", url, "--prefix", subjects.prefix, "--log-level", "warning"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fusebus",
+        "agent",
+        "--model",
+        str(model),
+        "--max-batch",
+        str(batch),
+        "--max-wait-ms",
+        "0",
+        "--nats-url",
+        url,
+        "--prefix",
+        subjects.prefix,
+        "--log-level",
+        "warning",
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         await asyncio.wait_for(done.wait(), timeout=600)
@@ -85,7 +116,7 @@ async def drain_once(url: str, model: Path, batch: int, count: int) -> Run:
         rss, peak = memory_mb(process.pid)
     finally:
         process.terminate()
-        process.wait(30)
+        await process.wait()
         await nc.drain()
     # The first result's subtask was processed before the clock started.
     return Run((count - 1) / elapsed, cpu * 1e3 / (count - 1), rss, peak)
@@ -98,20 +129,39 @@ async def main_async(args: argparse.Namespace) -> None:
         for runtime, model in configs:
             base_rate = None
             for batch in (1, 8, 64):
-                runs = [await drain_once(server.url, model, batch, args.subtasks) for _ in range(args.repeats)]
+                runs = [
+                    await drain_once(server.url, model, batch, args.subtasks)
+                    for _ in range(args.repeats)
+                ]
                 rate = statistics.median(r.rate for r in runs)
                 base_rate = base_rate or rate
-                rows.append((
-                    runtime, batch, rate, rate / base_rate,
-                    statistics.median(r.cpu_ms_per_subtask for r in runs),
-                    statistics.median(r.rss_mb for r in runs), max(r.peak_rss_mb for r in runs),
-                ))
-                print(f"  {runtime:<7} batch {batch:>2}: {rate:8.0f} subtasks/s", file=sys.stderr, flush=True)
-    print(f"\nOne agent process draining {args.subtasks} subtasks (median of {args.repeats} runs)\n")
-    print("| runtime | max_batch | subtasks/s | x batch 1 | CPU-ms/subtask | RSS MB | peak RSS MB |")
+                rows.append(
+                    (
+                        runtime,
+                        batch,
+                        rate,
+                        rate / base_rate,
+                        statistics.median(r.cpu_ms_per_subtask for r in runs),
+                        statistics.median(r.rss_mb for r in runs),
+                        max(r.peak_rss_mb for r in runs),
+                    )
+                )
+                print(
+                    f"  {runtime:<7} batch {batch:>2}: {rate:8.0f} subtasks/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    print(
+        f"\nOne agent process draining {args.subtasks} subtasks (median of {args.repeats} runs)\n"
+    )
+    print(
+        "| runtime | max_batch | subtasks/s | x batch 1 | CPU-ms/subtask | RSS MB | peak RSS MB |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for runtime, batch, rate, ratio, cpu, rss, peak in rows:
-        print(f"| {runtime} | {batch} | {rate:,.0f} | {ratio:.1f} | {cpu:.3f} | {rss:.0f} | {peak:.0f} |")
+        print(
+            f"| {runtime} | {batch} | {rate:,.0f} | {ratio:.1f} | {cpu:.3f} | {rss:.0f} | {peak:.0f} |"
+        )
     lite64 = next(r[2] for r in rows if r[0] == "litert" and r[1] == 64)
     keras64 = next(r[2] for r in rows if r[0] == "keras" and r[1] == 64)
     print(f"\nLiteRT / Keras at batch 64: {lite64 / keras64:.2f}x")

@@ -254,3 +254,40 @@ def test_motion_agent_classifies_basicmotions_without_a_model(basicmotions: Sens
     np.testing.assert_allclose(scores.sum(axis=1), 1.0, atol=1e-6)
     predicted = [basicmotions.labels.index(agent.labels[i]) for i in scores.argmax(axis=1)]
     assert np.mean(np.array(predicted) == basicmotions.y_test) >= 0.85
+
+
+async def test_keras_model_served_under_another_type_matches_litert(
+    subjects: Subjects, connect_bus: Connect, basicmotions: SensorDataset
+) -> None:
+    """The generic model agent serves a .keras file under a type given on the command line,
+    and its answers equal the LiteRT conversion's."""
+    nc = await connect_bus("test")
+    agent = ModelAgent(models_dir() / "accel.keras", type_name="accel-tf")
+    assert agent.runtime == "keras"
+    subtasks = [
+        Subtask(
+            task_id=s.task_id,
+            stream="bm",
+            type="accel-tf",
+            window=s.window,
+            inputs={"accel": s.inputs["accel"]},
+            deadline_ns=FAR_FUTURE_NS,
+            expected=("accel-tf",),
+        )
+        for s in subtasks_for(basicmotions, "accel", 40)
+    ]
+    await publish_backlog(nc, subjects, subtasks)
+    results = await Collector(Result).start(nc, subjects.result("bm"))
+    runtime = await AgentRuntime(agent, await connect_bus("agent"), subjects=subjects).start()
+    try:
+        await results.wait_for(40)
+    finally:
+        await runtime.stop()
+    lite = ModelAgent(models_dir() / "accel.tflite")
+    lite.warm_up()
+    expected = lite.predict({"accel": np.stack([s.inputs["accel"] for s in subtasks])})
+    by_task = {r.task_id: r.output for r in results.items}
+    np.testing.assert_allclose(
+        np.stack([by_task[s.task_id] for s in subtasks]), expected, atol=1e-4
+    )
+    assert {r.type for r in results.items} == {"accel-tf"}

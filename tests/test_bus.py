@@ -117,14 +117,18 @@ async def test_puller_streams_messages_and_shares_them_between_replicas(
 
 
 @pytest.mark.parametrize("prefetch", [1, 2, 3])
-async def test_small_prefetch_keeps_pulling(subjects: Subjects, connect_bus: Connect, prefetch: int) -> None:
+async def test_small_prefetch_keeps_pulling(
+    subjects: Subjects, connect_bus: Connect, prefetch: int
+) -> None:
     """A puller holding one or two messages at a time still drains a whole backlog."""
     nc = await connect_bus("small")
     js = nc.jetstream()
     await ensure_streams(js, subjects, TopologySettings())
     consumer = await ensure_task_consumer(js, subjects, "accel", TopologySettings())
     await asyncio.gather(*(js.publish(subjects.task("accel"), b"%d" % i) for i in range(20)))
-    puller = await BatchPuller(nc, stream=subjects.tasks_stream, consumer=consumer, prefetch=prefetch).start()
+    puller = await BatchPuller(
+        nc, stream=subjects.tasks_stream, consumer=consumer, prefetch=prefetch
+    ).start()
     got = []
     while len(got) < 20:
         batch = await puller.next_batch(prefetch, idle_timeout_s=5.0)
