@@ -15,6 +15,7 @@ from bus.discovery import (
 from bus.lifecycle import Lifecycle
 from bus.loops import keep_running
 from bus.producer import Producer
+from bus.records import RecordTable
 from bus.server import EmbeddedServer, find_server_binary, free_port
 from bus.subjects import Subjects, check_token
 from bus.topology import (
@@ -32,6 +33,7 @@ __all__ = [
     "ExhaustedReaper",
     "Lifecycle",
     "Producer",
+    "RecordTable",
     "Subjects",
     "TopologySettings",
     "agent_info_from_metadata",

@@ -39,6 +39,7 @@ class Subjects:
         self.decisions_stream = f"{stem}_DECISIONS"
         self.dlq_stream = f"{stem}_DLQ"
         self.sensors_stream = f"{stem}_SENSORS"
+        self.journal_stream = f"{stem}_OPEN_TASKS"
 
     def __repr__(self) -> str:
         return f"Subjects(prefix={self.prefix!r})"
@@ -73,6 +74,10 @@ class Subjects:
     def dlq(self, component: str) -> str:
         """Dead letters of one component (``coordinator``, ``fusion``, ``agent-accel``...)."""
         return f"{self.prefix}.dlq.{check_token(component, 'component')}"
+
+    def journal(self, coordinator: str) -> str:
+        """Subject prefix of one coordinator's open-task journal (one subject per task)."""
+        return f"{self.prefix}.open.{check_token(coordinator, 'coordinator name')}"
 
     def control(self, component: str, instance_id: str) -> str:
         """The status endpoint of one running component (``agent-accel``, ``coordinator``...)."""

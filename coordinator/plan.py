@@ -2,14 +2,49 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from bus.subjects import check_token
 from schemas import ConfigError, SchemaError
 
-OVERFLOW_POLICIES = ("drop_oldest",)
+#: What to do with a new window when a stream already has ``max_inflight`` open tasks:
+#: ``drop_oldest`` ends the oldest open task (counted as shed) so fresh data goes first;
+#: ``block`` holds the new window (and the reply to a producer that asked for one) until a
+#: task ends, so a producer that waits for replies is slowed to the pipeline's pace.
+OVERFLOW_POLICIES = ("drop_oldest", "block")
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """Event-time windows cut from per-sensor streams: size, hop and allowed lateness."""
+
+    size_ms: float
+    hop_ms: float
+    lateness_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.size_ms > 0 or not self.hop_ms > 0:
+            raise ConfigError(
+                f"window size_ms and hop_ms must be > 0, got {self.size_ms}, {self.hop_ms}"
+            )
+        if self.lateness_ms < 0:
+            raise ConfigError(f"window lateness_ms must be >= 0, got {self.lateness_ms}")
+
+
+@dataclass(frozen=True)
+class SensorSpec:
+    """A sensor a stream has: whether windows need it, and how long it may stay silent."""
+
+    name: str
+    required: bool = True
+    max_silence_ms: float = 5000.0
+
+    def __post_init__(self) -> None:
+        check_token(self.name, "sensor")
+        if not self.max_silence_ms > 0:
+            raise ConfigError(f"sensor {self.name!r}: max_silence_ms must be > 0")
 
 
 @dataclass(frozen=True)
@@ -69,8 +104,7 @@ class Plan:
     expected.
 
     ``deadline_ms`` is counted from the moment the task opens; ``max_inflight`` bounds the
-    open tasks of one stream, past which the oldest is shed (a real-time stream wants fresh
-    answers).
+    open tasks of one stream, past which ``overflow`` applies (see :data:`OVERFLOW_POLICIES`).
     """
 
     subtasks: tuple[SubtaskSpec, ...] = ()
@@ -78,9 +112,8 @@ class Plan:
     deadline_ms: float = 2000.0
     max_inflight: int = 1000
     overflow: str = "drop_oldest"
-    weights: dict[str, float] = field(
-        default_factory=dict
-    )  # fusion weights by type; empty = agents'
+    window: WindowSpec | None = None  # None: each frame is one window
+    sensors: tuple[SensorSpec, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.subtasks and not self.auto:
@@ -94,6 +127,16 @@ class Plan:
             raise ConfigError(f"max_inflight must be >= 1, got {self.max_inflight}")
         if self.overflow not in OVERFLOW_POLICIES:
             raise ConfigError(f"overflow must be one of {OVERFLOW_POLICIES}, got {self.overflow!r}")
+        names = [s.name for s in self.sensors]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"plan lists a sensor twice: {names}")
+        if self.sensors:
+            for spec in self.subtasks:
+                unknown = set(spec.sensors) - set(names)
+                if unknown:
+                    raise ConfigError(
+                        f"subtask {spec.type!r} reads undeclared sensors {sorted(unknown)}"
+                    )
 
     @property
     def types(self) -> tuple[str, ...]:

@@ -1,8 +1,10 @@
 """The coordinator service: frames in, subtasks out, every task tracked to its end.
 
-A thin async shell around :class:`~coordinator.tracker.TaskTracker`: it decodes frames,
-applies the stream's plan, publishes one subtask per type, feeds results to the tracker and
-publishes a ``partial`` or ``failed`` status for every task that ends without all results.
+A thin async shell around pure parts: :func:`~coordinator.decompose.decompose` turns a frame
+into subtasks, :class:`~coordinator.tracker.TaskTracker` decides when each task ends, and
+:class:`~coordinator.journal.TaskJournal` keeps the open ones durable so that a restarted
+coordinator finishes what it had opened. Every task ends once: complete, or with a
+``partial``/``failed`` status published at its deadline.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import contextlib
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +26,7 @@ from bus import (
     BatchPuller,
     Lifecycle,
     Producer,
+    RecordTable,
     Subjects,
     TopologySettings,
     discover_agents,
@@ -30,33 +34,35 @@ from bus import (
     ensure_streams,
 )
 from bus.discovery import PREFIX, ROLE
+from coordinator.decompose import Opening, decompose
 from coordinator.directory import AgentDirectory
+from coordinator.journal import TaskJournal
 from coordinator.plan import Plan, PlanBook, SubtaskSpec
 from coordinator.tracker import Ended, Seen, TaskTracker
-from schemas import (
-    CODEC,
-    Result,
-    SchemaError,
-    SensorFrame,
-    Subtask,
-    TaskStatus,
-    Window,
-)
+from schemas import CODEC, ConfigError, Result, SchemaError, SensorFrame, TaskStatus, Window
 
 log = structlog.get_logger("fusebus.coordinator")
 
 COMPONENT = "coordinator"
+ACCEPTED = b"accepted"
 
 
 @dataclass(frozen=True)
 class CoordinatorSettings:
     """Timings of the coordinator's loops."""
 
+    name: str = "main"  # names the journal; coordinators sharing a prefix need distinct names
+    durable: bool = True  # journal open tasks so a restart finishes them
+    journal_interval_ms: float = 50.0  # how long a change may wait before it is journalled
     max_deadline_sleep_ms: float = 50.0  # longest nap between two deadline checks
     results_batch: int = 512
     discovery_interval_s: float = 0.5  # how often auto plans look for agent types
     discovery_timeout_s: float = 0.25  # how long one look waits for replies
     forget_type_after_s: float = 1.5  # a type unseen this long is no longer expected
+
+    def __post_init__(self) -> None:
+        if not self.journal_interval_ms > 0:
+            raise ConfigError(f"journal_interval_ms must be > 0, got {self.journal_interval_ms}")
 
 
 class Coordinator:
@@ -82,34 +88,46 @@ class Coordinator:
         self.producer = Producer(nc, subjects)
         self.tracker = TaskTracker()
         self.directory = AgentDirectory(forget_after_s=self.settings.forget_type_after_s)
-        self.unserved = 0
+        self.journal: TaskJournal | None = None
         self.instance_id = secrets.token_hex(4)
-        self.frames = 0
-        self.dead_letters = 0
+        self.counts: dict[str, int] = dict.fromkeys(
+            ("frames", "dead_letters", "unserved", "held", "rejected"), 0
+        )
+        self._held: dict[str, deque[tuple[SensorFrame, Msg]]] = {}
+        self._all_ended = asyncio.Event()  # set whenever no task is open
         self._frames_sub: Subscription | None = None
         self._puller: BatchPuller | None = None
         self._life = Lifecycle()
 
     def __repr__(self) -> str:
-        return (
-            f"Coordinator(frames={self.frames} dead_letters={self.dead_letters} {self.tracker!r})"
-        )
+        counts = " ".join(f"{k}={v}" for k, v in self.counts.items() if v)
+        return f"Coordinator({self.settings.name} {counts} {self.tracker!r})"
 
     def stats(self) -> dict[str, Any]:
         """Counters for ``$SRV.STATS`` and the status endpoint."""
         return {
-            "frames": self.frames,
-            "dead_letters": self.dead_letters,
+            **self.counts,
             "open_tasks": len(self.tracker),
-            "unserved_frames": self.unserved,
+            "held_now": sum(len(q) for q in self._held.values()),
             "agent_types": sorted(self.directory.types),
             **self.tracker.counts,
         }
 
     async def start(self) -> Coordinator:
-        """Set up streams and consumers, then start taking frames and results."""
+        """Set up streams, finish what a previous run left open, then take frames and results."""
         js = self.nc.jetstream()
         await ensure_streams(js, self.subjects, self.topology)
+        if self.settings.durable:
+            table = RecordTable(
+                js,
+                stream=self.subjects.journal_stream,
+                subject_prefix=self.subjects.journal(self.settings.name),
+                storage=self.topology.storage_type,
+            )
+            await table.ensure()
+            self.journal = TaskJournal(table)
+            await self._restore()
+            self._life.run(self._journal_step, name="coordinator-journal")
         await ensure_reader_consumer(
             js,
             self.subjects.results_stream,
@@ -142,13 +160,21 @@ class Coordinator:
         log.info("coordinator.started", prefix=self.subjects.prefix, plans=repr(self.plans))
         return self
 
-    async def stop(self) -> None:
-        """Stop taking frames, then stop the loops. Open tasks stay open in the tracker."""
+    async def stop(self, *, drain_timeout_s: float = 0.0) -> None:
+        """Stop taking frames; with ``drain_timeout_s`` let open tasks end first (they end at
+        their deadlines at the latest); then stop. Tasks still open are in the journal."""
         if self._frames_sub is not None:
             with contextlib.suppress(Exception):
                 await self._frames_sub.unsubscribe()
             self._frames_sub = None
+        if len(self.tracker) and drain_timeout_s > 0:
+            self._all_ended.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_ended.wait(), drain_timeout_s)
         await self._life.close()
+        if self.journal is not None:
+            with contextlib.suppress(Exception):  # the bus may be gone; the journal is behind
+                await self.journal.flush()
         log.info("coordinator.stopped", **self.stats())
 
     async def __aenter__(self) -> Coordinator:
@@ -159,78 +185,99 @@ class Coordinator:
 
     # Frames -> subtasks ---------------------------------------------------------------------
     async def _on_frame(self, msg: Msg) -> None:
-        started = time.perf_counter()
-        self.frames += 1
+        self.counts["frames"] += 1
         try:
             frame = CODEC.decode(msg.data, SensorFrame)
-            stream = self.subjects.stream_of(msg.subject)
-            if frame.stream != stream:
+            if frame.stream != self.subjects.stream_of(msg.subject):
                 raise SchemaError("stream_mismatch", f"frame for {frame.stream!r} on {msg.subject}")
-            subtasks, ended = self._decompose(frame)
+            plan = self.plans.for_stream(frame.stream)
+            if plan is None:
+                raise SchemaError("no_plan", f"no plan covers stream {frame.stream!r}")
         except SchemaError as exc:
             await self._dead_letter(msg, exc.reason, str(exc))
             return
-        if subtasks:
-            await self.producer.subtasks(subtasks)
-        await self._publish_ended(ended)
+        if plan.overflow == "block" and (
+            self._held.get(frame.stream) or self.tracker.open_in(frame.stream) >= plan.max_inflight
+        ):
+            await self._hold(frame, msg, plan)
+            return
+        await self._admit(frame, msg, plan)
+
+    async def _hold(self, frame: SensorFrame, msg: Msg, plan: Plan) -> None:
+        """Keep a frame until its stream has room; its producer's reply waits with it."""
+        held = self._held.setdefault(frame.stream, deque())
+        if len(held) >= plan.max_inflight:
+            self.counts["rejected"] += 1
+            await self._reply(msg, b"rejected: over max_inflight and the hold queue is full")
+            return
+        self.counts["held"] += 1
+        held.append((frame, msg))
+
+    async def _release(self, stream: str) -> None:
+        held = self._held.get(stream)
+        plan = self.plans.for_stream(stream)
+        while held and plan is not None and self.tracker.open_in(stream) < plan.max_inflight:
+            frame, msg = held.popleft()
+            await self._admit(frame, msg, plan)
+        if held is not None and not held:
+            del self._held[stream]
+
+    async def _admit(self, frame: SensorFrame, msg: Msg, plan: Plan) -> None:
+        started = time.perf_counter()
+        try:
+            opening, shed = self._open(frame, plan)
+        except SchemaError as exc:
+            await self._dead_letter(msg, exc.reason, str(exc))
+            return
+        if opening is not None and opening.subtasks:
+            await self.producer.subtasks(list(opening.subtasks))
+        await self._reply(msg, ACCEPTED)
+        await self._publish_ended(shed)
         log.debug(
             "frame.handled",
             stream=frame.stream,
-            subtasks=len(subtasks),
+            task_id=opening.task_id if opening else None,
             duration_ms=round((time.perf_counter() - started) * 1e3, 3),
-            outcome="opened",
+            outcome="opened" if opening else "skipped",
         )
 
-    def _decompose(self, frame: SensorFrame) -> tuple[list[Subtask], list[Ended]]:
-        plan = self.plans.for_stream(frame.stream)
-        if plan is None:
-            raise SchemaError("no_plan", f"no plan covers stream {frame.stream!r}")
+    def _open(self, frame: SensorFrame, plan: Plan) -> tuple[Opening | None, list[Ended]]:
+        """Open a task for the frame; also returns the tasks that ended because of it."""
         if not frame.sensors:
             raise SchemaError("bad_field", "frame carries no sensor")
         samples = next(iter(frame.sensors.values())).shape[0]
         window = Window(frame.t_ns, frame.t_ns + samples * frame.period_ns)
         if self.tracker.has_window(frame.stream, window.t_start_ns):
             self.tracker.counts["duplicate_windows"] += 1
-            return [], []
+            return None, []
         specs = self._specs_for(plan, frame)
         if not specs:
-            self.unserved += 1
+            self.counts["unserved"] += 1
             log.warning("frame.unserved", stream=frame.stream, reason="no agent type can serve it")
-            return [], []
-        expected = tuple(spec.type for spec in specs)
-        ingest_ns = time.time_ns()
-        deadline_ns = ingest_ns + int(plan.deadline_ms * 1e6)
-        task_id = f"{frame.stream}:{window.t_start_ns}:{secrets.token_hex(3)}"
-        subtasks: list[Subtask] = []
-        unavailable = set()
-        for spec in specs:
-            if any(sensor not in frame.sensors for sensor in spec.sensors):
-                unavailable.add(spec.type)
-                continue
-            inputs = {i.sensor: i.select(frame.sensors[i.sensor]) for i in spec.inputs}
-            subtasks.append(
-                Subtask(
-                    task_id=task_id,
-                    stream=frame.stream,
-                    type=spec.type,
-                    window=window,
-                    inputs=inputs,
-                    deadline_ns=deadline_ns,
-                    expected=expected,
-                    ingest_ns=ingest_ns,
-                )
-            )
-        ended = self.tracker.open(
-            task_id=task_id,
+            return None, []
+        opening = decompose(
+            task_id=f"{frame.stream}:{window.t_start_ns}:{secrets.token_hex(3)}",
             stream=frame.stream,
             window=window,
-            expected=expected,
-            deadline_ns=deadline_ns,
-            ingest_ns=ingest_ns,
-            unavailable=frozenset(unavailable),
-            max_inflight=plan.max_inflight,
+            sensors=frame.sensors,
+            specs=specs,
+            deadline_ms=plan.deadline_ms,
+            now_ns=time.time_ns(),
         )
-        return subtasks, ended
+        ended = self.tracker.open(
+            task_id=opening.task_id,
+            stream=opening.stream,
+            window=opening.window,
+            expected=opening.expected,
+            deadline_ns=opening.deadline_ns,
+            ingest_ns=opening.ingest_ns,
+            unavailable=opening.unavailable,
+            max_inflight=plan.max_inflight if plan.overflow == "drop_oldest" else None,
+        )
+        task = self.tracker.get(opening.task_id)
+        if task is not None and self.journal is not None:
+            self.journal.changed(task)
+        return opening, ended
 
     def _specs_for(self, plan: Plan, frame: SensorFrame) -> list[SubtaskSpec]:
         specs = list(plan.subtasks)
@@ -240,7 +287,13 @@ class Coordinator:
             specs += [s for s in self.directory.feedable(shapes) if s.type not in listed]
         return specs
 
-    # Discovery ----------------------------------------------------------------------------
+    async def _reply(self, msg: Msg, answer: bytes) -> None:
+        """Answer a producer that asked (published with a reply subject)."""
+        if msg.reply and not msg.reply.startswith("$JS.ACK"):
+            with contextlib.suppress(Exception):  # the producer may have given up
+                await self.nc.publish(msg.reply, answer)
+
+    # Discovery ------------------------------------------------------------------------------
     async def _discovery_step(self) -> None:
         found = await discover_agents(
             self.nc, prefix=self.subjects.prefix, timeout_s=self.settings.discovery_timeout_s
@@ -252,29 +305,30 @@ class Coordinator:
             log.info("agent_type.gone", type=type_name)
         await asyncio.sleep(self.settings.discovery_interval_s)
 
-    # Results -> completion -----------------------------------------------------------------
+    # Results -> completion ------------------------------------------------------------------
     async def _results_step(self) -> None:
         assert self._puller is not None
         msgs = await self._puller.next_batch(self.settings.results_batch, idle_timeout_s=1.0)
         ended: list[Ended] = []
-        handled: list[Msg] = []
         for msg in msgs:
             try:
                 result = CODEC.decode(msg.data, Result)
             except SchemaError as exc:
                 await self._dead_letter(msg, exc.reason, str(exc))
                 continue
-            handled.append(msg)
             seen, closed = self.tracker.record(result.task_id, result.type)
-            if seen is not Seen.NEW:
+            if closed is not None:
+                ended.append(closed)
+            elif seen is Seen.NEW and self.journal is not None:
+                task = self.tracker.get(result.task_id)
+                if task is not None:
+                    self.journal.changed(task)
+            else:
                 log.debug(
                     "result.ignored", task_id=result.task_id, type=result.type, outcome=seen.value
                 )
-            if closed is not None:
-                ended.append(closed)
-        await self._publish_ended(ended)
-        for msg in handled:
             await msg.ack()
+        await self._publish_ended(ended)
 
     async def _deadline_step(self) -> None:
         nap_s = self.settings.max_deadline_sleep_ms / 1e3
@@ -284,7 +338,11 @@ class Coordinator:
         await self._publish_ended(self.tracker.expire(time.time_ns()))
 
     async def _publish_ended(self, ended: list[Ended]) -> None:
+        streams = set()
         for task in ended:
+            streams.add(task.stream)
+            if self.journal is not None:
+                self.journal.ended(task.task_id)
             if task.state == "complete":
                 log.debug("task.complete", task_id=task.task_id, stream=task.stream)
                 continue
@@ -308,9 +366,38 @@ class Coordinator:
                 missing=list(task.missing),
                 reason=task.reason,
             )
+        for stream in streams & set(self._held):
+            await self._release(stream)
+        if not len(self.tracker):
+            self._all_ended.set()
+
+    # Durability -----------------------------------------------------------------------------
+    async def _restore(self) -> None:
+        assert self.journal is not None
+        records = await self.journal.load()
+        ended: list[Ended] = []
+        for r in records:
+            ended += self.tracker.restore(
+                task_id=r.task_id,
+                stream=r.stream,
+                window=r.window,
+                expected=r.expected,
+                deadline_ns=r.deadline_ns,
+                ingest_ns=r.ingest_ns,
+                seen=frozenset(r.seen),
+                unavailable=frozenset(r.unavailable),
+            )
+        await self._publish_ended(ended)
+        if records:
+            log.info("coordinator.restored", tasks=len(records), still_open=len(self.tracker))
+
+    async def _journal_step(self) -> None:
+        assert self.journal is not None
+        await asyncio.sleep(self.settings.journal_interval_ms / 1e3)
+        await self.journal.flush()
 
     async def _dead_letter(self, msg: Msg, reason: str, error: str) -> None:
-        self.dead_letters += 1
+        self.counts["dead_letters"] += 1
         await self.producer.dead_letter(
             component=COMPONENT,
             subject=msg.subject,
@@ -321,3 +408,5 @@ class Coordinator:
         )
         if msg.reply and msg.reply.startswith("$JS.ACK"):
             await msg.term()
+        else:
+            await self._reply(msg, f"rejected: {reason}".encode())

@@ -80,6 +80,7 @@ class TaskTracker:
         self.counts: dict[str, int] = dict.fromkeys(
             (
                 "opened",
+                "restored",
                 "complete",
                 "partial",
                 "failed",
@@ -165,6 +166,40 @@ class TaskTracker:
         self.counts["opened"] += 1
         if task.settled:
             ended.append(self._end(task, reason="no input for " + ",".join(sorted(unavailable))))
+        return ended
+
+    def restore(
+        self,
+        *,
+        task_id: str,
+        stream: str,
+        window: Window,
+        expected: tuple[str, ...],
+        deadline_ns: int,
+        ingest_ns: int,
+        seen: frozenset[str] = frozenset(),
+        unavailable: frozenset[str] = frozenset(),
+    ) -> list[Ended]:
+        """Reinstate a task opened before a restart, with the results it had; ends it at once
+        if nothing more can come. A task already known here is left alone."""
+        if task_id in self._open or task_id in self._ended:
+            return []
+        ended = self.open(
+            task_id=task_id,
+            stream=stream,
+            window=window,
+            expected=expected,
+            deadline_ns=deadline_ns,
+            ingest_ns=ingest_ns,
+            unavailable=unavailable,
+        )
+        self.counts["opened"] -= 1
+        self.counts["restored"] += 1
+        task = self._open.get(task_id)
+        if task is not None:
+            task.seen.update(t for t in seen if t in expected)
+            if task.settled:
+                ended.append(self._end(task, reason="restored complete"))
         return ended
 
     def record(self, task_id: str, type_name: str) -> tuple[Seen, Ended | None]:

@@ -158,6 +158,7 @@ class Decision:
     strategy: str
     latency_ms: float  # ingest -> decision
     decided_ns: int = 0
+    alarm: bool = False  # a threshold rule of the strategy fired
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -192,6 +193,23 @@ class AgentInfo:
     weight: float = 1.0
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpenTaskRecord:
+    """The coordinator's journal entry for a task still open, so a restart can finish it."""
+
+    KIND: ClassVar[str] = "open_task"
+    VERSION: ClassVar[int] = 1
+
+    task_id: str
+    stream: str
+    window: Window
+    expected: tuple[str, ...]
+    deadline_ns: int
+    ingest_ns: int
+    seen: tuple[str, ...] = ()
+    unavailable: tuple[str, ...] = ()
+
+
 #: Every top-level message, in the order the docs list them.
 MESSAGES: tuple[type, ...] = (
     SensorChunk,
@@ -202,4 +220,5 @@ MESSAGES: tuple[type, ...] = (
     Decision,
     DeadLetter,
     AgentInfo,
+    OpenTaskRecord,
 )

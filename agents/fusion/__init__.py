@@ -2,9 +2,15 @@
 
 from agents.fusion.service import FusionAgent, FusionSettings
 from agents.fusion.strategies import (
+    STRATEGIES,
     Fused,
+    FusionSpec,
+    KOfN,
+    MajorityVote,
+    MaxConfidence,
     Mean,
     Strategy,
+    ThresholdAlarm,
     Vote,
     WeightedMean,
     aligned,
@@ -12,11 +18,17 @@ from agents.fusion.strategies import (
 )
 
 __all__ = [
+    "STRATEGIES",
     "Fused",
     "FusionAgent",
     "FusionSettings",
+    "FusionSpec",
+    "KOfN",
+    "MajorityVote",
+    "MaxConfidence",
     "Mean",
     "Strategy",
+    "ThresholdAlarm",
     "Vote",
     "WeightedMean",
     "aligned",

@@ -29,10 +29,11 @@ class Vote:
 
 @dataclass(frozen=True)
 class Fused:
-    """A strategy's verdict: the winning label and a score per label."""
+    """A strategy's verdict: the winning label, a score per label, and whether a rule alarmed."""
 
     label: str
     scores: dict[str, float]
+    alarm: bool = False
 
 
 class Strategy(Protocol):
@@ -103,10 +104,135 @@ class Mean:
         )
 
 
-def make_strategy(name: str, *, weights: dict[str, float] | None = None) -> Strategy:
-    """A strategy by name; raises :class:`ConfigError` for an unknown one."""
-    if name == "weighted_mean":
-        return WeightedMean(weights=dict(weights or {}))
-    if name == "mean":
-        return Mean()
-    raise ConfigError(f"unknown fusion strategy {name!r}; known: mean, weighted_mean")
+def _verdict(labels: tuple[str, ...], scores: np.ndarray) -> Fused:
+    best = int(np.argmax(scores))
+    return Fused(labels[best], {label: float(x) for label, x in zip(labels, scores, strict=True)})
+
+
+@dataclass(frozen=True)
+class MajorityVote:
+    """Each agent votes for its top label; most votes wins, ties go to the higher mean score.
+
+    Scores are the share of votes each label got.
+    """
+
+    name: str = "majority_vote"
+
+    def fuse(self, votes: Sequence[Vote]) -> Fused:
+        """Count the agents' top labels."""
+        labels, matrix = aligned(votes)
+        counts = np.bincount(matrix.argmax(axis=1), minlength=len(labels)).astype(np.float64)
+        tied = np.flatnonzero(counts == counts.max())
+        best = int(tied[np.argmax(matrix[:, tied].mean(axis=0))])
+        shares = counts / counts.sum()
+        return Fused(
+            labels[best], {label: float(x) for label, x in zip(labels, shares, strict=True)}
+        )
+
+
+@dataclass(frozen=True)
+class MaxConfidence:
+    """The single most confident agent decides; its scores are the decision's."""
+
+    name: str = "max_confidence"
+
+    def fuse(self, votes: Sequence[Vote]) -> Fused:
+        """Follow the agent whose top score is highest."""
+        labels, matrix = aligned(votes)
+        return _verdict(labels, matrix[int(matrix.max(axis=1).argmax())])
+
+
+@dataclass(frozen=True)
+class ThresholdAlarm:
+    """Alarm when the fused score of ``target`` reaches ``threshold``; label from ``base``."""
+
+    target: str
+    threshold: float
+    base: Strategy = field(default_factory=lambda: WeightedMean())
+    name: str = "threshold"
+
+    def fuse(self, votes: Sequence[Vote]) -> Fused:
+        """Fuse with the base strategy, then apply the rule."""
+        fused = self.base.fuse(votes)
+        return Fused(
+            fused.label, fused.scores, fused.scores.get(self.target, 0.0) >= self.threshold
+        )
+
+
+@dataclass(frozen=True)
+class KOfN:
+    """Alarm when at least ``k`` of the agents present score ``target`` at ``threshold`` or more."""
+
+    target: str
+    threshold: float
+    k: int
+    base: Strategy = field(default_factory=lambda: WeightedMean())
+    name: str = "k_of_n"
+
+    def fuse(self, votes: Sequence[Vote]) -> Fused:
+        """Fuse with the base strategy, then count the agents past the threshold."""
+        fused = self.base.fuse(votes)
+        passing = sum(
+            1
+            for v in votes
+            if self.target in v.labels
+            and float(v.probs[v.labels.index(self.target)]) >= self.threshold
+        )
+        return Fused(fused.label, fused.scores, passing >= self.k)
+
+
+STRATEGIES = ("mean", "weighted_mean", "majority_vote", "max_confidence", "threshold", "k_of_n")
+
+
+@dataclass(frozen=True)
+class FusionSpec:
+    """Which strategy fuses a stream, and its parameters.
+
+    ``weights`` (by type) override the agents' own weights in ``weighted_mean`` (also the base
+    of the rules); ``target``, ``threshold`` and ``k`` parameterise ``threshold`` and ``k_of_n``.
+    """
+
+    strategy: str = "weighted_mean"
+    weights: dict[str, float] = field(default_factory=dict)
+    target: str | None = None
+    threshold: float = 0.5
+    k: int = 1
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"unknown fusion strategy {self.strategy!r}; known: {', '.join(STRATEGIES)}"
+            )
+        if self.strategy in ("threshold", "k_of_n") and not self.target:
+            raise ConfigError(f"fusion strategy {self.strategy!r} needs a target label")
+        if not 0 <= self.threshold <= 1:
+            raise ConfigError(f"fusion threshold must be within [0, 1], got {self.threshold}")
+        if self.k < 1:
+            raise ConfigError(f"fusion k must be >= 1, got {self.k}")
+        for type_name, weight in self.weights.items():
+            if not weight > 0:
+                raise ConfigError(f"fusion weight of {type_name!r} must be > 0, got {weight}")
+
+    def build(self) -> Strategy:
+        """The strategy this spec describes."""
+        base = WeightedMean(weights=dict(self.weights))
+        match self.strategy:
+            case "mean":
+                return Mean()
+            case "weighted_mean":
+                return base
+            case "majority_vote":
+                return MajorityVote()
+            case "max_confidence":
+                return MaxConfidence()
+            case "threshold":
+                return ThresholdAlarm(str(self.target), self.threshold, base)
+            case _:
+                return KOfN(str(self.target), self.threshold, self.k, base)
+
+
+def make_strategy(
+    name: str, *, weights: dict[str, float] | None = None, **params: object
+) -> Strategy:
+    """A strategy by name (see :data:`STRATEGIES`); raises :class:`ConfigError` for a bad one."""
+    return FusionSpec(strategy=name, weights=dict(weights or {}), **params).build()  # type: ignore[arg-type]

@@ -1,0 +1,71 @@
+"""Decomposing one window of sensor data into subtasks: pure, no bus."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from coordinator.plan import SubtaskSpec
+from schemas import Subtask, Window
+
+
+@dataclass(frozen=True)
+class Opening:
+    """A task about to open: its identity, what it waits for and the subtasks to publish."""
+
+    task_id: str
+    stream: str
+    window: Window
+    expected: tuple[str, ...]
+    deadline_ns: int
+    ingest_ns: int
+    unavailable: frozenset[str]  # expected types with no input in this window
+    subtasks: tuple[Subtask, ...]
+
+
+def decompose(
+    *,
+    task_id: str,
+    stream: str,
+    window: Window,
+    sensors: dict[str, np.ndarray],
+    specs: list[SubtaskSpec],
+    deadline_ms: float,
+    now_ns: int,
+) -> Opening:
+    """One subtask per spec whose sensors are all present; the others are ``unavailable``.
+
+    Raises:
+        SchemaError: a sensor's data cannot be sliced as the spec says.
+    """
+    expected = tuple(spec.type for spec in specs)
+    deadline_ns = now_ns + int(deadline_ms * 1e6)
+    subtasks = []
+    unavailable = set()
+    for spec in specs:
+        if any(sensor not in sensors for sensor in spec.sensors):
+            unavailable.add(spec.type)
+            continue
+        subtasks.append(
+            Subtask(
+                task_id=task_id,
+                stream=stream,
+                type=spec.type,
+                window=window,
+                inputs={i.sensor: i.select(sensors[i.sensor]) for i in spec.inputs},
+                deadline_ns=deadline_ns,
+                expected=expected,
+                ingest_ns=now_ns,
+            )
+        )
+    return Opening(
+        task_id=task_id,
+        stream=stream,
+        window=window,
+        expected=expected,
+        deadline_ns=deadline_ns,
+        ingest_ns=now_ns,
+        unavailable=frozenset(unavailable),
+        subtasks=tuple(subtasks),
+    )
