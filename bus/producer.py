@@ -46,9 +46,19 @@ class Producer:
     def __repr__(self) -> str:
         return f"Producer({self.subjects.prefix!r}, dead_letters={self.dead_letters})"
 
-    async def frame(self, frame: SensorFrame) -> None:
-        """Publish a pre-aligned frame."""
-        await self.nc.publish(self.subjects.frame(frame.stream), encode(frame))
+    async def frame(self, frame: SensorFrame, *, wait_s: float | None = None) -> bytes | None:
+        """Publish a pre-aligned frame.
+
+        With ``wait_s`` the frame is sent as a request and the coordinator's answer
+        (``accepted``, or ``rejected: <reason>``) is returned; a coordinator whose plan blocks
+        when the stream is full answers only when there is room, so the producer waits.
+        """
+        subject = self.subjects.frame(frame.stream)
+        if wait_s is None:
+            await self.nc.publish(subject, encode(frame))
+            return None
+        reply = await self.nc.request(subject, encode(frame), timeout=wait_s)
+        return bytes(reply.data)
 
     async def chunk(self, chunk: SensorChunk) -> None:
         """Publish one sensor's chunk of samples."""
@@ -81,13 +91,15 @@ class Producer:
             headers={MSG_ID: f"status:{status.task_id}"},
         )
 
-    async def decision(self, decision: Decision) -> None:
-        """Publish a decision, deduplicated by task id so a task never gets two."""
-        await self.js.publish(
+    async def decision(self, decision: Decision, *, decider: str = "fusion") -> bool:
+        """Publish a decision, deduplicated by ``decider`` and task id so that one fusion agent
+        never gives a task two decisions; returns False when the server dropped a repeat."""
+        ack = await self.js.publish(
             self.subjects.decision(decision.stream),
             encode(decision),
-            headers={MSG_ID: f"decision:{decision.task_id}"},
+            headers={MSG_ID: f"decision:{decider}:{decision.task_id}"},
         )
+        return not ack.duplicate
 
     async def dead_letter(
         self,

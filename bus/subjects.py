@@ -122,8 +122,6 @@ class Subjects:
 
     #: Durable consumer of the coordinator on the results stream.
     coordinator_consumer = "coordinator"
-    #: Durable consumer of the fusion agent on the results stream.
-    fusion_consumer = "fusion"
 
     def stream_of(self, subject: str) -> str:
         """The stream token of a per-stream subject (``fb.frame.<stream>`` -> ``<stream>``)."""

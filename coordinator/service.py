@@ -59,6 +59,7 @@ class CoordinatorSettings:
     discovery_interval_s: float = 0.5  # how often auto plans look for agent types
     discovery_timeout_s: float = 0.25  # how long one look waits for replies
     forget_type_after_s: float = 1.5  # a type unseen this long is no longer expected
+    drain_timeout_s: float = 0.0  # on stop, how long open tasks may take to end
 
     def __post_init__(self) -> None:
         if not self.journal_interval_ms > 0:
@@ -160,9 +161,12 @@ class Coordinator:
         log.info("coordinator.started", prefix=self.subjects.prefix, plans=repr(self.plans))
         return self
 
-    async def stop(self, *, drain_timeout_s: float = 0.0) -> None:
-        """Stop taking frames; with ``drain_timeout_s`` let open tasks end first (they end at
-        their deadlines at the latest); then stop. Tasks still open are in the journal."""
+    async def stop(self, *, drain_timeout_s: float | None = None) -> None:
+        """Stop taking frames; let open tasks end for up to ``drain_timeout_s`` (default: the
+        settings'; tasks end at their deadlines at the latest); then stop. Tasks still open
+        stay in the journal for the next run."""
+        if drain_timeout_s is None:
+            drain_timeout_s = self.settings.drain_timeout_s
         if self._frames_sub is not None:
             with contextlib.suppress(Exception):
                 await self._frames_sub.unsubscribe()

@@ -114,10 +114,24 @@ def build_parser() -> argparse.ArgumentParser:
     coordinator = commands.add_parser("coordinator", help="run the coordinator")
     _bus_options(coordinator, url_default=env_url or DEFAULT_URL)
     coordinator.add_argument(
-        "--plan", default="basicmotions", help="built-in plan for every stream"
+        "--config",
+        type=Path,
+        help="plans file (TOML); replaces --plan, --deadline-ms, --max-inflight",
+    )
+    coordinator.add_argument(
+        "--plan",
+        default="basicmotions",
+        help="built-in plan for every stream: basicmotions or auto",
     )
     coordinator.add_argument("--deadline-ms", type=_positive(float), default=2000.0)
     coordinator.add_argument("--max-inflight", type=_positive(int), default=1000)
+    coordinator.add_argument("--name", default="main", help="journal name (one per coordinator)")
+    coordinator.add_argument(
+        "--drain-s",
+        type=float,
+        default=0.0,
+        help="on SIGTERM, wait up to this long for open tasks to end (default: 0)",
+    )
 
     agent = commands.add_parser("agent", help="run one agent replica")
     _bus_options(agent, url_default=env_url or DEFAULT_URL)
@@ -154,8 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     fusion = commands.add_parser("fusion", help="run the fusion agent")
     _bus_options(fusion, url_default=env_url or DEFAULT_URL)
+    fusion.add_argument("--config", type=Path, help="plans file (TOML) with [*.fusion] tables")
     fusion.add_argument(
-        "--strategy", default="weighted_mean", help="mean or weighted_mean (default)"
+        "--strategy",
+        default=None,
+        help="strategy for streams the config does not set: mean, weighted_mean (default), "
+        "majority_vote, max_confidence, threshold, k_of_n",
+    )
+    fusion.add_argument("--target", help="label a threshold rule watches")
+    fusion.add_argument("--threshold", type=float, default=0.5, help="score a threshold rule needs")
+    fusion.add_argument(
+        "--k", type=_positive(int), default=1, help="agents k_of_n needs past the threshold"
+    )
+    fusion.add_argument(
+        "--name", default="fusion", help="consumer and dedup name of this fusion agent"
     )
     fusion.add_argument(
         "--weight",
@@ -171,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("dataset", help="dataset name (basicmotions)")
     replay.add_argument("--stream", default=None, help="stream id (default: the dataset name)")
     replay.add_argument("--rate", type=_positive(float), default=10.0, help="frames per second")
+    replay.add_argument(
+        "--wait",
+        action="store_true",
+        help="send each frame as a request and wait for the coordinator to accept it",
+    )
     replay.add_argument("--split", choices=("train", "test"), default="test")
     replay.add_argument("--limit", type=_positive(int), help="send at most this many frames")
 
@@ -227,17 +258,26 @@ async def _run(args: argparse.Namespace) -> int:
     from fusebus.components import serve
 
     if args.command == "coordinator":
-        from coordinator import Coordinator, PlanBook
+        from coordinator import Coordinator, CoordinatorSettings, PlanBook
         from coordinator.plan import BUILTIN_PLANS
+        from fusebus.config import load_deployment
 
-        make_plan = BUILTIN_PLANS.get(args.plan)
-        if make_plan is None:
-            raise _usage(f"unknown plan {args.plan!r}; known: {', '.join(sorted(BUILTIN_PLANS))}")
-        plans = PlanBook(
-            default=make_plan(deadline_ms=args.deadline_ms, max_inflight=args.max_inflight)
-        )
+        if args.config is not None:
+            plans = load_deployment(args.config).plans
+        else:
+            make_plan = BUILTIN_PLANS.get(args.plan)
+            if make_plan is None:
+                raise _usage(
+                    f"unknown plan {args.plan!r}; known: {', '.join(sorted(BUILTIN_PLANS))}"
+                )
+            plans = PlanBook(
+                default=make_plan(deadline_ms=args.deadline_ms, max_inflight=args.max_inflight)
+            )
+        coordinator_settings = CoordinatorSettings(name=args.name, drain_timeout_s=args.drain_s)
         return await serve(
-            lambda nc: Coordinator(nc, plans=plans, subjects=subjects).start(),
+            lambda nc: Coordinator(
+                nc, plans=plans, subjects=subjects, settings=coordinator_settings
+            ).start(),
             bus=bus,
             name="coordinator",
         )
@@ -271,11 +311,32 @@ async def _run(args: argparse.Namespace) -> int:
             await nc.drain()
         return 0
     if args.command == "fusion":
-        from agents.fusion import FusionAgent, make_strategy
+        from agents.fusion import FusionAgent, FusionSpec
+        from fusebus.config import load_deployment
 
-        strategy = make_strategy(args.strategy, weights=dict(args.weight))
+        deployment = load_deployment(args.config) if args.config is not None else None
+        if args.strategy is not None or deployment is None:
+            default = FusionSpec(
+                strategy=args.strategy or "weighted_mean",
+                weights=dict(args.weight),
+                target=args.target,
+                threshold=args.threshold,
+                k=args.k,
+            )
+        else:
+            default = deployment.fusion_default
+        by_stream = {
+            s: spec.build()
+            for s, spec in (deployment.fusion_by_stream if deployment else {}).items()
+        }
         return await serve(
-            lambda nc: FusionAgent(nc, subjects=subjects, strategy=strategy).start(),
+            lambda nc: FusionAgent(
+                nc,
+                subjects=subjects,
+                strategy=default.build(),
+                strategies=by_stream,
+                name=args.name,
+            ).start(),
             bus=bus,
             name="fusion",
         )
@@ -294,11 +355,15 @@ async def _run(args: argparse.Namespace) -> int:
                 rate_hz=args.rate,
                 split=args.split,
                 limit=args.limit,
+                wait_s=30.0 if args.wait else None,
             )
         finally:
             await nc.drain()
+        rejected = sum(1 for w in sent if w.answer and w.answer != b"accepted")
         print(
-            f"replayed {len(sent)} frames of {dataset.name} ({args.split}) on {subjects.frame(args.stream or dataset.name)}"
+            f"replayed {len(sent)} frames of {dataset.name} ({args.split}) on "
+            f"{subjects.frame(args.stream or dataset.name)}"
+            + (f", {rejected} rejected" if rejected else "")
         )
         return 0
     raise _usage(f"unknown command {args.command!r}")

@@ -17,6 +17,7 @@ class ReplayedWindow:
 
     t_start_ns: int
     label: str
+    answer: bytes | None = None  # the coordinator's answer when sent with wait_s
 
 
 async def replay_frames(
@@ -28,12 +29,14 @@ async def replay_frames(
     split: str = "test",
     limit: int | None = None,
     start_ns: int | None = None,
+    wait_s: float | None = None,
 ) -> list[ReplayedWindow]:
     """Publish each case of a split as one pre-aligned frame, ``rate_hz`` frames a second.
 
     Frames are timestamped in event time as if the cases had been recorded back to back
     from ``start_ns`` (default: now). Sending is paced against a fixed schedule, so a slow
-    send does not drift the rate. Returns the windows sent, in order.
+    send does not drift the rate. With ``wait_s`` each frame waits for the coordinator's
+    answer (back-pressure: a blocking plan slows the replay down). Returns the windows sent.
     """
     if rate_hz <= 0:
         raise ConfigError(f"rate must be > 0 frames/s, got {rate_hz}")
@@ -59,7 +62,7 @@ async def replay_frames(
             period_ns=period_ns,
             sensors={name: dataset.sensor_view(x[i], name) for name in dataset.sensors},
         )
-        await producer.frame(frame)
-        sent.append(ReplayedWindow(t_ns, dataset.labels[int(y[i])]))
+        answer = await producer.frame(frame, wait_s=wait_s)
+        sent.append(ReplayedWindow(t_ns, dataset.labels[int(y[i])], answer))
     await producer.nc.flush()
     return sent

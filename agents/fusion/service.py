@@ -31,6 +31,7 @@ from bus import (
     ensure_streams,
 )
 from bus.discovery import PREFIX, ROLE
+from bus.subjects import check_token
 from schemas import CODEC, Decision, Result, SchemaError, TaskStatus, Window
 
 log = structlog.get_logger("fusebus.fusion")
@@ -69,12 +70,16 @@ class FusionAgent:
         *,
         subjects: Subjects,
         strategy: Strategy | None = None,
+        strategies: dict[str, Strategy] | None = None,
+        name: str = "fusion",
         topology: TopologySettings | None = None,
         settings: FusionSettings | None = None,
     ) -> None:
         self.nc = nc
         self.subjects = subjects
         self.strategy = strategy or WeightedMean()
+        self.strategies = dict(strategies or {})  # by stream; the others use ``strategy``
+        self.name = check_token(name, "fusion name")
         self.topology = topology or TopologySettings()
         self.settings = settings or FusionSettings()
         self.producer = Producer(nc, subjects)
@@ -91,7 +96,12 @@ class FusionAgent:
 
     def stats(self) -> dict[str, Any]:
         """Counters for ``$SRV.STATS`` and the status endpoint."""
-        return {"pending": len(self.pending), "strategy": self.strategy.name, **self.counts}
+        return {
+            "name": self.name,
+            "pending": len(self.pending),
+            "strategy": self.strategy.name,
+            **self.counts,
+        }
 
     async def start(self) -> FusionAgent:
         """Set up streams and the durable consumer, then start deciding."""
@@ -100,14 +110,14 @@ class FusionAgent:
         await ensure_reader_consumer(
             js,
             self.subjects.results_stream,
-            self.subjects.fusion_consumer,
+            self.name,
             [self.subjects.all_results(), self.subjects.all_statuses()],
             self.topology,
         )
         self._puller = await self._life.pull(
             self.nc,
             stream=self.subjects.results_stream,
-            consumer=self.subjects.fusion_consumer,
+            consumer=self.name,
             prefetch=self.settings.batch,
         )
         self._life.run(self._step, name="fusion")
@@ -198,9 +208,11 @@ class FusionAgent:
         contributors = tuple(v.type for v in votes)
         expected = task.expected or contributors
         missing = tuple(t for t in expected if t not in contributors)
+        strategy = self.strategies.get(task.stream, self.strategy)
+        alarm = False
         if votes:
-            fused = self.strategy.fuse(votes)
-            label, scores = fused.label, fused.scores
+            fused = strategy.fuse(votes)
+            label, scores, alarm = fused.label, fused.scores, fused.alarm
         else:
             label, scores = "", {}
         status = "complete" if not missing else ("partial" if votes else "failed")
@@ -214,11 +226,14 @@ class FusionAgent:
             status=status,
             contributors=contributors,
             missing=missing,
-            strategy=self.strategy.name,
+            strategy=strategy.name,
             latency_ms=(now_ns - task.ingest_ns) / 1e6 if task.ingest_ns else 0.0,
             decided_ns=now_ns,
+            alarm=alarm,
         )
-        await self.producer.decision(decision)
+        if not await self.producer.decision(decision, decider=self.name):
+            # A previous run decided this task before it could ack; the server kept that one.
+            self.counts["repeat_decisions_dropped"] += 1
         del self.pending[task_id]
         self.decided[task_id] = None
         if len(self.decided) > self.settings.remember_decided:
@@ -234,5 +249,6 @@ class FusionAgent:
             status=status,
             missing=list(missing),
             latency_ms=round(decision.latency_ms, 2),
+            alarm=alarm,
             reason=reason,
         )

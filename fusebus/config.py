@@ -1,0 +1,208 @@
+"""Plans from a TOML file: how each stream is windowed, decomposed, bounded and fused.
+
+::
+
+    [default]                         # every stream without a section of its own
+    deadline_ms = 2000
+    max_inflight = 200
+    overflow = "drop_oldest"          # or "block"
+    types = "auto"                    # optional: also every discovered agent type
+
+    [default.window]                  # for per-sensor streams
+    size_ms = 10000
+    hop_ms = 10000
+    lateness_ms = 1000
+
+    [default.sensors.accel]
+    required = true
+    max_silence_ms = 3000
+
+    [default.subtasks.accel]
+    sensors = ["accel"]               # or [{ sensor = "watch", channels = [0, 1, 2] }]
+
+    [default.fusion]
+    strategy = "weighted_mean"        # mean, majority_vote, max_confidence, threshold, k_of_n
+    weights = { accel = 0.9 }
+    target = "running"                # threshold rules only
+    threshold = 0.8
+    k = 2
+
+    [streams.watch-7]                 # a stream's own plan: its keys replace the default's
+    deadline_ms = 500
+
+Only entry points read this file; the coordinator and the fusion agent get the validated
+:class:`~coordinator.Plan` and :class:`~agents.fusion.FusionSpec` objects. Every problem is
+one :class:`~schemas.ConfigError` naming the file, the key and what is wrong.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from agents.fusion import FusionSpec
+from coordinator import Plan, PlanBook, SensorInput, SubtaskSpec
+from coordinator.plan import SensorSpec, WindowSpec
+from schemas import ConfigError, FusebusError
+
+T = TypeVar("T")
+
+PLAN_KEYS = {
+    "deadline_ms",
+    "max_inflight",
+    "overflow",
+    "types",
+    "window",
+    "sensors",
+    "subtasks",
+    "fusion",
+}
+WINDOW_KEYS = {"size_ms", "hop_ms", "lateness_ms"}
+SENSOR_KEYS = {"required", "max_silence_ms"}
+SUBTASK_KEYS = {"sensors"}
+FUSION_KEYS = {"strategy", "weights", "target", "threshold", "k"}
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Everything a plans file says: the plan book and the fusion spec of each stream."""
+
+    plans: PlanBook
+    fusion_default: FusionSpec = field(default_factory=FusionSpec)
+    fusion_by_stream: dict[str, FusionSpec] = field(default_factory=dict)
+
+
+def load_deployment(path: Path) -> Deployment:
+    """Read and validate a plans file."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    return parse_deployment(raw, source=str(path))
+
+
+def parse_deployment(raw: dict[str, Any], *, source: str = "config") -> Deployment:
+    """Validate a parsed plans document (see the module docs for its layout)."""
+    _no_unknown(raw, {"default", "streams"}, source)
+    default_raw = _table(raw.get("default", {}), f"{source}: default")
+    streams_raw = _table(raw.get("streams", {}), f"{source}: streams")
+    default_plan = _plan(default_raw, f"{source}: default") if default_raw else None
+    plans, fusion = {}, {}
+    for stream, body in streams_raw.items():
+        where = f"{source}: streams.{stream}"
+        merged = {**default_raw, **_table(body, where)}
+        plans[stream] = _plan(merged, where)
+        fusion[stream] = _fusion(merged.get("fusion", {}), f"{where}.fusion")
+    if default_plan is None and not plans:
+        raise ConfigError(f"{source}: needs a [default] plan or at least one [streams.<id>] plan")
+    try:
+        book = PlanBook(plans, default=default_plan)
+    except FusebusError as exc:
+        raise ConfigError(f"{source}: streams: {exc}") from None
+    return Deployment(
+        plans=book,
+        fusion_default=_fusion(default_raw.get("fusion", {}), f"{source}: default.fusion"),
+        fusion_by_stream=fusion,
+    )
+
+
+def _plan(body: dict[str, Any], where: str) -> Plan:
+    _no_unknown(body, PLAN_KEYS, where)
+    types = body.get("types")
+    if types not in (None, "auto"):
+        raise ConfigError(f'{where}.types: only "auto" is allowed here, got {types!r}')
+    window = None
+    if "window" in body:
+        w = _table(body["window"], f"{where}.window")
+        _no_unknown(w, WINDOW_KEYS, f"{where}.window")
+        window = _build(WindowSpec, f"{where}.window", **_numbers(w, f"{where}.window"))
+    sensors = []
+    for name, spec in _table(body.get("sensors", {}), f"{where}.sensors").items():
+        s = _table(spec, f"{where}.sensors.{name}")
+        _no_unknown(s, SENSOR_KEYS, f"{where}.sensors.{name}")
+        sensors.append(_build(SensorSpec, f"{where}.sensors.{name}", name=name, **s))
+    subtasks = []
+    for type_name, spec in _table(body.get("subtasks", {}), f"{where}.subtasks").items():
+        s = _table(spec, f"{where}.subtasks.{type_name}")
+        _no_unknown(s, SUBTASK_KEYS, f"{where}.subtasks.{type_name}")
+        inputs = tuple(
+            _input(i, f"{where}.subtasks.{type_name}.sensors") for i in s.get("sensors", [])
+        )
+        subtasks.append(
+            _build(SubtaskSpec, f"{where}.subtasks.{type_name}", type=type_name, inputs=inputs)
+        )
+    settings = {k: body[k] for k in ("deadline_ms", "max_inflight", "overflow") if k in body}
+    for key in ("deadline_ms", "max_inflight"):
+        if key in settings and (
+            not isinstance(settings[key], int | float) or isinstance(settings[key], bool)
+        ):
+            raise ConfigError(f"{where}.{key}: must be a number, got {settings[key]!r}")
+    return _build(
+        Plan,
+        where,
+        subtasks=tuple(subtasks),
+        auto=types == "auto",
+        window=window,
+        sensors=tuple(sensors),
+        **settings,
+    )
+
+
+def _input(value: Any, where: str) -> SensorInput:
+    if isinstance(value, str):
+        return _build(SensorInput, where, sensor=value)
+    item = _table(value, where)
+    _no_unknown(item, {"sensor", "channels"}, where)
+    channels = item.get("channels")
+    if channels is not None and not (
+        isinstance(channels, list) and all(isinstance(c, int) for c in channels)
+    ):
+        raise ConfigError(f"{where}: channels must be a list of integers, got {channels!r}")
+    return _build(
+        SensorInput,
+        where,
+        sensor=item.get("sensor", ""),
+        channels=tuple(channels) if channels else None,
+    )
+
+
+def _fusion(value: Any, where: str) -> FusionSpec:
+    body = _table(value, where)
+    _no_unknown(body, FUSION_KEYS, where)
+    weights = _table(body.get("weights", {}), f"{where}.weights")
+    return _build(FusionSpec, where, **{**body, "weights": _numbers(weights, f"{where}.weights")})
+
+
+def _build(cls: Callable[..., T], where: str, **kwargs: Any) -> T:
+    try:
+        return cls(**kwargs)
+    except FusebusError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _table(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be a table, got {type(value).__name__}")
+    return value
+
+
+def _numbers(body: dict[str, Any], where: str) -> dict[str, float]:
+    for key, value in body.items():
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ConfigError(f"{where}.{key}: must be a number, got {value!r}")
+    return {k: float(v) for k, v in body.items()}
+
+
+def _no_unknown(body: dict[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})"
+        )
