@@ -21,8 +21,18 @@ from typing import TextIO
 
 import numpy as np
 from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
 
-from bus import BusSettings, EmbeddedServer, Producer, Subjects, connect, discover_components
+from bus import (
+    BusSettings,
+    EmbeddedServer,
+    Producer,
+    Subjects,
+    TopologySettings,
+    connect,
+    discover_components,
+    ensure_streams,
+)
 from bus.discovery import ROLE
 from fusebus.datasets import load_dataset
 from fusebus.paths import models_dir
@@ -149,7 +159,15 @@ async def run_up(settings: UpSettings, *, out: TextIO = sys.stdout) -> int:
             if len(tally.decisions) >= len(tally.truth):
                 all_in.set()
 
-        sub = await nc.subscribe(subjects.decision(settings.stream), cb=on_decision)
+        # Read what the decisions stream stored: JetStream drops a repeated decision there,
+        # while a plain subscriber would still see it.
+        await ensure_streams(nc.jetstream(), subjects, TopologySettings())
+        sub = await nc.jetstream().subscribe(
+            subjects.decision(settings.stream),
+            cb=on_decision,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.NEW,
+        )
         print(
             f"{'#':>3}  {'window (s)':<13} {'predicted':<10} {'true':<10}    {'status':<9} latency",
             file=out,

@@ -5,7 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agents.fusion import Mean, Vote, WeightedMean, make_strategy
+from agents.fusion import (
+    STRATEGIES,
+    FusionSpec,
+    KOfN,
+    MajorityVote,
+    MaxConfidence,
+    Mean,
+    ThresholdAlarm,
+    Vote,
+    WeightedMean,
+    make_strategy,
+)
 from schemas import ConfigError
 
 LABELS = ("walk", "run", "stand")
@@ -71,3 +82,60 @@ def test_strategies_refuse_bad_input() -> None:
         WeightedMean(weights={"a": 0.0})
     with pytest.raises(ConfigError, match="unknown fusion strategy"):
         make_strategy("soft-magic")
+
+
+def test_majority_vote_counts_top_labels_and_breaks_ties_by_score() -> None:
+    """Two of three agents say run: run wins with 2/3 of the votes; a tie goes to the higher mean."""
+    fused = MajorityVote().fuse(
+        [
+            vote("a", [0.1, 0.8, 0.1]),
+            vote("b", [0.4, 0.5, 0.1]),
+            vote("c", [0.9, 0.05, 0.05]),
+        ]
+    )
+    assert fused.label == "run"
+    assert fused.scores == pytest.approx({"walk": 1 / 3, "run": 2 / 3, "stand": 0.0})
+    tie = MajorityVote().fuse([vote("a", [0.6, 0.4, 0.0]), vote("b", [0.1, 0.9, 0.0])])
+    assert tie.label == "run"  # mean run 0.65 beats mean walk 0.35
+
+
+def test_max_confidence_follows_the_surest_agent() -> None:
+    """The agent with the highest top score decides, whatever the others say."""
+    fused = MaxConfidence().fuse(
+        [
+            vote("a", [0.5, 0.4, 0.1]),
+            vote("b", [0.05, 0.05, 0.9]),
+            vote("c", [0.6, 0.3, 0.1]),
+        ]
+    )
+    assert fused.label == "stand" and fused.scores["stand"] == pytest.approx(0.9)
+
+
+def test_threshold_alarm_fires_on_the_fused_score() -> None:
+    """An alarm when the fused score of the target reaches t; the label stays the fused one."""
+    votes = [vote("a", [0.5, 0.4, 0.1]), vote("b", [0.5, 0.3, 0.2])]  # fused run = 0.35
+    assert ThresholdAlarm("run", 0.35).fuse(votes).alarm
+    quiet = ThresholdAlarm("run", 0.36).fuse(votes)
+    assert not quiet.alarm and quiet.label == "walk"
+
+
+def test_k_of_n_counts_agents_past_the_threshold() -> None:
+    """k of n: the alarm needs k agents whose own target score passes t."""
+    votes = [vote("a", [0.1, 0.7, 0.2]), vote("b", [0.3, 0.6, 0.1]), vote("c", [0.8, 0.1, 0.1])]
+    assert KOfN("run", 0.6, k=2).fuse(votes).alarm
+    assert not KOfN("run", 0.65, k=2).fuse(votes).alarm
+    # With an agent missing the rule still needs k agents: one left cannot raise it.
+    assert not KOfN("run", 0.6, k=2).fuse(votes[:1]).alarm
+    assert KOfN("run", 0.6, k=1).fuse(votes[:1]).alarm
+
+
+def test_fusion_spec_builds_each_strategy() -> None:
+    """Every strategy name builds, carrying its parameters."""
+    for name in STRATEGIES:
+        spec = FusionSpec(strategy=name, target="run" if name in ("threshold", "k_of_n") else None)
+        assert spec.build().name == name
+    rule = FusionSpec(
+        strategy="k_of_n", target="run", threshold=0.7, k=3, weights={"a": 2.0}
+    ).build()
+    assert isinstance(rule, KOfN) and (rule.k, rule.threshold) == (3, 0.7)
+    assert isinstance(rule.base, WeightedMean) and rule.base.weights == {"a": 2.0}

@@ -1,0 +1,126 @@
+"""Plans files: what a valid one gives, and the one-line error of a bad one."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from fusebus.config import load_deployment, parse_deployment
+from schemas import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_example_plans_file_loads() -> None:
+    """The shipped example gives a default plan and a stream plan that inherits from it."""
+    deployment = load_deployment(ROOT / "examples" / "plans.toml")
+    default = deployment.plans.default
+    assert default is not None
+    assert default.types == ("accel", "gyro", "motion")
+    assert default.window is not None and default.window.size_ms == 10000
+    assert [(s.name, s.required) for s in default.sensors] == [("accel", True), ("gyro", False)]
+    patient = deployment.plans.for_stream("patient-7")
+    assert patient is not None and patient.overflow == "block" and patient.max_inflight == 20
+    assert patient.types == default.types and patient.deadline_ms == 2000
+    spec = deployment.fusion_by_stream["patient-7"]
+    assert (spec.strategy, spec.target, spec.k) == ("k_of_n", "running", 2)
+    assert deployment.fusion_default.strategy == "weighted_mean"
+    assert deployment.plans.for_stream("anyone-else") is default
+
+
+def test_channel_selection_and_auto_types() -> None:
+    """Inputs can pick channels of a sensor, and a plan can add discovered types."""
+    deployment = parse_deployment(
+        {
+            "default": {
+                "types": "auto",
+                "subtasks": {"accel": {"sensors": [{"sensor": "watch", "channels": [0, 1, 2]}]}},
+            }
+        }
+    )
+    plan = deployment.plans.default
+    assert plan is not None and plan.auto
+    assert plan.subtasks[0].inputs[0].channels == (0, 1, 2)
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({}, "needs a [default] plan"),
+        ({"defaults": {}}, "unknown key 'defaults'"),
+        (
+            {"default": {"deadline": 5, "subtasks": {"a": {"sensors": ["a"]}}}},
+            "default: unknown key 'deadline'",
+        ),
+        (
+            {"default": {"deadline_ms": -5, "subtasks": {"a": {"sensors": ["a"]}}}},
+            "default: deadline_ms must be > 0",
+        ),
+        (
+            {"default": {"deadline_ms": "soon", "subtasks": {"a": {"sensors": ["a"]}}}},
+            "default.deadline_ms: must be a number",
+        ),
+        (
+            {"default": {"overflow": "panic", "subtasks": {"a": {"sensors": ["a"]}}}},
+            "overflow must be one of",
+        ),
+        (
+            {"default": {"subtasks": {"a": {"sensors": []}}}},
+            "subtasks.a: subtask 'a' reads no sensor",
+        ),
+        ({"default": {"subtasks": {"a.b": {"sensors": ["x"]}}}}, "contains '.'"),
+        (
+            {
+                "default": {
+                    "subtasks": {"a": {"sensors": ["x"]}},
+                    "window": {"size_ms": 0, "hop_ms": 1},
+                }
+            },
+            "default.window: window size_ms",
+        ),
+        (
+            {"default": {"subtasks": {"a": {"sensors": ["x"]}}, "sensors": {"y": {}}}},
+            "reads undeclared sensors ['x']",
+        ),
+        (
+            {"default": {"subtasks": {"a": {"sensors": ["x"]}}, "fusion": {"strategy": "magic"}}},
+            "default.fusion: unknown fusion strategy 'magic'",
+        ),
+        (
+            {
+                "default": {
+                    "subtasks": {"a": {"sensors": ["x"]}},
+                    "fusion": {"strategy": "threshold"},
+                }
+            },
+            "needs a target label",
+        ),
+        (
+            {"default": {"subtasks": {"a": {"sensors": ["x"]}}, "fusion": {"weights": {"a": 0}}}},
+            "weight of 'a' must be > 0",
+        ),
+        (
+            {"streams": {"s1": {"max_inflight": 0, "subtasks": {"a": {"sensors": ["x"]}}}}},
+            "streams.s1: max_inflight must be >= 1",
+        ),
+        ({"default": {"types": ["a"]}}, 'only "auto" is allowed'),
+    ],
+)
+def test_bad_plans_name_the_key_and_the_problem(doc: dict[str, object], message: str) -> None:
+    """Each mistake gives one ConfigError that says where it is and what is wrong."""
+    with pytest.raises(ConfigError, match=re.escape(message)) as caught:
+        parse_deployment(doc, source="plans.toml")
+    assert str(caught.value).startswith("plans.toml")
+    assert "\n" not in str(caught.value)
+
+
+def test_unreadable_files_are_config_errors(tmp_path: Path) -> None:
+    """A missing file and a file that is not TOML are reported with their path."""
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_deployment(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[default\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_deployment(bad)
