@@ -17,6 +17,8 @@ from typing import Any, NoReturn
 from schemas import FusebusError
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
+# Mirrors fusebus.evaluate.DEFAULT_STRATEGIES, kept here so `--help` does not import numpy.
+DEFAULT_STRATEGIES = ("weighted_mean", "mean", "majority_vote", "max_confidence")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -205,6 +207,31 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--split", choices=("train", "test"), default="test")
     replay.add_argument("--limit", type=_positive(int), help="send at most this many frames")
 
+    evaluate = commands.add_parser(
+        "eval", help="measure agents and fusion strategies on a TEST split"
+    )
+    evaluate.add_argument(
+        "--nats-url", default=env_url, help="NATS server; default: start an embedded one"
+    )
+    evaluate.add_argument("--dataset", default="basicmotions")
+    evaluate.add_argument(
+        "--agents",
+        default="accel,gyro,motion",
+        help="agent types (shipped models or registered agents)",
+    )
+    evaluate.add_argument(
+        "--strategies", default=",".join(DEFAULT_STRATEGIES), help="first one is the default"
+    )
+    evaluate.add_argument("--rate", type=_positive(float), default=100.0, help="frames per second")
+    evaluate.add_argument("--deadline-ms", type=_positive(float), default=500.0)
+    evaluate.add_argument(
+        "--out", type=Path, default=Path("out/eval"), help="folder for eval.md and confusion.png"
+    )
+    evaluate.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), default="warning"
+    )
+    evaluate.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
+
     train = commands.add_parser("train", help="train the shipped models again (needs TensorFlow)")
     train.add_argument("--out", type=Path, default=None, help="output folder (default: models/)")
     train.add_argument("--seed", type=int, default=7)
@@ -226,6 +253,10 @@ def _bus_settings(args: argparse.Namespace, url: str) -> Any:
     )
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def _resolve_model(text: str) -> Path:
     from fusebus.paths import models_dir
 
@@ -238,6 +269,22 @@ def _resolve_model(text: str) -> Path:
 async def _run(args: argparse.Namespace) -> int:
     from bus import Subjects
 
+    if args.command == "eval":
+        from fusebus.evaluate import EvalSettings, render_markdown, run_eval
+
+        eval_settings = EvalSettings(
+            dataset=args.dataset,
+            agents=_names(args.agents),
+            strategies=_names(args.strategies),
+            rate_hz=args.rate,
+            deadline_ms=args.deadline_ms,
+            out_dir=args.out,
+            nats_url=args.nats_url,
+        )
+        rows, markdown, picture = await run_eval(eval_settings)
+        print(render_markdown(rows, title="results"))
+        print(f"wrote {markdown} and {picture}")
+        return 0
     if args.command == "up":
         from fusebus.up import UpSettings, run_up
 
