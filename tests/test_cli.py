@@ -122,3 +122,19 @@ def test_bad_arguments_get_one_line_and_a_nonzero_exit(args: tuple[str, ...], me
     assert len(lines) == 1, done.stderr
     assert message in lines[0]
     assert "Traceback" not in done.stderr
+
+
+def test_bad_plans_file_is_one_line_naming_the_key(tmp_path: Path) -> None:
+    """`--config` with a mistake stops before connecting, with the file, key and problem."""
+    plans = tmp_path / "plans.toml"
+    plans.write_text(
+        '[default]\ndeadline_ms = 2000\nmax_inflight = "lots"\n[default.subtasks.accel]\nsensors = ["accel"]\n'
+    )
+    done = run_fusebus(
+        "coordinator", "--config", str(plans), "--nats-url", "nats://127.0.0.1:9", timeout=60
+    )
+    assert done.returncode == 2
+    assert (
+        done.stderr.strip()
+        == f"fusebus coordinator: error: {plans}: default.max_inflight: must be a number, got 'lots'"
+    )
