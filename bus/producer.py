@@ -17,6 +17,7 @@ from schemas import (
     Result,
     SensorChunk,
     SensorFrame,
+    SensorStatus,
     Subtask,
     TaskStatus,
     encode,
@@ -100,6 +101,10 @@ class Producer:
             headers={MSG_ID: f"decision:{decider}:{decision.task_id}"},
         )
         return not ack.duplicate
+
+    async def sensor_status(self, status: SensorStatus) -> None:
+        """Publish a sensor's liveness change."""
+        await self.js.publish(self.subjects.sensor_status(status.stream), encode(status))
 
     async def dead_letter(
         self,

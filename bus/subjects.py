@@ -67,6 +67,14 @@ class Subjects:
         """The coordinator's task statuses for one stream."""
         return f"{self.prefix}.status.{check_token(stream, 'stream')}"
 
+    def sensor_status(self, stream: str) -> str:
+        """Sensor liveness events (down / back up) of one stream."""
+        return f"{self.prefix}.sensor_status.{check_token(stream, 'stream')}"
+
+    def all_sensor_statuses(self) -> str:
+        """Sensor liveness events of every stream."""
+        return f"{self.prefix}.sensor_status.*"
+
     def decision(self, stream: str) -> str:
         """Fused decisions for one stream."""
         return f"{self.prefix}.decision.{check_token(stream, 'stream')}"

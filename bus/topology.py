@@ -83,7 +83,7 @@ def stream_configs(subjects: Subjects, settings: TopologySettings) -> list[Strea
         ),
         StreamConfig(
             name=subjects.decisions_stream,
-            subjects=[subjects.all_decisions()],
+            subjects=[subjects.all_decisions(), subjects.all_sensor_statuses()],
             retention=RetentionPolicy.LIMITS,
             storage=storage,
             max_age=settings.decisions_max_age_s,

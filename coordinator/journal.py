@@ -30,6 +30,7 @@ def to_record(task: OpenTask) -> OpenTaskRecord:
         ingest_ns=task.ingest_ns,
         seen=tuple(sorted(task.seen)),
         unavailable=tuple(sorted(task.unavailable)),
+        missing_sensors=task.missing_sensors,
     )
 
 

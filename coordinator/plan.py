@@ -22,15 +22,19 @@ class WindowSpec:
 
     size_ms: float
     hop_ms: float
+    rate_hz: float  # every sensor is resampled onto this grid
     lateness_ms: float = 0.0
+    max_gap_ms: float = 0.0  # a sensor with a longer gap in a window is missing (0: 3 samples)
 
     def __post_init__(self) -> None:
         if not self.size_ms > 0 or not self.hop_ms > 0:
             raise ConfigError(
                 f"window size_ms and hop_ms must be > 0, got {self.size_ms}, {self.hop_ms}"
             )
-        if self.lateness_ms < 0:
-            raise ConfigError(f"window lateness_ms must be >= 0, got {self.lateness_ms}")
+        if not self.rate_hz > 0:
+            raise ConfigError(f"window rate_hz must be > 0, got {self.rate_hz}")
+        if self.lateness_ms < 0 or self.max_gap_ms < 0:
+            raise ConfigError("window lateness_ms and max_gap_ms must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -37,9 +38,21 @@ from bus.discovery import PREFIX, ROLE
 from coordinator.decompose import Opening, decompose
 from coordinator.directory import AgentDirectory
 from coordinator.journal import TaskJournal
+from coordinator.liveness import Change, SensorLiveness
 from coordinator.plan import Plan, PlanBook, SubtaskSpec
 from coordinator.tracker import Ended, Seen, TaskTracker
-from schemas import CODEC, ConfigError, Result, SchemaError, SensorFrame, TaskStatus, Window
+from coordinator.windows import CutWindow, StreamWindower, shape_from_plan
+from schemas import (
+    CODEC,
+    ConfigError,
+    Result,
+    SchemaError,
+    SensorChunk,
+    SensorFrame,
+    SensorStatus,
+    TaskStatus,
+    Window,
+)
 
 log = structlog.get_logger("fusebus.coordinator")
 
@@ -60,6 +73,8 @@ class CoordinatorSettings:
     discovery_timeout_s: float = 0.25  # how long one look waits for replies
     forget_type_after_s: float = 1.5  # a type unseen this long is no longer expected
     drain_timeout_s: float = 0.0  # on stop, how long open tasks may take to end
+    liveness_interval_s: float = 0.25  # how often silent sensors are looked for
+    forget_stream_after_s: float = 300.0  # a stream silent this long is forgotten
 
     def __post_init__(self) -> None:
         if not self.journal_interval_ms > 0:
@@ -92,9 +107,23 @@ class Coordinator:
         self.journal: TaskJournal | None = None
         self.instance_id = secrets.token_hex(4)
         self.counts: dict[str, int] = dict.fromkeys(
-            ("frames", "dead_letters", "unserved", "held", "rejected"), 0
+            (
+                "frames",
+                "chunks",
+                "dead_letters",
+                "unserved",
+                "held",
+                "rejected",
+                "sensors_down",
+                "streams_forgotten",
+            ),
+            0,
         )
-        self._held: dict[str, deque[tuple[SensorFrame, Msg]]] = {}
+        self.liveness = SensorLiveness(forget_after_s=self.settings.forget_stream_after_s)
+        self._windowers: dict[str, StreamWindower] = {}
+        self._held: dict[str, deque[tuple[CutWindow, Msg | None]]] = {}
+        self._sensors_sub: Subscription | None = None
+        self._watched: set[str] = set()
         self._all_ended = asyncio.Event()  # set whenever no task is open
         self._frames_sub: Subscription | None = None
         self._puller: BatchPuller | None = None
@@ -110,6 +139,8 @@ class Coordinator:
             **self.counts,
             "open_tasks": len(self.tracker),
             "held_now": sum(len(q) for q in self._held.values()),
+            "streams": len(self._windowers),
+            "late_chunks": sum(w.counts["late_chunks"] for w in self._windowers.values()),
             "agent_types": sorted(self.directory.types),
             **self.tracker.counts,
         }
@@ -147,8 +178,12 @@ class Coordinator:
         if self.plans.any_auto:
             await self._discovery_step()  # know the running types before the first frame
             self._life.run(self._discovery_step, name="coordinator-discovery")
+        self._life.run(self._liveness_step, name="coordinator-liveness")
         self._frames_sub = await self.nc.subscribe(
             self.subjects.all_frames(), cb=self._on_frame, pending_msgs_limit=100_000
+        )
+        self._sensors_sub = await self.nc.subscribe(
+            self.subjects.all_sensors(), cb=self._on_chunk, pending_msgs_limit=1_000_000
         )
         await self._life.register(
             self.nc,
@@ -167,10 +202,11 @@ class Coordinator:
         stay in the journal for the next run."""
         if drain_timeout_s is None:
             drain_timeout_s = self.settings.drain_timeout_s
-        if self._frames_sub is not None:
-            with contextlib.suppress(Exception):
-                await self._frames_sub.unsubscribe()
-            self._frames_sub = None
+        for sub in (self._frames_sub, self._sensors_sub):
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        self._frames_sub = self._sensors_sub = None
         if len(self.tracker) and drain_timeout_s > 0:
             self._all_ended.clear()
             with contextlib.suppress(TimeoutError):
@@ -187,83 +223,132 @@ class Coordinator:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    # Frames -> subtasks ---------------------------------------------------------------------
+    # Frames and chunks -> windows -----------------------------------------------------------
     async def _on_frame(self, msg: Msg) -> None:
         self.counts["frames"] += 1
         try:
             frame = CODEC.decode(msg.data, SensorFrame)
-            if frame.stream != self.subjects.stream_of(msg.subject):
-                raise SchemaError("stream_mismatch", f"frame for {frame.stream!r} on {msg.subject}")
-            plan = self.plans.for_stream(frame.stream)
-            if plan is None:
-                raise SchemaError("no_plan", f"no plan covers stream {frame.stream!r}")
+            plan = self._plan_for(frame.stream, msg.subject)
+            if not frame.sensors:
+                raise SchemaError("bad_field", "frame carries no sensor")
         except SchemaError as exc:
             await self._dead_letter(msg, exc.reason, str(exc))
             return
-        if plan.overflow == "block" and (
-            self._held.get(frame.stream) or self.tracker.open_in(frame.stream) >= plan.max_inflight
-        ):
-            await self._hold(frame, msg, plan)
-            return
-        await self._admit(frame, msg, plan)
+        samples = next(iter(frame.sensors.values())).shape[0]
+        window = Window(frame.t_ns, frame.t_ns + samples * frame.period_ns)
+        absent = tuple(s.name for s in plan.sensors if s.name not in frame.sensors)
+        await self._on_window(CutWindow(frame.stream, window, frame.sensors, absent), msg, plan)
 
-    async def _hold(self, frame: SensorFrame, msg: Msg, plan: Plan) -> None:
-        """Keep a frame until its stream has room; its producer's reply waits with it."""
-        held = self._held.setdefault(frame.stream, deque())
+    async def _on_chunk(self, msg: Msg) -> None:
+        self.counts["chunks"] += 1
+        try:
+            chunk = CODEC.decode(msg.data, SensorChunk)
+            plan = self._plan_for(chunk.stream, msg.subject)
+            if msg.subject != self.subjects.sensor(chunk.stream, chunk.sensor):
+                raise SchemaError("stream_mismatch", f"chunk of {chunk.sensor!r} on {msg.subject}")
+            windower = self._windower(chunk.stream, plan)
+            accepted = windower.add(chunk)
+        except SchemaError as exc:
+            await self._dead_letter(msg, exc.reason, str(exc))
+            return
+        if not accepted:
+            log.debug("chunk.dropped", stream=chunk.stream, sensor=chunk.sensor, t0_ns=chunk.t0_ns)
+        await self._heard(chunk.stream, chunk.sensor)
+        for cut in windower.ready():
+            await self._on_window(cut, None, plan)
+
+    def _plan_for(self, stream: str, subject: str) -> Plan:
+        if stream != self.subjects.stream_of(subject):
+            raise SchemaError("stream_mismatch", f"data for {stream!r} on {subject}")
+        plan = self.plans.for_stream(stream)
+        if plan is None:
+            raise SchemaError("no_plan", f"no plan covers stream {stream!r}")
+        return plan
+
+    def _windower(self, stream: str, plan: Plan) -> StreamWindower:
+        windower = self._windowers.get(stream)
+        if windower is None:
+            if plan.window is None:
+                raise SchemaError(
+                    "no_window", f"the plan of {stream!r} has no [window] for per-sensor data"
+                )
+            w = plan.window
+            sensors = tuple(s.name for s in plan.sensors) or tuple(
+                dict.fromkeys(name for spec in plan.subtasks for name in spec.sensors)
+            )
+            shape = shape_from_plan(w.size_ms, w.hop_ms, w.lateness_ms, w.rate_hz, w.max_gap_ms)
+            windower = self._windowers[stream] = StreamWindower(stream, shape, sensors)
+        return windower
+
+    async def _on_window(self, cut: CutWindow, msg: Msg | None, plan: Plan) -> None:
+        if plan.overflow == "block" and (
+            self._held.get(cut.stream) or self.tracker.open_in(cut.stream) >= plan.max_inflight
+        ):
+            await self._hold(cut, msg, plan)
+            return
+        await self._admit(cut, msg, plan)
+
+    async def _hold(self, cut: CutWindow, msg: Msg | None, plan: Plan) -> None:
+        """Keep a window until its stream has room; its producer's reply waits with it."""
+        held = self._held.setdefault(cut.stream, deque())
         if len(held) >= plan.max_inflight:
             self.counts["rejected"] += 1
-            await self._reply(msg, b"rejected: over max_inflight and the hold queue is full")
+            if msg is not None:
+                await self._reply(msg, b"rejected: over max_inflight and the hold queue is full")
             return
         self.counts["held"] += 1
-        held.append((frame, msg))
+        held.append((cut, msg))
 
     async def _release(self, stream: str) -> None:
         held = self._held.get(stream)
         plan = self.plans.for_stream(stream)
         while held and plan is not None and self.tracker.open_in(stream) < plan.max_inflight:
-            frame, msg = held.popleft()
-            await self._admit(frame, msg, plan)
+            cut, msg = held.popleft()
+            await self._admit(cut, msg, plan)
         if held is not None and not held:
             del self._held[stream]
 
-    async def _admit(self, frame: SensorFrame, msg: Msg, plan: Plan) -> None:
+    async def _admit(self, cut: CutWindow, msg: Msg | None, plan: Plan) -> None:
         started = time.perf_counter()
         try:
-            opening, shed = self._open(frame, plan)
+            opening, shed = self._open(cut, plan)
         except SchemaError as exc:
-            await self._dead_letter(msg, exc.reason, str(exc))
+            if msg is not None:
+                await self._dead_letter(msg, exc.reason, str(exc))
+            else:
+                log.warning("window.refused", stream=cut.stream, reason=exc.reason, error=str(exc))
             return
         if opening is not None and opening.subtasks:
             await self.producer.subtasks(list(opening.subtasks))
-        await self._reply(msg, ACCEPTED)
+        if msg is not None:
+            await self._reply(msg, ACCEPTED)
         await self._publish_ended(shed)
         log.debug(
-            "frame.handled",
-            stream=frame.stream,
+            "window.handled",
+            stream=cut.stream,
             task_id=opening.task_id if opening else None,
             duration_ms=round((time.perf_counter() - started) * 1e3, 3),
             outcome="opened" if opening else "skipped",
         )
 
-    def _open(self, frame: SensorFrame, plan: Plan) -> tuple[Opening | None, list[Ended]]:
-        """Open a task for the frame; also returns the tasks that ended because of it."""
-        if not frame.sensors:
-            raise SchemaError("bad_field", "frame carries no sensor")
-        samples = next(iter(frame.sensors.values())).shape[0]
-        window = Window(frame.t_ns, frame.t_ns + samples * frame.period_ns)
-        if self.tracker.has_window(frame.stream, window.t_start_ns):
+    def _open(self, cut: CutWindow, plan: Plan) -> tuple[Opening | None, list[Ended]]:
+        """Open a task for the window; also returns the tasks that ended because of it."""
+        if self.tracker.has_window(cut.stream, cut.window.t_start_ns):
             self.tracker.counts["duplicate_windows"] += 1
             return None, []
-        specs = self._specs_for(plan, frame)
+        specs = self._specs_for(plan, cut.sensors)
         if not specs:
             self.counts["unserved"] += 1
-            log.warning("frame.unserved", stream=frame.stream, reason="no agent type can serve it")
+            log.warning("window.unserved", stream=cut.stream, reason="no agent type can serve it")
             return None, []
+        required_missing = any(s.required and s.name in cut.missing for s in plan.sensors)
         opening = decompose(
-            task_id=f"{frame.stream}:{window.t_start_ns}:{secrets.token_hex(3)}",
-            stream=frame.stream,
-            window=window,
-            sensors=frame.sensors,
+            task_id=f"{cut.stream}:{cut.window.t_start_ns}:{secrets.token_hex(3)}",
+            stream=cut.stream,
+            window=cut.window,
+            sensors={}
+            if required_missing
+            else cut.sensors,  # a window missing a required sensor fails
             specs=specs,
             deadline_ms=plan.deadline_ms,
             now_ns=time.time_ns(),
@@ -276,6 +361,7 @@ class Coordinator:
             deadline_ns=opening.deadline_ns,
             ingest_ns=opening.ingest_ns,
             unavailable=opening.unavailable,
+            missing_sensors=cut.missing,
             max_inflight=plan.max_inflight if plan.overflow == "drop_oldest" else None,
         )
         task = self.tracker.get(opening.task_id)
@@ -283,11 +369,11 @@ class Coordinator:
             self.journal.changed(task)
         return opening, ended
 
-    def _specs_for(self, plan: Plan, frame: SensorFrame) -> list[SubtaskSpec]:
+    def _specs_for(self, plan: Plan, sensors: dict[str, np.ndarray]) -> list[SubtaskSpec]:
         specs = list(plan.subtasks)
         if plan.auto:
             listed = set(plan.types)
-            shapes = {name: array.shape for name, array in frame.sensors.items()}
+            shapes = {name: array.shape for name, array in sensors.items()}
             specs += [s for s in self.directory.feedable(shapes) if s.type not in listed]
         return specs
 
@@ -296,6 +382,67 @@ class Coordinator:
         if msg.reply and not msg.reply.startswith("$JS.ACK"):
             with contextlib.suppress(Exception):  # the producer may have given up
                 await self.nc.publish(msg.reply, answer)
+
+    # Sensor liveness -----------------------------------------------------------------------
+    async def _heard(self, stream: str, sensor: str) -> None:
+        plan = self.plans.for_stream(stream)
+        now = time.monotonic()
+        if stream not in self._watched:
+            allowances = {s.name: s.max_silence_ms / 1e3 for s in plan.sensors} if plan else {}
+            windower = self._windowers.get(stream)
+            for name in windower.sensors if windower else ():
+                allowances.setdefault(name, 5.0)
+            self.liveness.watch(stream, allowances, now)
+            self._watched.add(stream)
+        change = self.liveness.heard(stream, sensor, now)
+        if change is not None:
+            windower = self._windowers.get(stream)
+            if windower is not None:
+                windower.down.discard(sensor)
+            await self._announce(change)
+
+    async def _liveness_step(self) -> None:
+        await asyncio.sleep(self.settings.liveness_interval_s)
+        now = time.monotonic()
+        for change in self.liveness.check(now):
+            self.counts["sensors_down"] += 1
+            windower = self._windowers.get(change.stream)
+            if windower is not None:
+                windower.down.add(change.sensor)
+            await self._announce(change)
+            plan = self.plans.for_stream(change.stream)
+            if windower is not None and plan is not None:
+                for cut in windower.ready():  # windows no longer waiting for the silent sensor
+                    await self._on_window(cut, None, plan)
+        for stream in self.liveness.idle(now):
+            self.counts["streams_forgotten"] += 1
+            self._watched.discard(stream)
+            windower = self._windowers.pop(stream, None)
+            plan = self.plans.for_stream(stream)
+            if windower is not None and plan is not None:
+                for cut in windower.flush():
+                    await self._on_window(cut, None, plan)
+            log.info("stream.forgotten", stream=stream)
+
+    async def _announce(self, change: Change) -> None:
+        wall_now = time.time_ns()
+        last_seen_ns = wall_now - int((time.monotonic() - change.last_heard) * 1e9)
+        await self.producer.sensor_status(
+            SensorStatus(
+                stream=change.stream,
+                sensor=change.sensor,
+                state=change.state,
+                last_seen_ns=last_seen_ns,
+                silent_ms=round(change.silent_s * 1e3, 1),
+            )
+        )
+        level = log.warning if change.state == "down" else log.info
+        level(
+            f"sensor.{change.state}",
+            stream=change.stream,
+            sensor=change.sensor,
+            silent_ms=round(change.silent_s * 1e3),
+        )
 
     # Discovery ------------------------------------------------------------------------------
     async def _discovery_step(self) -> None:
@@ -360,6 +507,7 @@ class Coordinator:
                     window=task.window,
                     expected=task.expected,
                     ingest_ns=task.ingest_ns,
+                    missing_sensors=task.missing_sensors,
                 )
             )
             log.info(
@@ -368,6 +516,7 @@ class Coordinator:
                 stream=task.stream,
                 state=task.state,
                 missing=list(task.missing),
+                missing_sensors=list(task.missing_sensors),
                 reason=task.reason,
             )
         for stream in streams & set(self._held):
@@ -390,6 +539,7 @@ class Coordinator:
                 ingest_ns=r.ingest_ns,
                 seen=frozenset(r.seen),
                 unavailable=frozenset(r.unavailable),
+                missing_sensors=r.missing_sensors,
             )
         await self._publish_ended(ended)
         if records:

@@ -36,6 +36,7 @@ class OpenTask:
     ingest_ns: int
     seen: set[str] = field(default_factory=set)
     unavailable: frozenset[str] = frozenset()  # types that were never published (no input)
+    missing_sensors: tuple[str, ...] = ()
 
     @property
     def missing(self) -> tuple[str, ...]:
@@ -60,6 +61,7 @@ class Ended:
     state: str  # complete | partial | failed
     missing: tuple[str, ...]
     reason: str
+    missing_sensors: tuple[str, ...] = ()
 
 
 class TaskTracker:
@@ -133,6 +135,7 @@ class TaskTracker:
         deadline_ns: int,
         ingest_ns: int,
         unavailable: frozenset[str] = frozenset(),
+        missing_sensors: tuple[str, ...] = (),
         max_inflight: int | None = None,
     ) -> list[Ended]:
         """Open a task; returns the tasks this ends (shed ones, or itself if nothing can answer).
@@ -158,6 +161,7 @@ class TaskTracker:
             deadline_ns=deadline_ns,
             ingest_ns=ingest_ns,
             unavailable=unavailable,
+            missing_sensors=missing_sensors,
         )
         self._open[task_id] = task
         self._by_stream.setdefault(stream, OrderedDict())[task_id] = None
@@ -165,7 +169,8 @@ class TaskTracker:
         heapq.heappush(self._deadlines, (deadline_ns, task_id))
         self.counts["opened"] += 1
         if task.settled:
-            ended.append(self._end(task, reason="no input for " + ",".join(sorted(unavailable))))
+            no_input = ",".join(sorted(missing_sensors) or sorted(unavailable))
+            ended.append(self._end(task, reason=f"no input: {no_input}"))
         return ended
 
     def restore(
@@ -179,6 +184,7 @@ class TaskTracker:
         ingest_ns: int,
         seen: frozenset[str] = frozenset(),
         unavailable: frozenset[str] = frozenset(),
+        missing_sensors: tuple[str, ...] = (),
     ) -> list[Ended]:
         """Reinstate a task opened before a restart, with the results it had; ends it at once
         if nothing more can come. A task already known here is left alone."""
@@ -192,6 +198,7 @@ class TaskTracker:
             deadline_ns=deadline_ns,
             ingest_ns=ingest_ns,
             unavailable=unavailable,
+            missing_sensors=missing_sensors,
         )
         self.counts["opened"] -= 1
         self.counts["restored"] += 1
@@ -249,4 +256,5 @@ class TaskTracker:
             state=state,
             missing=missing,
             reason=reason,
+            missing_sensors=task.missing_sensors,
         )

@@ -11,7 +11,9 @@
     [default.window]                  # for per-sensor streams
     size_ms = 10000
     hop_ms = 10000
+    rate_hz = 10                      # sensors are resampled onto this grid
     lateness_ms = 1000
+    max_gap_ms = 300                  # a longer gap makes the sensor missing (default 3 samples)
 
     [default.sensors.accel]
     required = true
@@ -37,6 +39,7 @@ one :class:`~schemas.ConfigError` naming the file, the key and what is wrong.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,7 +63,7 @@ PLAN_KEYS = {
     "subtasks",
     "fusion",
 }
-WINDOW_KEYS = {"size_ms", "hop_ms", "lateness_ms"}
+WINDOW_KEYS = {"size_ms", "hop_ms", "rate_hz", "lateness_ms", "max_gap_ms"}
 SENSOR_KEYS = {"required", "max_silence_ms"}
 SUBTASK_KEYS = {"sensors"}
 FUSION_KEYS = {"strategy", "weights", "target", "threshold", "k"}
@@ -183,7 +186,14 @@ def _build(cls: Callable[..., T], where: str, **kwargs: Any) -> T:
         return cls(**kwargs)
     except FusebusError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    except (TypeError, ValueError) as exc:
+    except TypeError as exc:
+        missing = re.search(r"required (?:keyword-only |positional )?arguments?: (.+)$", str(exc))
+        if missing:
+            raise ConfigError(
+                f"{where}: missing key {missing.group(1).split(' and ')[0]}"
+            ) from None
+        raise ConfigError(f"{where}: {exc}") from None
+    except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
 

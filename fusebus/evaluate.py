@@ -66,7 +66,9 @@ class EvalSettings:
             raise ConfigError("eval needs at least one fusion strategy")
         for name in self.strategies:
             if name in ("threshold", "k_of_n"):
-                raise ConfigError(f"eval compares classifying strategies; {name!r} is an alarm rule")
+                raise ConfigError(
+                    f"eval compares classifying strategies; {name!r} is an alarm rule"
+                )
             FusionSpec(strategy=name)  # raises ConfigError for an unknown one
 
 

@@ -134,6 +134,7 @@ class TaskStatus:
     window: Window = Window(0, 0)
     expected: tuple[str, ...] = ()
     ingest_ns: int = 0
+    missing_sensors: tuple[str, ...] = ()  # sensors with no usable data in the window
 
     def __post_init__(self) -> None:
         if self.state not in TASK_STATES:
@@ -159,6 +160,7 @@ class Decision:
     latency_ms: float  # ingest -> decision
     decided_ns: int = 0
     alarm: bool = False  # a threshold rule of the strategy fired
+    missing_sensors: tuple[str, ...] = ()  # sensors with no usable data in the window
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -208,6 +210,31 @@ class OpenTaskRecord:
     ingest_ns: int
     seen: tuple[str, ...] = ()
     unavailable: tuple[str, ...] = ()
+    missing_sensors: tuple[str, ...] = ()
+
+
+#: The states a sensor can be reported in.
+SENSOR_STATES = ("down", "up")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SensorStatus:
+    """A sensor went silent for longer than its plan allows (``down``), or spoke again (``up``)."""
+
+    KIND: ClassVar[str] = "sensor_status"
+    VERSION: ClassVar[int] = 1
+
+    stream: str
+    sensor: str
+    state: str  # one of SENSOR_STATES
+    last_seen_ns: int  # wall clock of its last chunk
+    silent_ms: float
+
+    def __post_init__(self) -> None:
+        if self.state not in SENSOR_STATES:
+            raise SchemaError(
+                "bad_field", f"SensorStatus.state: {self.state!r} not in {SENSOR_STATES}"
+            )
 
 
 #: Every top-level message, in the order the docs list them.
@@ -221,4 +248,5 @@ MESSAGES: tuple[type, ...] = (
     DeadLetter,
     AgentInfo,
     OpenTaskRecord,
+    SensorStatus,
 )

@@ -19,6 +19,7 @@ from schemas import (
     SchemaError,
     SensorChunk,
     SensorFrame,
+    SensorStatus,
     Subtask,
     TaskStatus,
     Window,
@@ -125,6 +126,7 @@ def samples() -> list[object]:
             seen=("accel",),
             unavailable=(),
         ),
+        SensorStatus(stream="s1", sensor="gyro", state="down", last_seen_ns=5, silent_ms=3000.0),
         AgentInfo(
             agent_id="a-1",
             type="accel",

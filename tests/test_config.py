@@ -75,7 +75,7 @@ def test_channel_selection_and_auto_types() -> None:
             {
                 "default": {
                     "subtasks": {"a": {"sensors": ["x"]}},
-                    "window": {"size_ms": 0, "hop_ms": 1},
+                    "window": {"size_ms": 0, "hop_ms": 1, "rate_hz": 10},
                 }
             },
             "default.window: window size_ms",
@@ -106,6 +106,15 @@ def test_channel_selection_and_auto_types() -> None:
             "streams.s1: max_inflight must be >= 1",
         ),
         ({"default": {"types": ["a"]}}, 'only "auto" is allowed'),
+        (
+            {
+                "default": {
+                    "subtasks": {"a": {"sensors": ["x"]}},
+                    "window": {"size_ms": 1, "hop_ms": 1},
+                }
+            },
+            "default.window: missing key 'rate_hz'",
+        ),
     ],
 )
 def test_bad_plans_name_the_key_and_the_problem(doc: dict[str, object], message: str) -> None:

@@ -57,6 +57,7 @@ class PendingTask:
     expected: tuple[str, ...]
     ingest_ns: int
     results: dict[str, Result] = field(default_factory=dict)
+    missing_sensors: tuple[str, ...] = ()
     msgs: list[Msg] = field(default_factory=list)  # acked once the task is decided
     first_seen: float = field(default_factory=time.monotonic)
 
@@ -182,6 +183,7 @@ class FusionAgent:
             )
         task.msgs.append(msg)
         if isinstance(message, TaskStatus):
+            task.missing_sensors = message.missing_sensors
             await self._decide(message.task_id, task, reason=message.reason or message.state)
             return
         if message.type in task.results:
@@ -230,6 +232,7 @@ class FusionAgent:
             latency_ms=(now_ns - task.ingest_ns) / 1e6 if task.ingest_ns else 0.0,
             decided_ns=now_ns,
             alarm=alarm,
+            missing_sensors=task.missing_sensors,
         )
         if not await self.producer.decision(decision, decider=self.name):
             # A previous run decided this task before it could ack; the server kept that one.
