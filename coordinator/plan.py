@@ -148,8 +148,14 @@ class Plan:
         return tuple(s.type for s in self.subtasks)
 
 
-def basicmotions_plan(*, deadline_ms: float = 2000.0, max_inflight: int = 1000) -> Plan:
-    """The demo plan: ``accel`` reads the accelerometer, ``gyro`` the gyroscope."""
+def basicmotions_plan(
+    *, deadline_ms: float = 2000.0, max_inflight: int = 1000, max_silence_ms: float = 3000.0
+) -> Plan:
+    """The demo plan: ``accel`` reads the accelerometer, ``gyro`` the gyroscope.
+
+    Per-sensor data is cut into 10 s windows at 10 Hz (one BasicMotions case each), with 2 s
+    of allowed lateness; the accelerometer is required, the gyroscope optional.
+    """
     return Plan(
         subtasks=(
             SubtaskSpec("accel", (SensorInput("accel"),)),
@@ -157,6 +163,11 @@ def basicmotions_plan(*, deadline_ms: float = 2000.0, max_inflight: int = 1000) 
         ),
         deadline_ms=deadline_ms,
         max_inflight=max_inflight,
+        window=WindowSpec(size_ms=10_000, hop_ms=10_000, rate_hz=10, lateness_ms=2_000),
+        sensors=(
+            SensorSpec("accel", required=True, max_silence_ms=max_silence_ms),
+            SensorSpec("gyro", required=False, max_silence_ms=max_silence_ms),
+        ),
     )
 
 

@@ -4,8 +4,8 @@ Each stream has a :class:`StreamWindower`. Sensors publish chunks of samples at 
 rate, in any order, with jitter and gaps. Windows are aligned to the epoch (window ``k``
 covers ``[k * hop, k * hop + size)``), so the same recording always gives the same windows.
 
-A window closes when every live sensor's watermark (the end of its latest data) has passed
-the window's end, or when the stream's newest data is ``lateness`` past it. Its data is
+A window closes when every live sensor's watermark (the end of its data received without a
+hole) has passed the window's end, or when the stream's newest data is ``lateness`` past it. Its data is
 each sensor resampled by timestamp onto the window's sample grid (``rate_hz``); a sensor
 whose samples leave a gap wider than ``max_gap_ms`` in the window is missing from it.
 Chunks that only touch closed windows are late: counted and dropped.
@@ -63,6 +63,17 @@ class _SensorBuffer:
     def end_of(self, t0: int) -> int:
         period, samples = self.chunks[t0]
         return t0 + len(samples) * period
+
+    def contiguous_until(self, tolerance_ns: int) -> int:
+        """The end of the data that arrived without a hole, from the oldest chunk held: a
+        chunk missing in the middle (lost, or still on its way) stops it."""
+        cursor: int | None = None
+        for t0 in sorted(self.chunks):
+            if cursor is not None and t0 > cursor + tolerance_ns:
+                break
+            end = self.end_of(t0)
+            cursor = end if cursor is None else max(cursor, end)
+        return cursor if cursor is not None else 0
 
 
 class StreamWindower:
@@ -160,8 +171,9 @@ class StreamWindower:
             return []
         cut = []
         newest = self.watermark_ns()
+        tolerance = self.shape.max_gap_ns
         waited = [
-            b.watermark_ns
+            b.contiguous_until(tolerance)
             for name, b in self._buffers.items()
             if name not in self.down and b.chunks
         ]

@@ -1,4 +1,5 @@
-"""Replaying a recorded dataset onto the bus as a live stream of frames."""
+"""Replaying a recorded dataset onto the bus as live sensors: pre-aligned frames, or per-sensor
+chunks with optional, seeded imperfections (jitter, reordering, gaps, a sensor dropping out)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from bus import Producer
 from fusebus.datasets import SensorDataset
-from schemas import ConfigError, SensorFrame
+from schemas import ConfigError, SensorChunk, SensorFrame
 
 
 @dataclass(frozen=True)
@@ -66,3 +69,139 @@ async def replay_frames(
         sent.append(ReplayedWindow(t_ns, dataset.labels[int(y[i])], answer))
     await producer.nc.flush()
     return sent
+
+
+@dataclass(frozen=True)
+class Imperfections:
+    """What real sensors do, injected into a replay; each draw comes from ``seed``.
+
+    ``jitter_ms``: each chunk is sent up to this much late (uniform). ``reorder``: chunks of a
+    sensor are shuffled within groups of this many. ``gap_rate``: share of chunks lost.
+    ``dropout``: ``(sensor, start, end)``: that sensor sends nothing between these fractions
+    of the replay (0.3, 0.6 = from 30% to 60% of its duration).
+    """
+
+    jitter_ms: float = 0.0
+    reorder: int = 0
+    gap_rate: float = 0.0
+    dropout: tuple[str, float, float] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.jitter_ms < 0 or self.reorder < 0 or not 0 <= self.gap_rate < 1:
+            raise ConfigError("jitter_ms and reorder must be >= 0, gap_rate within [0, 1)")
+        if self.dropout is not None and not 0 <= self.dropout[1] < self.dropout[2] <= 1:
+            raise ConfigError(
+                f"dropout range must satisfy 0 <= start < end <= 1, got {self.dropout[1:]}"
+            )
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """A chunk and when to send it, in seconds from the start of the replay."""
+
+    send_at_s: float
+    chunk: SensorChunk
+
+
+def stream_names(base: str, count: int) -> list[str]:
+    """``count`` stream ids: ``base`` alone, or ``base-0000``, ``base-0001``..."""
+    return [base] if count == 1 else [f"{base}-{i:04d}" for i in range(count)]
+
+
+def chunk_schedule(
+    dataset: SensorDataset,
+    *,
+    streams: list[str],
+    speed: float,
+    chunk_ms: float,
+    start_ns: int,
+    split: str = "test",
+    limit: int | None = None,
+    imperfections: Imperfections = Imperfections(),
+) -> tuple[list[ScheduledChunk], dict[str, list[ReplayedWindow]]]:
+    """Every chunk to send, in send order, and the true label of every window of each stream.
+
+    Stream ``i`` plays the cases from case ``i`` on (wrapping), so streams differ. A chunk is
+    due when its last sample has been taken (divided by ``speed``), plus jitter.
+    """
+    if speed <= 0 or chunk_ms <= 0:
+        raise ConfigError("speed and chunk_ms must be > 0")
+    x = dataset.x_test if split == "test" else dataset.x_train
+    y = dataset.y_test if split == "test" else dataset.y_train
+    cases = len(x) if limit is None else min(limit, len(x))
+    period_ns = dataset.period_ns
+    per_chunk = max(1, round(chunk_ms * 1e6 / period_ns))
+    case_samples = x.shape[1]
+    rng = np.random.default_rng(imperfections.seed)
+    total_ns = cases * case_samples * period_ns
+    schedule: list[ScheduledChunk] = []
+    truth: dict[str, list[ReplayedWindow]] = {}
+    for index, stream in enumerate(streams):
+        order = [(index + c) % len(x) for c in range(cases)]
+        truth[stream] = [
+            ReplayedWindow(start_ns + c * case_samples * period_ns, dataset.labels[int(y[case])])
+            for c, case in enumerate(order)
+        ]
+        for sensor in dataset.sensors:
+            samples = np.concatenate([dataset.sensor_view(x[case], sensor) for case in order])
+            chunks = [
+                SensorChunk(
+                    stream=stream,
+                    sensor=sensor,
+                    t0_ns=start_ns + i * period_ns,
+                    period_ns=period_ns,
+                    samples=np.ascontiguousarray(samples[i : i + per_chunk]),
+                )
+                for i in range(0, len(samples), per_chunk)
+            ]
+            due = [
+                ((c.t0_ns - start_ns) + len(c.samples) * period_ns) / 1e9 / speed for c in chunks
+            ]
+            if imperfections.reorder > 1:
+                group = imperfections.reorder
+                for g in range(0, len(chunks), group):
+                    block = chunks[g : g + group]
+                    rng.shuffle(block)
+                    chunks[g : g + group] = block
+            for when, chunk in zip(due, chunks, strict=True):
+                offset_ns = chunk.t0_ns - start_ns
+                if imperfections.gap_rate and rng.random() < imperfections.gap_rate:
+                    continue
+                dropout = imperfections.dropout
+                if (
+                    dropout
+                    and dropout[0] == sensor
+                    and dropout[1] * total_ns <= offset_ns < dropout[2] * total_ns
+                ):
+                    continue
+                jitter = (
+                    rng.uniform(0, imperfections.jitter_ms / 1e3)
+                    if imperfections.jitter_ms
+                    else 0.0
+                )
+                schedule.append(ScheduledChunk(when + jitter, chunk))
+    schedule.sort(key=lambda s: s.send_at_s)
+    return schedule, truth
+
+
+async def send_schedule(producer: Producer, schedule: list[ScheduledChunk]) -> int:
+    """Publish each chunk at its time (from now); returns how many were sent."""
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    for sent, item in enumerate(schedule):
+        delay = began + item.send_at_s - loop.time()
+        if delay > 0.0005:
+            await asyncio.sleep(delay)
+        await producer.chunk(item.chunk)
+        if sent % 1000 == 999:
+            await asyncio.sleep(0)  # let the client flush between bursts
+    await producer.nc.flush()
+    return len(schedule)
+
+
+def aligned_start_ns(dataset: SensorDataset, *, after_ns: int | None = None) -> int:
+    """The next instant, from now, on the grid of the dataset's case length (window hop)."""
+    case_ns = dataset.x_test.shape[1] * dataset.period_ns
+    now = time.time_ns() if after_ns is None else after_ns
+    return int(-(-now // case_ns) * case_ns)
