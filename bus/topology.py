@@ -6,6 +6,7 @@
 | ``<P>_RESULTS`` | ``fb.result.*``, ``fb.status.*`` | limits, short max age |
 | ``<P>_DECISIONS`` | ``fb.decision.*`` | limits, so readers can consume durably |
 | ``<P>_DLQ`` | ``fb.dlq.*`` | limits, long max age |
+| ``<P>_SENSORS`` | ``fb.sensor.*.*``, ``fb.frame.*`` | limits; only with ``record_sensors`` |
 
 Every component calls :func:`ensure_streams` when it starts, so start order does not matter.
 """
@@ -45,6 +46,8 @@ class TopologySettings:
     task_max_deliver: int = 5
     task_max_ack_pending: int = 20_000
     reader_ack_wait_s: float = 30.0  # coordinator's and fusion's consumers on results
+    record_sensors: bool = False  # also keep sensor chunks and frames in <P>_SENSORS
+    sensors_max_age_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if self.storage not in ("file", "memory"):
@@ -97,6 +100,19 @@ def stream_configs(subjects: Subjects, settings: TopologySettings) -> list[Strea
             retention=RetentionPolicy.LIMITS,
             storage=storage,
             max_age=settings.dlq_max_age_s,
+        ),
+        *(
+            [
+                StreamConfig(
+                    name=subjects.sensors_stream,
+                    subjects=[subjects.all_sensors(), subjects.all_frames()],
+                    retention=RetentionPolicy.LIMITS,
+                    storage=storage,
+                    max_age=settings.sensors_max_age_s,
+                )
+            ]
+            if settings.record_sensors
+            else []
         ),
     ]
 

@@ -51,6 +51,17 @@ def _weight(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"{text!r} is not TYPE=WEIGHT") from None
 
 
+def _dropout(text: str) -> tuple[str, float, float]:
+    sensor, _, rest = text.partition(":")
+    start, _, end = rest.partition(":")
+    try:
+        if not sensor:
+            raise ValueError
+        return sensor, float(start), float(end)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not SENSOR:START:END") from None
+
+
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.isidentifier():
@@ -101,7 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="run everything on one machine with recorded data")
     _bus_options(up, url_default=env_url)
     up.add_argument(
-        "--rate", type=_positive(float), default=10.0, help="frames per second (default: 10)"
+        "--speed",
+        type=_positive(float),
+        default=100.0,
+        help="replay speed, x real time (default: 100, a 10 s recording every 0.1 s)",
+    )
+    up.add_argument(
+        "--frames", action="store_true", help="send pre-aligned frames instead of chunks"
+    )
+    up.add_argument(
+        "--rate", type=_positive(float), default=10.0, help="with --frames: frames per second"
     )
     up.add_argument(
         "--deadline-ms", type=_positive(float), default=2000.0, help="task deadline (default: 2000)"
@@ -128,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     coordinator.add_argument("--deadline-ms", type=_positive(float), default=2000.0)
     coordinator.add_argument("--max-inflight", type=_positive(int), default=1000)
     coordinator.add_argument("--name", default="main", help="journal name (one per coordinator)")
+    coordinator.add_argument(
+        "--record",
+        action="store_true",
+        help="also keep sensor chunks and frames in the SENSORS stream (for `fusebus record`)",
+    )
     coordinator.add_argument(
         "--drain-s",
         type=float,
@@ -194,18 +219,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="fusion weight of a type, overriding the agents' own (repeatable)",
     )
 
-    replay = commands.add_parser("replay", help="replay a recorded dataset as a live stream")
+    replay = commands.add_parser(
+        "replay", help="replay a dataset (or a recording file) as live sensors"
+    )
     _bus_options(replay, url_default=env_url or DEFAULT_URL)
-    replay.add_argument("dataset", help="dataset name (basicmotions)")
+    replay.add_argument("source", help="dataset name (basicmotions) or a recording file")
     replay.add_argument("--stream", default=None, help="stream id (default: the dataset name)")
-    replay.add_argument("--rate", type=_positive(float), default=10.0, help="frames per second")
+    replay.add_argument("--streams", type=_positive(int), default=1, help="concurrent streams")
+    replay.add_argument(
+        "--speed", type=_positive(float), default=1.0, help="x real time (default 1)"
+    )
+    replay.add_argument(
+        "--chunk-ms", type=_positive(float), default=1000.0, help="event time per chunk"
+    )
+    replay.add_argument(
+        "--jitter-ms", type=float, default=0.0, help="send each chunk up to this late"
+    )
+    replay.add_argument("--reorder", type=int, default=0, help="shuffle chunks within groups of N")
+    replay.add_argument("--gap-rate", type=float, default=0.0, help="share of chunks lost")
+    replay.add_argument(
+        "--dropout",
+        type=_dropout,
+        metavar="SENSOR:START:END",
+        help="a sensor sends nothing between these fractions of the replay, e.g. gyro:0.3:0.6",
+    )
+    replay.add_argument("--seed", type=int, default=0, help="seed of every injected imperfection")
+    replay.add_argument("--split", choices=("train", "test"), default="test")
+    replay.add_argument("--limit", type=_positive(int), help="cases per stream")
+    replay.add_argument("--frames", action="store_true", help="send pre-aligned frames, not chunks")
+    replay.add_argument(
+        "--rate", type=_positive(float), default=10.0, help="frames per second (--frames)"
+    )
     replay.add_argument(
         "--wait",
         action="store_true",
-        help="send each frame as a request and wait for the coordinator to accept it",
+        help="with --frames: send each frame as a request and wait for the coordinator to accept it",
     )
-    replay.add_argument("--split", choices=("train", "test"), default="test")
-    replay.add_argument("--limit", type=_positive(int), help="send at most this many frames")
+
+    recorder = commands.add_parser("record", help="write recorded sensor traffic to a file")
+    _bus_options(recorder, url_default=env_url or DEFAULT_URL)
+    recorder.add_argument("--out", type=Path, required=True, help="recording file to write")
+    recorder.add_argument(
+        "--last-s", type=_positive(float), help="only the last N seconds (default: all kept)"
+    )
 
     evaluate = commands.add_parser(
         "eval", help="measure agents and fusion strategies on a TEST split"
@@ -293,6 +349,8 @@ async def _run(args: argparse.Namespace) -> int:
             UpSettings(
                 nats_url=args.nats_url,
                 prefix=args.prefix,
+                frames=args.frames,
+                speed=args.speed,
                 rate_hz=args.rate,
                 deadline_ms=args.deadline_ms,
                 agents=agents,
@@ -305,6 +363,7 @@ async def _run(args: argparse.Namespace) -> int:
     from fusebus.components import serve
 
     if args.command == "coordinator":
+        from bus import TopologySettings
         from coordinator import Coordinator, CoordinatorSettings, PlanBook
         from coordinator.plan import BUILTIN_PLANS
         from fusebus.config import load_deployment
@@ -321,9 +380,10 @@ async def _run(args: argparse.Namespace) -> int:
                 default=make_plan(deadline_ms=args.deadline_ms, max_inflight=args.max_inflight)
             )
         coordinator_settings = CoordinatorSettings(name=args.name, drain_timeout_s=args.drain_s)
+        topology = TopologySettings(record_sensors=args.record)
         return await serve(
             lambda nc: Coordinator(
-                nc, plans=plans, subjects=subjects, settings=coordinator_settings
+                nc, plans=plans, subjects=subjects, settings=coordinator_settings, topology=topology
             ).start(),
             bus=bus,
             name="coordinator",
@@ -388,30 +448,45 @@ async def _run(args: argparse.Namespace) -> int:
             name="fusion",
         )
     if args.command == "replay":
-        from bus import Producer, connect
-        from fusebus.datasets import load_dataset
-        from fusebus.replay import replay_frames
+        from bus import connect
+        from fusebus.replay import Imperfections, ReplayRequest, is_recording, run_replay
 
-        dataset = load_dataset(args.dataset)
+        is_recording(args.source)  # an unknown name fails here, before connecting
+        request = ReplayRequest(
+            source=args.source,
+            stream=args.stream,
+            streams=args.streams,
+            speed=args.speed,
+            chunk_ms=args.chunk_ms,
+            split=args.split,
+            limit=args.limit,
+            frames=args.frames,
+            rate_hz=args.rate,
+            wait=args.wait,
+            imperfections=Imperfections(
+                jitter_ms=args.jitter_ms,
+                reorder=args.reorder,
+                gap_rate=args.gap_rate,
+                dropout=args.dropout,
+                seed=args.seed,
+            ),
+        )
         nc = await connect(bus, name="replay")
         try:
-            sent = await replay_frames(
-                Producer(nc, subjects),
-                dataset,
-                stream=args.stream or dataset.name,
-                rate_hz=args.rate,
-                split=args.split,
-                limit=args.limit,
-                wait_s=30.0 if args.wait else None,
-            )
+            print(await run_replay(nc, subjects, request))
         finally:
             await nc.drain()
-        rejected = sum(1 for w in sent if w.answer and w.answer != b"accepted")
-        print(
-            f"replayed {len(sent)} frames of {dataset.name} ({args.split}) on "
-            f"{subjects.frame(args.stream or dataset.name)}"
-            + (f", {rejected} rejected" if rejected else "")
-        )
+        return 0
+    if args.command == "record":
+        from bus import connect
+        from fusebus.recording import record
+
+        nc = await connect(bus, name="record")
+        try:
+            count = await record(nc, subjects, args.out, since_s=args.last_s)
+        finally:
+            await nc.drain()
+        print(f"recorded {count} messages to {args.out}")
         return 0
     raise _usage(f"unknown command {args.command!r}")
 

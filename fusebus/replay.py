@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from bus import Producer
+from bus import Producer, Subjects
 from fusebus.datasets import SensorDataset
 from schemas import ConfigError, SensorChunk, SensorFrame
 
@@ -205,3 +207,82 @@ def aligned_start_ns(dataset: SensorDataset, *, after_ns: int | None = None) -> 
     case_ns = dataset.x_test.shape[1] * dataset.period_ns
     now = time.time_ns() if after_ns is None else after_ns
     return int(-(-now // case_ns) * case_ns)
+
+
+@dataclass(frozen=True)
+class ReplayRequest:
+    """What ``fusebus replay`` was asked to send."""
+
+    source: str  # a dataset name or a recording file
+    stream: str | None = None
+    streams: int = 1
+    speed: float = 1.0
+    chunk_ms: float = 1000.0
+    split: str = "test"
+    limit: int | None = None
+    frames: bool = False
+    rate_hz: float = 10.0
+    wait: bool = False
+    imperfections: Imperfections = Imperfections()
+
+
+def is_recording(source: str) -> bool:
+    """Whether ``source`` names a recording file rather than a shipped dataset.
+
+    Raises:
+        ConfigError: it is neither a known dataset nor something that looks like a file.
+    """
+    from fusebus.datasets import DATASETS
+
+    if source in DATASETS:
+        return False
+    if "." in source or "/" in source:
+        return True
+    raise ConfigError(
+        f"unknown dataset {source!r}; known: {', '.join(sorted(DATASETS))}, or a recording file"
+    )
+
+
+async def run_replay(nc: Any, subjects: Subjects, request: ReplayRequest) -> str:
+    """Send what ``request`` asks for; returns a one-line summary."""
+    from fusebus.datasets import load_dataset
+    from fusebus.recording import describe, play, read_recording
+
+    producer = Producer(nc, subjects)
+    if is_recording(request.source):
+        entries = await asyncio.to_thread(read_recording, Path(request.source))
+        await play(nc, subjects, entries, speed=request.speed)
+        facts = describe(entries)
+        return f"played {facts['messages']} messages of {facts['streams']} streams from {request.source}"
+    dataset = load_dataset(request.source)
+    base = request.stream or dataset.name
+    if request.frames:
+        sent = await replay_frames(
+            producer,
+            dataset,
+            stream=base,
+            rate_hz=request.rate_hz,
+            split=request.split,
+            limit=request.limit,
+            wait_s=30.0 if request.wait else None,
+        )
+        rejected = sum(1 for w in sent if w.answer and w.answer != b"accepted")
+        return f"replayed {len(sent)} frames of {dataset.name} on {subjects.frame(base)}" + (
+            f", {rejected} rejected" if rejected else ""
+        )
+    names = stream_names(base, request.streams)
+    schedule, truth = chunk_schedule(
+        dataset,
+        streams=names,
+        speed=request.speed,
+        chunk_ms=request.chunk_ms,
+        start_ns=aligned_start_ns(dataset),
+        split=request.split,
+        limit=request.limit,
+        imperfections=request.imperfections,
+    )
+    count = await send_schedule(producer, schedule)
+    windows = sum(len(w) for w in truth.values())
+    return (
+        f"replayed {count} chunks ({windows} windows) of {dataset.name} on {len(names)} stream(s)"
+    )

@@ -2,7 +2,7 @@
 
 Starts ``nats-server`` (unless a URL is given), the coordinator, one agent process per
 type and the fusion agent as separate processes, waits until each has registered on the
-bus, replays a dataset's TEST split as a live stream, prints every decision as it arrives
+bus, replays a dataset's TEST split as live sensors (per-sensor chunks, or frames), prints every decision as it arrives
 and a summary, then stops everything.
 """
 
@@ -36,7 +36,7 @@ from bus import (
 from bus.discovery import ROLE
 from fusebus.datasets import load_dataset
 from fusebus.paths import models_dir
-from fusebus.replay import replay_frames
+from fusebus.replay import aligned_start_ns, chunk_schedule, replay_frames, send_schedule
 from schemas import CODEC, BusError, ConfigError, Decision, SchemaError
 
 
@@ -49,7 +49,9 @@ class UpSettings:
     dataset: str = "basicmotions"
     stream: str = "basicmotions"
     agents: tuple[str, ...] = ("accel", "gyro")
-    rate_hz: float = 10.0
+    frames: bool = False  # send pre-aligned frames instead of per-sensor chunks
+    speed: float = 100.0  # chunks: x real time (a 10 s case every 0.1 s)
+    rate_hz: float = 10.0  # frames: per second
     deadline_ms: float = 2000.0
     ready_timeout_s: float = 60.0
     log_dir: Path | None = None  # where each process writes its log; default a temp folder
@@ -133,13 +135,15 @@ async def run_up(settings: UpSettings, *, out: TextIO = sys.stdout) -> int:
         nc = await connect(bus, name="fusebus-up")
         await _wait_ready(nc, settings, children)
         subjects = Subjects(settings.prefix)
-        case_ns = dataset.x_test.shape[1] * dataset.period_ns
-        start_ns = time.time_ns()
-        tally = Tally(
-            truth={
-                start_ns + i * case_ns: dataset.labels[int(y)] for i, y in enumerate(dataset.y_test)
-            }
+        start_ns = aligned_start_ns(dataset)
+        schedule, windows = chunk_schedule(
+            dataset,
+            streams=[settings.stream],
+            speed=settings.speed,
+            chunk_ms=1000.0,
+            start_ns=start_ns,
         )
+        tally = Tally(truth={w.t_start_ns: w.label for w in windows[settings.stream]})
         all_in = asyncio.Event()
 
         async def on_decision(msg: Msg) -> None:
@@ -172,13 +176,16 @@ async def run_up(settings: UpSettings, *, out: TextIO = sys.stdout) -> int:
             f"{'#':>3}  {'window (s)':<13} {'predicted':<10} {'true':<10}    {'status':<9} latency",
             file=out,
         )
-        await replay_frames(
-            Producer(nc, subjects),
-            dataset,
-            stream=settings.stream,
-            rate_hz=settings.rate_hz,
-            start_ns=start_ns,
-        )
+        if settings.frames:
+            await replay_frames(
+                Producer(nc, subjects),
+                dataset,
+                stream=settings.stream,
+                rate_hz=settings.rate_hz,
+                start_ns=start_ns,
+            )
+        else:
+            await send_schedule(Producer(nc, subjects), schedule)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(all_in.wait(), timeout=settings.deadline_ms / 1e3 + 10.0)
         await sub.unsubscribe()

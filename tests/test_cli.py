@@ -30,7 +30,7 @@ def run_fusebus(*args: str, timeout: float = 120) -> subprocess.CompletedProcess
 def test_up_decides_all_forty_cases_and_exits_cleanly(tmp_path: Path) -> None:
     """`fusebus up` with no URL starts its own nats-server and every component, prints 40
     decisions and a summary with accuracy >= 0.95, and exits 0."""
-    done = run_fusebus("up", "--rate", "40", "--log-dir", str(tmp_path))
+    done = run_fusebus("up", "--speed", "200", "--log-dir", str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [line for line in done.stdout.splitlines() if re.match(r"\s*\d+\s+\d+-\d+", line)]
     assert len(rows) == 40
@@ -68,8 +68,8 @@ async def test_each_component_runs_alone_against_a_given_server(
         "basicmotions",
         "--stream",
         "bm",
-        "--rate",
-        "100",
+        "--speed",
+        "200",
         "--limit",
         "12",
         *bus_args,
