@@ -78,6 +78,19 @@ class Producer:
             )
         )
 
+    async def subtasks_pipelined(self, subtasks: list[Subtask]) -> list[asyncio.Future[Any]]:
+        """Send subtasks without waiting for the server: returns one future per publish ack.
+
+        At most a few thousand publishes are outstanding (nats-py's limit); past that this
+        call waits, which slows the caller to the server's pace.
+        """
+        return [
+            await self.js.publish_async(
+                self.subjects.task(s.type), encode(s), headers={MSG_ID: f"{s.task_id}:{s.type}"}
+            )
+            for s in subtasks
+        ]
+
     async def results(self, results: list[Result]) -> None:
         """Publish agents' results."""
         await asyncio.gather(

@@ -116,6 +116,7 @@ class Coordinator:
                 "rejected",
                 "sensors_down",
                 "streams_forgotten",
+                "publish_failures",
             ),
             0,
         )
@@ -124,6 +125,7 @@ class Coordinator:
         self._held: dict[str, deque[tuple[CutWindow, Msg | None]]] = {}
         self._sensors_sub: Subscription | None = None
         self._watched: set[str] = set()
+        self._confirming: set[asyncio.Task[None]] = set()
         self._all_ended = asyncio.Event()  # set whenever no task is open
         self._frames_sub: Subscription | None = None
         self._puller: BatchPuller | None = None
@@ -211,6 +213,8 @@ class Coordinator:
             self._all_ended.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._all_ended.wait(), drain_timeout_s)
+        if self._confirming:
+            await asyncio.gather(*self._confirming, return_exceptions=True)
         await self._life.close()
         if self.journal is not None:
             with contextlib.suppress(Exception):  # the bus may be gone; the journal is behind
@@ -318,10 +322,14 @@ class Coordinator:
             else:
                 log.warning("window.refused", stream=cut.stream, reason=exc.reason, error=str(exc))
             return
-        if opening is not None and opening.subtasks:
-            await self.producer.subtasks(list(opening.subtasks))
-        if msg is not None:
-            await self._reply(msg, ACCEPTED)
+        acks = await self.producer.subtasks_pipelined(list(opening.subtasks)) if opening else []
+        # The acks are awaited in the background so that the next window need not wait for
+        # this one's round trip; a producer that asked is answered once they are in.
+        confirm = asyncio.create_task(
+            self._confirm(acks, msg, opening.task_id if opening else None)
+        )
+        self._confirming.add(confirm)
+        confirm.add_done_callback(self._confirming.discard)
         await self._publish_ended(shed)
         log.debug(
             "window.handled",
@@ -330,6 +338,20 @@ class Coordinator:
             duration_ms=round((time.perf_counter() - started) * 1e3, 3),
             outcome="opened" if opening else "skipped",
         )
+
+    async def _confirm(
+        self, acks: list[asyncio.Future[Any]], msg: Msg | None, task_id: str | None
+    ) -> None:
+        results = await asyncio.gather(*acks, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            # The task still ends: at its deadline, partial or failed, like any other.
+            self.counts["publish_failures"] += len(failed)
+            log.error(
+                "subtasks.unconfirmed", task_id=task_id, failed=len(failed), error=str(failed[0])
+            )
+        if msg is not None:
+            await self._reply(msg, f"rejected: {failed[0]}".encode() if failed else ACCEPTED)
 
     def _open(self, cut: CutWindow, plan: Plan) -> tuple[Opening | None, list[Ended]]:
         """Open a task for the window; also returns the tasks that ended because of it."""

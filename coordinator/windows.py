@@ -172,10 +172,12 @@ class StreamWindower:
         cut = []
         newest = self.watermark_ns()
         tolerance = self.shape.max_gap_ns
+        # Every declared sensor not known to be down is waited for, including one that has
+        # sent nothing yet: until the lateness runs out or it is declared down.
         waited = [
             b.contiguous_until(tolerance)
             for name, b in self._buffers.items()
-            if name not in self.down and b.chunks
+            if name not in self.down
         ]
         while True:
             start = self._next_start

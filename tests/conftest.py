@@ -15,8 +15,8 @@ from nats.aio.client import Client
 
 from agents import AgentRuntime, AgentSettings, ModelAgent
 from agents.fusion import FusionAgent
-from bus import BusSettings, EmbeddedServer, Subjects, connect
-from coordinator import Coordinator, Plan, PlanBook, basicmotions_plan
+from bus import BusSettings, EmbeddedServer, Subjects, TopologySettings, connect
+from coordinator import Coordinator, CoordinatorSettings, Plan, PlanBook, basicmotions_plan
 from fusebus.datasets import SensorDataset, load_basicmotions
 from fusebus.paths import models_dir
 from tests.helpers import Pipeline
@@ -98,23 +98,32 @@ async def pipeline(
         agents: tuple[str, ...] = ("accel", "gyro"),
         plan: Plan | None = None,
         agent_settings: AgentSettings | None = None,
+        coordinator_settings: CoordinatorSettings | None = None,
+        topology: TopologySettings | None = None,
+        on: Subjects | None = None,
     ) -> Pipeline:
-        parts = Pipeline(subjects=subjects, nc=await connect_bus("test-client"))
+        where = on or subjects
+        parts = Pipeline(subjects=where, nc=await connect_bus("test-client"))
         started.append(parts)
-        parts.fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
+        parts.fusion = await FusionAgent(
+            await connect_bus("fusion"), subjects=where, topology=topology
+        ).start()
         for type_name in agents:
             agent = ModelAgent(models_dir() / f"{type_name}.tflite")
             runtime = AgentRuntime(
                 agent,
                 await connect_bus(f"agent-{type_name}"),
-                subjects=subjects,
+                subjects=where,
                 settings=agent_settings,
+                topology=topology,
             )
             parts.agents.append(await runtime.start())
         parts.coordinator = await Coordinator(
             await connect_bus("coordinator"),
             plans=PlanBook(default=plan or basicmotions_plan()),
-            subjects=subjects,
+            subjects=where,
+            settings=coordinator_settings,
+            topology=topology,
         ).start()
         return parts
 
