@@ -98,7 +98,8 @@ async def connect(settings: BusSettings, *, name: str) -> Client:
     # for a server that is not up (yet) is bounded here.
     budget_s = max(settings.wait_for_server_s, settings.connect_timeout_s)
     try:
-        await asyncio.wait_for(nc.connect(**options), timeout=budget_s)
+        async with asyncio.timeout(budget_s):
+            await nc.connect(**options)
         return nc
     except TimeoutError:
         raise BusError(f"cannot connect to NATS at {settings.url} within {budget_s:g}s") from None

@@ -87,4 +87,5 @@ class Lifecycle:
         if self.service is not None:
             service, self.service = self.service, None
             with contextlib.suppress(Exception):  # the connection may already be gone
-                await service.stop()
+                async with asyncio.timeout(5.0):
+                    await service.stop()

@@ -212,7 +212,8 @@ class Coordinator:
         if len(self.tracker) and drain_timeout_s > 0:
             self._all_ended.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._all_ended.wait(), drain_timeout_s)
+                async with asyncio.timeout(drain_timeout_s):
+                    await self._all_ended.wait()
         if self._confirming:
             await asyncio.gather(*self._confirming, return_exceptions=True)
         await self._life.close()

@@ -35,21 +35,36 @@ def stop_on_signals() -> asyncio.Event:
 
 
 async def serve(
-    start: Callable[[Client], Awaitable[Component]], *, bus: BusSettings, name: str
+    start: Callable[[Client], Awaitable[Component]],
+    *,
+    bus: BusSettings,
+    name: str,
+    stop_timeout_s: float = 60.0,
 ) -> int:
     """Connect, start a component, serve until a stop signal, then stop it and drain.
 
-    Returns the process exit code (0).
+    Returns the process exit code: 0, or 1 when stopping took longer than ``stop_timeout_s``
+    (the process exits anyway; whatever was not acked is redelivered to the next one).
     """
     stop = stop_on_signals()
     nc = await connect(bus, name=name)
+    code = 0
     try:
         component = await start(nc)
         log.info("component.ready", component=name, url=bus.url, prefix=bus.prefix)
         await stop.wait()
         log.info("component.stopping", component=name)
-        await component.stop()
+        try:
+            async with asyncio.timeout(stop_timeout_s):
+                await component.stop()
+        except TimeoutError:
+            log.error("component.stop_timeout", component=name, timeout_s=stop_timeout_s)
+            code = 1
     finally:
         with contextlib.suppress(Exception):
-            await nc.drain()
-    return 0
+            async with asyncio.timeout(10.0):
+                await nc.drain()
+        if not nc.is_closed:
+            with contextlib.suppress(Exception):
+                await nc.close()
+    return code

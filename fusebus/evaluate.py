@@ -193,7 +193,8 @@ async def live_run(
         sent = await replay_frames(
             Producer(nc, subjects), dataset, stream=STREAM, rate_hz=settings.rate_hz
         )
-        await asyncio.wait_for(done.wait(), timeout=settings.deadline_ms / 1e3 + 30)
+        async with asyncio.timeout(settings.deadline_ms / 1e3 + 30):
+            await done.wait()
     finally:
         for component in reversed(components):
             await component.stop()

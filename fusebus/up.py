@@ -187,7 +187,8 @@ async def run_up(settings: UpSettings, *, out: TextIO = sys.stdout) -> int:
         else:
             await send_schedule(Producer(nc, subjects), schedule)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(all_in.wait(), timeout=settings.deadline_ms / 1e3 + 10.0)
+            async with asyncio.timeout(settings.deadline_ms / 1e3 + 10.0):
+                await all_in.wait()
         await sub.unsubscribe()
         memory = {c.name: rss_mb(c.process.pid) for c in children}
         if server is not None and server.pid is not None:

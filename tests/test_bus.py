@@ -196,3 +196,40 @@ def test_bus_settings_are_validated() -> None:
         BusSettings(url="localhost:4222")
     with pytest.raises(ConfigError, match="together"):
         BusSettings(user="agent")
+
+
+async def test_cancelling_a_waiting_pull_always_cancels(
+    subjects: Subjects, connect_bus: Connect
+) -> None:
+    """A stop request that lands while messages arrive is never swallowed (a service whose
+    loop ignored it would hang on stop)."""
+    nc = await connect_bus("cancel")
+    js = nc.jetstream()
+    await ensure_streams(js, subjects, TopologySettings(storage="memory"))
+    consumer = await ensure_task_consumer(js, subjects, "accel", TopologySettings(storage="memory"))
+    puller = await BatchPuller(
+        nc, stream=subjects.tasks_stream, consumer=consumer, prefetch=8
+    ).start()
+    publisher = await connect_bus("publisher")
+
+    async def trickle() -> None:
+        while True:
+            await publisher.publish(subjects.task("accel"), b"x")
+            await asyncio.sleep(0.0005)
+
+    feeding = asyncio.create_task(trickle())
+    try:
+        for i in range(300):
+            task = asyncio.create_task(puller.next_batch(8, idle_timeout_s=1.0, fill_wait_s=0.01))
+            await asyncio.sleep(0.0002 * (i % 7))
+            requested = task.cancel()  # True: the task was still running when asked
+            try:
+                batch = await task
+            except asyncio.CancelledError:
+                continue
+            assert not requested, f"cancellation swallowed at iteration {i}"
+            for msg in batch:
+                await msg.ack()
+    finally:
+        feeding.cancel()
+        await puller.stop()

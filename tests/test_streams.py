@@ -238,3 +238,39 @@ async def test_record_then_replay_gives_identical_decisions(
         for offset, decision in first.items():
             assert (again[offset].label, again[offset].status) == (decision.label, decision.status)
             assert again[offset].scores == decision.scores
+
+
+async def test_windows_missing_a_required_sensor_fail_and_say_which(
+    pipeline: StartPipeline, basicmotions: SensorDataset
+) -> None:
+    """With the gyroscope required, windows it left empty are reported failed, naming it."""
+    from coordinator import Plan
+    from coordinator.plan import SensorSpec
+
+    base = basicmotions_plan(max_silence_ms=300, deadline_ms=1000)
+    plan = Plan(
+        subtasks=base.subtasks,
+        deadline_ms=base.deadline_ms,
+        window=base.window,
+        sensors=(SensorSpec("accel", True, 300), SensorSpec("gyro", True, 300)),
+    )
+    parts = await pipeline(plan=plan)
+    start = aligned_start_ns(basicmotions)
+    schedule, _ = chunk_schedule(
+        basicmotions,
+        streams=["s"],
+        speed=50,
+        chunk_ms=1000,
+        start_ns=start,
+        limit=12,
+        imperfections=Imperfections(dropout=("gyro", 0.25, 0.75)),
+    )
+    decisions = await Collector(Decision).start_stream(parts.nc, parts.subjects.decision("s"))
+    await send_schedule(Producer(parts.nc, parts.subjects), schedule)
+    await decisions.wait_for(12, timeout_s=30)
+    failed = [d for d in decisions.items if d.status == "failed"]
+    assert len(failed) >= 3
+    assert all(
+        d.missing_sensors == ("gyro",) and d.contributors == () and d.label == "" for d in failed
+    )
+    assert sum(d.status == "complete" for d in decisions.items) >= 4
