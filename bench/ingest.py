@@ -121,7 +121,11 @@ async def coordinator_alone(
     subjects = Subjects(f"ing{uuid.uuid4().hex[:8]}")
     nc = await connect(BusSettings(url=url, prefix=subjects.prefix), name="bench")
     await ensure_streams(nc.jetstream(), subjects, TopologySettings())
-    process = await start(["coordinator", "--deadline-ms", "600000"], url, subjects.prefix)
+    process = await start(
+        ["coordinator", "--deadline-ms", "600000", "--max-inflight", "1000000"],
+        url,
+        subjects.prefix,
+    )
     try:
         await wait_roles(nc, subjects.prefix, {"coordinator"})
         messages, samples = encoded_chunks(subjects, streams, windows)
