@@ -552,18 +552,8 @@ class Coordinator:
         assert self.journal is not None
         records = await self.journal.load()
         ended: list[Ended] = []
-        for r in records:
-            ended += self.tracker.restore(
-                task_id=r.task_id,
-                stream=r.stream,
-                window=r.window,
-                expected=r.expected,
-                deadline_ns=r.deadline_ns,
-                ingest_ns=r.ingest_ns,
-                seen=frozenset(r.seen),
-                unavailable=frozenset(r.unavailable),
-                missing_sensors=r.missing_sensors,
-            )
+        for record in records:
+            ended += self.tracker.restore(record)
         await self._publish_ended(ended)
         if records:
             log.info("coordinator.restored", tasks=len(records), still_open=len(self.tracker))

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 
-from schemas import Window
+from schemas import OpenTaskRecord, Window
 
 
 class Seen(Enum):
@@ -173,38 +173,26 @@ class TaskTracker:
             ended.append(self._end(task, reason=f"no input: {no_input}"))
         return ended
 
-    def restore(
-        self,
-        *,
-        task_id: str,
-        stream: str,
-        window: Window,
-        expected: tuple[str, ...],
-        deadline_ns: int,
-        ingest_ns: int,
-        seen: frozenset[str] = frozenset(),
-        unavailable: frozenset[str] = frozenset(),
-        missing_sensors: tuple[str, ...] = (),
-    ) -> list[Ended]:
+    def restore(self, record: OpenTaskRecord) -> list[Ended]:
         """Reinstate a task opened before a restart, with the results it had; ends it at once
         if nothing more can come. A task already known here is left alone."""
-        if task_id in self._open or task_id in self._ended:
+        if record.task_id in self._open or record.task_id in self._ended:
             return []
         ended = self.open(
-            task_id=task_id,
-            stream=stream,
-            window=window,
-            expected=expected,
-            deadline_ns=deadline_ns,
-            ingest_ns=ingest_ns,
-            unavailable=unavailable,
-            missing_sensors=missing_sensors,
+            task_id=record.task_id,
+            stream=record.stream,
+            window=record.window,
+            expected=record.expected,
+            deadline_ns=record.deadline_ns,
+            ingest_ns=record.ingest_ns,
+            unavailable=frozenset(record.unavailable),
+            missing_sensors=record.missing_sensors,
         )
         self.counts["opened"] -= 1
         self.counts["restored"] += 1
-        task = self._open.get(task_id)
+        task = self._open.get(record.task_id)
         if task is not None:
-            task.seen.update(t for t in seen if t in expected)
+            task.seen.update(t for t in record.seen if t in record.expected)
             if task.settled:
                 ended.append(self._end(task, reason="restored complete"))
         return ended

@@ -136,3 +136,37 @@ def test_opening_the_same_id_twice_is_an_error() -> None:
     open_task(tracker)
     with pytest.raises(ValueError, match="already opened"):
         open_task(tracker)
+
+
+def test_restored_tasks_keep_their_results_and_end_once() -> None:
+    """A journalled task comes back with the types it had heard; a settled one ends at once;
+    one already known is left alone."""
+    from schemas import OpenTaskRecord
+
+    tracker = TaskTracker()
+    waiting = OpenTaskRecord(
+        task_id="w",
+        stream="s",
+        window=Window(0, 10),
+        expected=("accel", "gyro"),
+        deadline_ns=5,
+        ingest_ns=0,
+        seen=("accel",),
+    )
+    done = OpenTaskRecord(
+        task_id="d",
+        stream="s",
+        window=Window(10, 20),
+        expected=("accel", "gyro"),
+        deadline_ns=5,
+        ingest_ns=0,
+        seen=("accel",),
+        unavailable=("gyro",),
+        missing_sensors=("gyro",),
+    )
+    assert tracker.restore(waiting) == []
+    [ended] = tracker.restore(done)
+    assert (ended.state, ended.missing, ended.missing_sensors) == ("partial", ("gyro",), ("gyro",))
+    assert tracker.restore(waiting) == [] and tracker.counts["restored"] == 2
+    _, closed = tracker.record("w", "gyro")
+    assert closed is not None and closed.state == "complete"
