@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 import structlog
 from nats.aio.client import Client
 
@@ -64,10 +66,23 @@ async def connect(settings: BusSettings, *, name: str) -> Client:
 
     nc = Client()
 
+    first_errors: list[Exception] = []
+    refusals: list[Exception] = []
+    refused = asyncio.Event()  # credentials refused: retrying cannot help
+
     async def on_error(exc: Exception) -> None:
-        # Before the first connect the caller gets one BusError; attempts are only debug.
-        level = log.warning if nc.is_connected or nc.is_reconnecting else log.debug
-        level("bus.error", client=name, error=str(exc) or type(exc).__name__)
+        if not (nc.is_connected or nc.is_reconnecting):
+            # Before the first connect the caller gets one BusError; attempts are only debug.
+            first_errors.append(exc)
+            if (
+                isinstance(exc, nats.errors.AuthorizationError)
+                or "authorization" in str(exc).lower()
+            ):
+                refusals.append(exc)
+                refused.set()
+            log.debug("bus.error", client=name, error=str(exc) or type(exc).__name__)
+            return
+        log.warning("bus.error", client=name, error=str(exc) or type(exc).__name__)
 
     async def on_disconnect() -> None:
         if not (nc.is_draining or nc.is_closed):  # a close we asked for is no news
@@ -97,12 +112,28 @@ async def connect(settings: BusSettings, *, name: str) -> Client:
     # nats-py retries the first connect forever when reconnects are unlimited, so the wait
     # for a server that is not up (yet) is bounded here.
     budget_s = max(settings.wait_for_server_s, settings.connect_timeout_s)
+    connecting = asyncio.ensure_future(nc.connect(**options))
+    giving_up = asyncio.ensure_future(refused.wait())
     try:
-        async with asyncio.timeout(budget_s):
-            await nc.connect(**options)
+        done, _ = await asyncio.wait(
+            {connecting, giving_up}, timeout=budget_s, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        giving_up.cancel()
+    if connecting in done:
+        try:
+            connecting.result()
+        except Exception as exc:  # nats-py raises assorted types for refused/auth/timeouts
+            raise BusError(
+                f"cannot connect to NATS at {settings.url}: {str(exc) or type(exc).__name__}"
+            ) from exc
         return nc
-    except TimeoutError:
-        raise BusError(f"cannot connect to NATS at {settings.url} within {budget_s:g}s") from None
-    except Exception as exc:  # nats-py raises assorted types for refused/auth/timeouts
-        reason = str(exc) or type(exc).__name__
-        raise BusError(f"cannot connect to NATS at {settings.url}: {reason}") from exc
+    connecting.cancel()
+    with contextlib.suppress(BaseException):
+        await connecting
+    with contextlib.suppress(Exception):
+        await nc.close()
+    if refusals:
+        raise BusError(f"NATS at {settings.url} refused the credentials: {refusals[0]}")
+    last = f": {first_errors[-1]}" if first_errors else ""
+    raise BusError(f"cannot connect to NATS at {settings.url} within {budget_s:g}s{last}")

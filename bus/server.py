@@ -7,6 +7,7 @@ only, on a free port, with JetStream storing into a temporary (or given) folder.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import shutil
 import signal
 import socket
@@ -62,12 +63,14 @@ class EmbeddedServer:
         port: int | None = None,
         store_dir: Path | None = None,
         config_file: Path | None = None,
+        env: dict[str, str] | None = None,
         start_timeout_s: float = 10.0,
     ) -> None:
         self.port = port or free_port()
         self._owned_dir = store_dir is None
         self.store_dir = store_dir or Path(tempfile.mkdtemp(prefix="fusebus-nats-"))
         self.config_file = config_file
+        self.env = env  # extra environment, e.g. the passwords a config file refers to
         self.start_timeout_s = start_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
         self._log_path = self.store_dir / "nats-server.log"
@@ -111,7 +114,11 @@ class EmbeddedServer:
         if self.config_file is not None:
             command += ["-c", str(self.config_file)]
         self._process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **self.env} if self.env else None,
         )
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:

@@ -13,6 +13,7 @@ Every component calls :func:`ensure_streams` when it starts, so start order does
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from nats.js import JetStreamContext
@@ -46,6 +47,8 @@ class TopologySettings:
     task_max_deliver: int = 5
     task_max_ack_pending: int = 20_000
     reader_ack_wait_s: float = 30.0  # coordinator's and fusion's consumers on results
+    manage: bool = True  # create/update streams; off: only wait for them (least-privilege roles)
+    wait_for_streams_s: float = 60.0  # without ``manage``, how long to wait for them to appear
     record_sensors: bool = False  # also keep sensor chunks and frames in <P>_SENSORS
     sensors_max_age_s: float = 3600.0
 
@@ -120,7 +123,14 @@ def stream_configs(subjects: Subjects, settings: TopologySettings) -> list[Strea
 async def ensure_streams(
     js: JetStreamContext, subjects: Subjects, settings: TopologySettings
 ) -> None:
-    """Create every stream, or bring an existing one to the current configuration."""
+    """Create every stream, or bring an existing one to the current configuration.
+
+    With ``settings.manage`` off (a role allowed only to read stream info), wait for the
+    streams to exist instead; raises :class:`BusError` when they do not appear in time.
+    """
+    if not settings.manage:
+        await _wait_for_streams(js, subjects, settings)
+        return
     for config in stream_configs(subjects, settings):
         assert config.name is not None
         try:
@@ -139,6 +149,29 @@ async def ensure_streams(
             raise BusError(
                 f"stream {config.name} exists with an incompatible setup: {exc}"
             ) from exc
+
+
+async def _wait_for_streams(
+    js: JetStreamContext, subjects: Subjects, settings: TopologySettings
+) -> None:
+    names = [
+        subjects.tasks_stream,
+        subjects.results_stream,
+        subjects.decisions_stream,
+        subjects.dlq_stream,
+    ]
+    deadline = asyncio.get_running_loop().time() + settings.wait_for_streams_s
+    for name in names:
+        while True:
+            try:
+                await js.stream_info(name)
+                break
+            except NotFoundError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise BusError(
+                        f"stream {name} does not exist; start a component that manages the topology"
+                    ) from None
+                await asyncio.sleep(0.5)
 
 
 async def ensure_task_consumer(

@@ -91,6 +91,13 @@ def _bus_options(parser: argparse.ArgumentParser, *, url_default: str | None) ->
         "--creds", type=Path, default=os.environ.get("FUSEBUS_NATS_CREDS"), help="NATS .creds file"
     )
     group.add_argument(
+        "--no-manage-topology",
+        dest="manage_topology",
+        action="store_false",
+        default=os.environ.get("FUSEBUS_MANAGE_TOPOLOGY", "1") not in ("0", "false", "no"),
+        help="do not create streams, only wait for them (for roles without stream rights)",
+    )
+    group.add_argument(
         "--connect-wait-s",
         type=float,
         default=float(os.environ.get("FUSEBUS_CONNECT_WAIT_S", "5")),
@@ -309,6 +316,12 @@ def _bus_settings(args: argparse.Namespace, url: str) -> Any:
     )
 
 
+def _topology(args: argparse.Namespace, **overrides: Any) -> Any:
+    from bus import TopologySettings
+
+    return TopologySettings(manage=args.manage_topology, **overrides)
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
@@ -363,7 +376,6 @@ async def _run(args: argparse.Namespace) -> int:
     from fusebus.components import serve
 
     if args.command == "coordinator":
-        from bus import TopologySettings
         from coordinator import Coordinator, CoordinatorSettings, PlanBook
         from coordinator.plan import BUILTIN_PLANS
         from fusebus.config import load_deployment
@@ -380,7 +392,7 @@ async def _run(args: argparse.Namespace) -> int:
                 default=make_plan(deadline_ms=args.deadline_ms, max_inflight=args.max_inflight)
             )
         coordinator_settings = CoordinatorSettings(name=args.name, drain_timeout_s=args.drain_s)
-        topology = TopologySettings(record_sensors=args.record)
+        topology = _topology(args, record_sensors=args.record)
         return await serve(
             lambda nc: Coordinator(
                 nc, plans=plans, subjects=subjects, settings=coordinator_settings, topology=topology
@@ -401,7 +413,9 @@ async def _run(args: argparse.Namespace) -> int:
         else:
             model = ModelAgent(_resolve_model(args.model), type_name=args.type_name)
         return await serve(
-            lambda nc: AgentRuntime(model, nc, subjects=subjects, settings=settings).start(),
+            lambda nc: AgentRuntime(
+                model, nc, subjects=subjects, settings=settings, topology=_topology(args)
+            ).start(),
             bus=bus,
             name=f"agent-{model.type}",
         )
@@ -443,6 +457,7 @@ async def _run(args: argparse.Namespace) -> int:
                 strategy=default.build(),
                 strategies=by_stream,
                 name=args.name,
+                topology=_topology(args),
             ).start(),
             bus=bus,
             name="fusion",

@@ -1,0 +1,152 @@
+"""compose/nats.conf against a real nats-server: one user per role, least privilege."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from agents import AgentRuntime, ModelAgent
+from agents.fusion import FusionAgent
+from bus import BusSettings, EmbeddedServer, Producer, Subjects, TopologySettings, connect
+from coordinator import Coordinator, PlanBook, basicmotions_plan
+from fusebus.datasets import SensorDataset
+from fusebus.paths import models_dir
+from fusebus.replay import aligned_start_ns, chunk_schedule, send_schedule
+from schemas import BusError, Decision
+from tests.helpers import Collector
+
+ROOT = Path(__file__).resolve().parent.parent
+ROLES = ("sensor", "coordinator", "agent", "fusion", "reader")
+PASSWORDS = {role: f"test-{role}-secret" for role in ROLES}
+
+
+@pytest.fixture(scope="module")
+def secured_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
+    """nats-server running compose/nats.conf, passwords given through the environment."""
+    env = {f"FUSEBUS_{role.upper()}_PASSWORD": password for role, password in PASSWORDS.items()}
+    server = EmbeddedServer(
+        config_file=ROOT / "compose" / "nats.conf",
+        env=env,
+        store_dir=tmp_path_factory.mktemp("secured"),
+    )
+    with server:
+        yield server
+
+
+@pytest.fixture
+async def as_role(secured_server: EmbeddedServer) -> AsyncIterator[object]:
+    opened: list[Client] = []
+
+    async def open_as(role: str) -> Client:
+        nc = await connect(
+            BusSettings(url=secured_server.url, user=role, password=PASSWORDS[role]), name=role
+        )
+        opened.append(nc)
+        return nc
+
+    yield open_as
+    for nc in opened:
+        await nc.close()
+
+
+async def test_a_connection_without_credentials_is_refused(secured_server: EmbeddedServer) -> None:
+    """No user, or a wrong password, cannot connect."""
+    with pytest.raises(BusError, match=r"[Aa]uthorization"):
+        await connect(BusSettings(url=secured_server.url, connect_timeout_s=2), name="anonymous")
+    with pytest.raises(BusError):
+        await connect(
+            BusSettings(
+                url=secured_server.url, user="agent", password="guess", connect_timeout_s=2
+            ),
+            name="guess",
+        )
+
+
+async def test_agent_credentials_cannot_publish_decisions_or_sensor_data(
+    secured_server: EmbeddedServer, as_role: object
+) -> None:
+    """The server refuses an agent's publish to a decision or sensor subject, and no reader
+    ever receives it."""
+    open_as = as_role  # type: ignore[assignment]
+    reader: Client = await open_as("reader")  # type: ignore[operator]
+    seen: list[str] = []
+
+    async def on_decision(msg: Msg) -> None:
+        seen.append(msg.subject)
+
+    await reader.subscribe("fb.decision.*", cb=on_decision)
+    await reader.flush()
+
+    errors: list[str] = []
+    agent = Client()
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    await agent.connect(
+        secured_server.url, user="agent", password=PASSWORDS["agent"], error_cb=on_error
+    )
+    try:
+        await agent.publish("fb.decision.s1", b"forged")
+        await agent.publish("fb.sensor.s1.accel", b"forged")
+        await agent.flush()
+        for _ in range(50):
+            if len(errors) >= 2:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await agent.close()
+    assert any('permissions violation for publish to "fb.decision.s1"' in e.lower() for e in errors), errors
+    assert any("fb.sensor.s1.accel" in e for e in errors), errors
+    await reader.flush()
+    assert seen == []
+
+
+async def test_the_whole_pipeline_runs_with_role_credentials(
+    as_role: object, basicmotions: SensorDataset
+) -> None:
+    """Coordinator, agents, fusion, a sensor and a reader, each with its own user, decide
+    every window; only the coordinator may create streams."""
+    open_as = as_role  # type: ignore[assignment]
+    subjects = Subjects("fb")
+    managed, waiting = TopologySettings(), TopologySettings(manage=False)
+    coordinator = await Coordinator(
+        await open_as("coordinator"),
+        plans=PlanBook(default=basicmotions_plan()),
+        subjects=subjects,
+        topology=managed,  # type: ignore[operator]
+    ).start()
+    agents = [
+        await AgentRuntime(
+            ModelAgent(models_dir() / f"{t}.tflite"),
+            await open_as("agent"),
+            subjects=subjects,
+            topology=waiting,  # type: ignore[operator]
+        ).start()
+        for t in ("accel", "gyro")
+    ]
+    fusion = await FusionAgent(await open_as("fusion"), subjects=subjects, topology=waiting).start()  # type: ignore[operator]
+    reader: Client = await open_as("reader")  # type: ignore[operator]
+    decisions = await Collector(Decision).start_stream(reader, subjects.decision("secure"))
+    sensor: Client = await open_as("sensor")  # type: ignore[operator]
+    try:
+        schedule, _ = chunk_schedule(
+            basicmotions,
+            streams=["secure"],
+            speed=200,
+            chunk_ms=1000,
+            start_ns=aligned_start_ns(basicmotions),
+            limit=10,
+        )
+        await send_schedule(Producer(sensor, subjects), schedule)
+        await decisions.wait_for(10)
+    finally:
+        for component in (coordinator, *agents, fusion):
+            await component.stop()
+    assert all(d.status == "complete" for d in decisions.items)
+    assert sum(a.counts["processed"] for a in agents) == 20
