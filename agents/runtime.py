@@ -26,6 +26,7 @@ from agents.base import Agent
 from bus import (
     BatchPuller,
     ExhaustedReaper,
+    Histogram,
     Lifecycle,
     Producer,
     Subjects,
@@ -95,6 +96,7 @@ class AgentRuntime:
         self.counts: Counter[str] = Counter()
         self.batch_sizes: Counter[int] = Counter()
         self.inference_ms = 0.0
+        self.inference_seconds = Histogram()  # one observation per model call
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{agent.type}")
         self._puller: BatchPuller | None = None
         self._life = Lifecycle()
@@ -232,6 +234,7 @@ class AgentRuntime:
             return
         infer_ms = (time.perf_counter() - infer_start) * 1e3
         self.inference_ms += infer_ms
+        self.inference_seconds.observe(infer_ms / 1e3)
         self.counts["batches"] += 1
         self.batch_sizes[len(batch)] += 1
         latency_ms = (time.perf_counter() - pulled) * 1e3

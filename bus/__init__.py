@@ -17,6 +17,7 @@ from bus.loops import keep_running
 from bus.producer import Producer
 from bus.records import RecordTable
 from bus.server import EmbeddedServer, find_server_binary, free_port
+from bus.stats import LATENCY_BUCKETS_S, Histogram
 from bus.subjects import Subjects, check_token
 from bus.topology import (
     TopologySettings,
@@ -27,10 +28,12 @@ from bus.topology import (
 )
 
 __all__ = [
+    "LATENCY_BUCKETS_S",
     "BatchPuller",
     "BusSettings",
     "EmbeddedServer",
     "ExhaustedReaper",
+    "Histogram",
     "Lifecycle",
     "Producer",
     "RecordTable",

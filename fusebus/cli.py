@@ -103,6 +103,14 @@ def _bus_options(parser: argparse.ArgumentParser, *, url_default: str | None) ->
         default=float(os.environ.get("FUSEBUS_CONNECT_WAIT_S", "5")),
         help="how long to wait for the server at start (default: 5)",
     )
+    group.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port"
+    )
+    group.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address of the metrics endpoint (default: loopback)",
+    )
     logs = parser.add_argument_group("logging")
     logs.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     logs.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
@@ -399,6 +407,8 @@ async def _run(args: argparse.Namespace) -> int:
             ).start(),
             bus=bus,
             name="coordinator",
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
         )
     if args.command == "agent":
         from agents import AgentRuntime, AgentSettings, ModelAgent
@@ -418,6 +428,8 @@ async def _run(args: argparse.Namespace) -> int:
             ).start(),
             bus=bus,
             name=f"agent-{model.type}",
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
         )
     if args.command == "status":
         from bus import connect
@@ -461,6 +473,8 @@ async def _run(args: argparse.Namespace) -> int:
             ).start(),
             bus=bus,
             name="fusion",
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
         )
     if args.command == "replay":
         from bus import connect

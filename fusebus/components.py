@@ -40,6 +40,8 @@ async def serve(
     bus: BusSettings,
     name: str,
     stop_timeout_s: float = 60.0,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> int:
     """Connect, start a component, serve until a stop signal, then stop it and drain.
 
@@ -51,6 +53,15 @@ async def serve(
     code = 0
     try:
         component = await start(nc)
+        if metrics_port is not None:
+            from fusebus.metrics import serve_metrics
+
+            serve_metrics(component, metrics_port, host=metrics_host)
+            log.info(
+                "metrics.serving",
+                component=name,
+                url=f"http://{metrics_host}:{metrics_port}/metrics",
+            )
         log.info("component.ready", component=name, url=bus.url, prefix=bus.prefix)
         await stop.wait()
         log.info("component.stopping", component=name)

@@ -101,7 +101,9 @@ async def test_agent_credentials_cannot_publish_decisions_or_sensor_data(
             await asyncio.sleep(0.02)
     finally:
         await agent.close()
-    assert any('permissions violation for publish to "fb.decision.s1"' in e.lower() for e in errors), errors
+    assert any(
+        'permissions violation for publish to "fb.decision.s1"' in e.lower() for e in errors
+    ), errors
     assert any("fb.sensor.s1.accel" in e for e in errors), errors
     await reader.flush()
     assert seen == []

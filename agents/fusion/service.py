@@ -23,6 +23,7 @@ from nats.aio.msg import Msg
 from agents.fusion.strategies import Strategy, Vote, WeightedMean
 from bus import (
     BatchPuller,
+    Histogram,
     Lifecycle,
     Producer,
     Subjects,
@@ -88,6 +89,7 @@ class FusionAgent:
         self.pending: dict[str, PendingTask] = {}
         self.decided: OrderedDict[str, None] = OrderedDict()
         self.counts: Counter[str] = Counter()
+        self.latency = Histogram()  # ingest -> decision, seconds
         self._puller: BatchPuller | None = None
         self._life = Lifecycle()
 
@@ -242,6 +244,7 @@ class FusionAgent:
         if len(self.decided) > self.settings.remember_decided:
             self.decided.popitem(last=False)
         self.counts[f"decisions_{status}"] += 1
+        self.latency.observe(decision.latency_ms / 1e3)
         for msg in task.msgs:
             await msg.ack()
         log.info(
