@@ -10,6 +10,7 @@ replaced at once, and :meth:`BatchPuller.next_batch` hands out what is buffered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections import deque
@@ -85,12 +86,21 @@ class BatchPuller:
         return self
 
     async def stop(self) -> None:
-        """Stop pulling. Buffered, un-acked messages are redelivered after the ack wait."""
+        """Stop pulling, and hand back what is buffered but not handed out (a negative ack
+        redelivers it at once to another puller, instead of after the ack wait)."""
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
         if self._sub is not None:
             sub, self._sub = self._sub, None
+            returned = 0
+            while self._buffer:
+                msg = self._buffer.popleft()
+                with contextlib.suppress(Exception):  # the connection may be gone already
+                    await msg.nak()
+                    returned += 1
+            if returned:
+                log.info("puller.returned", consumer=self.consumer, messages=returned)
             try:
                 await sub.unsubscribe()
             except Exception as exc:  # the connection is closing: nothing left to release

@@ -233,3 +233,39 @@ async def test_cancelling_a_waiting_pull_always_cancels(
     finally:
         feeding.cancel()
         await puller.stop()
+
+
+async def test_a_stopping_puller_hands_back_what_it_buffered(
+    subjects: Subjects, connect_bus: Connect
+) -> None:
+    """Messages a puller holds but never handed out go to another puller at once on stop,
+    not after the consumer's ack wait (10 s)."""
+    nc = await connect_bus("hand-back")
+    js = nc.jetstream()
+    await ensure_streams(js, subjects, TopologySettings(storage="memory"))
+    consumer = await ensure_task_consumer(js, subjects, "accel", TopologySettings(storage="memory"))
+    await asyncio.gather(*(js.publish(subjects.task("accel"), b"%d" % i) for i in range(10)))
+    first = await BatchPuller(
+        nc, stream=subjects.tasks_stream, consumer=consumer, prefetch=10
+    ).start()
+    for _ in range(100):
+        if first.buffered == 10:
+            break
+        await asyncio.sleep(0.02)
+    assert first.buffered == 10
+    await first.stop()
+    second = await BatchPuller(
+        await connect_bus("other"), stream=subjects.tasks_stream, consumer=consumer, prefetch=10
+    ).start()
+    got: list[bytes] = []
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    while len(got) < 10:
+        batch = await second.next_batch(10, idle_timeout_s=2.0)
+        assert batch, "messages were not handed back"
+        for msg in batch:
+            got.append(msg.data)
+            await msg.ack()
+    assert loop.time() - began < 5.0
+    assert sorted(got, key=int) == [b"%d" % i for i in range(10)]
+    await second.stop()

@@ -360,3 +360,86 @@ async def test_block_policy_makes_a_waiting_producer_keep_pace(
     assert elapsed >= (12 - 2) * 0.15 * 0.9  # held to the slow agent's pace, not 1000 frames/s
     assert all(d.status == "complete" for d in decisions.items)
     assert coordinator.stats()["shed"] == 0 and coordinator.stats()["held"] > 0
+
+
+async def test_sigterm_on_an_agent_under_load_loses_no_subtask(
+    nats_server: EmbeddedServer,
+    subjects: Subjects,
+    connect_bus: Connect,
+    spawn: Spawn,
+    basicmotions: SensorDataset,
+) -> None:
+    """SIGTERM one of two accel replicas while frames stream: it finishes and acks the batch
+    in hand, hands back what it had buffered, exits 0, and every task still completes."""
+    nc = await connect_bus("test")
+    args = bus_args(nats_server, subjects)
+    replicas = [spawn(*FUSEBUS, "agent", "--model", "accel", *args) for _ in range(2)]
+    gyro = await AgentRuntime(
+        ModelAgent(models_dir() / "gyro.tflite"), await connect_bus("gyro"), subjects=subjects
+    ).start()
+    await wait_for_agents(nc, subjects.prefix, {"accel": 2})
+    fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
+    coordinator = await Coordinator(
+        await connect_bus("coordinator"),
+        plans=PlanBook(default=basicmotions_plan(deadline_ms=5000)),
+        subjects=subjects,
+    ).start()
+    decisions = await Collector(Decision).start_stream(nc, subjects.decision("bm"))
+    tasks = await opened_tasks(nc, subjects)
+    feeder = FrameFeeder(nc, subjects, basicmotions, every_s=0.01).start()
+    try:
+        await decisions.wait_for(30)
+        replicas[0].send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(replicas[0].wait, 30) == 0
+        await decisions.wait_for(80)
+        sent = await feeder.stop()
+        await decisions.wait_for(sent, timeout_s=30)
+        await decisions.settle(0.5)
+    finally:
+        await feeder.stop()
+        for component in (coordinator, gyro, fusion):
+            await component.stop()
+    assert_one_decision_each(decisions.items, tasks)
+    assert {d.status for d in decisions.items} == {"complete"}
+
+
+async def test_sigterm_on_the_coordinator_lets_every_opened_task_end(
+    nats_server: EmbeddedServer,
+    subjects: Subjects,
+    connect_bus: Connect,
+    spawn: Spawn,
+    basicmotions: SensorDataset,
+) -> None:
+    """SIGTERM the coordinator mid-stream with --drain-s: it stops opening tasks, lets the
+    open ones end (here: at their deadline, gyro being absent), then exits 0."""
+    nc = await connect_bus("test")
+    accel = await AgentRuntime(
+        ModelAgent(models_dir() / "accel.tflite"), await connect_bus("accel"), subjects=subjects
+    ).start()
+    fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
+    decisions = await Collector(Decision).start_stream(nc, subjects.decision("bm"))
+    tasks = await opened_tasks(nc, subjects)
+    coordinator = spawn(
+        *FUSEBUS,
+        "coordinator",
+        "--deadline-ms",
+        "1500",
+        "--drain-s",
+        "10",
+        *bus_args(nats_server, subjects),
+    )
+    await wait_for_role(nc, subjects.prefix, "coordinator")
+    feeder = FrameFeeder(nc, subjects, basicmotions, every_s=0.05).start()
+    try:
+        await decisions.wait_for(5)
+        coordinator.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(coordinator.wait, 30) == 0
+        await feeder.stop()
+        await decisions.wait_for(len(tasks), timeout_s=10)
+        await decisions.settle(0.5)
+    finally:
+        await feeder.stop()
+        await accel.stop()
+        await fusion.stop()
+    assert len(tasks) >= 10
+    assert_one_decision_each(decisions.items, tasks)
