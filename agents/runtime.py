@@ -152,7 +152,9 @@ class AgentRuntime:
             consumer=consumer,
             prefetch=self.settings.max_batch,
         )
-        self._life.run(self._step, name=self.component)
+        # Tasks copy the context they are created in: every line they log names this replica.
+        with structlog.contextvars.bound_contextvars(agent=self.agent_id, type=self.agent.type):
+            self._life.run(self._step, name=self.component)
         reaper = ExhaustedReaper(
             self.producer,
             stream=self.subjects.tasks_stream,

@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--timeout-s", type=_positive(float), default=0.5, help="how long to wait for replies"
     )
+    status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    status.add_argument("--interval-s", type=_positive(float), default=1.0, help="refresh interval")
+    status.add_argument("--count", type=_positive(int), help="with --watch: stop after N refreshes")
 
     fusion = commands.add_parser("fusion", help="run the fusion agent")
     _bus_options(fusion, url_default=env_url or DEFAULT_URL)
@@ -433,12 +436,17 @@ async def _run(args: argparse.Namespace) -> int:
         )
     if args.command == "status":
         from bus import connect
-        from fusebus.status import collect_status, render_status
+        from fusebus.status import watch_status
 
         nc = await connect(bus, name="status")
         try:
-            print(
-                render_status(await collect_status(nc, prefix=bus.prefix, timeout_s=args.timeout_s))
+            await watch_status(
+                nc,
+                prefix=bus.prefix,
+                timeout_s=args.timeout_s,
+                watch=args.watch,
+                interval_s=args.interval_s,
+                count=args.count,
             )
         finally:
             await nc.drain()

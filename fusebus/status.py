@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 from nats.aio.client import Client
 
@@ -57,6 +59,39 @@ async def collect_status(nc: Client, *, prefix: str, timeout_s: float = 0.5) -> 
     return BusStatus(agents=dict(agents), components=sorted(components, key=lambda c: c[0]))
 
 
+def _total(status: BusStatus, role: str, key: str) -> float:
+    return sum(float(c.get(key) or 0) for r, c in status.components if r == role)
+
+
+def render_summary(status: BusStatus, previous: BusStatus | None, interval_s: float) -> str:
+    """Streams, open tasks, decisions/s (against the previous look), outcomes and latency."""
+    decided = sum(
+        _total(status, "fusion", f"decisions_{s}") for s in ("complete", "partial", "failed")
+    )
+    rate = "-"
+    if previous is not None and interval_s > 0:
+        before = sum(
+            _total(previous, "fusion", f"decisions_{s}") for s in ("complete", "partial", "failed")
+        )
+        rate = f"{max(0.0, decided - before) / interval_s:,.1f}"
+    p50 = max(
+        (float(c.get("latency_p50_ms") or 0) for r, c in status.components if r == "fusion"),
+        default=0.0,
+    )
+    p99 = max(
+        (float(c.get("latency_p99_ms") or 0) for r, c in status.components if r == "fusion"),
+        default=0.0,
+    )
+    return (
+        f"streams {_total(status, 'coordinator', 'streams'):.0f} · open tasks {_total(status, 'coordinator', 'open_tasks'):.0f}"
+        f" · decisions/s {rate} · complete {_total(status, 'fusion', 'decisions_complete'):.0f}"
+        f" · partial {_total(status, 'fusion', 'decisions_partial'):.0f}"
+        f" · failed {_total(status, 'fusion', 'decisions_failed'):.0f}"
+        f" · shed {_total(status, 'coordinator', 'shed'):.0f}"
+        f" · latency p50 {p50:.1f} ms p99 {p99:.1f} ms"
+    )
+
+
 def render_status(status: BusStatus) -> str:
     """A plain-text table of agents by type, then the other components' counters."""
     lines = []
@@ -79,3 +114,33 @@ def render_status(status: BusStatus) -> str:
         shown = " ".join(f"{k}={v}" for k, v in counters.items() if not isinstance(v, dict | list))
         lines.append(f"{role}: {shown}")
     return "\n".join(lines)
+
+
+async def watch_status(
+    nc: Client,
+    *,
+    prefix: str,
+    timeout_s: float = 0.5,
+    watch: bool = False,
+    interval_s: float = 1.0,
+    count: int | None = None,
+    out: TextIO = sys.stdout,
+) -> None:
+    """Print the status once, or (``watch``) redraw it every ``interval_s`` until stopped."""
+    previous: BusStatus | None = None
+    previous_at = 0.0
+    shown = 0
+    loop = asyncio.get_running_loop()
+    while True:
+        status = await collect_status(nc, prefix=prefix, timeout_s=timeout_s)
+        now = loop.time()
+        screen = render_summary(status, previous, now - previous_at) + "\n\n" + render_status(status)
+        if watch and out.isatty():
+            out.write("\x1b[2J\x1b[H")  # clear the terminal, cursor home
+        out.write(screen + "\n")
+        out.flush()
+        shown += 1
+        if not watch or (count is not None and shown >= count):
+            return
+        previous, previous_at = status, now
+        await asyncio.sleep(max(0.0, interval_s - timeout_s))

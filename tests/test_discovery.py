@@ -191,6 +191,10 @@ async def test_status_lists_agents_by_type_with_replicas_and_counters(
         for runtime in runtimes:
             await runtime.stop()
     assert done.returncode == 0, done.stderr
-    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[1:]}
+    rows = {
+        line.split()[0]: line.split()
+        for line in done.stdout.splitlines()
+        if line.split()[:1] in (["accel"], ["motion"])
+    }
     assert rows["accel"][1] == "2" and rows["accel"][2] == "litert"
     assert rows["motion"][1] == "1" and rows["motion"][2] == "rules"

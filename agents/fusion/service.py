@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -90,6 +91,7 @@ class FusionAgent:
         self.decided: OrderedDict[str, None] = OrderedDict()
         self.counts: Counter[str] = Counter()
         self.latency = Histogram()  # ingest -> decision, seconds
+        self.recent_latency_ms: deque[float] = deque(maxlen=2048)  # for p50/p99 in status
         self._puller: BatchPuller | None = None
         self._life = Lifecycle()
 
@@ -99,10 +101,17 @@ class FusionAgent:
 
     def stats(self) -> dict[str, Any]:
         """Counters for ``$SRV.STATS`` and the status endpoint."""
+        recent = np.array(self.recent_latency_ms) if self.recent_latency_ms else None
         return {
             "name": self.name,
             "pending": len(self.pending),
             "strategy": self.strategy.name,
+            "latency_p50_ms": round(float(np.percentile(recent, 50)), 2)
+            if recent is not None
+            else None,
+            "latency_p99_ms": round(float(np.percentile(recent, 99)), 2)
+            if recent is not None
+            else None,
             **self.counts,
         }
 
@@ -245,6 +254,7 @@ class FusionAgent:
             self.decided.popitem(last=False)
         self.counts[f"decisions_{status}"] += 1
         self.latency.observe(decision.latency_ms / 1e3)
+        self.recent_latency_ms.append(decision.latency_ms)
         for msg in task.msgs:
             await msg.ack()
         log.info(
