@@ -37,21 +37,17 @@ from bus import (
 from bus.discovery import PREFIX, ROLE
 from coordinator.decompose import Opening, decompose
 from coordinator.directory import AgentDirectory
+from coordinator.intake import SensorIntake
 from coordinator.journal import TaskJournal
-from coordinator.liveness import Change, SensorLiveness
 from coordinator.plan import Plan, PlanBook, SubtaskSpec
 from coordinator.tracker import Ended, Seen, TaskTracker
-from coordinator.windows import CutWindow, StreamWindower, shape_from_plan
+from coordinator.windows import CutWindow
 from schemas import (
     CODEC,
     ConfigError,
     Result,
     SchemaError,
-    SensorChunk,
-    SensorFrame,
-    SensorStatus,
     TaskStatus,
-    Window,
 )
 
 log = structlog.get_logger("fusebus.coordinator")
@@ -107,24 +103,18 @@ class Coordinator:
         self.journal: TaskJournal | None = None
         self.instance_id = secrets.token_hex(4)
         self.counts: dict[str, int] = dict.fromkeys(
-            (
-                "frames",
-                "chunks",
-                "dead_letters",
-                "unserved",
-                "held",
-                "rejected",
-                "sensors_down",
-                "streams_forgotten",
-                "publish_failures",
-            ),
-            0,
+            ("dead_letters", "unserved", "held", "rejected", "publish_failures"), 0
         )
-        self.liveness = SensorLiveness(forget_after_s=self.settings.forget_stream_after_s)
-        self._windowers: dict[str, StreamWindower] = {}
+        self.intake = SensorIntake(
+            plans=plans,
+            subjects=subjects,
+            producer=self.producer,
+            on_window=self._on_window,
+            on_bad_message=self._dead_letter,
+            forget_after_s=self.settings.forget_stream_after_s,
+        )
         self._held: dict[str, deque[tuple[CutWindow, Msg | None]]] = {}
         self._sensors_sub: Subscription | None = None
-        self._watched: set[str] = set()
         self._confirming: set[asyncio.Task[None]] = set()
         self._all_ended = asyncio.Event()  # set whenever no task is open
         self._frames_sub: Subscription | None = None
@@ -139,10 +129,9 @@ class Coordinator:
         """Counters for ``$SRV.STATS`` and the status endpoint."""
         return {
             **self.counts,
+            **self.intake.stats(),
             "open_tasks": len(self.tracker),
             "held_now": sum(len(q) for q in self._held.values()),
-            "streams": len(self._windowers),
-            "late_chunks": sum(w.counts["late_chunks"] for w in self._windowers.values()),
             "agent_types": sorted(self.directory.types),
             **self.tracker.counts,
         }
@@ -182,10 +171,10 @@ class Coordinator:
             self._life.run(self._discovery_step, name="coordinator-discovery")
         self._life.run(self._liveness_step, name="coordinator-liveness")
         self._frames_sub = await self.nc.subscribe(
-            self.subjects.all_frames(), cb=self._on_frame, pending_msgs_limit=100_000
+            self.subjects.all_frames(), cb=self.intake.on_frame, pending_msgs_limit=100_000
         )
         self._sensors_sub = await self.nc.subscribe(
-            self.subjects.all_sensors(), cb=self._on_chunk, pending_msgs_limit=1_000_000
+            self.subjects.all_sensors(), cb=self.intake.on_chunk, pending_msgs_limit=1_000_000
         )
         await self._life.register(
             self.nc,
@@ -229,61 +218,9 @@ class Coordinator:
         await self.stop()
 
     # Frames and chunks -> windows -----------------------------------------------------------
-    async def _on_frame(self, msg: Msg) -> None:
-        self.counts["frames"] += 1
-        try:
-            frame = CODEC.decode(msg.data, SensorFrame)
-            plan = self._plan_for(frame.stream, msg.subject)
-            if not frame.sensors:
-                raise SchemaError("bad_field", "frame carries no sensor")
-        except SchemaError as exc:
-            await self._dead_letter(msg, exc.reason, str(exc))
-            return
-        samples = next(iter(frame.sensors.values())).shape[0]
-        window = Window(frame.t_ns, frame.t_ns + samples * frame.period_ns)
-        absent = tuple(s.name for s in plan.sensors if s.name not in frame.sensors)
-        await self._on_window(CutWindow(frame.stream, window, frame.sensors, absent), msg, plan)
-
-    async def _on_chunk(self, msg: Msg) -> None:
-        self.counts["chunks"] += 1
-        try:
-            chunk = CODEC.decode(msg.data, SensorChunk)
-            plan = self._plan_for(chunk.stream, msg.subject)
-            if msg.subject != self.subjects.sensor(chunk.stream, chunk.sensor):
-                raise SchemaError("stream_mismatch", f"chunk of {chunk.sensor!r} on {msg.subject}")
-            windower = self._windower(chunk.stream, plan)
-            accepted = windower.add(chunk)
-        except SchemaError as exc:
-            await self._dead_letter(msg, exc.reason, str(exc))
-            return
-        if not accepted:
-            log.debug("chunk.dropped", stream=chunk.stream, sensor=chunk.sensor, t0_ns=chunk.t0_ns)
-        await self._heard(chunk.stream, chunk.sensor)
-        for cut in windower.ready():
-            await self._on_window(cut, None, plan)
-
-    def _plan_for(self, stream: str, subject: str) -> Plan:
-        if stream != self.subjects.stream_of(subject):
-            raise SchemaError("stream_mismatch", f"data for {stream!r} on {subject}")
-        plan = self.plans.for_stream(stream)
-        if plan is None:
-            raise SchemaError("no_plan", f"no plan covers stream {stream!r}")
-        return plan
-
-    def _windower(self, stream: str, plan: Plan) -> StreamWindower:
-        windower = self._windowers.get(stream)
-        if windower is None:
-            if plan.window is None:
-                raise SchemaError(
-                    "no_window", f"the plan of {stream!r} has no [window] for per-sensor data"
-                )
-            w = plan.window
-            sensors = tuple(s.name for s in plan.sensors) or tuple(
-                dict.fromkeys(name for spec in plan.subtasks for name in spec.sensors)
-            )
-            shape = shape_from_plan(w.size_ms, w.hop_ms, w.lateness_ms, w.rate_hz, w.max_gap_ms)
-            windower = self._windowers[stream] = StreamWindower(stream, shape, sensors)
-        return windower
+    async def _liveness_step(self) -> None:
+        await asyncio.sleep(self.settings.liveness_interval_s)
+        await self.intake.check_liveness()
 
     async def _on_window(self, cut: CutWindow, msg: Msg | None, plan: Plan) -> None:
         if plan.overflow == "block" and (
@@ -405,67 +342,6 @@ class Coordinator:
         if msg.reply and not msg.reply.startswith("$JS.ACK"):
             with contextlib.suppress(Exception):  # the producer may have given up
                 await self.nc.publish(msg.reply, answer)
-
-    # Sensor liveness -----------------------------------------------------------------------
-    async def _heard(self, stream: str, sensor: str) -> None:
-        plan = self.plans.for_stream(stream)
-        now = time.monotonic()
-        if stream not in self._watched:
-            allowances = {s.name: s.max_silence_ms / 1e3 for s in plan.sensors} if plan else {}
-            windower = self._windowers.get(stream)
-            for name in windower.sensors if windower else ():
-                allowances.setdefault(name, 5.0)
-            self.liveness.watch(stream, allowances, now)
-            self._watched.add(stream)
-        change = self.liveness.heard(stream, sensor, now)
-        if change is not None:
-            windower = self._windowers.get(stream)
-            if windower is not None:
-                windower.down.discard(sensor)
-            await self._announce(change)
-
-    async def _liveness_step(self) -> None:
-        await asyncio.sleep(self.settings.liveness_interval_s)
-        now = time.monotonic()
-        for change in self.liveness.check(now):
-            self.counts["sensors_down"] += 1
-            windower = self._windowers.get(change.stream)
-            if windower is not None:
-                windower.down.add(change.sensor)
-            await self._announce(change)
-            plan = self.plans.for_stream(change.stream)
-            if windower is not None and plan is not None:
-                for cut in windower.ready():  # windows no longer waiting for the silent sensor
-                    await self._on_window(cut, None, plan)
-        for stream in self.liveness.idle(now):
-            self.counts["streams_forgotten"] += 1
-            self._watched.discard(stream)
-            windower = self._windowers.pop(stream, None)
-            plan = self.plans.for_stream(stream)
-            if windower is not None and plan is not None:
-                for cut in windower.flush():
-                    await self._on_window(cut, None, plan)
-            log.info("stream.forgotten", stream=stream)
-
-    async def _announce(self, change: Change) -> None:
-        wall_now = time.time_ns()
-        last_seen_ns = wall_now - int((time.monotonic() - change.last_heard) * 1e9)
-        await self.producer.sensor_status(
-            SensorStatus(
-                stream=change.stream,
-                sensor=change.sensor,
-                state=change.state,
-                last_seen_ns=last_seen_ns,
-                silent_ms=round(change.silent_s * 1e3, 1),
-            )
-        )
-        level = log.warning if change.state == "down" else log.info
-        level(
-            f"sensor.{change.state}",
-            stream=change.stream,
-            sensor=change.sensor,
-            silent_ms=round(change.silent_s * 1e3),
-        )
 
     # Discovery ------------------------------------------------------------------------------
     async def _discovery_step(self) -> None:

@@ -134,7 +134,9 @@ async def watch_status(
     while True:
         status = await collect_status(nc, prefix=prefix, timeout_s=timeout_s)
         now = loop.time()
-        screen = render_summary(status, previous, now - previous_at) + "\n\n" + render_status(status)
+        screen = (
+            render_summary(status, previous, now - previous_at) + "\n\n" + render_status(status)
+        )
         if watch and out.isatty():
             out.write("\x1b[2J\x1b[H")  # clear the terminal, cursor home
         out.write(screen + "\n")

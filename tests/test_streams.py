@@ -194,7 +194,7 @@ async def test_a_thousand_streams_are_decided_once_each_with_bounded_memory(
     coordinator = parts.coordinator
     assert coordinator is not None
     assert len(coordinator.tracker) == 0
-    per_stream = [w.buffered_samples for w in coordinator._windowers.values()]
+    per_stream = list(coordinator.intake.buffered_samples().values())
     assert max(per_stream, default=0) <= 2 * 2 * 100  # two sensors, at most about a window each
     for _ in range(100):
         if coordinator.stats()["streams"] == 0:
