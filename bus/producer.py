@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from bus.subjects import Subjects
@@ -43,6 +45,12 @@ class Producer:
         self.js: JetStreamContext = nc.jetstream(timeout=publish_timeout_s)
         self.subjects = subjects
         self.dead_letters = 0
+        self.unconfirmed = 0  # subtasks sent whose ack has not come back yet
+        self.refused = 0  # subtasks the server answered with an error (or no responder)
+        self._ack_inbox: str | None = None
+        self._later_prefix: str | None = None
+        self._later: dict[str, Callable[[bool, bool], Awaitable[None]]] = {}
+        self._later_count = 0
 
     def __repr__(self) -> str:
         return f"Producer({self.subjects.prefix!r}, dead_letters={self.dead_letters})"
@@ -78,18 +86,31 @@ class Producer:
             )
         )
 
-    async def subtasks_pipelined(self, subtasks: list[Subtask]) -> list[asyncio.Future[Any]]:
-        """Send subtasks without waiting for the server: returns one future per publish ack.
+    async def subtasks_unconfirmed(self, subtasks: list[Subtask]) -> None:
+        """Send subtasks without waiting for the server's acks, which all come back to one
+        inbox and are counted there (:attr:`unconfirmed`, :attr:`refused`).
 
-        At most a few thousand publishes are outstanding (nats-py's limit); past that this
-        call waits, which slows the caller to the server's pace.
+        This is the hot path of the coordinator: it costs one publish per subtask, against a
+        future, a semaphore and a timer each with nats-py's ``publish_async``. A subtask the
+        server did not store shows as ``refused``; its task still ends at its deadline.
         """
-        return [
-            await self.js.publish_async(
-                self.subjects.task(s.type), encode(s), headers={MSG_ID: f"{s.task_id}:{s.type}"}
+        if self._ack_inbox is None:
+            self._ack_inbox = self.nc.new_inbox()
+            await self.nc.subscribe(self._ack_inbox, cb=self._on_ack)
+        for s in subtasks:
+            await self.nc.publish(
+                self.subjects.task(s.type),
+                encode(s),
+                reply=self._ack_inbox,
+                headers={MSG_ID: f"{s.task_id}:{s.type}"},
             )
-            for s in subtasks
-        ]
+        self.unconfirmed += len(subtasks)
+
+    async def _on_ack(self, msg: Msg) -> None:
+        self.unconfirmed -= 1
+        if b'"error"' in msg.data or not msg.data:
+            self.refused += 1
+            log.error("subtask.refused", reply=msg.data[:200].decode(errors="replace"))
 
     async def results(self, results: list[Result]) -> None:
         """Publish agents' results."""
@@ -118,6 +139,34 @@ class Producer:
     async def sensor_status(self, status: SensorStatus) -> None:
         """Publish a sensor's liveness change."""
         await self.js.publish(self.subjects.sensor_status(status.stream), encode(status))
+
+    async def decision_then(
+        self, decision: Decision, *, decider: str, then: Callable[[bool, bool], Awaitable[None]]
+    ) -> None:
+        """Publish a decision without waiting; ``then(stored, repeat)`` runs when the server
+        answers: ``stored`` False on an error, ``repeat`` True when it dropped a repeat (the
+        ``Nats-Msg-Id`` is ``decision:<decider>:<task_id>``, as with :meth:`decision`)."""
+        if self._later_prefix is None:
+            self._later_prefix = self.nc.new_inbox()
+            await self.nc.subscribe(f"{self._later_prefix}.*", cb=self._on_later_ack)
+        self._later_count += 1
+        token = str(self._later_count)
+        self._later[token] = then
+        await self.nc.publish(
+            self.subjects.decision(decision.stream),
+            encode(decision),
+            reply=f"{self._later_prefix}.{token}",
+            headers={MSG_ID: f"decision:{decider}:{decision.task_id}"},
+        )
+
+    async def _on_later_ack(self, msg: Msg) -> None:
+        then = self._later.pop(msg.subject.rsplit(".", 1)[1], None)
+        if then is None:
+            return
+        stored = bool(msg.data) and b'"error"' not in msg.data
+        if not stored:
+            log.error("decision.refused", reply=msg.data[:200].decode(errors="replace"))
+        await then(stored, b'"duplicate":true' in msg.data.replace(b" ", b""))
 
     async def dead_letter(
         self,

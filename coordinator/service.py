@@ -103,7 +103,7 @@ class Coordinator:
         self.journal: TaskJournal | None = None
         self.instance_id = secrets.token_hex(4)
         self.counts: dict[str, int] = dict.fromkeys(
-            ("dead_letters", "unserved", "held", "rejected", "publish_failures"), 0
+            ("dead_letters", "unserved", "held", "rejected"), 0
         )
         self.intake = SensorIntake(
             plans=plans,
@@ -115,7 +115,6 @@ class Coordinator:
         )
         self._held: dict[str, deque[tuple[CutWindow, Msg | None]]] = {}
         self._sensors_sub: Subscription | None = None
-        self._confirming: set[asyncio.Task[None]] = set()
         self._all_ended = asyncio.Event()  # set whenever no task is open
         self._frames_sub: Subscription | None = None
         self._puller: BatchPuller | None = None
@@ -132,6 +131,8 @@ class Coordinator:
             **self.intake.stats(),
             "open_tasks": len(self.tracker),
             "held_now": sum(len(q) for q in self._held.values()),
+            "subtasks_refused": self.producer.refused,
+            "subtasks_unconfirmed": self.producer.unconfirmed,
             "agent_types": sorted(self.directory.types),
             **self.tracker.counts,
         }
@@ -203,8 +204,6 @@ class Coordinator:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(drain_timeout_s):
                     await self._all_ended.wait()
-        if self._confirming:
-            await asyncio.gather(*self._confirming, return_exceptions=True)
         await self._life.close()
         if self.journal is not None:
             with contextlib.suppress(Exception):  # the bus may be gone; the journal is behind
@@ -260,14 +259,10 @@ class Coordinator:
             else:
                 log.warning("window.refused", stream=cut.stream, reason=exc.reason, error=str(exc))
             return
-        acks = await self.producer.subtasks_pipelined(list(opening.subtasks)) if opening else []
-        # The acks are awaited in the background so that the next window need not wait for
-        # this one's round trip; a producer that asked is answered once they are in.
-        confirm = asyncio.create_task(
-            self._confirm(acks, msg, opening.task_id if opening else None)
-        )
-        self._confirming.add(confirm)
-        confirm.add_done_callback(self._confirming.discard)
+        if opening is not None and opening.subtasks:
+            await self.producer.subtasks_unconfirmed(list(opening.subtasks))
+        if msg is not None:
+            await self._reply(msg, ACCEPTED)
         await self._publish_ended(shed)
         log.debug(
             "window.handled",
@@ -276,20 +271,6 @@ class Coordinator:
             duration_ms=round((time.perf_counter() - started) * 1e3, 3),
             outcome="opened" if opening else "skipped",
         )
-
-    async def _confirm(
-        self, acks: list[asyncio.Future[Any]], msg: Msg | None, task_id: str | None
-    ) -> None:
-        results = await asyncio.gather(*acks, return_exceptions=True)
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:
-            # The task still ends: at its deadline, partial or failed, like any other.
-            self.counts["publish_failures"] += len(failed)
-            log.error(
-                "subtasks.unconfirmed", task_id=task_id, failed=len(failed), error=str(failed[0])
-            )
-        if msg is not None:
-            await self._reply(msg, f"rejected: {failed[0]}".encode() if failed else ACCEPTED)
 
     def _open(self, cut: CutWindow, plan: Plan) -> tuple[Opening | None, list[Ended]]:
         """Open a task for the window; also returns the tasks that ended because of it."""
@@ -362,21 +343,20 @@ class Coordinator:
         ended: list[Ended] = []
         for msg in msgs:
             try:
-                result = CODEC.decode(msg.data, Result)
+                # Only two fields are needed here; the scores are the fusion agent's business.
+                task_id, type_name = CODEC.peek(msg.data, Result, ("task_id", "type"))
             except SchemaError as exc:
                 await self._dead_letter(msg, exc.reason, str(exc))
                 continue
-            seen, closed = self.tracker.record(result.task_id, result.type)
+            seen, closed = self.tracker.record(task_id, type_name)
             if closed is not None:
                 ended.append(closed)
             elif seen is Seen.NEW and self.journal is not None:
-                task = self.tracker.get(result.task_id)
+                task = self.tracker.get(task_id)
                 if task is not None:
                     self.journal.changed(task)
             else:
-                log.debug(
-                    "result.ignored", task_id=result.task_id, type=result.type, outcome=seen.value
-                )
+                log.debug("result.ignored", task_id=task_id, type=type_name, outcome=seen.value)
             await msg.ack()
         await self._publish_ended(ended)
 

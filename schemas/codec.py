@@ -28,13 +28,18 @@ Decoder = Callable[[Any, str], Any]
 _MISSING = dataclasses.MISSING
 
 
+def _identity(value: Any) -> Any:
+    return value
+
+
 def _scalar(kind: type, name: str) -> tuple[Encoder, Decoder]:
     def dec(value: Any, where: str) -> Any:
         if type(value) is not kind:
             raise SchemaError("bad_field", f"{where}: expected {name}, got {type(value).__name__}")
         return value
 
-    return (lambda v: v), dec
+    dec.scalar_type = kind  # type: ignore[attr-defined]  # lets sequences check in one pass
+    return _identity, dec
 
 
 def _float() -> tuple[Encoder, Decoder]:
@@ -75,9 +80,13 @@ def _mapping(inner: tuple[Encoder, Decoder]) -> tuple[Encoder, Decoder]:
 def _sequence(inner: tuple[Encoder, Decoder]) -> tuple[Encoder, Decoder]:
     enc_inner, dec_inner = inner
 
+    scalar = getattr(dec_inner, "scalar_type", None)
+
     def dec(value: Any, where: str) -> tuple[Any, ...]:
         if not isinstance(value, list | tuple):
             raise SchemaError("bad_field", f"{where}: expected a list, got {type(value).__name__}")
+        if scalar is not None and all(type(item) is scalar for item in value):
+            return tuple(value)  # the common case, checked without a call per item
         return tuple(dec_inner(item, f"{where}[{i}]") for i, item in enumerate(value))
 
     return (lambda v: [enc_inner(x) for x in v]), dec
@@ -90,12 +99,21 @@ class _Plan:
         self.cls = cls
         self.name = cls.__name__
         self.fields = fields
+        # Precomputed so that the hot paths call nothing they do not need: fields that
+        # travel as they are, and each field's path for error messages.
+        self._plain = tuple(name for name, enc, _, _ in fields if enc is _identity)
+        self._converted = tuple((name, enc) for name, enc, _, _ in fields if enc is not _identity)
+        self._paths = {name: f"{self.name}.{name}" for name, _, _, _ in fields}
 
     def to_map(self, obj: Any) -> dict[str, Any]:
-        return {name: enc(getattr(obj, name)) for name, enc, _, _ in self.fields}
+        out = {name: getattr(obj, name) for name in self._plain}
+        for name, enc in self._converted:
+            out[name] = enc(getattr(obj, name))
+        return out
 
     def from_map(self, data: dict[str, Any], where: str) -> Any:
         kwargs = {}
+        top = where is self.name  # nested plans get a longer path, formatted when needed
         for name, _, dec, default in self.fields:
             value = data.get(name, _MISSING)
             if value is _MISSING:
@@ -103,7 +121,7 @@ class _Plan:
                     raise SchemaError("missing_field", f"{where}.{name} is required")
                 kwargs[name] = default() if callable(default) else default
             else:
-                kwargs[name] = dec(value, f"{where}.{name}")
+                kwargs[name] = dec(value, self._paths[name] if top else f"{where}.{name}")
         try:
             return self.cls(**kwargs)
         except SchemaError:
@@ -186,6 +204,25 @@ class Codec:
         """
         return self._decode(data, expected)  # type: ignore[no-any-return]
 
+    def peek(self, data: bytes, expected: type, fields: tuple[str, ...]) -> tuple[Any, ...]:
+        """Read only ``fields`` of a message of class ``expected``, checking kind, version and
+        those fields' types, without building the message (a reader that needs two strings of
+        a message with an array saves most of the work).
+
+        Raises:
+            SchemaError: as :meth:`decode` would for the envelope or these fields.
+        """
+        body = self._envelope(data, expected)
+        plan = self._plans[expected]
+        out = []
+        for name in fields:
+            spec = next(f for f in plan.fields if f[0] == name)
+            value = body.get(name, _MISSING)
+            if value is _MISSING:
+                raise SchemaError("missing_field", f"{plan.name}.{name} is required")
+            out.append(spec[2](value, f"{plan.name}.{name}"))
+        return tuple(out)
+
     def decode_any(self, data: bytes) -> object:
         """Decode bytes into whichever registered message they hold.
 
@@ -196,6 +233,12 @@ class Codec:
         return self._decode(data, None)
 
     def _decode(self, data: bytes, expected: type | None) -> Any:
+        body = self._envelope(data, expected)
+        plan = self._by_kind[body["kind"]]
+        return plan.from_map(body, plan.name)
+
+    def _envelope(self, data: bytes, expected: type | None) -> dict[str, Any]:
+        """Unpack and check kind and version; returns the raw map."""
         try:
             body = msgpack.unpackb(data, raw=False)
         except Exception as exc:  # msgpack raises several unrelated types for bad input
@@ -217,7 +260,7 @@ class Codec:
             raise SchemaError(
                 "unsupported_version", f"{plan.name} v={version!r}; this reader knows v1..v{known}"
             )
-        return plan.from_map(body, plan.name)
+        return body
 
 
 #: The codec for every fusebus message.

@@ -245,9 +245,23 @@ class FusionAgent:
             alarm=alarm,
             missing_sensors=task.missing_sensors,
         )
-        if not await self.producer.decision(decision, decider=self.name):
-            # A previous run decided this task before it could ack; the server kept that one.
-            self.counts["repeat_decisions_dropped"] += 1
+        msgs = task.msgs
+
+        async def stored(ok: bool, repeat: bool) -> None:
+            # The task's results are acked only once its decision is stored: a fusion agent
+            # that dies before then is redelivered them, and the server drops its repeat.
+            if repeat:
+                self.counts["repeat_decisions_dropped"] += 1
+            if not ok:
+                # Forget it so the redelivered results decide the task again.
+                self.counts["decisions_refused"] += 1
+                self.decided.pop(task_id, None)
+                return
+            for msg in msgs:
+                await msg.ack()
+
+        # Not awaited one by one: the next results are handled while the server stores this.
+        await self.producer.decision_then(decision, decider=self.name, then=stored)
         del self.pending[task_id]
         self.decided[task_id] = None
         if len(self.decided) > self.settings.remember_decided:
@@ -255,8 +269,6 @@ class FusionAgent:
         self.counts[f"decisions_{status}"] += 1
         self.latency.observe(decision.latency_ms / 1e3)
         self.recent_latency_ms.append(decision.latency_ms)
-        for msg in task.msgs:
-            await msg.ack()
         log.info(
             "decision.emitted",
             task_id=task_id,
