@@ -45,7 +45,7 @@ class AgentSettings:
     """How an agent replica pulls and batches."""
 
     max_batch: int = 64  # most subtasks in one model call
-    max_wait_ms: float = 1.0  # longest wait for a batch to fill once one subtask is in
+    max_wait_ms: float = 0.0  # longest wait for a batch to fill once one subtask is in
     idle_timeout_s: float = 1.0  # one pull request's life when nothing is waiting
     nak_delays_s: tuple[float, ...] = (
         0.2,

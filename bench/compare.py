@@ -182,6 +182,54 @@ class Fusebus(System):
         return decode(data, Decision).window.t_start_ns
 
 
+class FusebusBasicMotions(Fusebus):
+    """fusebus default with the shipped BasicMotions models (accel, gyro) on its TEST frames."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.name = "fusebus default, real BasicMotions models (accel + gyro, 100 x 3 each)"
+        from fusebus.datasets import load_basicmotions
+
+        dataset = load_basicmotions()
+        self.cases = [
+            {s: dataset.sensor_view(x, s) for s in dataset.sensors} for x in dataset.x_test
+        ]
+
+    async def start(self, url: str, nc: Client) -> None:
+        common = ("--nats-url", url, "--log-level", "warning")
+        self.spawn(
+            "coordinator",
+            "-m",
+            "fusebus",
+            "coordinator",
+            "--plan",
+            "basicmotions",
+            "--max-inflight",
+            "100000",
+            *common,
+        )
+        self.spawn("fusion", "-m", "fusebus", "fusion", *common)
+        for t in ("accel", "gyro"):
+            self.spawn(f"agent-{t}", "-m", "fusebus", "agent", "--model", t, *common)
+
+    async def ready(self, nc: Client) -> None:
+        while True:
+            roles = {
+                (r.get("metadata") or {}).get("fusebus.role")
+                for r in await discover_components(nc, prefix="fb", timeout_s=0.2)
+            }
+            if {"coordinator", "fusion"} <= roles and len(
+                await discover_agents(nc, prefix="fb", timeout_s=0.2)
+            ) == 2:
+                return
+
+    def encode(self, index: int, sensors: dict[str, np.ndarray]) -> tuple[str, bytes]:
+        frame = SensorFrame(
+            stream="bench", t_ns=index, period_ns=1, sensors=self.cases[index % len(self.cases)]
+        )
+        return self.subjects.frame("bench"), encode(frame)
+
+
 class Run:
     """Sends frames of one system and matches decisions to their scheduled send times."""
 
@@ -398,6 +446,7 @@ async def main_async(args: argparse.Namespace) -> None:
         lambda: Fusebus(1),
         lambda: Fusebus(2),
         lambda: Fusebus(4),
+        FusebusBasicMotions,
     ]
     measured = {}
     for make in systems:

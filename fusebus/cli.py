@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keyword argument for an --agent class (repeatable)",
     )
     agent.add_argument("--max-batch", type=_positive(int), default=64)
-    agent.add_argument("--max-wait-ms", type=float, default=1.0)
+    agent.add_argument("--max-wait-ms", type=float, default=0.0)
 
     status = commands.add_parser("status", help="list running agents by type, with their counters")
     _bus_options(status, url_default=env_url or DEFAULT_URL)
