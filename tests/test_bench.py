@@ -1,0 +1,37 @@
+"""The benchmark code runs (its figures are for people, not for assertions)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_in_process_limit_runs_and_decides_every_frame(tmp_path: Path) -> None:
+    """`python -m bench.limit` builds the seeded workload models and decides each frame."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.limit",
+            "--runtime",
+            "litert",
+            "--batch",
+            "64",
+            "--frames",
+            "128",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "FUSEBUS_BENCH_CACHE": str(tmp_path)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["decisions"] == 128 and figures["frames_per_s"] > 0
+    assert {p.name for p in tmp_path.iterdir()} >= {"t0.tflite", "t0.keras", "t0.json"}
