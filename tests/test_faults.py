@@ -73,6 +73,26 @@ def kill(process: subprocess.Popen[bytes]) -> None:
     process.wait(10)
 
 
+async def model_agent(connect_bus: Connect, subjects: Subjects, type_name: str) -> AgentRuntime:
+    """A shipped model served in this process on its own connection."""
+    agent = ModelAgent(models_dir() / f"{type_name}.tflite")
+    return await AgentRuntime(agent, await connect_bus(type_name), subjects=subjects).start()
+
+
+async def fusion_agent(connect_bus: Connect, subjects: Subjects) -> FusionAgent:
+    """The fusion agent in this process on its own connection."""
+    return await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
+
+
+async def coordinator_with(connect_bus: Connect, subjects: Subjects, **plan: float) -> Coordinator:
+    """A coordinator in this process with the BasicMotions plan (``deadline_ms``...)."""
+    return await Coordinator(
+        await connect_bus("coordinator"),
+        plans=PlanBook(default=basicmotions_plan(**plan)),  # type: ignore[arg-type]
+        subjects=subjects,
+    ).start()
+
+
 def assert_one_decision_each(decisions: list[Decision], task_ids: set[str]) -> None:
     per_task = Counter(d.task_id for d in decisions)
     assert set(per_task) == task_ids, (
@@ -94,12 +114,8 @@ async def test_killing_one_of_two_replicas_loses_and_duplicates_nothing(
     replicas = [spawn(*FUSEBUS, "agent", "--model", "accel", *args) for _ in range(2)]
     spawn(*FUSEBUS, "agent", "--model", "gyro", *args)
     await wait_for_agents(nc, subjects.prefix, {"accel": 2, "gyro": 1})
-    fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
-    coordinator = await Coordinator(
-        await connect_bus("coordinator"),
-        plans=PlanBook(default=basicmotions_plan(deadline_ms=1000)),
-        subjects=subjects,
-    ).start()
+    fusion = await fusion_agent(connect_bus, subjects)
+    coordinator = await coordinator_with(connect_bus, subjects, deadline_ms=1000)
     decisions = await Collector(Decision).start_stream(nc, subjects.decision("bm"))
     tasks = await opened_tasks(nc, subjects)
     feeder = FrameFeeder(nc, subjects, basicmotions, every_s=0.02).start()
@@ -131,16 +147,10 @@ async def test_losing_every_replica_of_a_type_gives_partials_until_one_returns(
     nc = await connect_bus("test")
     args = bus_args(nats_server, subjects)
     gyro = spawn(*FUSEBUS, "agent", "--model", "gyro", *args)
-    accel = await AgentRuntime(
-        ModelAgent(models_dir() / "accel.tflite"), await connect_bus("accel"), subjects=subjects
-    ).start()
+    accel = await model_agent(connect_bus, subjects, "accel")
     await wait_for_agents(nc, subjects.prefix, {"gyro": 1})
-    fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
-    coordinator = await Coordinator(
-        await connect_bus("coordinator"),
-        plans=PlanBook(default=basicmotions_plan(deadline_ms=400)),
-        subjects=subjects,
-    ).start()
+    fusion = await fusion_agent(connect_bus, subjects)
+    coordinator = await coordinator_with(connect_bus, subjects, deadline_ms=400)
     decisions = await Collector(Decision).start_stream(nc, subjects.decision("bm"))
     tasks = await opened_tasks(nc, subjects)
     feeder = FrameFeeder(nc, subjects, basicmotions, every_s=0.05).start()
@@ -183,10 +193,8 @@ async def test_coordinator_killed_and_restarted_finishes_every_task_it_opened(
     nc = await connect_bus("test")
     args = bus_args(nats_server, subjects)
     command = (*FUSEBUS, "coordinator", "--deadline-ms", "1500", *args)
-    accel = await AgentRuntime(
-        ModelAgent(models_dir() / "accel.tflite"), await connect_bus("accel"), subjects=subjects
-    ).start()
-    fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
+    accel = await model_agent(connect_bus, subjects, "accel")
+    fusion = await fusion_agent(connect_bus, subjects)
     decisions = await Collector(Decision).start_stream(nc, subjects.decision("bm"))
     tasks = await opened_tasks(nc, subjects)
     coordinator = spawn(*command)
@@ -233,11 +241,7 @@ async def test_fusion_restarted_mid_stream_gives_each_task_one_decision(
         ).start()
         for t in ("accel", "gyro")
     ]
-    coordinator = await Coordinator(
-        await connect_bus("coordinator"),
-        plans=PlanBook(default=basicmotions_plan(deadline_ms=1000)),
-        subjects=subjects,
-    ).start()
+    coordinator = await coordinator_with(connect_bus, subjects, deadline_ms=1000)
     decisions = await Collector(Decision).start_stream(nc, subjects.decision("bm"))
     tasks = await opened_tasks(nc, subjects)
     fusion = spawn(*FUSEBUS, "fusion", *args)
@@ -286,15 +290,9 @@ async def test_slow_agent_with_small_inflight_sheds_windows_and_stays_bounded(
         subjects=subjects,
         settings=AgentSettings(max_batch=1),
     ).start()
-    gyro = await AgentRuntime(
-        ModelAgent(models_dir() / "gyro.tflite"), await connect_bus("gyro"), subjects=subjects
-    ).start()
-    fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
-    coordinator = await Coordinator(
-        await connect_bus("coordinator"),
-        plans=PlanBook(default=basicmotions_plan(deadline_ms=800, max_inflight=3)),
-        subjects=subjects,
-    ).start()
+    gyro = await model_agent(connect_bus, subjects, "gyro")
+    fusion = await fusion_agent(connect_bus, subjects)
+    coordinator = await coordinator_with(connect_bus, subjects, deadline_ms=800, max_inflight=3)
     decisions = await Collector(Decision).start_stream(nc, subjects.decision("bm"))
     tasks = await opened_tasks(nc, subjects)
     most_open = 0
@@ -338,10 +336,8 @@ async def test_block_policy_makes_a_waiting_producer_keep_pace(
         subjects=subjects,
         settings=AgentSettings(max_batch=1),
     ).start()
-    gyro = await AgentRuntime(
-        ModelAgent(models_dir() / "gyro.tflite"), await connect_bus("gyro"), subjects=subjects
-    ).start()
-    fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
+    gyro = await model_agent(connect_bus, subjects, "gyro")
+    fusion = await fusion_agent(connect_bus, subjects)
     coordinator = await Coordinator(
         await connect_bus("coordinator"), plans=PlanBook(default=plan), subjects=subjects
     ).start()
@@ -374,16 +370,10 @@ async def test_sigterm_on_an_agent_under_load_loses_no_subtask(
     nc = await connect_bus("test")
     args = bus_args(nats_server, subjects)
     replicas = [spawn(*FUSEBUS, "agent", "--model", "accel", *args) for _ in range(2)]
-    gyro = await AgentRuntime(
-        ModelAgent(models_dir() / "gyro.tflite"), await connect_bus("gyro"), subjects=subjects
-    ).start()
+    gyro = await model_agent(connect_bus, subjects, "gyro")
     await wait_for_agents(nc, subjects.prefix, {"accel": 2})
-    fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
-    coordinator = await Coordinator(
-        await connect_bus("coordinator"),
-        plans=PlanBook(default=basicmotions_plan(deadline_ms=5000)),
-        subjects=subjects,
-    ).start()
+    fusion = await fusion_agent(connect_bus, subjects)
+    coordinator = await coordinator_with(connect_bus, subjects, deadline_ms=5000)
     decisions = await Collector(Decision).start_stream(nc, subjects.decision("bm"))
     tasks = await opened_tasks(nc, subjects)
     feeder = FrameFeeder(nc, subjects, basicmotions, every_s=0.01).start()
@@ -413,10 +403,8 @@ async def test_sigterm_on_the_coordinator_lets_every_opened_task_end(
     """SIGTERM the coordinator mid-stream with --drain-s: it stops opening tasks, lets the
     open ones end (here: at their deadline, gyro being absent), then exits 0."""
     nc = await connect_bus("test")
-    accel = await AgentRuntime(
-        ModelAgent(models_dir() / "accel.tflite"), await connect_bus("accel"), subjects=subjects
-    ).start()
-    fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
+    accel = await model_agent(connect_bus, subjects, "accel")
+    fusion = await fusion_agent(connect_bus, subjects)
     decisions = await Collector(Decision).start_stream(nc, subjects.decision("bm"))
     tasks = await opened_tasks(nc, subjects)
     coordinator = spawn(
