@@ -102,6 +102,7 @@ class Coordinator:
         self.directory = AgentDirectory(forget_after_s=self.settings.forget_type_after_s)
         self.journal: TaskJournal | None = None
         self.instance_id = secrets.token_hex(4)
+        self._task_serial = 0
         self.counts: dict[str, int] = dict.fromkeys(
             ("dead_letters", "unserved", "held", "rejected"), 0
         )
@@ -284,7 +285,7 @@ class Coordinator:
             return None, []
         required_missing = any(s.required and s.name in cut.missing for s in plan.sensors)
         opening = decompose(
-            task_id=f"{cut.stream}:{cut.window.t_start_ns}:{secrets.token_hex(3)}",
+            task_id=self._new_task_id(cut),
             stream=cut.stream,
             window=cut.window,
             sensors={}
@@ -309,6 +310,12 @@ class Coordinator:
         if task is not None and self.journal is not None:
             self.journal.changed(task)
         return opening, ended
+
+    def _new_task_id(self, cut: CutWindow) -> str:
+        # Unique, not secret: this coordinator's random instance id and a counter (a random
+        # draw per task would cost a system call on the hot path).
+        self._task_serial += 1
+        return f"{cut.stream}:{cut.window.t_start_ns}:{self.instance_id}{self._task_serial:x}"
 
     def _specs_for(self, plan: Plan, sensors: dict[str, np.ndarray]) -> list[SubtaskSpec]:
         specs = list(plan.subtasks)
