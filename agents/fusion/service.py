@@ -2,8 +2,8 @@
 
 A decision goes out as soon as every expected type has answered, or when the coordinator's
 status says the task ended without them (partial, or failed with nothing in). Results are
-acked only once their task is decided, so a fusion agent that restarts is redelivered what
-it had not finished; decisions carry ``Nats-Msg-Id: decision:<task_id>`` so the server
+acked only once their decision is stored, so a fusion agent that restarts is redelivered what
+it had not finished; decisions carry ``Nats-Msg-Id: decision:<name>:<task_id>`` so the server
 drops a second decision for a task even across such a restart.
 """
 
