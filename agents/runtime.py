@@ -19,8 +19,6 @@ from typing import Any
 
 import numpy as np
 import structlog
-from nats.aio.client import Client
-from nats.aio.msg import Msg
 
 from agents.base import Agent
 from bus import (
@@ -35,6 +33,7 @@ from bus import (
     ensure_streams,
     ensure_task_consumer,
 )
+from bus.types import Connection, Message
 from schemas import CODEC, AgentInfo, ConfigError, Result, SchemaError, Subtask
 
 log = structlog.get_logger("fusebus.agent")
@@ -78,7 +77,7 @@ class AgentRuntime:
     def __init__(
         self,
         agent: Agent,
-        nc: Client,
+        nc: Connection,
         *,
         subjects: Subjects,
         settings: AgentSettings | None = None,
@@ -204,10 +203,10 @@ class AgentRuntime:
             # Shielded so that a stop request lets the batch in hand finish and be acked.
             await asyncio.shield(self._handle_batch(msgs))
 
-    async def _handle_batch(self, msgs: list[Msg]) -> None:
+    async def _handle_batch(self, msgs: list[Message]) -> None:
         pulled = time.perf_counter()
         now_ns = time.time_ns()
-        batch: list[tuple[Msg, Subtask]] = []
+        batch: list[tuple[Message, Subtask]] = []
         for msg in msgs:
             try:
                 subtask = CODEC.decode(msg.data, Subtask)
@@ -290,7 +289,7 @@ class AgentRuntime:
                     f"input {spec.sensor!r} has shape {array.shape}, agent reads {want}",
                 )
 
-    async def _model_failed(self, batch: list[tuple[Msg, Subtask]], exc: Exception) -> None:
+    async def _model_failed(self, batch: list[tuple[Message, Subtask]], exc: Exception) -> None:
         self.counts["errors"] += 1
         log.error(
             "batch.failed", type=self.agent.type, size=len(batch), error=str(exc), exc_info=exc
@@ -300,7 +299,7 @@ class AgentRuntime:
             attempt = msg.metadata.num_delivered if msg.metadata else 1
             await msg.nak(delay=delays[min(attempt, len(delays)) - 1] if delays else None)
 
-    async def _dead_letter(self, msg: Msg, reason: str, error: str) -> None:
+    async def _dead_letter(self, msg: Message, reason: str, error: str) -> None:
         self.counts["dead_letters"] += 1
         await self.producer.dead_letter(
             component=self.component,

@@ -33,6 +33,7 @@ from bus import (
     connect,
     discover_components,
     ensure_streams,
+    follow_stored,
 )
 from fusebus.datasets import load_basicmotions
 from fusebus.replay import aligned_start_ns, chunk_schedule, stream_names
@@ -185,9 +186,7 @@ async def end_to_end(url: str, streams: int, windows: int) -> tuple[float, float
             if len(latencies) >= expected:
                 done.set()
 
-        await nc.jetstream().subscribe(
-            f"{subjects.prefix}.decision.*", cb=on_decision, ordered_consumer=True
-        )
+        await follow_stored(nc, f"{subjects.prefix}.decision.*", on_decision)
         began = time.perf_counter()
         await publish_all(nc, messages)
         await asyncio.wait_for(done.wait(), timeout=600)

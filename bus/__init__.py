@@ -18,6 +18,7 @@ from bus.producer import Producer
 from bus.records import RecordTable
 from bus.server import EmbeddedServer, find_server_binary, free_port
 from bus.stats import LATENCY_BUCKETS_S, Histogram
+from bus.streams import StoredMessage, follow_stored, read_stored
 from bus.subjects import Subjects, check_token
 from bus.topology import (
     TopologySettings,
@@ -26,18 +27,23 @@ from bus.topology import (
     ensure_task_consumer,
     stream_configs,
 )
+from bus.types import Connection, Message, Subscription
 
 __all__ = [
     "LATENCY_BUCKETS_S",
     "BatchPuller",
     "BusSettings",
+    "Connection",
     "EmbeddedServer",
     "ExhaustedReaper",
     "Histogram",
     "Lifecycle",
+    "Message",
     "Producer",
     "RecordTable",
+    "StoredMessage",
     "Subjects",
+    "Subscription",
     "TopologySettings",
     "agent_info_from_metadata",
     "agent_info_metadata",
@@ -49,10 +55,12 @@ __all__ = [
     "ensure_streams",
     "ensure_task_consumer",
     "find_server_binary",
+    "follow_stored",
     "free_port",
     "gather",
     "keep_running",
     "max_deliveries_subject",
+    "read_stored",
     "register_service",
     "stream_configs",
 ]

@@ -11,9 +11,10 @@ import asyncio
 
 import structlog
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
+from bus.streams import read_stored
 from bus.subjects import check_token
 
 log = structlog.get_logger("fusebus.bus")
@@ -81,28 +82,9 @@ class RecordTable:
 
     async def load(self, *, timeout_s: float = 10.0) -> dict[str, bytes]:
         """Every live record, by key."""
-        info = await self._js.stream_info(self.stream)
-        count = info.state.messages
-        if count == 0:
-            return {}
-        sub = await self._js.pull_subscribe(
-            f"{self.subject_prefix}.*",
-            stream=self.stream,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0),
-        )
         records: dict[str, bytes] = {}
-        try:
-            while len(records) < count:
-                try:
-                    msgs = await sub.fetch(min(1000, count - len(records)), timeout=timeout_s)
-                except TimeoutError:  # records expired while loading: what is left is all
-                    break
-                for msg in msgs:
-                    key = msg.subject[len(self.subject_prefix) + 1 :]
-                    records[key] = msg.data
-                    if msg.metadata and msg.metadata.sequence:
-                        self._seqs[key] = msg.metadata.sequence.stream
-                    await msg.ack()
-        finally:
-            await sub.unsubscribe()
+        for stored in await read_stored(self._js, self.stream, timeout_s=timeout_s):
+            key = stored.subject[len(self.subject_prefix) + 1 :]
+            records[key] = stored.data
+            self._seqs[key] = stored.sequence
         return records

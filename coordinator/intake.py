@@ -11,9 +11,9 @@ import time
 from collections.abc import Awaitable, Callable
 
 import structlog
-from nats.aio.msg import Msg
 
 from bus import Producer, Subjects
+from bus.types import Message
 from coordinator.liveness import Change, SensorLiveness
 from coordinator.plan import Plan, PlanBook
 from coordinator.windows import CutWindow, StreamWindower, shape_from_plan
@@ -21,8 +21,8 @@ from schemas import CODEC, SchemaError, SensorChunk, SensorFrame, SensorStatus, 
 
 log = structlog.get_logger("fusebus.coordinator")
 
-OnWindow = Callable[[CutWindow, Msg | None, Plan], Awaitable[None]]
-OnBadMessage = Callable[[Msg, str, str], Awaitable[None]]
+OnWindow = Callable[[CutWindow, Message | None, Plan], Awaitable[None]]
+OnBadMessage = Callable[[Message, str, str], Awaitable[None]]
 
 
 class SensorIntake:
@@ -74,7 +74,7 @@ class SensorIntake:
         """Samples held per stream (to check memory stays bounded)."""
         return {stream: w.buffered_samples for stream, w in self._windowers.items()}
 
-    async def on_frame(self, msg: Msg) -> None:
+    async def on_frame(self, msg: Message) -> None:
         """Take a pre-aligned frame as one window."""
         self.counts["frames"] += 1
         try:
@@ -90,7 +90,7 @@ class SensorIntake:
         absent = tuple(s.name for s in plan.sensors if s.name not in frame.sensors)
         await self._on_window(CutWindow(frame.stream, window, frame.sensors, absent), msg, plan)
 
-    async def on_chunk(self, msg: Msg) -> None:
+    async def on_chunk(self, msg: Message) -> None:
         """Buffer a chunk and pass on every window it completes."""
         self.counts["chunks"] += 1
         try:

@@ -19,9 +19,6 @@ from typing import Any
 
 import numpy as np
 import structlog
-from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
 from bus import (
     BatchPuller,
@@ -35,6 +32,7 @@ from bus import (
     ensure_streams,
 )
 from bus.discovery import PREFIX, ROLE
+from bus.types import Connection, Message, Subscription
 from coordinator.decompose import Opening, decompose
 from coordinator.directory import AgentDirectory
 from coordinator.intake import SensorIntake
@@ -85,7 +83,7 @@ class Coordinator:
 
     def __init__(
         self,
-        nc: Client,
+        nc: Connection,
         *,
         plans: PlanBook,
         subjects: Subjects,
@@ -114,7 +112,7 @@ class Coordinator:
             on_bad_message=self._dead_letter,
             forget_after_s=self.settings.forget_stream_after_s,
         )
-        self._held: dict[str, deque[tuple[CutWindow, Msg | None]]] = {}
+        self._held: dict[str, deque[tuple[CutWindow, Message | None]]] = {}
         self._sensors_sub: Subscription | None = None
         self._all_ended = asyncio.Event()  # set whenever no task is open
         self._frames_sub: Subscription | None = None
@@ -222,7 +220,7 @@ class Coordinator:
         await asyncio.sleep(self.settings.liveness_interval_s)
         await self.intake.check_liveness()
 
-    async def _on_window(self, cut: CutWindow, msg: Msg | None, plan: Plan) -> None:
+    async def _on_window(self, cut: CutWindow, msg: Message | None, plan: Plan) -> None:
         if plan.overflow == "block" and (
             self._held.get(cut.stream) or self.tracker.open_in(cut.stream) >= plan.max_inflight
         ):
@@ -230,7 +228,7 @@ class Coordinator:
             return
         await self._admit(cut, msg, plan)
 
-    async def _hold(self, cut: CutWindow, msg: Msg | None, plan: Plan) -> None:
+    async def _hold(self, cut: CutWindow, msg: Message | None, plan: Plan) -> None:
         """Keep a window until its stream has room; its producer's reply waits with it."""
         held = self._held.setdefault(cut.stream, deque())
         if len(held) >= plan.max_inflight:
@@ -250,7 +248,7 @@ class Coordinator:
         if held is not None and not held:
             del self._held[stream]
 
-    async def _admit(self, cut: CutWindow, msg: Msg | None, plan: Plan) -> None:
+    async def _admit(self, cut: CutWindow, msg: Message | None, plan: Plan) -> None:
         started = time.perf_counter()
         try:
             opening, shed = self._open(cut, plan)
@@ -325,7 +323,7 @@ class Coordinator:
             specs += [s for s in self.directory.feedable(shapes) if s.type not in listed]
         return specs
 
-    async def _reply(self, msg: Msg, answer: bytes) -> None:
+    async def _reply(self, msg: Message, answer: bytes) -> None:
         """Answer a producer that asked (published with a reply subject)."""
         if msg.reply and not msg.reply.startswith("$JS.ACK"):
             with contextlib.suppress(Exception):  # the producer may have given up
@@ -426,7 +424,7 @@ class Coordinator:
         await asyncio.sleep(self.settings.journal_interval_ms / 1e3)
         await self.journal.flush()
 
-    async def _dead_letter(self, msg: Msg, reason: str, error: str) -> None:
+    async def _dead_letter(self, msg: Message, reason: str, error: str) -> None:
         self.counts["dead_letters"] += 1
         await self.producer.dead_letter(
             component=COMPONENT,

@@ -9,9 +9,9 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import structlog
-from nats.aio.client import Client
 
 from bus import BusSettings, connect
+from bus.types import Connection
 
 log = structlog.get_logger("fusebus")
 
@@ -35,7 +35,7 @@ def stop_on_signals() -> asyncio.Event:
 
 
 async def serve(
-    start: Callable[[Client], Awaitable[Component]],
+    start: Callable[[Connection], Awaitable[Component]],
     *,
     bus: BusSettings,
     name: str,

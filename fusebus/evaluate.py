@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from nats.aio.client import Client
-from nats.aio.msg import Msg
 
 from agents import AgentRuntime, ModelAgent
 from agents.base import Agent
@@ -36,7 +34,9 @@ from bus import (
     TopologySettings,
     connect,
     ensure_streams,
+    follow_stored,
 )
+from bus.types import Connection, Message
 from coordinator import Coordinator, Plan, PlanBook, SensorInput, SubtaskSpec
 from fusebus.datasets import SensorDataset, load_dataset
 from fusebus.paths import models_dir
@@ -136,9 +136,9 @@ async def live_run(
     per strategy; returns what came back and the true label of each window."""
     subjects = Subjects(f"eval{uuid.uuid4().hex[:8]}")
     bus = BusSettings(url=url, prefix=subjects.prefix)
-    connections: list[Client] = []
+    connections: list[Connection] = []
 
-    async def open_connection(name: str) -> Client:
+    async def open_connection(name: str) -> Connection:
         nc = await connect(bus, name=name)
         connections.append(nc)
         return nc
@@ -175,20 +175,18 @@ async def live_run(
         done = asyncio.Event()
         total = len(dataset.y_test)
 
-        async def on_decision(msg: Msg) -> None:
+        async def on_decision(msg: Message) -> None:
             decision = CODEC.decode(msg.data, Decision)
             run.decisions[decision.strategy].append(decision)
             if all(len(run.decisions[s]) >= total for s in names):
                 done.set()
 
-        async def on_result(msg: Msg) -> None:
+        async def on_result(msg: Message) -> None:
             result = CODEC.decode(msg.data, Result)
             run.results[result.type].append(result)
 
         names = [FusionSpec(strategy=s).build().name for s in settings.strategies]
-        await nc.jetstream().subscribe(
-            subjects.decision(STREAM), cb=on_decision, ordered_consumer=True
-        )
+        await follow_stored(nc, subjects.decision(STREAM), on_decision)
         await nc.subscribe(subjects.result(STREAM), cb=on_result)
         sent = await replay_frames(
             Producer(nc, subjects), dataset, stream=STREAM, rate_hz=settings.rate_hz

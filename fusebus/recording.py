@@ -16,11 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-from nats.aio.client import Client
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from bus import Subjects
-from schemas import ConfigError
+from bus import Connection, Subjects, read_stored
+from schemas import BusError, ConfigError
 
 KIND = "fusebus_recording"
 
@@ -35,7 +33,7 @@ class Entry:
 
 
 async def record(
-    nc: Client,
+    nc: Connection,
     subjects: Subjects,
     out: Path,
     *,
@@ -43,45 +41,17 @@ async def record(
     until_ns: int | None = None,
 ) -> int:
     """Write what ``<P>_SENSORS`` holds from ``since_s`` ago (default: all of it) to ``out``."""
-    js = nc.jetstream()
     try:
-        info = await js.stream_info(subjects.sensors_stream)
-    except Exception as exc:
-        raise ConfigError(
-            f"no stream {subjects.sensors_stream}: start the coordinator with --record to record sensors ({exc})"
-        ) from None
-    total = info.state.messages
+        stored = await read_stored(nc.jetstream(), subjects.sensors_stream)
+    except BusError as exc:
+        raise ConfigError(f"{exc}: start the coordinator with --record to record sensors") from None
     start_ns = time.time_ns() - int(since_s * 1e9) if since_s is not None else 0
     end_ns = until_ns or time.time_ns()
-    entries: list[Entry] = []
-    if total:
-        sub = await js.pull_subscribe(
-            "",
-            stream=subjects.sensors_stream,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0),
-        )
-        try:
-            seen = 0
-            while seen < total:
-                try:
-                    msgs = await sub.fetch(min(1000, total - seen), timeout=5)
-                except TimeoutError:
-                    break
-                for msg in msgs:
-                    seen += 1
-                    stamp = (
-                        msg.metadata.timestamp.timestamp()
-                        if msg.metadata and msg.metadata.timestamp
-                        else 0.0
-                    )
-                    t_ns = int(stamp * 1e9)
-                    if start_ns <= t_ns <= end_ns:
-                        entries.append(
-                            Entry(msg.subject[len(subjects.prefix) + 1 :], t_ns, msg.data)
-                        )
-                    await msg.ack()
-        finally:
-            await sub.unsubscribe()
+    entries = [
+        Entry(m.subject[len(subjects.prefix) + 1 :], m.time_ns, m.data)
+        for m in stored
+        if start_ns <= m.time_ns <= end_ns
+    ]
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("wb") as file:
         header = {
@@ -121,7 +91,9 @@ def read_recording(path: Path) -> list[Entry]:
     return entries
 
 
-async def play(nc: Client, subjects: Subjects, entries: list[Entry], *, speed: float = 1.0) -> int:
+async def play(
+    nc: Connection, subjects: Subjects, entries: list[Entry], *, speed: float = 1.0
+) -> int:
     """Publish the entries under ``subjects.prefix`` with their recorded spacing / ``speed``."""
     if speed <= 0:
         raise ConfigError(f"speed must be > 0, got {speed}")

@@ -8,10 +8,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from nats.aio.client import Client
-
 from bus import agent_info_from_metadata, gather
 from bus.discovery import PREFIX, ROLE
+from bus.types import Connection
 from schemas import AgentInfo
 
 
@@ -41,7 +40,7 @@ class BusStatus:
     components: list[tuple[str, dict[str, Any]]]  # (role, counters) of coordinators and fusion
 
 
-async def collect_status(nc: Client, *, prefix: str, timeout_s: float = 0.5) -> BusStatus:
+async def collect_status(nc: Connection, *, prefix: str, timeout_s: float = 0.5) -> BusStatus:
     """Ask every fusebus service under ``prefix`` for its stats."""
     agents: dict[str, TypeStatus] = defaultdict(lambda: TypeStatus(""))
     components = []
@@ -117,7 +116,7 @@ def render_status(status: BusStatus) -> str:
 
 
 async def watch_status(
-    nc: Client,
+    nc: Connection,
     *,
     prefix: str,
     timeout_s: float = 0.5,

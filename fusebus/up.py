@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import TextIO
 
 import numpy as np
-from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy
 
 from bus import (
     BusSettings,
@@ -32,8 +30,10 @@ from bus import (
     connect,
     discover_components,
     ensure_streams,
+    follow_stored,
 )
 from bus.discovery import ROLE
+from bus.types import Message
 from fusebus.datasets import load_dataset
 from fusebus.paths import models_dir
 from fusebus.replay import aligned_start_ns, chunk_schedule, replay_frames, send_schedule
@@ -146,7 +146,7 @@ async def run_up(settings: UpSettings, *, out: TextIO = sys.stdout) -> int:
         tally = Tally(truth={w.t_start_ns: w.label for w in windows[settings.stream]})
         all_in = asyncio.Event()
 
-        async def on_decision(msg: Msg) -> None:
+        async def on_decision(msg: Message) -> None:
             try:
                 decision = CODEC.decode(msg.data, Decision)
             except SchemaError as exc:
@@ -163,14 +163,9 @@ async def run_up(settings: UpSettings, *, out: TextIO = sys.stdout) -> int:
             if len(tally.decisions) >= len(tally.truth):
                 all_in.set()
 
-        # Read what the decisions stream stored: JetStream drops a repeated decision there,
-        # while a plain subscriber would still see it.
         await ensure_streams(nc.jetstream(), subjects, TopologySettings())
-        sub = await nc.jetstream().subscribe(
-            subjects.decision(settings.stream),
-            cb=on_decision,
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.NEW,
+        sub = await follow_stored(
+            nc, subjects.decision(settings.stream), on_decision, from_now=True
         )
         print(
             f"{'#':>3}  {'window (s)':<13} {'predicted':<10} {'true':<10}    {'status':<9} latency",

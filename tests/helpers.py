@@ -14,7 +14,7 @@ from nats.aio.subscription import Subscription
 
 from agents import AgentRuntime
 from agents.fusion import FusionAgent
-from bus import Subjects
+from bus import Subjects, follow_stored
 from coordinator import Coordinator
 from schemas import CODEC
 
@@ -50,9 +50,7 @@ class Collector(Generic[M]):
 
         for _ in range(50):  # the stream may not exist until a component has started
             try:
-                self._sub = await nc.jetstream().subscribe(
-                    subject, cb=on_msg, ordered_consumer=True
-                )
+                self._sub = await follow_stored(nc, subject, on_msg)
                 return self
             except Exception:
                 await asyncio.sleep(0.1)

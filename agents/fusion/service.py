@@ -18,8 +18,6 @@ from typing import Any
 
 import numpy as np
 import structlog
-from nats.aio.client import Client
-from nats.aio.msg import Msg
 
 from agents.fusion.strategies import Strategy, Vote, WeightedMean
 from bus import (
@@ -34,6 +32,7 @@ from bus import (
 )
 from bus.discovery import PREFIX, ROLE
 from bus.subjects import check_token
+from bus.types import Connection, Message
 from schemas import CODEC, Decision, Result, SchemaError, TaskStatus, Window
 
 log = structlog.get_logger("fusebus.fusion")
@@ -60,7 +59,7 @@ class PendingTask:
     ingest_ns: int
     results: dict[str, Result] = field(default_factory=dict)
     missing_sensors: tuple[str, ...] = ()
-    msgs: list[Msg] = field(default_factory=list)  # acked once the task is decided
+    msgs: list[Message] = field(default_factory=list)  # acked once the task is decided
     first_seen: float = field(default_factory=time.monotonic)
 
 
@@ -69,7 +68,7 @@ class FusionAgent:
 
     def __init__(
         self,
-        nc: Client,
+        nc: Connection,
         *,
         subjects: Subjects,
         strategy: Strategy | None = None,
@@ -163,7 +162,7 @@ class FusionAgent:
         for msg in msgs:
             await self._handle(msg)
 
-    async def _handle(self, msg: Msg) -> None:
+    async def _handle(self, msg: Message) -> None:
         try:
             message = CODEC.decode_any(msg.data)
             if not isinstance(message, Result | TaskStatus):
