@@ -33,11 +33,13 @@ MSG_ID = "Nats-Msg-Id"
 class Producer:
     """Encodes messages and publishes them on the right subject.
 
-    Sensor data goes over core NATS (fire and forget, like a sensor); subtasks, results,
-    statuses, decisions and dead letters go through JetStream and are acknowledged by the
-    server before the call returns, so a caller that acks its input afterwards never
-    loses anything. Subtasks and decisions carry a ``Nats-Msg-Id`` so that a re-publish
-    (after a restart or a redelivery) is dropped by the server.
+    Sensor data goes over core NATS (fire and forget, like a sensor). Everything else goes
+    through JetStream: results, statuses and dead letters are acknowledged by the server
+    before the call returns, so a caller that acks its input afterwards never loses
+    anything; the hot paths (subtasks, decisions) do not wait, and their acks come back to
+    one inbox (:meth:`_publish_acked`), where a decision's ``then`` acks its inputs.
+    Subtasks and decisions carry a ``Nats-Msg-Id`` so that a re-publish (after a restart
+    or a redelivery) is dropped by the server.
     """
 
     def __init__(self, nc: Client, subjects: Subjects, *, publish_timeout_s: float = 5.0) -> None:
@@ -45,12 +47,11 @@ class Producer:
         self.js: JetStreamContext = nc.jetstream(timeout=publish_timeout_s)
         self.subjects = subjects
         self.dead_letters = 0
-        self.unconfirmed = 0  # subtasks sent whose ack has not come back yet
-        self.refused = 0  # subtasks the server answered with an error (or no responder)
-        self._ack_inbox: str | None = None
-        self._later_prefix: str | None = None
-        self._later: dict[str, Callable[[bool, bool], Awaitable[None]]] = {}
-        self._later_count = 0
+        self.unconfirmed = 0  # acked publishes whose ack has not come back yet
+        self.refused = 0  # acked publishes the server answered with an error
+        self._ack_prefix: str | None = None
+        self._ack_serial = 0
+        self._awaiting: dict[str, Callable[[bool, bool], Awaitable[None]] | None] = {}
 
     def __repr__(self) -> str:
         return f"Producer({self.subjects.prefix!r}, dead_letters={self.dead_letters})"
@@ -87,30 +88,48 @@ class Producer:
         )
 
     async def subtasks_unconfirmed(self, subtasks: list[Subtask]) -> None:
-        """Send subtasks without waiting for the server's acks, which all come back to one
-        inbox and are counted there (:attr:`unconfirmed`, :attr:`refused`).
+        """Send subtasks without waiting for the server's acks (see :meth:`_publish_acked`).
 
         This is the hot path of the coordinator: it costs one publish per subtask, against a
         future, a semaphore and a timer each with nats-py's ``publish_async``. A subtask the
         server did not store shows as ``refused``; its task still ends at its deadline.
         """
-        if self._ack_inbox is None:
-            self._ack_inbox = self.nc.new_inbox()
-            await self.nc.subscribe(self._ack_inbox, cb=self._on_ack)
         for s in subtasks:
-            await self.nc.publish(
-                self.subjects.task(s.type),
-                encode(s),
-                reply=self._ack_inbox,
-                headers={MSG_ID: f"{s.task_id}:{s.type}"},
+            await self._publish_acked(
+                self.subjects.task(s.type), encode(s), {MSG_ID: f"{s.task_id}:{s.type}"}
             )
-        self.unconfirmed += len(subtasks)
+
+    async def _publish_acked(
+        self,
+        subject: str,
+        data: bytes,
+        headers: dict[str, str],
+        then: Callable[[bool, bool], Awaitable[None]] | None = None,
+    ) -> None:
+        """Publish to a JetStream subject with the server's ack coming back to one inbox of
+        this producer, where it is counted (:attr:`unconfirmed`, :attr:`refused`) and
+        ``then(stored, repeat)`` runs, if given."""
+        if self._ack_prefix is None:
+            self._ack_prefix = self.nc.new_inbox()
+            await self.nc.subscribe(f"{self._ack_prefix}.*", cb=self._on_ack)
+        self._ack_serial += 1
+        token = str(self._ack_serial)
+        self._awaiting[token] = then
+        self.unconfirmed += 1
+        await self.nc.publish(subject, data, reply=f"{self._ack_prefix}.{token}", headers=headers)
 
     async def _on_ack(self, msg: Msg) -> None:
+        token = msg.subject.rsplit(".", 1)[1]
+        if token not in self._awaiting:
+            return
+        then = self._awaiting.pop(token)
         self.unconfirmed -= 1
-        if b'"error"' in msg.data or not msg.data:
+        stored = bool(msg.data) and b'"error"' not in msg.data
+        if not stored:
             self.refused += 1
-            log.error("subtask.refused", reply=msg.data[:200].decode(errors="replace"))
+            log.error("publish.refused", reply=msg.data[:200].decode(errors="replace"))
+        if then is not None:
+            await then(stored, b'"duplicate":true' in msg.data.replace(b" ", b""))
 
     async def results(self, results: list[Result]) -> None:
         """Publish agents' results."""
@@ -126,16 +145,6 @@ class Producer:
             headers={MSG_ID: f"status:{status.task_id}"},
         )
 
-    async def decision(self, decision: Decision, *, decider: str = "fusion") -> bool:
-        """Publish a decision, deduplicated by ``decider`` and task id so that one fusion agent
-        never gives a task two decisions; returns False when the server dropped a repeat."""
-        ack = await self.js.publish(
-            self.subjects.decision(decision.stream),
-            encode(decision),
-            headers={MSG_ID: f"decision:{decider}:{decision.task_id}"},
-        )
-        return not ack.duplicate
-
     async def sensor_status(self, status: SensorStatus) -> None:
         """Publish a sensor's liveness change."""
         await self.js.publish(self.subjects.sensor_status(status.stream), encode(status))
@@ -145,28 +154,14 @@ class Producer:
     ) -> None:
         """Publish a decision without waiting; ``then(stored, repeat)`` runs when the server
         answers: ``stored`` False on an error, ``repeat`` True when it dropped a repeat (the
-        ``Nats-Msg-Id`` is ``decision:<decider>:<task_id>``, as with :meth:`decision`)."""
-        if self._later_prefix is None:
-            self._later_prefix = self.nc.new_inbox()
-            await self.nc.subscribe(f"{self._later_prefix}.*", cb=self._on_later_ack)
-        self._later_count += 1
-        token = str(self._later_count)
-        self._later[token] = then
-        await self.nc.publish(
+        ``Nats-Msg-Id`` is ``decision:<decider>:<task_id>``, so one fusion agent never gives a
+        task two decisions, even across a restart)."""
+        await self._publish_acked(
             self.subjects.decision(decision.stream),
             encode(decision),
-            reply=f"{self._later_prefix}.{token}",
-            headers={MSG_ID: f"decision:{decider}:{decision.task_id}"},
+            {MSG_ID: f"decision:{decider}:{decision.task_id}"},
+            then,
         )
-
-    async def _on_later_ack(self, msg: Msg) -> None:
-        then = self._later.pop(msg.subject.rsplit(".", 1)[1], None)
-        if then is None:
-            return
-        stored = bool(msg.data) and b'"error"' not in msg.data
-        if not stored:
-            log.error("decision.refused", reply=msg.data[:200].decode(errors="replace"))
-        await then(stored, b'"duplicate":true' in msg.data.replace(b" ", b""))
 
     async def dead_letter(
         self,

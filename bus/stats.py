@@ -49,13 +49,3 @@ class Histogram:
             running += count
             out.append((bound, running))
         return out
-
-    def quantile(self, q: float) -> float:
-        """An estimate (the bucket bound) of the ``q`` quantile; 0 with no observations."""
-        if not self.count:
-            return 0.0
-        target = q * self.count
-        for bound, running in self.cumulative():
-            if running >= target:
-                return float("inf") if bound == "+Inf" else float(bound)
-        return float("inf")

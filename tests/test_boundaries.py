@@ -47,7 +47,9 @@ def test_only_bus_imports_nats() -> None:
     for layer in ("schemas", "coordinator", "agents", "fusebus"):
         for file in sorted((ROOT / layer).rglob("*.py")):
             for imported in _imports(file):
-                assert not imported.startswith("nats"), f"{file.relative_to(ROOT)} imports {imported}"
+                assert not imported.startswith("nats"), (
+                    f"{file.relative_to(ROOT)} imports {imported}"
+                )
 
 
 def test_imports_point_down_the_layers() -> None:
