@@ -5,6 +5,7 @@ decision in the decisions stream."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -328,8 +329,9 @@ async def test_block_policy_makes_a_waiting_producer_keep_pace(
     from fusebus.replay import replay_frames
 
     nc = await connect_bus("test")
-    plan = basicmotions_plan(deadline_ms=5000, max_inflight=2)
-    plan = type(plan)(subtasks=plan.subtasks, deadline_ms=5000, max_inflight=2, overflow="block")
+    plan = dataclasses.replace(
+        basicmotions_plan(deadline_ms=5000, max_inflight=2), overflow="block"
+    )
     slow = await AgentRuntime(
         SlowAgent(0.15),
         await connect_bus("slow"),

@@ -4,6 +4,7 @@ a thousand streams, and record-then-replay."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from fusebus.datasets import SensorDataset
 from fusebus.recording import play, read_recording, record
 from fusebus.replay import (
     Imperfections,
+    ReplayedWindow,
     ScheduledChunk,
     aligned_start_ns,
     chunk_schedule,
@@ -27,6 +29,28 @@ from tests.helpers import Collector, Pipeline
 
 StartPipeline = Callable[..., Awaitable[Pipeline]]
 SEED = 7
+
+
+def schedule_for(
+    dataset: SensorDataset,
+    start: int,
+    *,
+    streams: list[str] | None = None,
+    speed: float = 200,
+    chunk_ms: float = 1000,
+    limit: int,
+    **imperfect: object,
+) -> tuple[list[ScheduledChunk], dict[str, list[ReplayedWindow]]]:
+    """The chunks of ``limit`` TEST cases per stream (``["s"]`` by default), from ``start``."""
+    return chunk_schedule(
+        dataset,
+        streams=streams or ["s"],
+        speed=speed,
+        chunk_ms=chunk_ms,
+        start_ns=start,
+        limit=limit,
+        imperfections=Imperfections(**imperfect),  # type: ignore[arg-type]
+    )
 
 
 def by_window(decisions: list[Decision], start_ns: int) -> dict[int, Decision]:
@@ -41,17 +65,16 @@ async def test_shuffled_jittered_chunks_give_the_same_decisions_as_ordered_ones(
     print(f"seed {SEED}")
     parts = await pipeline()
     start = aligned_start_ns(basicmotions)
-    ordered, _ = chunk_schedule(
-        basicmotions, streams=["ordered"], speed=100, chunk_ms=1000, start_ns=start, limit=12
-    )
-    shuffled, _ = chunk_schedule(
+    ordered, _ = schedule_for(basicmotions, start, streams=["ordered"], speed=100, limit=12)
+    shuffled, _ = schedule_for(
         basicmotions,
+        start,
         streams=["shuffled"],
         speed=100,
-        chunk_ms=1000,
-        start_ns=start,
         limit=12,
-        imperfections=Imperfections(reorder=2, jitter_ms=4, seed=SEED),
+        reorder=2,
+        jitter_ms=4,
+        seed=SEED,
     )
     assert [s.chunk.t0_ns for s in shuffled] != sorted(s.chunk.t0_ns for s in shuffled)
     a = await Collector(Decision).start_stream(parts.nc, parts.subjects.decision("ordered"))
@@ -79,9 +102,7 @@ async def test_late_chunks_are_counted_and_leave_closed_windows_alone(
     """A chunk older than the allowed lateness is counted as late and changes no decision."""
     parts = await pipeline()
     start = aligned_start_ns(basicmotions)
-    schedule, _ = chunk_schedule(
-        basicmotions, streams=["s"], speed=200, chunk_ms=1000, start_ns=start, limit=4
-    )
+    schedule, _ = schedule_for(basicmotions, start, limit=4)
     decisions = await Collector(Decision).start_stream(parts.nc, parts.subjects.decision("s"))
     await send_schedule(Producer(parts.nc, parts.subjects), schedule)
     await decisions.wait_for(4)
@@ -111,15 +132,7 @@ async def test_a_silent_sensor_goes_down_decisions_name_it_then_it_comes_back(
     when it resumes, and complete decisions again."""
     parts = await pipeline(plan=basicmotions_plan(max_silence_ms=300, deadline_ms=1000))
     start = aligned_start_ns(basicmotions)
-    schedule, _ = chunk_schedule(
-        basicmotions,
-        streams=["s"],
-        speed=50,
-        chunk_ms=1000,
-        start_ns=start,
-        limit=20,
-        imperfections=Imperfections(dropout=("gyro", 0.3, 0.6)),
-    )
+    schedule, _ = schedule_for(basicmotions, start, speed=50, limit=20, dropout=("gyro", 0.3, 0.6))
     events = await Collector(SensorStatus).start(parts.nc, parts.subjects.sensor_status("s"))
     decisions = await Collector(Decision).start_stream(parts.nc, parts.subjects.decision("s"))
     await send_schedule(Producer(parts.nc, parts.subjects), schedule)
@@ -146,9 +159,7 @@ async def test_sensors_at_different_rates_are_aligned_into_the_same_windows(
     """A gyroscope at half the rate is resampled onto the window grid: every window complete."""
     parts = await pipeline()
     start = aligned_start_ns(basicmotions)
-    schedule, truth = chunk_schedule(
-        basicmotions, streams=["s"], speed=200, chunk_ms=1000, start_ns=start, limit=16
-    )
+    schedule, truth = schedule_for(basicmotions, start, limit=16)
     halved = [
         ScheduledChunk(
             item.send_at_s,
@@ -180,8 +191,8 @@ async def test_a_thousand_streams_are_decided_once_each_with_bounded_memory(
     parts = await pipeline(coordinator_settings=CoordinatorSettings(forget_stream_after_s=4.0))
     start = aligned_start_ns(basicmotions)
     names = stream_names("fleet", 1000)
-    schedule, _ = chunk_schedule(
-        basicmotions, streams=names, speed=500, chunk_ms=10_000, start_ns=start, limit=3
+    schedule, _ = schedule_for(
+        basicmotions, start, streams=names, speed=500, chunk_ms=10_000, limit=3
     )
     decisions = await Collector(Decision).start_stream(
         parts.nc, f"{parts.subjects.prefix}.decision.*"
@@ -212,14 +223,8 @@ async def test_record_then_replay_gives_identical_decisions(
     recording = TopologySettings(record_sensors=True)
     live = await pipeline(topology=recording)
     start = aligned_start_ns(basicmotions)
-    schedule, _ = chunk_schedule(
-        basicmotions,
-        streams=["s"],
-        speed=100,
-        chunk_ms=1000,
-        start_ns=start,
-        limit=8,
-        imperfections=Imperfections(jitter_ms=3, reorder=2, seed=SEED),
+    schedule, _ = schedule_for(
+        basicmotions, start, speed=100, limit=8, jitter_ms=3, reorder=2, seed=SEED
     )
     original = await Collector(Decision).start_stream(live.nc, live.subjects.decision("s"))
     await send_schedule(Producer(live.nc, live.subjects), schedule)
@@ -244,26 +249,16 @@ async def test_windows_missing_a_required_sensor_fail_and_say_which(
     pipeline: StartPipeline, basicmotions: SensorDataset
 ) -> None:
     """With the gyroscope required, windows it left empty are reported failed, naming it."""
-    from coordinator import Plan
     from coordinator.plan import SensorSpec
 
-    base = basicmotions_plan(max_silence_ms=300, deadline_ms=1000)
-    plan = Plan(
-        subtasks=base.subtasks,
-        deadline_ms=base.deadline_ms,
-        window=base.window,
+    plan = dataclasses.replace(
+        basicmotions_plan(max_silence_ms=300, deadline_ms=1000),
         sensors=(SensorSpec("accel", True, 300), SensorSpec("gyro", True, 300)),
     )
     parts = await pipeline(plan=plan)
     start = aligned_start_ns(basicmotions)
-    schedule, _ = chunk_schedule(
-        basicmotions,
-        streams=["s"],
-        speed=50,
-        chunk_ms=1000,
-        start_ns=start,
-        limit=12,
-        imperfections=Imperfections(dropout=("gyro", 0.25, 0.75)),
+    schedule, _ = schedule_for(
+        basicmotions, start, speed=50, limit=12, dropout=("gyro", 0.25, 0.75)
     )
     decisions = await Collector(Decision).start_stream(parts.nc, parts.subjects.decision("s"))
     await send_schedule(Producer(parts.nc, parts.subjects), schedule)
