@@ -17,7 +17,7 @@ from coordinator import Coordinator, PlanBook, basicmotions_plan
 from fusebus.datasets import SensorDataset
 from fusebus.paths import models_dir
 from fusebus.replay import aligned_start_ns, chunk_schedule, send_schedule
-from schemas import BusError, Decision
+from schemas import BusError, ConfigError, Decision
 from tests.helpers import Collector
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,3 +152,23 @@ async def test_the_whole_pipeline_runs_with_role_credentials(
             await component.stop()
     assert all(d.status == "complete" for d in decisions.items)
     assert sum(a.counts["processed"] for a in agents) == 20
+
+
+async def test_token_authentication(tmp_path: Path) -> None:
+    """A server that wants a token accepts the right one and refuses a connection without."""
+    config = tmp_path / "token.conf"
+    config.write_text('authorization { token: "t0k3n-for-tests" }\n')
+    with EmbeddedServer(config_file=config, store_dir=tmp_path / "data") as server:
+        nc = await connect(BusSettings(url=server.url, token="t0k3n-for-tests"), name="with-token")
+        assert nc.is_connected
+        await nc.close()
+        with pytest.raises(BusError, match="refused the credentials"):
+            await connect(
+                BusSettings(url=server.url, token="wrong", connect_timeout_s=2), name="bad-token"
+            )
+
+
+def test_a_missing_credentials_file_is_a_config_error(tmp_path: Path) -> None:
+    """`--creds` naming no file stops at once, naming the path."""
+    with pytest.raises(ConfigError, match="credentials file"):
+        BusSettings(creds_file=tmp_path / "nobody.creds")
