@@ -34,7 +34,7 @@ from bus import (
     ensure_task_consumer,
 )
 from bus.types import Connection, Message
-from schemas import CODEC, AgentInfo, ConfigError, Result, SchemaError, Subtask
+from schemas import CODEC, AgentInfo, ConfigError, Result, SchemaError, Subtask, encode
 
 log = structlog.get_logger("fusebus.agent")
 
@@ -206,38 +206,23 @@ class AgentRuntime:
     async def _handle_batch(self, msgs: list[Message]) -> None:
         pulled = time.perf_counter()
         now_ns = time.time_ns()
-        batch: list[tuple[Message, Subtask]] = []
+        work: list[tuple[Message, list[Subtask]]] = []
         for msg in msgs:
-            try:
-                subtask = CODEC.decode(msg.data, Subtask)
-                self._check(subtask)
-            except SchemaError as exc:
-                await self._dead_letter(msg, exc.reason, str(exc))
+            subtasks = await self._readable(msg, now_ns)
+            if subtasks is None:
                 continue
-            if subtask.deadline_ns < now_ns:
-                self.counts["expired"] += 1
-                log.debug("subtask.expired", task_id=subtask.task_id, type=subtask.type)
-                await msg.ack()
-                continue
-            batch.append((msg, subtask))
+            if subtasks:
+                work.append((msg, subtasks))
+            else:
+                await msg.ack()  # nothing left to answer: expired, or dead-lettered one by one
+        batch = [s for _, subtasks in work for s in subtasks]
         if not batch:
             return
-        inputs = {
-            spec.sensor: np.stack([s.inputs[spec.sensor] for _, s in batch])
-            for spec in self.agent.inputs
-        }
-        loop = asyncio.get_running_loop()
-        infer_start = time.perf_counter()
         try:
-            outputs = await loop.run_in_executor(self._executor, self.agent.predict, inputs)
+            outputs, infer_ms = await self._predict(batch)
         except Exception as exc:
-            await self._model_failed(batch, exc)
+            await self._model_failed([msg for msg, _ in work], len(batch), exc)
             return
-        infer_ms = (time.perf_counter() - infer_start) * 1e3
-        self.inference_ms += infer_ms
-        self.inference_seconds.observe(infer_ms / 1e3)
-        self.counts["batches"] += 1
-        self.batch_sizes[len(batch)] += 1
         latency_ms = (time.perf_counter() - pulled) * 1e3
         a = self.agent
         results = [
@@ -255,20 +240,78 @@ class AgentRuntime:
                 ingest_ns=s.ingest_ns,
                 weight=a.weight,
             )
-            for (_, s), out in zip(batch, outputs, strict=True)
+            for s, out in zip(batch, outputs, strict=True)
         ]
         await self.producer.results(results)
-        for msg, _ in batch:
+        for msg, _ in work:
             await msg.ack()
         self.counts["processed"] += len(batch)
         log.debug(
             "batch.done",
             type=a.type,
             size=len(batch),
+            messages=len(work),
             infer_ms=round(infer_ms, 3),
             duration_ms=round((time.perf_counter() - pulled) * 1e3, 3),
             outcome="ok",
         )
+
+    async def _readable(self, msg: Message, now_ns: int) -> list[Subtask] | None:
+        """The subtasks of ``msg`` worth answering (a message holds one, or a batch).
+
+        A message that cannot be read is dead-lettered and terminated (``None``); in a batch,
+        a subtask that does not fit this agent is dead-lettered alone and the rest is served.
+        Subtasks past their deadline are counted and dropped.
+        """
+        try:
+            subtasks = CODEC.decode_each(msg.data, Subtask)
+            if len(subtasks) == 1:
+                self._check(subtasks[0])
+        except SchemaError as exc:
+            await self._dead_letter(msg, exc.reason, str(exc))
+            return None
+        readable = []
+        for subtask in subtasks:
+            if len(subtasks) > 1:
+                try:
+                    self._check(subtask)
+                except SchemaError as exc:
+                    await self._dead_letter(msg, exc.reason, str(exc), subtask=subtask)
+                    continue
+            if subtask.deadline_ns < now_ns:
+                self.counts["expired"] += 1
+                log.debug("subtask.expired", task_id=subtask.task_id, type=subtask.type)
+                continue
+            readable.append(subtask)
+        return readable
+
+    async def _predict(self, batch: list[Subtask]) -> tuple[list[np.ndarray], float]:
+        """Run the agent over ``batch`` in model calls of at most ``max_batch``, in the
+        inference thread; returns one output per subtask and the inference time in ms."""
+        size = self.settings.max_batch
+        chunks = [batch[i : i + size] for i in range(0, len(batch), size)]
+        specs = self.agent.inputs
+
+        def run() -> tuple[list[np.ndarray], list[float]]:
+            outputs: list[np.ndarray] = []
+            timings = []
+            for chunk in chunks:
+                inputs = {
+                    spec.sensor: np.stack([s.inputs[spec.sensor] for s in chunk]) for spec in specs
+                }
+                started = time.perf_counter()
+                outputs.extend(self.agent.predict(inputs))
+                timings.append(time.perf_counter() - started)
+            return outputs, timings
+
+        outputs, timings = await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        for chunk, seconds in zip(chunks, timings, strict=True):
+            self.inference_seconds.observe(seconds)
+            self.batch_sizes[len(chunk)] += 1
+        self.counts["batches"] += len(chunks)
+        infer_ms = sum(timings) * 1e3
+        self.inference_ms += infer_ms
+        return outputs, infer_ms
 
     def _check(self, subtask: Subtask) -> None:
         if subtask.type != self.agent.type:
@@ -289,24 +332,27 @@ class AgentRuntime:
                     f"input {spec.sensor!r} has shape {array.shape}, agent reads {want}",
                 )
 
-    async def _model_failed(self, batch: list[tuple[Message, Subtask]], exc: Exception) -> None:
+    async def _model_failed(self, msgs: list[Message], size: int, exc: Exception) -> None:
         self.counts["errors"] += 1
-        log.error(
-            "batch.failed", type=self.agent.type, size=len(batch), error=str(exc), exc_info=exc
-        )
+        log.error("batch.failed", type=self.agent.type, size=size, error=str(exc), exc_info=exc)
         delays = self.settings.nak_delays_s
-        for msg, _ in batch:
+        for msg in msgs:
             attempt = msg.metadata.num_delivered if msg.metadata else 1
             await msg.nak(delay=delays[min(attempt, len(delays)) - 1] if delays else None)
 
-    async def _dead_letter(self, msg: Message, reason: str, error: str) -> None:
+    async def _dead_letter(
+        self, msg: Message, reason: str, error: str, *, subtask: Subtask | None = None
+    ) -> None:
+        """Keep what cannot be served, with its reason: the whole message (then terminated),
+        or one ``subtask`` out of a batch."""
         self.counts["dead_letters"] += 1
         await self.producer.dead_letter(
             component=self.component,
             subject=msg.subject,
-            data=msg.data,
+            data=msg.data if subtask is None else encode(subtask),
             reason=reason,
             error=error,
             headers=msg.headers,
         )
-        await msg.term()
+        if subtask is None:
+            await msg.term()

@@ -2,6 +2,7 @@
 dead letters and service discovery. The only layer that imports ``nats``."""
 
 from bus.advisories import ExhaustedReaper, max_deliveries_subject
+from bus.coalesce import Coalescer
 from bus.connection import BusSettings, connect
 from bus.consume import BatchPuller
 from bus.discovery import (
@@ -33,6 +34,7 @@ __all__ = [
     "LATENCY_BUCKETS_S",
     "BatchPuller",
     "BusSettings",
+    "Coalescer",
     "Connection",
     "EmbeddedServer",
     "ExhaustedReaper",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import structlog
 from nats.aio.client import Client
@@ -17,10 +17,12 @@ from schemas import (
     DeadLetter,
     Decision,
     Result,
+    ResultBatch,
     SensorChunk,
     SensorFrame,
     SensorStatus,
     Subtask,
+    SubtaskBatch,
     TaskStatus,
     encode,
 )
@@ -28,6 +30,17 @@ from schemas import (
 log = structlog.get_logger("fusebus.bus")
 
 MSG_ID = "Nats-Msg-Id"
+M = TypeVar("M")
+_OVERHEAD_BYTES = 512  # a generous bound on the non-array fields of one message
+
+
+def _subtask_bytes(subtask: Subtask) -> int:
+    return sum(array.nbytes for array in subtask.inputs.values()) + _OVERHEAD_BYTES
+
+
+def _result_bytes(result: Result) -> int:
+    labels = sum(len(label) for label in result.labels)
+    return (result.output.nbytes if result.output is not None else 0) + labels + _OVERHEAD_BYTES
 
 
 class Producer:
@@ -87,17 +100,39 @@ class Producer:
             )
         )
 
-    async def subtasks_unconfirmed(self, subtasks: list[Subtask]) -> None:
-        """Send subtasks without waiting for the server's acks (see :meth:`_publish_acked`).
+    async def subtasks_unconfirmed(self, type_name: str, subtasks: list[Subtask]) -> None:
+        """Send subtasks of one type without waiting for the server's acks (see
+        :meth:`_publish_acked`): as few messages as the server's payload limit allows, each
+        a ``subtask``, or a ``subtask_batch`` for several.
 
-        This is the hot path of the coordinator: it costs one publish per subtask, against a
-        future, a semaphore and a timer each with nats-py's ``publish_async``. A subtask the
-        server did not store shows as ``refused``; its task still ends at its deadline.
+        This is the hot path of the coordinator: one publish per batch, against a future, a
+        semaphore and a timer per subtask with nats-py's ``publish_async``. A message the
+        server did not store shows as ``refused``; its tasks still end at their deadlines.
+        The ``Nats-Msg-Id`` is ``<first task id>:<type>`` (``+<n>`` for a batch of n).
         """
-        for s in subtasks:
-            await self._publish_acked(
-                self.subjects.task(s.type), encode(s), {MSG_ID: f"{s.task_id}:{s.type}"}
-            )
+        for part in self._parts(subtasks, _subtask_bytes):
+            first = part[0]
+            if len(part) == 1:
+                data, msg_id = encode(first), f"{first.task_id}:{type_name}"
+            else:
+                batch = SubtaskBatch(type=type_name, subtasks=tuple(part))
+                data, msg_id = encode(batch), f"{first.task_id}:{type_name}+{len(part)}"
+            await self._publish_acked(self.subjects.task(type_name), data, {MSG_ID: msg_id})
+
+    def _parts(self, items: list[M], size_of: Callable[[M], int]) -> Iterator[list[M]]:
+        """``items`` in runs whose estimated size fits in half the server's payload limit."""
+        budget = max(self.nc.max_payload // 2, 1)
+        part: list[M] = []
+        used = 0
+        for item in items:
+            size = size_of(item)
+            if part and used + size > budget:
+                yield part
+                part, used = [], 0
+            part.append(item)
+            used += size
+        if part:
+            yield part
 
     async def _publish_acked(
         self,
@@ -132,9 +167,24 @@ class Producer:
             await then(stored, b'"duplicate":true' in msg.data.replace(b" ", b""))
 
     async def results(self, results: list[Result]) -> None:
-        """Publish agents' results."""
+        """Publish agents' results and wait until they are stored: per stream, as few
+        messages as the payload limit allows, a ``result`` or a ``result_batch`` each."""
+        by_stream: dict[str, list[Result]] = {}
+        for r in results:
+            by_stream.setdefault(r.stream, []).append(r)
         await asyncio.gather(
-            *(self.js.publish(self.subjects.result(r.stream), encode(r)) for r in results)
+            *(
+                self.js.publish(
+                    self.subjects.result(stream),
+                    encode(
+                        part[0]
+                        if len(part) == 1
+                        else ResultBatch(stream=stream, results=tuple(part))
+                    ),
+                )
+                for stream, group in by_stream.items()
+                for part in self._parts(group, _result_bytes)
+            )
         )
 
     async def status(self, status: TaskStatus) -> None:

@@ -22,6 +22,7 @@ import structlog
 
 from bus import (
     BatchPuller,
+    Coalescer,
     Lifecycle,
     Producer,
     RecordTable,
@@ -45,6 +46,7 @@ from schemas import (
     ConfigError,
     Result,
     SchemaError,
+    Subtask,
     TaskStatus,
 )
 
@@ -63,6 +65,7 @@ class CoordinatorSettings:
     journal_interval_ms: float = 50.0  # how long a change may wait before it is journalled
     max_deadline_sleep_ms: float = 50.0  # longest nap between two deadline checks
     results_batch: int = 512
+    subtask_batch: int = 64  # most subtasks of a type in one message; 1: one per message
     discovery_interval_s: float = 0.5  # how often auto plans look for agent types
     discovery_timeout_s: float = 0.25  # how long one look waits for replies
     forget_type_after_s: float = 1.5  # a type unseen this long is no longer expected
@@ -73,6 +76,8 @@ class CoordinatorSettings:
     def __post_init__(self) -> None:
         if not self.journal_interval_ms > 0:
             raise ConfigError(f"journal_interval_ms must be > 0, got {self.journal_interval_ms}")
+        if self.subtask_batch < 1:
+            raise ConfigError(f"subtask_batch must be >= 1, got {self.subtask_batch}")
 
 
 class Coordinator:
@@ -96,6 +101,11 @@ class Coordinator:
         self.topology = topology or TopologySettings()
         self.settings = settings or CoordinatorSettings()
         self.producer = Producer(nc, subjects)
+        # Subtasks of windows admitted in the same turn of the event loop go out as one
+        # message per type: one publish, store, delivery and ack for the whole batch.
+        self.outbox: Coalescer[str, Subtask] = Coalescer(
+            self.producer.subtasks_unconfirmed, max_items=self.settings.subtask_batch
+        )
         self.tracker = TaskTracker()
         self.directory = AgentDirectory(forget_after_s=self.settings.forget_type_after_s)
         self.journal: TaskJournal | None = None
@@ -198,6 +208,7 @@ class Coordinator:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
         self._frames_sub = self._sensors_sub = None
+        await self.outbox.flush()
         if len(self.tracker) and drain_timeout_s > 0:
             self._all_ended.clear()
             with contextlib.suppress(TimeoutError):
@@ -258,8 +269,9 @@ class Coordinator:
             else:
                 log.warning("window.refused", stream=cut.stream, reason=exc.reason, error=str(exc))
             return
-        if opening is not None and opening.subtasks:
-            await self.producer.subtasks_unconfirmed(list(opening.subtasks))
+        if opening is not None:
+            for subtask in opening.subtasks:
+                await self.outbox.add(subtask.type, subtask)
         if msg is not None:
             await self._reply(msg, ACCEPTED)
         await self._publish_ended(shed)
@@ -349,19 +361,20 @@ class Coordinator:
         for msg in msgs:
             try:
                 # Only two fields are needed here; the scores are the fusion agent's business.
-                task_id, type_name = CODEC.peek(msg.data, Result, ("task_id", "type"))
+                answered = CODEC.peek_each(msg.data, Result, ("task_id", "type"))
             except SchemaError as exc:
                 await self._dead_letter(msg, exc.reason, str(exc))
                 continue
-            seen, closed = self.tracker.record(task_id, type_name)
-            if closed is not None:
-                ended.append(closed)
-            elif seen is Seen.NEW and self.journal is not None:
-                task = self.tracker.get(task_id)
-                if task is not None:
-                    self.journal.changed(task)
-            else:
-                log.debug("result.ignored", task_id=task_id, type=type_name, outcome=seen.value)
+            for task_id, type_name in answered:
+                seen, closed = self.tracker.record(task_id, type_name)
+                if closed is not None:
+                    ended.append(closed)
+                elif seen is Seen.NEW and self.journal is not None:
+                    task = self.tracker.get(task_id)
+                    if task is not None:
+                        self.journal.changed(task)
+                elif seen is not Seen.NEW:
+                    log.debug("result.ignored", task_id=task_id, type=type_name, outcome=seen.value)
             await msg.ack()
         await self._publish_ended(ended)
 

@@ -174,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="on SIGTERM, wait up to this long for open tasks to end (default: 0)",
     )
+    coordinator.add_argument(
+        "--subtask-batch",
+        type=_positive(int),
+        default=64,
+        help="most subtasks of a type sent in one message when windows arrive together "
+        "(default: 64; 1 for agents that read only single subtasks)",
+    )
 
     agent = commands.add_parser("agent", help="run one agent replica")
     _bus_options(agent, url_default=env_url or DEFAULT_URL)

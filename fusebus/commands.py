@@ -104,7 +104,9 @@ async def run_command(args: argparse.Namespace) -> int:
             plans = PlanBook(
                 default=make_plan(deadline_ms=args.deadline_ms, max_inflight=args.max_inflight)
             )
-        coordinator_settings = CoordinatorSettings(name=args.name, drain_timeout_s=args.drain_s)
+        coordinator_settings = CoordinatorSettings(
+            name=args.name, drain_timeout_s=args.drain_s, subtask_batch=args.subtask_batch
+        )
         topology = _topology(args, record_sensors=args.record)
         return await serve(
             lambda nc: Coordinator(

@@ -182,8 +182,8 @@ async def live_run(
                 done.set()
 
         async def on_result(msg: Message) -> None:
-            result = CODEC.decode(msg.data, Result)
-            run.results[result.type].append(result)
+            for result in CODEC.decode_each(msg.data, Result):
+                run.results[result.type].append(result)
 
         names = [FusionSpec(strategy=s).build().name for s in settings.strategies]
         await follow_stored(nc, subjects.decision(STREAM), on_decision)

@@ -11,6 +11,7 @@ from schemas.errors import (
     SubjectError,
 )
 from schemas.messages import (
+    BATCH_OF,
     MESSAGES,
     TASK_STATES,
     AgentInfo,
@@ -21,15 +22,18 @@ from schemas.messages import (
     ModelRef,
     OpenTaskRecord,
     Result,
+    ResultBatch,
     SensorChunk,
     SensorFrame,
     SensorStatus,
     Subtask,
+    SubtaskBatch,
     TaskStatus,
     Window,
 )
 
 __all__ = [
+    "BATCH_OF",
     "CODEC",
     "MESSAGES",
     "TASK_STATES",
@@ -47,12 +51,14 @@ __all__ = [
     "ModelRef",
     "OpenTaskRecord",
     "Result",
+    "ResultBatch",
     "SchemaError",
     "SensorChunk",
     "SensorFrame",
     "SensorStatus",
     "SubjectError",
     "Subtask",
+    "SubtaskBatch",
     "TaskStatus",
     "Window",
     "decode",

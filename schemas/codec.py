@@ -19,7 +19,7 @@ import numpy as np
 
 from schemas.arrays import decode_array, encode_array
 from schemas.errors import SchemaError
-from schemas.messages import MESSAGES
+from schemas.messages import BATCH_OF, MESSAGES
 
 M = TypeVar("M")
 Encoder = Callable[[Any], Any]
@@ -104,6 +104,7 @@ class _Plan:
         self._plain = tuple(name for name, enc, _, _ in fields if enc is _identity)
         self._converted = tuple((name, enc) for name, enc, _, _ in fields if enc is not _identity)
         self._paths = {name: f"{self.name}.{name}" for name, _, _, _ in fields}
+        self.by_name = {f[0]: f for f in fields}
 
     def to_map(self, obj: Any) -> dict[str, Any]:
         out = {name: getattr(obj, name) for name in self._plain}
@@ -214,13 +215,54 @@ class Codec:
         """
         body = self._envelope(data, expected)
         plan = self._plans[expected]
+        return self._peek_fields(body, [plan.by_name[name] for name in fields], plan.name)
+
+    def decode_each(self, data: bytes, item: type[M]) -> list[M]:
+        """Decode a message of class ``item``, or a batch of them (see
+        :data:`~schemas.messages.BATCH_OF`), into a list of ``item``.
+
+        Raises:
+            SchemaError: as :meth:`decode`, or the message is neither ``item`` nor its batch.
+        """
+        message = self._decode(data, (item, BATCH_OF[item]))
+        if type(message) is item:
+            return [message]
+        return list(getattr(message, message.ITEMS))
+
+    def peek_each(self, data: bytes, item: type, fields: tuple[str, ...]) -> list[tuple[Any, ...]]:
+        """:meth:`peek` for a message of class ``item`` or a batch of them: ``fields`` of
+        each item, without building any of them.
+
+        Raises:
+            SchemaError: as :meth:`decode_each` would for the envelope or these fields.
+        """
+        batch = BATCH_OF[item]
+        body = self._envelope(data, (item, batch))
+        plan = self._plans[item]
+        specs = [plan.by_name[name] for name in fields]
+        if body["kind"] == item.KIND:  # type: ignore[attr-defined]
+            return [self._peek_fields(body, specs, plan.name)]
+        items = body.get(batch.ITEMS)  # type: ignore[attr-defined]
+        where = f"{batch.__name__}.{batch.ITEMS}"  # type: ignore[attr-defined]
+        if not isinstance(items, list) or not items:
+            raise SchemaError("bad_field", f"{where}: expected a non-empty list")
         out = []
-        for name in fields:
-            spec = next(f for f in plan.fields if f[0] == name)
+        for i, entry in enumerate(items):
+            if not isinstance(entry, dict):
+                raise SchemaError("bad_field", f"{where}[{i}]: expected a map")
+            out.append(self._peek_fields(entry, specs, f"{where}[{i}]"))
+        return out
+
+    @staticmethod
+    def _peek_fields(
+        body: dict[str, Any], specs: list[tuple[str, Encoder, Decoder, Any]], where: str
+    ) -> tuple[Any, ...]:
+        out = []
+        for name, _, dec, _ in specs:
             value = body.get(name, _MISSING)
             if value is _MISSING:
-                raise SchemaError("missing_field", f"{plan.name}.{name} is required")
-            out.append(spec[2](value, f"{plan.name}.{name}"))
+                raise SchemaError("missing_field", f"{where}.{name} is required")
+            out.append(dec(value, f"{where}.{name}"))
         return tuple(out)
 
     def decode_any(self, data: bytes) -> object:
@@ -232,13 +274,14 @@ class Codec:
         """
         return self._decode(data, None)
 
-    def _decode(self, data: bytes, expected: type | None) -> Any:
+    def _decode(self, data: bytes, expected: type | tuple[type, ...] | None) -> Any:
         body = self._envelope(data, expected)
         plan = self._by_kind[body["kind"]]
         return plan.from_map(body, plan.name)
 
-    def _envelope(self, data: bytes, expected: type | None) -> dict[str, Any]:
-        """Unpack and check kind and version; returns the raw map."""
+    def _envelope(self, data: bytes, expected: type | tuple[type, ...] | None) -> dict[str, Any]:
+        """Unpack and check kind and version (one of ``expected``, if given); returns the
+        raw map."""
         try:
             body = msgpack.unpackb(data, raw=False)
         except Exception as exc:  # msgpack raises several unrelated types for bad input
@@ -251,9 +294,13 @@ class Codec:
         plan = self._by_kind.get(kind) if isinstance(kind, str) else None
         if plan is None:
             raise SchemaError("unknown_kind", f"kind {kind!r} is not a fusebus message")
-        if expected is not None and plan.cls is not expected:
-            want = expected.KIND  # type: ignore[attr-defined]
-            raise SchemaError("wrong_kind", f"got kind {kind!r}, expected {want!r}")
+        if expected is None:
+            allowed: tuple[type, ...] = (plan.cls,)
+        else:
+            allowed = expected if isinstance(expected, tuple) else (expected,)
+        if plan.cls not in allowed:
+            want = " or ".join(repr(cls.KIND) for cls in allowed)  # type: ignore[attr-defined]
+            raise SchemaError("wrong_kind", f"got kind {kind!r}, expected {want}")
         known = plan.cls.VERSION  # type: ignore[attr-defined]
         version = body.get("v")
         if type(version) is not int or not 1 <= version <= known:

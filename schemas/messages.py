@@ -119,6 +119,55 @@ class Result:
     weight: float = 1.0  # the agent's declared fusion weight, e.g. its validation accuracy
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)  # arrays have no plain ==
+class SubtaskBatch:
+    """Several subtasks of one type in one message.
+
+    The coordinator sends what is ready at the same moment this way, so that a busy
+    pipeline pays the per-message costs (publish, store, deliver, ack) once per batch
+    rather than once per window. Each subtask keeps its own task, deadline and window.
+    """
+
+    KIND: ClassVar[str] = "subtask_batch"
+    VERSION: ClassVar[int] = 1
+    ITEMS: ClassVar[str] = "subtasks"
+
+    type: str
+    subtasks: tuple[Subtask, ...]
+
+    def __post_init__(self) -> None:
+        _check_batch(self.subtasks, "type", self.type, "SubtaskBatch")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)  # arrays have no plain ==
+class ResultBatch:
+    """Several results for one stream in one message: an agent's answers to a batch."""
+
+    KIND: ClassVar[str] = "result_batch"
+    VERSION: ClassVar[int] = 1
+    ITEMS: ClassVar[str] = "results"
+
+    stream: str
+    results: tuple[Result, ...]
+
+    def __post_init__(self) -> None:
+        _check_batch(self.results, "stream", self.stream, "ResultBatch")
+
+
+def _check_batch(items: tuple[object, ...], key: str, value: str, where: str) -> None:
+    if not items:
+        raise SchemaError("bad_field", f"{where} is empty")
+    for item in items:
+        if getattr(item, key) != value:
+            raise SchemaError(
+                "bad_field", f"{where}.{key} is {value!r} but an item has {getattr(item, key)!r}"
+            )
+
+
+#: The batch message that carries several of a message kind, by that kind.
+BATCH_OF: dict[type, type] = {Subtask: SubtaskBatch, Result: ResultBatch}
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TaskStatus:
     """The coordinator's word on a task that ended without every result."""
@@ -242,7 +291,9 @@ MESSAGES: tuple[type, ...] = (
     SensorChunk,
     SensorFrame,
     Subtask,
+    SubtaskBatch,
     Result,
+    ResultBatch,
     TaskStatus,
     Decision,
     DeadLetter,

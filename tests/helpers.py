@@ -16,13 +16,16 @@ from agents import AgentRuntime
 from agents.fusion import FusionAgent
 from bus import Subjects, follow_stored
 from coordinator import Coordinator
-from schemas import CODEC
+from schemas import BATCH_OF, CODEC
 
 M = TypeVar("M")
 
 
 class Collector(Generic[M]):
-    """Decodes every message on a subject into a list; ``wait_for`` waits for a count."""
+    """Decodes every message on a subject into a list; ``wait_for`` waits for a count.
+
+    A batch of the kind collected (a ``result_batch`` for :class:`Result`) adds each item.
+    """
 
     def __init__(self, kind: type[M]) -> None:
         self.kind = kind
@@ -32,8 +35,7 @@ class Collector(Generic[M]):
 
     async def start(self, nc: Client, subject: str) -> Collector[M]:
         async def on_msg(msg: Msg) -> None:
-            self.items.append(CODEC.decode(msg.data, self.kind))
-            self._changed.set()
+            self._add(msg.data)
 
         self._sub = await nc.subscribe(subject, cb=on_msg)
         await nc.flush()
@@ -45,8 +47,7 @@ class Collector(Generic[M]):
         from schemas import BusError
 
         async def on_msg(msg: Msg) -> None:
-            self.items.append(CODEC.decode(msg.data, self.kind))
-            self._changed.set()
+            self._add(msg.data)
 
         for _ in range(50):  # the stream may not exist until a component has started
             try:
@@ -55,6 +56,13 @@ class Collector(Generic[M]):
             except Exception:
                 await asyncio.sleep(0.1)
         raise BusError(f"no stream stores {subject}")
+
+    def _add(self, data: bytes) -> None:
+        if self.kind in BATCH_OF:
+            self.items.extend(CODEC.decode_each(data, self.kind))
+        else:
+            self.items.append(CODEC.decode(data, self.kind))
+        self._changed.set()
 
     async def wait_for(self, count: int, timeout_s: float = 30.0) -> list[M]:
         """Wait until at least ``count`` items are in; fails the test on timeout."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import msgpack
 import numpy as np
 import pytest
@@ -17,11 +19,13 @@ from schemas import (
     ModelRef,
     OpenTaskRecord,
     Result,
+    ResultBatch,
     SchemaError,
     SensorChunk,
     SensorFrame,
     SensorStatus,
     Subtask,
+    SubtaskBatch,
     TaskStatus,
     Window,
     decode,
@@ -29,6 +33,8 @@ from schemas import (
     encode,
     encode_array,
 )
+
+M = TypeVar("M")
 
 ARRAYS = [
     np.arange(12, dtype=np.float32).reshape(4, 3),
@@ -44,6 +50,22 @@ ARRAYS = [
 
 def samples() -> list[object]:
     window = Window(1_000, 2_000)
+    singles = _singles(window)
+    subtasks = tuple(m for m in singles if isinstance(m, Subtask))
+    results = tuple(m for m in singles if isinstance(m, Result))
+    return [
+        *singles,
+        SubtaskBatch(type="accel", subtasks=subtasks),
+        ResultBatch(stream="s1", results=results),
+    ]
+
+
+def sample_of(kind: type[M]) -> M:
+    """The first sample message of class ``kind``."""
+    return next(m for m in samples() if isinstance(m, kind))
+
+
+def _singles(window: Window) -> list[object]:
     return [
         SensorChunk(stream="s1", sensor="accel", t0_ns=5, period_ns=100, samples=ARRAYS[0]),
         SensorFrame(
@@ -59,6 +81,15 @@ def samples() -> list[object]:
             expected=("accel", "gyro"),
             attempt=2,
             ingest_ns=3,
+        ),
+        Subtask(
+            task_id="s1:8:ab",
+            stream="s2",
+            type="accel",
+            window=Window(2_000, 3_000),
+            inputs={"accel": ARRAYS[0][:2], "extra": ARRAYS[3]},
+            deadline_ns=100,
+            expected=("accel",),
         ),
         Result(
             task_id="s1:7:ab",
@@ -150,6 +181,10 @@ def assert_same(a: object, b: object) -> None:
         assert isinstance(b, dict) and a.keys() == b.keys()
         for key in a:
             assert_same(a[key], b[key])
+    elif isinstance(a, tuple | list):
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
     elif hasattr(a, "__dataclass_fields__"):
         assert type(a) is type(b)
         for name in a.__dataclass_fields__:
@@ -169,6 +204,48 @@ def test_every_message_kind_is_covered() -> None:
     assert {type(m) for m in samples()} == set(MESSAGES)
 
 
+def test_decode_each_reads_a_single_message_or_a_batch_alike() -> None:
+    """Readers of subtasks and results take either form and get a list of items."""
+    batch = sample_of(SubtaskBatch)
+    assert_same(list(batch.subtasks), CODEC.decode_each(encode(batch), Subtask))
+    assert_same([batch.subtasks[0]], CODEC.decode_each(encode(batch.subtasks[0]), Subtask))
+    results = sample_of(ResultBatch)
+    with pytest.raises(SchemaError, match=r"'result_batch'.*expected 'subtask' or 'subtask_batch'"):
+        CODEC.decode_each(encode(results), Subtask)
+
+
+def test_peek_each_reads_fields_of_every_item_without_building_them() -> None:
+    """The coordinator reads task ids and types of a batch of results."""
+    results = sample_of(ResultBatch)
+    assert CODEC.peek_each(encode(results), Result, ("task_id", "type")) == [
+        ("s1:7:ab", "accel"),
+        ("t", "gyro"),
+    ]
+    assert CODEC.peek_each(encode(results.results[1]), Result, ("type",)) == [("gyro",)]
+    body = msgpack.unpackb(encode(results))
+    body["results"][1]["type"] = 7
+    with pytest.raises(SchemaError, match=r"ResultBatch.results\[1\].type: expected str"):
+        CODEC.peek_each(msgpack.packb(body), Result, ("task_id", "type"))
+    body["results"] = []
+    with pytest.raises(SchemaError, match="non-empty"):
+        CODEC.peek_each(msgpack.packb(body), Result, ("task_id", "type"))
+
+
+def test_a_batch_is_one_kind_and_never_empty() -> None:
+    """Every item of a batch has the batch's type (or stream); an empty batch is refused,
+    whether built here or read off the wire."""
+    batch = sample_of(SubtaskBatch)
+    with pytest.raises(SchemaError, match=r"SubtaskBatch\.type is 'gyro' but an item has 'accel'"):
+        SubtaskBatch(type="gyro", subtasks=batch.subtasks)
+    results = sample_of(ResultBatch)
+    with pytest.raises(SchemaError, match=r"ResultBatch\.stream is 's2'"):
+        ResultBatch(stream="s2", results=results.results)
+    body = msgpack.unpackb(encode(batch))
+    body["subtasks"] = []
+    with pytest.raises(SchemaError, match="SubtaskBatch is empty"):
+        decode(msgpack.packb(body), SubtaskBatch)
+
+
 @pytest.mark.parametrize("array", ARRAYS, ids=lambda a: f"{a.dtype}{list(a.shape)}")
 def test_arrays_round_trip_with_dtype_and_shape(array: np.ndarray) -> None:
     """Arrays of several dtypes and shapes come back identical."""
@@ -185,7 +262,7 @@ def test_arrays_travel_little_endian_and_contiguous() -> None:
 
 def test_unknown_keys_are_ignored_and_defaults_filled() -> None:
     """A newer sender's extra field is ignored; an older sender's missing optional field defaults."""
-    body = msgpack.unpackb(encode(samples()[5]))
+    body = msgpack.unpackb(encode(sample_of(TaskStatus)))
     body["added_in_future"] = [1, 2, 3]
     del body["ingest_ns"]
     status = decode(msgpack.packb(body), TaskStatus)
@@ -200,7 +277,7 @@ def test_unknown_keys_are_ignored_and_defaults_filled() -> None:
         (msgpack.packb([1, 2]), "not_a_map"),
         (msgpack.packb({"v": 1, "kind": "pizza"}), "unknown_kind"),
         (msgpack.packb({"v": 1}), "unknown_kind"),
-        (encode(samples()[5]), "wrong_kind"),
+        (encode(sample_of(TaskStatus)), "wrong_kind"),
         (msgpack.packb({"v": 99, "kind": "subtask"}), "unsupported_version"),
         (msgpack.packb({"v": 1, "kind": "subtask", "task_id": "t"}), "missing_field"),
     ],
@@ -214,7 +291,7 @@ def test_bad_bytes_raise_schema_error_with_reason(data: bytes, reason: str) -> N
 
 
 def _subtask_body() -> dict[str, object]:
-    return msgpack.unpackb(encode(samples()[2]))
+    return msgpack.unpackb(encode(sample_of(Subtask)))
 
 
 def test_wrong_field_type_names_the_field() -> None:
@@ -259,10 +336,10 @@ def test_unsupported_dtype_cannot_be_encoded() -> None:
 
 def test_peek_reads_named_fields_and_checks_them() -> None:
     """peek returns the named fields of the right kind, and refuses what decode would."""
-    result = samples()[3]
+    result = sample_of(Result)
     assert CODEC.peek(encode(result), Result, ("task_id", "type")) == ("s1:7:ab", "accel")
     with pytest.raises(SchemaError) as caught:
-        CODEC.peek(encode(samples()[5]), Result, ("task_id",))
+        CODEC.peek(encode(sample_of(TaskStatus)), Result, ("task_id",))
     assert caught.value.reason == "wrong_kind"
     body = msgpack.unpackb(encode(result))
     body["type"] = 7

@@ -58,12 +58,12 @@ async def wait_for_role(nc: Client, prefix: str, role: str) -> None:
 
 async def opened_tasks(nc: Client, subjects: Subjects) -> set[str]:
     """Collects the id of every task the coordinator opens, from the subtasks it publishes."""
-    from schemas import Subtask, decode
+    from schemas import CODEC, Subtask
 
     ids: set[str] = set()
 
     async def on_msg(msg: Msg) -> None:
-        ids.add(decode(msg.data, Subtask).task_id)
+        ids.update(subtask.task_id for subtask in CODEC.decode_each(msg.data, Subtask))
 
     await nc.subscribe(subjects.all_tasks(), cb=on_msg)
     return ids

@@ -2,9 +2,10 @@
 
 A decision goes out as soon as every expected type has answered, or when the coordinator's
 status says the task ended without them (partial, or failed with nothing in). Results are
-acked only once their decision is stored, so a fusion agent that restarts is redelivered what
-it had not finished; decisions carry ``Nats-Msg-Id: decision:<name>:<task_id>`` so the server
-drops a second decision for a task even across such a restart.
+acked only once their decision is stored (a result batch once every task in it is), so a
+fusion agent that restarts is redelivered what it had not finished; decisions carry
+``Nats-Msg-Id: decision:<name>:<task_id>`` so the server drops a second decision for a task
+even across such a restart.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from bus import (
 from bus.discovery import PREFIX, ROLE
 from bus.subjects import check_token
 from bus.types import Connection, Message
-from schemas import CODEC, Decision, Result, SchemaError, TaskStatus, Window
+from schemas import CODEC, Decision, Result, ResultBatch, SchemaError, TaskStatus, Window
 
 log = structlog.get_logger("fusebus.fusion")
 
@@ -49,6 +50,23 @@ class FusionSettings:
     remember_decided: int = 200_000
 
 
+class Delivery:
+    """A delivered message, acked once every task it carries is decided (a result batch
+    carries several)."""
+
+    __slots__ = ("msg", "open")
+
+    def __init__(self, msg: Message, tasks: int) -> None:
+        self.msg = msg
+        self.open = tasks
+
+    async def settle_one(self) -> None:
+        """One of its tasks is decided and stored; the last one acks the message."""
+        self.open -= 1
+        if self.open == 0:
+            await self.msg.ack()
+
+
 @dataclass
 class PendingTask:
     """What fusion knows of a task not yet decided."""
@@ -59,7 +77,7 @@ class PendingTask:
     ingest_ns: int
     results: dict[str, Result] = field(default_factory=dict)
     missing_sensors: tuple[str, ...] = ()
-    msgs: list[Message] = field(default_factory=list)  # acked once the task is decided
+    deliveries: list[Delivery] = field(default_factory=list)  # settled once it is decided
     first_seen: float = field(default_factory=time.monotonic)
 
 
@@ -165,7 +183,11 @@ class FusionAgent:
     async def _handle(self, msg: Message) -> None:
         try:
             message = CODEC.decode_any(msg.data)
-            if not isinstance(message, Result | TaskStatus):
+            if isinstance(message, ResultBatch):
+                items: list[Result | TaskStatus] = list(message.results)
+            elif isinstance(message, Result | TaskStatus):
+                items = [message]
+            else:
                 raise SchemaError("wrong_kind", f"{type(message).__name__} on {msg.subject}")
         except SchemaError as exc:
             self.counts["dead_letters"] += 1
@@ -179,29 +201,34 @@ class FusionAgent:
             )
             await msg.term()
             return
-        if message.task_id in self.decided:
+        delivery = Delivery(msg, len(items))
+        for item in items:
+            await self._take(item, delivery)
+
+    async def _take(self, item: Result | TaskStatus, delivery: Delivery) -> None:
+        if item.task_id in self.decided:
             self.counts["after_decision"] += 1
-            await msg.ack()
+            await delivery.settle_one()
             return
-        task = self.pending.get(message.task_id)
+        task = self.pending.get(item.task_id)
         if task is None:
-            task = self.pending[message.task_id] = PendingTask(
-                stream=message.stream,
-                window=message.window,
-                expected=message.expected,
-                ingest_ns=message.ingest_ns,
+            task = self.pending[item.task_id] = PendingTask(
+                stream=item.stream,
+                window=item.window,
+                expected=item.expected,
+                ingest_ns=item.ingest_ns,
             )
-        task.msgs.append(msg)
-        if isinstance(message, TaskStatus):
-            task.missing_sensors = message.missing_sensors
-            await self._decide(message.task_id, task, reason=message.reason or message.state)
+        task.deliveries.append(delivery)
+        if isinstance(item, TaskStatus):
+            task.missing_sensors = item.missing_sensors
+            await self._decide(item.task_id, task, reason=item.reason or item.state)
             return
-        if message.type in task.results:
+        if item.type in task.results:
             self.counts["repeat_results"] += 1
             return
-        task.results[message.type] = message
+        task.results[item.type] = item
         if task.expected and all(t in task.results for t in task.expected):
-            await self._decide(message.task_id, task, reason="")
+            await self._decide(item.task_id, task, reason="")
 
     async def _expire_step(self) -> None:
         await asyncio.sleep(1.0)
@@ -244,7 +271,7 @@ class FusionAgent:
             alarm=alarm,
             missing_sensors=task.missing_sensors,
         )
-        msgs = task.msgs
+        deliveries = task.deliveries
 
         async def stored(ok: bool, repeat: bool) -> None:
             # The task's results are acked only once its decision is stored: a fusion agent
@@ -256,8 +283,8 @@ class FusionAgent:
                 self.counts["decisions_refused"] += 1
                 self.decided.pop(task_id, None)
                 return
-            for msg in msgs:
-                await msg.ack()
+            for delivery in deliveries:
+                await delivery.settle_one()
 
         # Not awaited one by one: the next results are handled while the server stores this.
         await self.producer.decision_then(decision, decider=self.name, then=stored)
