@@ -34,7 +34,7 @@ from bus import (
     ensure_task_consumer,
 )
 from bus.types import Connection, Message
-from schemas import CODEC, AgentInfo, ConfigError, Result, SchemaError, Subtask, encode
+from schemas import CODEC, AgentInfo, ConfigError, ResultBatch, SchemaError, Subtask, SubtaskBatch
 
 log = structlog.get_logger("fusebus.agent")
 
@@ -206,130 +206,153 @@ class AgentRuntime:
     async def _handle_batch(self, msgs: list[Message]) -> None:
         pulled = time.perf_counter()
         now_ns = time.time_ns()
-        work: list[tuple[Message, list[Subtask]]] = []
+        work: list[tuple[Message, SubtaskBatch]] = []
         for msg in msgs:
-            subtasks = await self._readable(msg, now_ns)
-            if subtasks is None:
-                continue
-            if subtasks:
-                work.append((msg, subtasks))
-            else:
-                await msg.ack()  # nothing left to answer: expired, or dead-lettered one by one
-        batch = [s for _, subtasks in work for s in subtasks]
-        if not batch:
+            batch = await self._readable(msg, now_ns)
+            if batch is not None:
+                work.append((msg, batch))
+        if not work:
             return
+        # Inputs of one shape are served in one go; an odd shape out gets its own model calls.
+        by_shape: dict[tuple[tuple[str, tuple[int, ...]], ...], list[SubtaskBatch]] = {}
+        for _, batch in work:
+            shape = tuple((k, v.shape[1:]) for k, v in batch.inputs.items())
+            by_shape.setdefault(shape, []).append(batch)
+        served = [SubtaskBatch.concat(group) for group in by_shape.values()]
         try:
-            outputs, infer_ms = await self._predict(batch)
+            outputs, infer_ms = await self._predict(served)
         except Exception as exc:
-            await self._model_failed([msg for msg, _ in work], len(batch), exc)
+            await self._model_failed([msg for msg, _ in work], sum(map(len, served)), exc)
             return
         latency_ms = (time.perf_counter() - pulled) * 1e3
-        a = self.agent
-        results = [
-            Result(
-                task_id=s.task_id,
-                stream=s.stream,
-                type=s.type,
-                agent_id=self.agent_id,
-                model=a.model,
-                output=np.asarray(out, np.float32),
-                labels=a.labels,
-                latency_ms=latency_ms,
-                window=s.window,
-                expected=s.expected,
-                ingest_ns=s.ingest_ns,
-                weight=a.weight,
-            )
-            for s, out in zip(batch, outputs, strict=True)
-        ]
-        await self.producer.results(results)
+        await self.producer.results(
+            [
+                result
+                for batch, output in zip(served, outputs, strict=True)
+                for result in self._results(batch, output, latency_ms)
+            ]
+        )
         for msg, _ in work:
             await msg.ack()
-        self.counts["processed"] += len(batch)
+        size = sum(map(len, served))
+        self.counts["processed"] += size
         log.debug(
             "batch.done",
-            type=a.type,
-            size=len(batch),
+            type=self.agent.type,
+            size=size,
             messages=len(work),
             infer_ms=round(infer_ms, 3),
             duration_ms=round((time.perf_counter() - pulled) * 1e3, 3),
             outcome="ok",
         )
 
-    async def _readable(self, msg: Message, now_ns: int) -> list[Subtask] | None:
-        """The subtasks of ``msg`` worth answering (a message holds one, or a batch).
+    async def _readable(self, msg: Message, now_ns: int) -> SubtaskBatch | None:
+        """The subtasks of ``msg`` worth answering, as a batch (a message holds one subtask,
+        or a batch of them).
 
-        A message that cannot be read is dead-lettered and terminated (``None``); in a batch,
-        a subtask that does not fit this agent is dead-lettered alone and the rest is served.
-        Subtasks past their deadline are counted and dropped.
+        A message that cannot be read, or is not for this agent, is dead-lettered and
+        terminated (``None``). Subtasks past their deadline are counted and dropped; a
+        message with nothing else is acked (``None``).
         """
         try:
-            subtasks = CODEC.decode_each(msg.data, Subtask)
-            if len(subtasks) == 1:
-                self._check(subtasks[0])
+            message = CODEC.decode_any(msg.data)
+            if isinstance(message, Subtask):
+                message = SubtaskBatch.of([message])
+            elif not isinstance(message, SubtaskBatch):
+                raise SchemaError("wrong_kind", f"{type(message).__name__} is not a subtask")
+            self._check(message)
         except SchemaError as exc:
             await self._dead_letter(msg, exc.reason, str(exc))
             return None
-        readable = []
-        for subtask in subtasks:
-            if len(subtasks) > 1:
-                try:
-                    self._check(subtask)
-                except SchemaError as exc:
-                    await self._dead_letter(msg, exc.reason, str(exc), subtask=subtask)
-                    continue
-            if subtask.deadline_ns < now_ns:
-                self.counts["expired"] += 1
-                log.debug("subtask.expired", task_id=subtask.task_id, type=subtask.type)
-                continue
-            readable.append(subtask)
-        return readable
+        live = message.deadline_ns >= now_ns
+        if live.all():
+            return message
+        expired = len(message) - int(live.sum())
+        self.counts["expired"] += expired
+        log.debug("subtask.expired", type=message.type, count=expired)
+        if expired == len(message):
+            await msg.ack()
+            return None
+        return message.select(live)
 
-    async def _predict(self, batch: list[Subtask]) -> tuple[list[np.ndarray], float]:
-        """Run the agent over ``batch`` in model calls of at most ``max_batch``, in the
-        inference thread; returns one output per subtask and the inference time in ms."""
+    def _results(
+        self, batch: SubtaskBatch, outputs: np.ndarray, latency_ms: float
+    ) -> list[ResultBatch]:
+        """The answers to ``batch``, one result batch per stream."""
+        a = self.agent
+        streams = batch.streams
+        groups = (
+            [(streams[0], None)]
+            if streams.count(streams[0]) == len(streams)
+            else [(s, np.array([x == s for x in streams])) for s in dict.fromkeys(streams)]
+        )
+        out = []
+        for stream, rows in groups:
+            part = batch if rows is None else batch.select(rows)
+            out.append(
+                ResultBatch(
+                    stream=stream,
+                    type=a.type,
+                    agent_id=self.agent_id,
+                    model=a.model,
+                    labels=a.labels,
+                    weight=a.weight,
+                    latency_ms=latency_ms,
+                    task_ids=part.task_ids,
+                    outputs=np.asarray(outputs if rows is None else outputs[rows], np.float32),
+                    windows=part.windows,
+                    expected=part.expected,
+                    ingest_ns=part.ingest_ns,
+                )
+            )
+        return out
+
+    async def _predict(self, served: list[SubtaskBatch]) -> tuple[list[np.ndarray], float]:
+        """Run the agent over each batch in model calls of at most ``max_batch`` rows, in the
+        inference thread; returns each batch's outputs and the inference time in ms."""
         size = self.settings.max_batch
-        chunks = [batch[i : i + size] for i in range(0, len(batch), size)]
-        specs = self.agent.inputs
+        sensors = [spec.sensor for spec in self.agent.inputs]
 
-        def run() -> tuple[list[np.ndarray], list[float]]:
+        def run() -> tuple[list[np.ndarray], list[tuple[int, float]]]:
             outputs: list[np.ndarray] = []
-            timings = []
-            for chunk in chunks:
-                inputs = {
-                    spec.sensor: np.stack([s.inputs[spec.sensor] for s in chunk]) for spec in specs
-                }
-                started = time.perf_counter()
-                outputs.extend(self.agent.predict(inputs))
-                timings.append(time.perf_counter() - started)
-            return outputs, timings
+            calls = []
+            for batch in served:
+                parts = []
+                for start in range(0, len(batch), size):
+                    inputs = {k: batch.inputs[k][start : start + size] for k in sensors}
+                    began = time.perf_counter()
+                    parts.append(self.agent.predict(inputs))
+                    calls.append((len(parts[-1]), time.perf_counter() - began))
+                outputs.append(parts[0] if len(parts) == 1 else np.concatenate(parts))
+            return outputs, calls
 
-        outputs, timings = await asyncio.get_running_loop().run_in_executor(self._executor, run)
-        for chunk, seconds in zip(chunks, timings, strict=True):
+        outputs, calls = await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        for rows, seconds in calls:
             self.inference_seconds.observe(seconds)
-            self.batch_sizes[len(chunk)] += 1
-        self.counts["batches"] += len(chunks)
-        infer_ms = sum(timings) * 1e3
+            self.batch_sizes[rows] += 1
+        self.counts["batches"] += len(calls)
+        infer_ms = sum(seconds for _, seconds in calls) * 1e3
         self.inference_ms += infer_ms
         return outputs, infer_ms
 
-    def _check(self, subtask: Subtask) -> None:
-        if subtask.type != self.agent.type:
+    def _check(self, batch: SubtaskBatch) -> None:
+        if batch.type != self.agent.type:
             raise SchemaError(
-                "wrong_type", f"subtask of type {subtask.type!r} sent to {self.agent.type!r}"
+                "wrong_type", f"subtask of type {batch.type!r} sent to {self.agent.type!r}"
             )
         for spec in self.agent.inputs:
-            array = subtask.inputs.get(spec.sensor)
+            array = batch.inputs.get(spec.sensor)
             if array is None:
                 raise SchemaError("missing_input", f"subtask has no input {spec.sensor!r}")
+            shape = array.shape[1:]
             want = (
-                spec.samples or array.shape[0],
-                spec.channels or (array.shape[1] if array.ndim == 2 else -1),
+                spec.samples or shape[0],
+                spec.channels or (shape[1] if len(shape) == 2 else -1),
             )
-            if array.shape != want:
+            if shape != want:
                 raise SchemaError(
                     "bad_input",
-                    f"input {spec.sensor!r} has shape {array.shape}, agent reads {want}",
+                    f"input {spec.sensor!r} has shape {shape}, agent reads {want}",
                 )
 
     async def _model_failed(self, msgs: list[Message], size: int, exc: Exception) -> None:
@@ -340,19 +363,14 @@ class AgentRuntime:
             attempt = msg.metadata.num_delivered if msg.metadata else 1
             await msg.nak(delay=delays[min(attempt, len(delays)) - 1] if delays else None)
 
-    async def _dead_letter(
-        self, msg: Message, reason: str, error: str, *, subtask: Subtask | None = None
-    ) -> None:
-        """Keep what cannot be served, with its reason: the whole message (then terminated),
-        or one ``subtask`` out of a batch."""
+    async def _dead_letter(self, msg: Message, reason: str, error: str) -> None:
         self.counts["dead_letters"] += 1
         await self.producer.dead_letter(
             component=self.component,
             subject=msg.subject,
-            data=msg.data if subtask is None else encode(subtask),
+            data=msg.data,
             reason=reason,
             error=error,
             headers=msg.headers,
         )
-        if subtask is None:
-            await msg.term()
+        await msg.term()

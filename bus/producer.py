@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any
 
+import numpy as np
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -16,7 +17,6 @@ from bus.subjects import Subjects
 from schemas import (
     DeadLetter,
     Decision,
-    Result,
     ResultBatch,
     SensorChunk,
     SensorFrame,
@@ -30,17 +30,7 @@ from schemas import (
 log = structlog.get_logger("fusebus.bus")
 
 MSG_ID = "Nats-Msg-Id"
-M = TypeVar("M")
-_OVERHEAD_BYTES = 512  # a generous bound on the non-array fields of one message
-
-
-def _subtask_bytes(subtask: Subtask) -> int:
-    return sum(array.nbytes for array in subtask.inputs.values()) + _OVERHEAD_BYTES
-
-
-def _result_bytes(result: Result) -> int:
-    labels = sum(len(label) for label in result.labels)
-    return (result.output.nbytes if result.output is not None else 0) + labels + _OVERHEAD_BYTES
+_ROW_OVERHEAD_BYTES = 256  # a generous bound on a batch row's fields besides its arrays
 
 
 class Producer:
@@ -102,37 +92,33 @@ class Producer:
 
     async def subtasks_unconfirmed(self, type_name: str, subtasks: list[Subtask]) -> None:
         """Send subtasks of one type without waiting for the server's acks (see
-        :meth:`_publish_acked`): as few messages as the server's payload limit allows, each
-        a ``subtask``, or a ``subtask_batch`` for several.
+        :meth:`_publish_acked`): as few messages as input shapes and the server's payload
+        limit allow, each a ``subtask``, or a ``subtask_batch`` for several.
 
         This is the hot path of the coordinator: one publish per batch, against a future, a
         semaphore and a timer per subtask with nats-py's ``publish_async``. A message the
         server did not store shows as ``refused``; its tasks still end at their deadlines.
         The ``Nats-Msg-Id`` is ``<first task id>:<type>`` (``+<n>`` for a batch of n).
         """
-        for part in self._parts(subtasks, _subtask_bytes):
-            first = part[0]
-            if len(part) == 1:
-                data, msg_id = encode(first), f"{first.task_id}:{type_name}"
-            else:
-                batch = SubtaskBatch(type=type_name, subtasks=tuple(part))
-                data, msg_id = encode(batch), f"{first.task_id}:{type_name}+{len(part)}"
-            await self._publish_acked(self.subjects.task(type_name), data, {MSG_ID: msg_id})
+        by_shape: dict[tuple[tuple[str, tuple[int, ...]], ...], list[Subtask]] = {}
+        for s in subtasks:
+            by_shape.setdefault(tuple((k, v.shape) for k, v in s.inputs.items()), []).append(s)
+        for group in by_shape.values():
+            row_bytes = sum(v.nbytes for v in group[0].inputs.values()) + _ROW_OVERHEAD_BYTES
+            for rows in self._row_runs(len(group), row_bytes):
+                part = group[rows]
+                first = part[0]
+                if len(part) == 1:
+                    data, msg_id = encode(first), f"{first.task_id}:{type_name}"
+                else:
+                    data = encode(SubtaskBatch.of(part))
+                    msg_id = f"{first.task_id}:{type_name}+{len(part)}"
+                await self._publish_acked(self.subjects.task(type_name), data, {MSG_ID: msg_id})
 
-    def _parts(self, items: list[M], size_of: Callable[[M], int]) -> Iterator[list[M]]:
-        """``items`` in runs whose estimated size fits in half the server's payload limit."""
-        budget = max(self.nc.max_payload // 2, 1)
-        part: list[M] = []
-        used = 0
-        for item in items:
-            size = size_of(item)
-            if part and used + size > budget:
-                yield part
-                part, used = [], 0
-            part.append(item)
-            used += size
-        if part:
-            yield part
+    def _row_runs(self, count: int, row_bytes: int) -> list[slice]:
+        """``count`` rows in runs that fit in half the server's payload limit."""
+        per_run = max(1, (self.nc.max_payload // 2) // row_bytes)
+        return [slice(i, i + per_run) for i in range(0, count, per_run)]
 
     async def _publish_acked(
         self,
@@ -166,25 +152,21 @@ class Producer:
         if then is not None:
             await then(stored, b'"duplicate":true' in msg.data.replace(b" ", b""))
 
-    async def results(self, results: list[Result]) -> None:
-        """Publish agents' results and wait until they are stored: per stream, as few
-        messages as the payload limit allows, a ``result`` or a ``result_batch`` each."""
-        by_stream: dict[str, list[Result]] = {}
-        for r in results:
-            by_stream.setdefault(r.stream, []).append(r)
+    async def results(self, batches: list[ResultBatch]) -> None:
+        """Publish agents' results and wait until they are stored, on each batch's stream
+        subject: a ``result`` for a batch of one, else ``result_batch`` messages within the
+        server's payload limit."""
+        messages = []
+        for batch in batches:
+            if len(batch) == 1:
+                messages.append((batch.stream, encode(batch.items()[0])))
+                continue
+            row_bytes = batch.outputs[0].nbytes + len(batch.task_ids[0]) + _ROW_OVERHEAD_BYTES
+            for rows in self._row_runs(len(batch), row_bytes):
+                part = batch.select(np.arange(len(batch))[rows])
+                messages.append((batch.stream, encode(part)))
         await asyncio.gather(
-            *(
-                self.js.publish(
-                    self.subjects.result(stream),
-                    encode(
-                        part[0]
-                        if len(part) == 1
-                        else ResultBatch(stream=stream, results=tuple(part))
-                    ),
-                )
-                for stream, group in by_stream.items()
-                for part in self._parts(group, _result_bytes)
-            )
+            *(self.js.publish(self.subjects.result(stream), data) for stream, data in messages)
         )
 
     async def status(self, status: TaskStatus) -> None:

@@ -45,6 +45,7 @@ from schemas import (
     CODEC,
     ConfigError,
     Result,
+    ResultBatch,
     SchemaError,
     Subtask,
     TaskStatus,
@@ -360,8 +361,7 @@ class Coordinator:
         ended: list[Ended] = []
         for msg in msgs:
             try:
-                # Only two fields are needed here; the scores are the fusion agent's business.
-                answered = CODEC.peek_each(msg.data, Result, ("task_id", "type"))
+                answered = _answered(msg.data)
             except SchemaError as exc:
                 await self._dead_letter(msg, exc.reason, str(exc))
                 continue
@@ -451,3 +451,17 @@ class Coordinator:
             await msg.term()
         else:
             await self._reply(msg, f"rejected: {reason}".encode())
+
+
+def _answered(data: bytes) -> list[tuple[str, str]]:
+    """The (task id, type) pairs a result message answers.
+
+    Raises:
+        SchemaError: it is not a result or a result batch.
+    """
+    message = CODEC.decode_any(data)
+    if isinstance(message, ResultBatch):
+        return [(task_id, message.type) for task_id in message.task_ids]
+    if isinstance(message, Result):
+        return [(message.task_id, message.type)]
+    raise SchemaError("wrong_kind", f"{type(message).__name__} is not a result")

@@ -227,31 +227,7 @@ class Codec:
         message = self._decode(data, (item, BATCH_OF[item]))
         if type(message) is item:
             return [message]
-        return list(getattr(message, message.ITEMS))
-
-    def peek_each(self, data: bytes, item: type, fields: tuple[str, ...]) -> list[tuple[Any, ...]]:
-        """:meth:`peek` for a message of class ``item`` or a batch of them: ``fields`` of
-        each item, without building any of them.
-
-        Raises:
-            SchemaError: as :meth:`decode_each` would for the envelope or these fields.
-        """
-        batch = BATCH_OF[item]
-        body = self._envelope(data, (item, batch))
-        plan = self._plans[item]
-        specs = [plan.by_name[name] for name in fields]
-        if body["kind"] == item.KIND:  # type: ignore[attr-defined]
-            return [self._peek_fields(body, specs, plan.name)]
-        items = body.get(batch.ITEMS)  # type: ignore[attr-defined]
-        where = f"{batch.__name__}.{batch.ITEMS}"  # type: ignore[attr-defined]
-        if not isinstance(items, list) or not items:
-            raise SchemaError("bad_field", f"{where}: expected a non-empty list")
-        out = []
-        for i, entry in enumerate(items):
-            if not isinstance(entry, dict):
-                raise SchemaError("bad_field", f"{where}[{i}]: expected a map")
-            out.append(self._peek_fields(entry, specs, f"{where}[{i}]"))
-        return out
+        return message.items()  # type: ignore[no-any-return]
 
     @staticmethod
     def _peek_fields(

@@ -93,7 +93,6 @@ class Subtask:
     inputs: dict[str, np.ndarray]
     deadline_ns: int
     expected: tuple[str, ...]  # every type the task waits for
-    attempt: int = 1
     ingest_ns: int = 0  # when the coordinator received the data (wall clock)
 
 
@@ -121,51 +120,195 @@ class Result:
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)  # arrays have no plain ==
 class SubtaskBatch:
-    """Several subtasks of one type in one message.
+    """Subtasks of one type in one message, by column: row ``i`` of every field is subtask
+    ``i``.
 
     The coordinator sends what is ready at the same moment this way, so that a busy
-    pipeline pays the per-message costs (publish, store, deliver, ack) once per batch
-    rather than once per window. Each subtask keeps its own task, deadline and window.
+    pipeline pays the per-message costs (publish, store, deliver, ack, decode) once per
+    batch rather than once per window, and an agent gets its model's input already stacked.
+    Every subtask of a batch has inputs of the same names and shapes.
     """
 
     KIND: ClassVar[str] = "subtask_batch"
     VERSION: ClassVar[int] = 1
-    ITEMS: ClassVar[str] = "subtasks"
 
     type: str
-    subtasks: tuple[Subtask, ...]
+    task_ids: tuple[str, ...]
+    streams: tuple[str, ...]
+    windows: np.ndarray  # int64 [n, 2]: t_start_ns, t_end_ns
+    inputs: dict[str, np.ndarray]  # name -> [n, samples, channels]
+    deadline_ns: np.ndarray  # int64 [n]
+    expected: tuple[tuple[str, ...], ...]
+    ingest_ns: np.ndarray  # int64 [n]
 
     def __post_init__(self) -> None:
-        _check_batch(self.subtasks, "type", self.type, "SubtaskBatch")
+        n = len(self.task_ids)
+        _check_rows(
+            "SubtaskBatch",
+            n,
+            streams=len(self.streams),
+            expected=len(self.expected),
+            windows=self.windows.shape == (n, 2),
+            deadline_ns=self.deadline_ns.shape == (n,),
+            ingest_ns=self.ingest_ns.shape == (n,),
+            **{f"inputs.{k}": v.ndim >= 1 and v.shape[0] == n for k, v in self.inputs.items()},
+        )
+
+    def __len__(self) -> int:
+        return len(self.task_ids)
+
+    @classmethod
+    def of(cls, subtasks: list[Subtask]) -> SubtaskBatch:
+        """Stack subtasks of one type whose inputs have the same names and shapes.
+
+        Raises:
+            SchemaError: they differ in type, input names or input shapes.
+        """
+        first = subtasks[0]
+        shapes = {k: v.shape for k, v in first.inputs.items()}
+        for s in subtasks:
+            if s.type != first.type or {k: v.shape for k, v in s.inputs.items()} != shapes:
+                raise SchemaError("bad_field", "a subtask batch needs one type and one input shape")
+        return cls(
+            type=first.type,
+            task_ids=tuple(s.task_id for s in subtasks),
+            streams=tuple(s.stream for s in subtasks),
+            windows=np.array([(s.window.t_start_ns, s.window.t_end_ns) for s in subtasks], np.int64),
+            inputs={k: np.stack([s.inputs[k] for s in subtasks]) for k in shapes},
+            deadline_ns=np.array([s.deadline_ns for s in subtasks], np.int64),
+            expected=tuple(s.expected for s in subtasks),
+            ingest_ns=np.array([s.ingest_ns for s in subtasks], np.int64),
+        )
+
+    def items(self) -> list[Subtask]:
+        """The subtasks, one by one."""
+        return [
+            Subtask(
+                task_id=task_id,
+                stream=self.streams[i],
+                type=self.type,
+                window=Window(int(self.windows[i, 0]), int(self.windows[i, 1])),
+                inputs={k: v[i] for k, v in self.inputs.items()},
+                deadline_ns=int(self.deadline_ns[i]),
+                expected=self.expected[i],
+                ingest_ns=int(self.ingest_ns[i]),
+            )
+            for i, task_id in enumerate(self.task_ids)
+        ]
+
+    @classmethod
+    def concat(cls, batches: list[SubtaskBatch]) -> SubtaskBatch:
+        """One batch of every row of ``batches`` (of one type and input shape), in order."""
+        if len(batches) == 1:
+            return batches[0]
+        return cls(
+            type=batches[0].type,
+            task_ids=tuple(t for b in batches for t in b.task_ids),
+            streams=tuple(t for b in batches for t in b.streams),
+            windows=np.concatenate([b.windows for b in batches]),
+            inputs={k: np.concatenate([b.inputs[k] for b in batches]) for k in batches[0].inputs},
+            deadline_ns=np.concatenate([b.deadline_ns for b in batches]),
+            expected=tuple(e for b in batches for e in b.expected),
+            ingest_ns=np.concatenate([b.ingest_ns for b in batches]),
+        )
+
+    def select(self, rows: np.ndarray) -> SubtaskBatch:
+        """The subtasks at ``rows`` (indexes, or a boolean mask), as a batch."""
+        index = np.flatnonzero(rows) if rows.dtype == np.bool_ else rows
+        return SubtaskBatch(
+            type=self.type,
+            task_ids=tuple(self.task_ids[i] for i in index),
+            streams=tuple(self.streams[i] for i in index),
+            windows=self.windows[index],
+            inputs={k: v[index] for k, v in self.inputs.items()},
+            deadline_ns=self.deadline_ns[index],
+            expected=tuple(self.expected[i] for i in index),
+            ingest_ns=self.ingest_ns[index],
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)  # arrays have no plain ==
 class ResultBatch:
-    """Several results for one stream in one message: an agent's answers to a batch."""
+    """One agent replica's answers to several subtasks of one stream, by column: row ``i``
+    of ``task_ids``, ``outputs``, ``windows``, ``expected`` and ``ingest_ns`` is one
+    result; the other fields are shared. Errors travel as single results."""
 
     KIND: ClassVar[str] = "result_batch"
     VERSION: ClassVar[int] = 1
-    ITEMS: ClassVar[str] = "results"
 
     stream: str
-    results: tuple[Result, ...]
+    type: str
+    agent_id: str
+    model: ModelRef
+    labels: tuple[str, ...]
+    weight: float
+    latency_ms: float
+    task_ids: tuple[str, ...]
+    outputs: np.ndarray  # float32 [n, len(labels)]
+    windows: np.ndarray  # int64 [n, 2]
+    expected: tuple[tuple[str, ...], ...]
+    ingest_ns: np.ndarray  # int64 [n]
 
     def __post_init__(self) -> None:
-        _check_batch(self.results, "stream", self.stream, "ResultBatch")
+        n = len(self.task_ids)
+        _check_rows(
+            "ResultBatch",
+            n,
+            expected=len(self.expected),
+            outputs=self.outputs.ndim == 2 and self.outputs.shape[0] == n,
+            windows=self.windows.shape == (n, 2),
+            ingest_ns=self.ingest_ns.shape == (n,),
+        )
 
+    def __len__(self) -> int:
+        return len(self.task_ids)
 
-def _check_batch(items: tuple[object, ...], key: str, value: str, where: str) -> None:
-    if not items:
-        raise SchemaError("bad_field", f"{where} is empty")
-    for item in items:
-        if getattr(item, key) != value:
-            raise SchemaError(
-                "bad_field", f"{where}.{key} is {value!r} but an item has {getattr(item, key)!r}"
+    def items(self) -> list[Result]:
+        """The results, one by one."""
+        return [
+            Result(
+                task_id=task_id,
+                stream=self.stream,
+                type=self.type,
+                agent_id=self.agent_id,
+                model=self.model,
+                output=self.outputs[i],
+                labels=self.labels,
+                latency_ms=self.latency_ms,
+                window=Window(int(self.windows[i, 0]), int(self.windows[i, 1])),
+                expected=self.expected[i],
+                ingest_ns=int(self.ingest_ns[i]),
+                weight=self.weight,
             )
+            for i, task_id in enumerate(self.task_ids)
+        ]
+
+    def select(self, rows: np.ndarray) -> ResultBatch:
+        """The results at ``rows`` (indexes, or a boolean mask), as a batch."""
+        index = np.flatnonzero(rows) if rows.dtype == np.bool_ else rows
+        return ResultBatch(
+            stream=self.stream,
+            type=self.type,
+            agent_id=self.agent_id,
+            model=self.model,
+            labels=self.labels,
+            weight=self.weight,
+            latency_ms=self.latency_ms,
+            task_ids=tuple(self.task_ids[i] for i in index),
+            outputs=self.outputs[index],
+            windows=self.windows[index],
+            expected=tuple(self.expected[i] for i in index),
+            ingest_ns=self.ingest_ns[index],
+        )
 
 
-#: The batch message that carries several of a message kind, by that kind.
-BATCH_OF: dict[type, type] = {Subtask: SubtaskBatch, Result: ResultBatch}
+def _check_rows(where: str, n: int, **columns: int | bool) -> None:
+    """Every column of a batch has one row per item (``True``, or a count equal to ``n``)."""
+    if n < 1:
+        raise SchemaError("bad_field", f"{where} is empty")
+    for name, fits in columns.items():
+        if fits is not True and fits != n:
+            raise SchemaError("bad_field", f"{where}.{name} does not have one row per item ({n})")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -285,6 +428,9 @@ class SensorStatus:
                 "bad_field", f"SensorStatus.state: {self.state!r} not in {SENSOR_STATES}"
             )
 
+
+#: The batch message that carries several of a message kind, by that kind.
+BATCH_OF: dict[type, type] = {Subtask: SubtaskBatch, Result: ResultBatch}
 
 #: Every top-level message, in the order the docs list them.
 MESSAGES: tuple[type, ...] = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TypeVar
 
 import msgpack
@@ -51,13 +52,27 @@ ARRAYS = [
 def samples() -> list[object]:
     window = Window(1_000, 2_000)
     singles = _singles(window)
-    subtasks = tuple(m for m in singles if isinstance(m, Subtask))
-    results = tuple(m for m in singles if isinstance(m, Result))
-    return [
-        *singles,
-        SubtaskBatch(type="accel", subtasks=subtasks),
-        ResultBatch(stream="s1", results=results),
-    ]
+    subtasks = [m for m in singles if isinstance(m, Subtask)]
+    result = next(m for m in singles if isinstance(m, Result))
+    return [*singles, SubtaskBatch.of(subtasks), _result_batch(result)]
+
+
+def _result_batch(result: Result, rows: int = 2) -> ResultBatch:
+    assert result.output is not None
+    return ResultBatch(
+        stream=result.stream,
+        type=result.type,
+        agent_id=result.agent_id,
+        model=result.model,
+        labels=result.labels,
+        weight=result.weight,
+        latency_ms=result.latency_ms,
+        task_ids=tuple(f"{result.task_id}-{i}" for i in range(rows)),
+        outputs=np.stack([result.output] * rows),
+        windows=np.array([(i, i + 10) for i in range(rows)], np.int64),
+        expected=(result.expected,) * rows,
+        ingest_ns=np.arange(rows, dtype=np.int64),
+    )
 
 
 def sample_of(kind: type[M]) -> M:
@@ -79,7 +94,6 @@ def _singles(window: Window) -> list[object]:
             inputs={"accel": ARRAYS[0]},
             deadline_ns=99,
             expected=("accel", "gyro"),
-            attempt=2,
             ingest_ns=3,
         ),
         Subtask(
@@ -87,7 +101,7 @@ def _singles(window: Window) -> list[object]:
             stream="s2",
             type="accel",
             window=Window(2_000, 3_000),
-            inputs={"accel": ARRAYS[0][:2], "extra": ARRAYS[3]},
+            inputs={"accel": ARRAYS[0] * 2},
             deadline_ns=100,
             expected=("accel",),
         ),
@@ -206,44 +220,51 @@ def test_every_message_kind_is_covered() -> None:
 
 def test_decode_each_reads_a_single_message_or_a_batch_alike() -> None:
     """Readers of subtasks and results take either form and get a list of items."""
-    batch = sample_of(SubtaskBatch)
-    assert_same(list(batch.subtasks), CODEC.decode_each(encode(batch), Subtask))
-    assert_same([batch.subtasks[0]], CODEC.decode_each(encode(batch.subtasks[0]), Subtask))
-    results = sample_of(ResultBatch)
+    subtasks = [m for m in samples() if isinstance(m, Subtask)]
+    batch = SubtaskBatch.of(subtasks)
+    assert len(batch) == 2 and batch.inputs["accel"].shape == (2, 4, 3)
+    assert_same(subtasks, CODEC.decode_each(encode(batch), Subtask))
+    assert_same(subtasks[:1], CODEC.decode_each(encode(subtasks[0]), Subtask))
+    results = CODEC.decode_each(encode(sample_of(ResultBatch)), Result)
+    assert [r.task_id for r in results] == ["s1:7:ab-0", "s1:7:ab-1"]
+    assert [r.window for r in results] == [Window(0, 10), Window(1, 11)]
     with pytest.raises(SchemaError, match=r"'result_batch'.*expected 'subtask' or 'subtask_batch'"):
-        CODEC.decode_each(encode(results), Subtask)
+        CODEC.decode_each(encode(sample_of(ResultBatch)), Subtask)
 
 
-def test_peek_each_reads_fields_of_every_item_without_building_them() -> None:
-    """The coordinator reads task ids and types of a batch of results."""
-    results = sample_of(ResultBatch)
-    assert CODEC.peek_each(encode(results), Result, ("task_id", "type")) == [
-        ("s1:7:ab", "accel"),
-        ("t", "gyro"),
-    ]
-    assert CODEC.peek_each(encode(results.results[1]), Result, ("type",)) == [("gyro",)]
-    body = msgpack.unpackb(encode(results))
-    body["results"][1]["type"] = 7
-    with pytest.raises(SchemaError, match=r"ResultBatch.results\[1\].type: expected str"):
-        CODEC.peek_each(msgpack.packb(body), Result, ("task_id", "type"))
-    body["results"] = []
-    with pytest.raises(SchemaError, match="non-empty"):
-        CODEC.peek_each(msgpack.packb(body), Result, ("task_id", "type"))
-
-
-def test_a_batch_is_one_kind_and_never_empty() -> None:
-    """Every item of a batch has the batch's type (or stream); an empty batch is refused,
-    whether built here or read off the wire."""
+def test_a_batch_selects_and_concatenates_rows() -> None:
+    """Agents drop expired rows and serve several batches in one model call."""
     batch = sample_of(SubtaskBatch)
-    with pytest.raises(SchemaError, match=r"SubtaskBatch\.type is 'gyro' but an item has 'accel'"):
-        SubtaskBatch(type="gyro", subtasks=batch.subtasks)
-    results = sample_of(ResultBatch)
-    with pytest.raises(SchemaError, match=r"ResultBatch\.stream is 's2'"):
-        ResultBatch(stream="s2", results=results.results)
-    body = msgpack.unpackb(encode(batch))
-    body["subtasks"] = []
-    with pytest.raises(SchemaError, match="SubtaskBatch is empty"):
+    picked = batch.select(np.array([False, True]))
+    assert picked.task_ids == ("s1:8:ab",) and picked.streams == ("s2",)
+    assert_same(picked.inputs["accel"][0], ARRAYS[0] * 2)
+    joined = SubtaskBatch.concat([batch, picked])
+    assert joined.task_ids == ("s1:7:ab", "s1:8:ab", "s1:8:ab")
+    assert joined.windows.tolist() == [[1_000, 2_000], [2_000, 3_000], [2_000, 3_000]]
+    results = sample_of(ResultBatch).select(np.array([1]))
+    assert results.task_ids == ("s1:7:ab-1",) and results.outputs.shape == (1, 2)
+
+
+def test_a_batch_has_one_row_per_item_and_is_never_empty() -> None:
+    """Columns of another length, mixed shapes and empty batches are refused, whether built
+    here or read off the wire."""
+    subtasks = [m for m in samples() if isinstance(m, Subtask)]
+    with pytest.raises(SchemaError, match="one type and one input shape"):
+        SubtaskBatch.of([subtasks[0], replace(subtasks[1], inputs={"accel": ARRAYS[0][:2]})])
+    with pytest.raises(SchemaError, match="one type and one input shape"):
+        SubtaskBatch.of([subtasks[0], replace(subtasks[1], type="gyro")])
+    body = msgpack.unpackb(encode(sample_of(SubtaskBatch)))
+    body["streams"] = ["s1"]
+    with pytest.raises(SchemaError, match=r"SubtaskBatch\.streams does not have one row per item"):
         decode(msgpack.packb(body), SubtaskBatch)
+    body = msgpack.unpackb(encode(sample_of(ResultBatch)))
+    body["outputs"] = encode_array(np.zeros((3, 2), np.float32))
+    with pytest.raises(SchemaError, match=r"ResultBatch\.outputs does not have one row"):
+        decode(msgpack.packb(body), ResultBatch)
+    for key in ("task_ids", "expected"):
+        body[key] = []
+    with pytest.raises(SchemaError, match="ResultBatch is empty"):
+        decode(msgpack.packb(body), ResultBatch)
 
 
 @pytest.mark.parametrize("array", ARRAYS, ids=lambda a: f"{a.dtype}{list(a.shape)}")

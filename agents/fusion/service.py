@@ -14,6 +14,7 @@ import asyncio
 import secrets
 import time
 from collections import Counter, OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,7 +76,7 @@ class PendingTask:
     window: Window
     expected: tuple[str, ...]
     ingest_ns: int
-    results: dict[str, Result] = field(default_factory=dict)
+    answers: dict[str, Vote | None] = field(default_factory=dict)  # by type; None: an error
     missing_sensors: tuple[str, ...] = ()
     deliveries: list[Delivery] = field(default_factory=list)  # settled once it is decided
     first_seen: float = field(default_factory=time.monotonic)
@@ -183,11 +184,7 @@ class FusionAgent:
     async def _handle(self, msg: Message) -> None:
         try:
             message = CODEC.decode_any(msg.data)
-            if isinstance(message, ResultBatch):
-                items: list[Result | TaskStatus] = list(message.results)
-            elif isinstance(message, Result | TaskStatus):
-                items = [message]
-            else:
+            if not isinstance(message, Result | ResultBatch | TaskStatus):
                 raise SchemaError("wrong_kind", f"{type(message).__name__} on {msg.subject}")
         except SchemaError as exc:
             self.counts["dead_letters"] += 1
@@ -201,34 +198,74 @@ class FusionAgent:
             )
             await msg.term()
             return
-        delivery = Delivery(msg, len(items))
-        for item in items:
-            await self._take(item, delivery)
+        if isinstance(message, ResultBatch):
+            await self._take_batch(message, Delivery(msg, len(message)))
+            return
+        delivery = Delivery(msg, 1)
+        window = message.window
+        task = await self._task_of(
+            message.task_id,
+            delivery,
+            message.stream,
+            (window.t_start_ns, window.t_end_ns),
+            message.expected,
+            message.ingest_ns,
+        )
+        if task is None:
+            return
+        if isinstance(message, TaskStatus):
+            task.missing_sensors = message.missing_sensors
+            await self._decide(message.task_id, task, reason=message.reason or message.state)
+        elif message.error is None and message.output is not None:
+            vote = Vote(message.type, message.labels, message.output, message.weight)
+            await self._answer(message.task_id, task, message.type, vote)
+        else:
+            await self._answer(message.task_id, task, message.type, None)
 
-    async def _take(self, item: Result | TaskStatus, delivery: Delivery) -> None:
-        if item.task_id in self.decided:
+    async def _take_batch(self, batch: ResultBatch, delivery: Delivery) -> None:
+        for i, task_id in enumerate(batch.task_ids):
+            window, expected, ingest_ns = batch.windows[i], batch.expected[i], batch.ingest_ns[i]
+            task = await self._task_of(task_id, delivery, batch.stream, window, expected, ingest_ns)
+            if task is not None:
+                vote = Vote(batch.type, batch.labels, batch.outputs[i], batch.weight)
+                await self._answer(task_id, task, batch.type, vote)
+
+    async def _task_of(
+        self,
+        task_id: str,
+        delivery: Delivery,
+        stream: str,
+        window: Sequence[int],
+        expected: tuple[str, ...],
+        ingest_ns: int,
+    ) -> PendingTask | None:
+        """The pending task a message speaks of, which now holds ``delivery``; ``None`` (and
+        the delivery settled for it) when the task is already decided."""
+        if task_id in self.decided:
             self.counts["after_decision"] += 1
             await delivery.settle_one()
-            return
-        task = self.pending.get(item.task_id)
+            return None
+        task = self.pending.get(task_id)
         if task is None:
-            task = self.pending[item.task_id] = PendingTask(
-                stream=item.stream,
-                window=item.window,
-                expected=item.expected,
-                ingest_ns=item.ingest_ns,
+            task = self.pending[task_id] = PendingTask(
+                stream=stream,
+                window=Window(int(window[0]), int(window[1])),
+                expected=expected,
+                ingest_ns=int(ingest_ns),
             )
         task.deliveries.append(delivery)
-        if isinstance(item, TaskStatus):
-            task.missing_sensors = item.missing_sensors
-            await self._decide(item.task_id, task, reason=item.reason or item.state)
-            return
-        if item.type in task.results:
+        return task
+
+    async def _answer(
+        self, task_id: str, task: PendingTask, type_name: str, vote: Vote | None
+    ) -> None:
+        """Record one type's answer (``None`` for an error) and decide once all are in."""
+        if type_name in task.answers:
             self.counts["repeat_results"] += 1
             return
-        task.results[item.type] = item
-        if task.expected and all(t in task.results for t in task.expected):
-            await self._decide(item.task_id, task, reason="")
+        task.answers[type_name] = vote
+        if task.expected and all(t in task.answers for t in task.expected):
+            await self._decide(task_id, task, reason="")
 
     async def _expire_step(self) -> None:
         await asyncio.sleep(1.0)
@@ -239,11 +276,7 @@ class FusionAgent:
                 await self._decide(task_id, task, reason="no word from the coordinator")
 
     async def _decide(self, task_id: str, task: PendingTask, *, reason: str) -> None:
-        votes = [
-            Vote(r.type, r.labels, r.output, r.weight)
-            for r in task.results.values()
-            if r.error is None and r.output is not None
-        ]
+        votes = [vote for vote in task.answers.values() if vote is not None]
         contributors = tuple(v.type for v in votes)
         expected = task.expected or contributors
         missing = tuple(t for t in expected if t not in contributors)

@@ -53,6 +53,9 @@ def aligned(votes: Sequence[Vote]) -> tuple[tuple[str, ...], np.ndarray]:
     """Every label seen (first-seen order) and a ``[votes, labels]`` matrix of scores."""
     if not votes:
         raise ValueError("cannot fuse zero votes")
+    first = votes[0].labels
+    if all(v.labels == first and len(v.probs) == len(first) for v in votes):
+        return first, np.array([v.probs for v in votes], dtype=np.float64)  # the usual case
     labels: dict[str, int] = {}
     for vote in votes:
         if len(vote.labels) != len(vote.probs):
@@ -81,11 +84,7 @@ class WeightedMean:
         """Mean of the votes' scores weighted by type, normalised over the votes present."""
         labels, matrix = aligned(votes)
         weights = np.array([self.weights.get(v.type, v.weight) for v in votes], dtype=np.float64)
-        scores = weights @ matrix / weights.sum()
-        best = int(np.argmax(scores))
-        return Fused(
-            labels[best], {label: float(s) for label, s in zip(labels, scores, strict=True)}
-        )
+        return _verdict(labels, weights @ matrix / weights.sum())
 
 
 @dataclass(frozen=True)
@@ -97,11 +96,7 @@ class Mean:
     def fuse(self, votes: Sequence[Vote]) -> Fused:
         """Plain mean of the votes' scores."""
         labels, matrix = aligned(votes)
-        scores = matrix.mean(axis=0)
-        best = int(np.argmax(scores))
-        return Fused(
-            labels[best], {label: float(s) for label, s in zip(labels, scores, strict=True)}
-        )
+        return _verdict(labels, matrix.mean(axis=0))
 
 
 def _verdict(labels: tuple[str, ...], scores: np.ndarray) -> Fused:
