@@ -15,8 +15,8 @@ from bus.discovery import (
 )
 from bus.lifecycle import Lifecycle
 from bus.loops import keep_running
+from bus.pagelog import PageLog
 from bus.producer import Producer
-from bus.records import RecordTable
 from bus.server import EmbeddedServer, find_server_binary, free_port
 from bus.stats import LATENCY_BUCKETS_S, Histogram
 from bus.streams import StoredMessage, follow_stored, read_stored
@@ -41,8 +41,8 @@ __all__ = [
     "Histogram",
     "Lifecycle",
     "Message",
+    "PageLog",
     "Producer",
-    "RecordTable",
     "StoredMessage",
     "Subjects",
     "Subscription",

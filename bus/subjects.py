@@ -84,8 +84,12 @@ class Subjects:
         return f"{self.prefix}.dlq.{check_token(component, 'component')}"
 
     def journal(self, coordinator: str) -> str:
-        """Subject prefix of one coordinator's open-task journal (one subject per task)."""
+        """The pages of one coordinator's open-task journal."""
         return f"{self.prefix}.open.{check_token(coordinator, 'coordinator name')}"
+
+    def all_journals(self) -> str:
+        """Every coordinator's journal (the journal stream's subjects)."""
+        return f"{self.prefix}.open.*"
 
     def control(self, component: str, instance_id: str) -> str:
         """The status endpoint of one running component (``agent-accel``, ``coordinator``...)."""

@@ -1,20 +1,24 @@
-"""The coordinator's write-behind journal of open tasks.
+"""The coordinator's write-behind journal of open tasks, written a page at a time.
 
-Every ``interval_ms`` the tasks that changed (opened, or a result seen) and are still open
-are written to a :class:`~bus.RecordTable`, and the records of tasks that ended are deleted.
-A task that opens and ends within one interval (the usual case) is never written at all, so
-journalling costs nearly nothing per task; a coordinator killed and restarted loads the
-records and finishes every task it had open. What the last interval had not written yet is
-lost in a crash; the fusion agent still decides those tasks (it times out pending tasks).
+Every ``interval_ms`` one page goes to a :class:`~bus.PageLog`: the tasks that changed
+(opened, or a result seen) and are still open, and the ids of written tasks that have
+ended since. A task that opens and ends within one interval (the usual case) is never
+written at all; under load, a whole interval's tasks cost one write. Replaying the pages
+in order gives the open tasks, so a coordinator killed and restarted finishes every task
+it had open. Pages at the front whose every record has been ended or rewritten later are
+dropped with one purge. What the last interval had not written yet is lost in a crash;
+the fusion agent still decides those tasks (it times out pending tasks).
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
 import structlog
 
-from bus import RecordTable
+from bus import PageLog
 from coordinator.tracker import OpenTask
-from schemas import CODEC, OpenTaskRecord, SchemaError, encode
+from schemas import CODEC, OpenTaskPage, OpenTaskRecord, SchemaError, encode
 
 log = structlog.get_logger("fusebus.coordinator")
 
@@ -35,50 +39,109 @@ def to_record(task: OpenTask) -> OpenTaskRecord:
 
 
 class TaskJournal:
-    """Tracks which open tasks changed and writes them out in batches."""
+    """Tracks which open tasks changed and writes them out a page at a time."""
 
-    def __init__(self, table: RecordTable) -> None:
-        self.table = table
+    def __init__(self, pages: PageLog) -> None:
+        self.pages = pages
         self._dirty: dict[str, OpenTask] = {}
-        self._ended: set[str] = set()
-        self._writing: set[str] = set()
-        self.writes = 0
-        self.deletes = 0
+        self._ended: list[str] = []  # written tasks that ended since the last page
+        self._page_of: dict[str, int] = {}  # task id -> the page holding its latest record
+        self._writing: set[str] = set()  # in the page being written now
+        self._ended_while_writing: set[str] = set()
+        self._live = Counter[int]()  # page -> how many of its records are still current
+        self._front = 0  # every page before this one is dropped
+        self.writes = 0  # records written
+        self.pages_written = 0
 
     def __repr__(self) -> str:
-        return f"TaskJournal(dirty={len(self._dirty)} writes={self.writes} deletes={self.deletes})"
+        return (
+            f"TaskJournal(dirty={len(self._dirty)} written={len(self._page_of)} "
+            f"pages={len(self._live)} writes={self.writes})"
+        )
 
     def changed(self, task: OpenTask) -> None:
         """``task`` opened or saw a result: write it at the next flush if still open."""
         self._dirty[task.task_id] = task
 
     def ended(self, task_id: str) -> None:
-        """``task_id`` ended: never write it again, delete its record if it has one."""
+        """``task_id`` ended: never write it again, and mark a written record as done."""
         self._dirty.pop(task_id, None)
-        if task_id in self.table or task_id in self._writing:
-            self._ended.add(task_id)
+        page = self._page_of.pop(task_id, None)
+        if page is not None:
+            self._retire(page)
+        if page is not None or task_id in self._writing:
+            self._ended.append(task_id)  # the next page says so
+        if task_id in self._writing:
+            self._ended_while_writing.add(task_id)
 
     async def flush(self) -> None:
-        """Write the changed open tasks and delete the ended ones."""
-        if self._dirty:
-            batch, self._dirty = self._dirty, {}
-            self._writing = set(batch)
+        """Write one page of what changed (more if it would not fit in one), then drop the
+        pages at the front that no longer hold a current record."""
+        if self._dirty or self._ended:
+            records = [to_record(task) for task in self._dirty.values()]
+            ended, self._dirty, self._ended = tuple(self._ended), {}, []
+            self._writing = {record.task_id for record in records}
             try:
-                await self.table.put_many({k: encode(to_record(t)) for k, t in batch.items()})
+                for page in self._pages(records, ended):
+                    sequence = await self.pages.append(encode(page))
+                    self._written(page, sequence)
             finally:
-                self._writing = set()
-            self.writes += len(batch)
-        if self._ended:
-            gone, self._ended = list(self._ended), set()
-            await self.table.delete_many(gone)
-            self.deletes += len(gone)
+                self._writing, self._ended_while_writing = set(), set()
+        await self._compact()
+
+    def _pages(self, records: list[OpenTaskRecord], ended: tuple[str, ...]) -> list[OpenTaskPage]:
+        """``records`` and ``ended`` as pages the server takes, halving until they fit."""
+        page = OpenTaskPage(records=tuple(records), ended=ended)
+        if len(records) < 2 or len(encode(page)) <= self.pages.max_page_bytes // 2:
+            return [page]
+        half = len(records) // 2
+        return self._pages(records[:half], ended) + self._pages(records[half:], ())
+
+    def _written(self, page: OpenTaskPage, sequence: int) -> None:
+        self.pages_written += 1
+        self.writes += len(page.records)
+        for record in page.records:
+            if record.task_id in self._ended_while_writing:
+                continue  # ended meanwhile: the next page retires this record
+            previous = self._page_of.get(record.task_id)
+            if previous is not None:
+                self._retire(previous)
+            self._page_of[record.task_id] = sequence
+            self._live[sequence] += 1
+        if not page.records:
+            self._live[sequence] += 0  # a page of ended ids only: known, and spent at once
+
+    def _retire(self, page: int) -> None:
+        self._live[page] -= 1
+
+    async def _compact(self) -> None:
+        spent = [page for page, live in self._live.items() if live <= 0]
+        if not spent:
+            return
+        oldest_live = min((page for page, live in self._live.items() if live > 0), default=None)
+        newest = max(self._live)
+        front = oldest_live if oldest_live is not None else newest + 1
+        if front > self._front:
+            await self.pages.drop_before(front)
+            self._front = front
+            for page in [p for p in self._live if p < front]:
+                del self._live[page]
 
     async def load(self) -> list[OpenTaskRecord]:
-        """The tasks a previous run left open."""
-        records = []
-        for key, data in (await self.table.load()).items():
+        """The tasks a previous run left open, from replaying its pages in order."""
+        open_tasks: dict[str, tuple[int, OpenTaskRecord]] = {}
+        for stored in await self.pages.load():
             try:
-                records.append(CODEC.decode(data, OpenTaskRecord))
+                page = CODEC.decode(stored.data, OpenTaskPage)
             except SchemaError as exc:
-                log.warning("journal.bad_record", key=key, error=str(exc))
-        return records
+                log.warning("journal.bad_page", sequence=stored.sequence, error=str(exc))
+                continue
+            for record in page.records:
+                open_tasks[record.task_id] = (stored.sequence, record)
+            for task_id in page.ended:
+                open_tasks.pop(task_id, None)
+            self._live[stored.sequence] += 0
+        for task_id, (sequence, _) in open_tasks.items():
+            self._page_of[task_id] = sequence
+            self._live[sequence] += 1
+        return [record for _, record in open_tasks.values()]

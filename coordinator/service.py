@@ -24,8 +24,8 @@ from bus import (
     BatchPuller,
     Coalescer,
     Lifecycle,
+    PageLog,
     Producer,
-    RecordTable,
     Subjects,
     TopologySettings,
     discover_agents,
@@ -152,14 +152,15 @@ class Coordinator:
         js = self.nc.jetstream()
         await ensure_streams(js, self.subjects, self.topology)
         if self.settings.durable:
-            table = RecordTable(
-                js,
+            pages = PageLog(
+                self.nc,
                 stream=self.subjects.journal_stream,
-                subject_prefix=self.subjects.journal(self.settings.name),
+                stream_subjects=self.subjects.all_journals(),
+                subject=self.subjects.journal(self.settings.name),
                 storage=self.topology.storage_type,
             )
-            await table.ensure()
-            self.journal = TaskJournal(table)
+            await pages.ensure()
+            self.journal = TaskJournal(pages)
             await self._restore()
             self._life.run(self._journal_step, name="coordinator-journal")
         await ensure_reader_consumer(

@@ -173,7 +173,9 @@ class SubtaskBatch:
             type=first.type,
             task_ids=tuple(s.task_id for s in subtasks),
             streams=tuple(s.stream for s in subtasks),
-            windows=np.array([(s.window.t_start_ns, s.window.t_end_ns) for s in subtasks], np.int64),
+            windows=np.array(
+                [(s.window.t_start_ns, s.window.t_end_ns) for s in subtasks], np.int64
+            ),
             inputs={k: np.stack([s.inputs[k] for s in subtasks]) for k in shapes},
             deadline_ns=np.array([s.deadline_ns for s in subtasks], np.int64),
             expected=tuple(s.expected for s in subtasks),
@@ -389,10 +391,7 @@ class AgentInfo:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OpenTaskRecord:
-    """The coordinator's journal entry for a task still open, so a restart can finish it."""
-
-    KIND: ClassVar[str] = "open_task"
-    VERSION: ClassVar[int] = 1
+    """What the coordinator's journal keeps of a task still open, so a restart can finish it."""
 
     task_id: str
     stream: str
@@ -403,6 +402,19 @@ class OpenTaskRecord:
     seen: tuple[str, ...] = ()
     unavailable: tuple[str, ...] = ()
     missing_sensors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpenTaskPage:
+    """One write of the coordinator's journal: tasks that opened or changed since the last
+    write, and tasks that ended since then after having been written. Replayed in order,
+    the pages give the tasks still open."""
+
+    KIND: ClassVar[str] = "open_task_page"
+    VERSION: ClassVar[int] = 1
+
+    records: tuple[OpenTaskRecord, ...] = ()
+    ended: tuple[str, ...] = ()
 
 
 #: The states a sensor can be reported in.
@@ -444,6 +456,6 @@ MESSAGES: tuple[type, ...] = (
     Decision,
     DeadLetter,
     AgentInfo,
-    OpenTaskRecord,
+    OpenTaskPage,
     SensorStatus,
 )

@@ -18,6 +18,7 @@ from schemas import (
     ErrorInfo,
     InputSpec,
     ModelRef,
+    OpenTaskPage,
     OpenTaskRecord,
     Result,
     ResultBatch,
@@ -162,15 +163,20 @@ def _singles(window: Window) -> list[object]:
             headers={"k": "v"},
             first_seen_ns=12,
         ),
-        OpenTaskRecord(
-            task_id="t",
-            stream="s1",
-            window=window,
-            expected=("accel", "gyro"),
-            deadline_ns=10,
-            ingest_ns=2,
-            seen=("accel",),
-            unavailable=(),
+        OpenTaskPage(
+            records=(
+                OpenTaskRecord(
+                    task_id="t",
+                    stream="s1",
+                    window=window,
+                    expected=("accel", "gyro"),
+                    deadline_ns=10,
+                    ingest_ns=2,
+                    seen=("accel",),
+                    unavailable=(),
+                ),
+            ),
+            ended=("u", "v"),
         ),
         SensorStatus(stream="s1", sensor="gyro", state="down", last_seen_ns=5, silent_ms=3000.0),
         AgentInfo(
