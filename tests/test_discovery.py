@@ -10,13 +10,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from nats.aio.client import Client
 
 from agents import AgentRuntime, ModelAgent
 from agents.builtin import MotionEnergyAgent
 from agents.fusion import FusionAgent
-from bus import EmbeddedServer, Producer, Subjects, discover_agents
+from bus import EmbeddedServer, Producer, Subjects, TopologySettings, discover_agents
 from coordinator import Coordinator, PlanBook, auto_plan
 from fusebus.datasets import SensorDataset
 from fusebus.paths import models_dir
@@ -198,3 +199,61 @@ async def test_status_lists_agents_by_type_with_replicas_and_counters(
     }
     assert rows["accel"][1] == "2" and rows["accel"][2] == "litert"
     assert rows["motion"][1] == "1" and rows["motion"][2] == "rules"
+
+
+async def test_node_agent_serves_batches_by_column_as_python_agents_do(
+    nats_server: EmbeddedServer,
+    subjects: Subjects,
+    connect_bus: Connect,
+    basicmotions: SensorDataset,
+    node_agent_ready: Path,
+    spawn: Callable[..., subprocess.Popen[bytes]],
+) -> None:
+    """A subtask_batch (what the coordinator sends under load) and a single subtask get one
+    result each from the JavaScript agent, with the Python motion agent's scores; a batch
+    of the wrong shape is dead-lettered."""
+    from bus import ensure_streams
+    from schemas import DeadLetter, Result, Subtask, Window
+
+    nc = await connect_bus("test")
+    await ensure_streams(nc.jetstream(), subjects, TopologySettings())
+    spawn("node", str(node_agent_ready), "--nats-url", nats_server.url, "--prefix", subjects.prefix)
+    for _ in range(100):
+        if any(
+            info.type == "motion-js"
+            for info, _ in await discover_agents(nc, prefix=subjects.prefix, timeout_s=0.2)
+        ):
+            break
+    results = await Collector(Result).start(nc, subjects.result("bm"))
+    letters = await Collector(DeadLetter).start(nc, subjects.dlq("agent-motion-js"))
+    cases = [basicmotions.sensor_view(x, "accel") for x in basicmotions.x_test[:31]]
+
+    def subtask(i: int, accel: np.ndarray) -> Subtask:
+        return Subtask(
+            task_id=f"t{i}",
+            stream="bm",
+            type="motion-js",
+            window=Window(i, i + 1),
+            inputs={"accel": accel},
+            deadline_ns=time.time_ns() + 60 * 10**9,
+            expected=("motion-js",),
+            ingest_ns=i,
+        )
+
+    producer = Producer(nc, subjects)
+    await producer.subtasks_unconfirmed("motion-js", [subtask(i, cases[i]) for i in range(30)])
+    await producer.subtasks_unconfirmed("motion-js", [subtask(30, cases[30])])
+    bad = [subtask(100 + i, cases[i][:, :2].copy()) for i in range(2)]  # two channels, not three
+    await producer.subtasks_unconfirmed("motion-js", bad)
+    await results.wait_for(31)
+    await letters.wait_for(1)
+    await results.settle()
+    assert sorted(r.task_id for r in results.items) == sorted(f"t{i}" for i in range(31))
+    expected = MotionEnergyAgent().predict({"accel": np.stack(cases)})
+    for result in results.items:
+        i = int(result.task_id[1:])
+        assert result.window == Window(i, i + 1) and result.ingest_ns == i
+        assert result.output is not None
+        np.testing.assert_allclose(result.output, expected[i], atol=1e-4)
+    [letter] = letters.items
+    assert letter.reason == "bad_input" and "3 channels" in letter.error

@@ -3,9 +3,10 @@
 //
 // It serves one subtask type (default "motion-js"): the motion energy of the accelerometer
 // (standard deviation of the acceleration magnitude over the window), turned into scores
-// over the BasicMotions activities with soft bands. It pulls subtasks from the type's
-// durable consumer, publishes one Result per subtask, acks, dead-letters what it cannot
-// read, and answers $SRV.PING / INFO / STATS so the coordinator discovers it.
+// over the BasicMotions activities with soft bands. It pulls subtasks (single, or batches
+// by column) from the type's durable consumer, publishes one result per subtask, acks,
+// dead-letters what it cannot read, and answers $SRV.PING / INFO / STATS so the
+// coordinator discovers it.
 //
 //   node agent.mjs --nats-url nats://127.0.0.1:4222 [--prefix fb] [--type motion-js]
 
@@ -43,17 +44,64 @@ const labels = bands.map((b) => b[0]);
 const softness = 0.5;
 
 // --- arrays on the wire: {dtype, shape, data} with little-endian bytes --------------------
-function readFloat32Matrix(wire) {
-  if (!wire || wire.dtype !== "float32" || !Array.isArray(wire.shape) || wire.shape.length !== 2) {
-    throw new Error(`input must be a float32 [samples, channels] array, got ${wire && wire.dtype}`);
+function checkArray(wire, dtype, dims) {
+  if (!wire || wire.dtype !== dtype || !Array.isArray(wire.shape) || wire.shape.length !== dims) {
+    throw new Error(`expected a ${dtype} array of ${dims} dimensions, got ${wire && wire.dtype}`);
   }
-  const [rows, cols] = wire.shape.map(Number);
-  if (wire.data.byteLength !== rows * cols * 4) throw new Error("array data length does not match shape");
-  // Copy: the bytes inside a msgpack buffer need not be 4-byte aligned.
-  const view = new DataView(wire.data.buffer, wire.data.byteOffset, wire.data.byteLength);
+  const shape = wire.shape.map(Number);
+  const size = dtype === "int64" ? 8 : 4;
+  if (wire.data.byteLength !== shape.reduce((a, b) => a * b, 1) * size) {
+    throw new Error("array data length does not match shape");
+  }
+  // The bytes inside a msgpack buffer need not be aligned: read them through a DataView.
+  return { shape, view: new DataView(wire.data.buffer, wire.data.byteOffset, wire.data.byteLength) };
+}
+
+// Row `row` of a float32 [rows, samples, channels] array (or the whole of a [samples, channels] one).
+function readFloat32Matrix(wire, row = null) {
+  const { shape, view } = checkArray(wire, "float32", row === null ? 2 : 3);
+  const [rows, cols] = row === null ? shape : shape.slice(1);
+  const offset = row === null ? 0 : row * rows * cols * 4;
   const out = new Float32Array(rows * cols);
-  for (let i = 0; i < out.length; i++) out[i] = view.getFloat32(i * 4, true);
+  for (let i = 0; i < out.length; i++) out[i] = view.getFloat32(offset + i * 4, true);
   return { rows, cols, values: out };
+}
+
+// The accelerometer input of one subtask, checked: [samples, 3 channels].
+function inputOf(wire, row = null) {
+  const matrix = readFloat32Matrix(wire, row);
+  if (matrix.cols !== 3) throw new Error(`accelerometer must have 3 channels, got ${matrix.cols}`);
+  return matrix;
+}
+
+function readInt64s(wire, dims) {
+  const { view } = checkArray(wire, "int64", dims);
+  return Array.from({ length: view.byteLength / 8 }, (_, i) => view.getBigInt64(i * 8, true));
+}
+
+// The subtasks of a message: a `subtask`, or a `subtask_batch` whose row i of every column
+// is subtask i.
+function subtasksOf(message) {
+  if (typeof message !== "object" || message === null) throw new Error("not a map");
+  if (Number(message.v) > 1) throw new Error(`${message.kind} v=${message.v} is newer than this agent reads`);
+  if (message.kind === "subtask") {
+    return [{ ...message, input: inputOf(message.inputs?.[sensor]) }];
+  }
+  if (message.kind !== "subtask_batch") {
+    throw new Error(`expected kind "subtask" or "subtask_batch", got ${message.kind}`);
+  }
+  const windows = readInt64s(message.windows, 2);
+  const deadlines = readInt64s(message.deadline_ns, 1);
+  const ingests = readInt64s(message.ingest_ns, 1);
+  return message.task_ids.map((taskId, i) => ({
+    task_id: taskId,
+    stream: message.streams[i],
+    window: { t_start_ns: windows[2 * i], t_end_ns: windows[2 * i + 1] },
+    deadline_ns: deadlines[i],
+    expected: message.expected[i],
+    ingest_ns: ingests[i],
+    input: inputOf(message.inputs?.[sensor], i),
+  }));
 }
 
 function float32Vector(values) {
@@ -65,8 +113,7 @@ function float32Vector(values) {
 
 // --- the model: a batch function like any fusebus agent's -----------------------------------
 function predict(matrix) {
-  const { rows, cols, values } = matrix;
-  if (cols !== 3) throw new Error(`accelerometer must have 3 channels, got ${cols}`);
+  const { rows, values } = matrix;
   const magnitude = new Float64Array(rows);
   for (let r = 0; r < rows; r++) {
     const x = values[r * 3], y = values[r * 3 + 1], z = values[r * 3 + 2];
@@ -98,36 +145,37 @@ async function deadLetter(msg, reason, error) {
 
 async function handle(msg) {
   const started = performance.now();
-  let subtask;
+  let subtasks;
   try {
-    subtask = decode(msg.data, { useBigInt64: true });
-    if (typeof subtask !== "object" || subtask === null || subtask.kind !== "subtask") {
-      throw new Error(`expected kind "subtask", got ${subtask && subtask.kind}`);
-    }
-    if (Number(subtask.v) > 1) throw new Error(`subtask v=${subtask.v} is newer than this agent reads`);
-    const input = readFloat32Matrix(subtask.inputs?.[sensor]);
-    if (BigInt(subtask.deadline_ns) < nowNs()) {
-      counts.expired += 1;
-      msg.ack();
-      return;
-    }
+    subtasks = subtasksOf(decode(msg.data, { useBigInt64: true }));
+  } catch (err) {
+    await deadLetter(msg, "bad_input", String(err.message ?? err));
+    msg.term();
+    return;
+  }
+  const live = subtasks.filter((subtask) => BigInt(subtask.deadline_ns) >= nowNs());
+  counts.expired += subtasks.length - live.length;
+  try {
     const t0 = performance.now();
-    const probabilities = predict(input);
+    const answers = live.map((subtask) => predict(subtask.input));
     counts.inference_ms_total += performance.now() - t0;
     counts.batches += 1;
-    const result = {
-      v: 1, kind: "result", task_id: subtask.task_id, stream: subtask.stream, type,
-      agent_id: agentId, model: { name: "motion-energy-js", version: "1.0.0" },
-      output: float32Vector(probabilities), labels, latency_ms: performance.now() - started,
-      error: null, window: subtask.window, expected: subtask.expected, ingest_ns: subtask.ingest_ns,
-      weight,
-    };
-    await js.publish(`${prefix}.result.${subtask.stream}`, encode(result, { useBigInt64: true }));
+    const latency = performance.now() - started;
+    await Promise.all(live.map((subtask, i) => js.publish(
+      `${prefix}.result.${subtask.stream}`,
+      encode({
+        v: 1, kind: "result", task_id: subtask.task_id, stream: subtask.stream, type,
+        agent_id: agentId, model: { name: "motion-energy-js", version: "1.0.0" },
+        output: float32Vector(answers[i]), labels, latency_ms: latency, error: null,
+        window: subtask.window, expected: subtask.expected, ingest_ns: subtask.ingest_ns, weight,
+      }, { useBigInt64: true }),
+    )));
     msg.ack();
-    counts.processed += 1;
+    counts.processed += live.length;
   } catch (err) {
-    await deadLetter(msg, subtask ? "bad_input" : "not_msgpack", String(err.message ?? err));
-    msg.term();
+    counts.errors += 1;
+    console.error(JSON.stringify({ event: "batch.failed", error: String(err.message ?? err) }));
+    msg.nak(1000);
   }
 }
 
