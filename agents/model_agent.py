@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from agents.model_card import ModelCard
-from agents.runtimes import DEFAULT_BUCKETS, ModelRuntime, load_runtime
+from agents.runtimes import ModelRuntime, load_runtime
 from bus.subjects import check_token
 from schemas import ConfigError, InputSpec, ModelError, ModelRef
 
@@ -25,7 +25,7 @@ class ModelAgent:
         model_path: Path,
         *,
         type_name: str | None = None,
-        buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+        buckets: tuple[int, ...] | None = None,
     ) -> None:
         if not model_path.exists():
             raise ConfigError(f"model file {model_path} does not exist")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from agents import ModelAgent, ModelCard
-from agents.runtimes import load_runtime
+from agents.runtimes import LITERT_BUCKETS, bucket_plan, load_runtime
 from fusebus.datasets import SensorDataset
 from fusebus.paths import models_dir
 from schemas import ConfigError
@@ -30,6 +30,31 @@ def test_litert_batches_match_single_calls_and_score_well(
     np.testing.assert_allclose(batched, single, atol=1e-5)
     np.testing.assert_allclose(batched.sum(axis=1), 1.0, atol=1e-5)
     assert np.mean(batched.argmax(axis=1) == basicmotions.y_test) >= 0.9
+
+
+@pytest.mark.parametrize(
+    ("rows", "pieces"),
+    [
+        (1, [(0, 1, 1)]),
+        (54, [(0, 54, 64)]),  # 10 rows of padding: cheaper than four calls
+        (33, [(0, 32, 32), (32, 1, 1)]),  # padding to 64 would be half the work
+        (40, [(0, 32, 32), (32, 8, 8)]),
+        (7, [(0, 7, 8)]),
+        (130, [(0, 64, 64), (64, 64, 64), (128, 2, 2)]),
+    ],
+)
+def test_a_batch_runs_as_bucket_pieces_with_little_padding(
+    rows: int, pieces: list[tuple[int, int, int]]
+) -> None:
+    """Pieces cover every row once, in order, each within a bucket, none mostly padding."""
+    assert bucket_plan(rows, LITERT_BUCKETS) == pieces
+
+
+def test_coarse_buckets_pad_rather_than_make_many_small_calls() -> None:
+    """With buckets far apart (Keras's 1, 8, 64) a remainder is padded, not cut into ones."""
+    assert bucket_plan(5, (1, 8, 64)) == [(0, 5, 8)]
+    assert bucket_plan(40, (1, 8, 64)) == [(0, 40, 64)]
+    assert bucket_plan(3, (8, 64)) == [(0, 3, 8)]  # smaller than the smallest bucket
 
 
 @pytest.mark.parametrize("type_name", TYPES)

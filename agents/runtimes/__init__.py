@@ -2,8 +2,9 @@
 
 Both take a list of input batches (one array per model input) and return a ``[batch,
 outputs]`` array. Each warms up at start and keeps one prepared executable per batch
-bucket, padding a batch up to the next bucket, so that no batch size re-allocates or
-re-traces while serving. TensorFlow is imported only when a ``.keras`` model is loaded.
+bucket, so that no batch size re-allocates or re-traces while serving: a batch runs as
+bucket-sized pieces (see :func:`bucket_plan`). TensorFlow is imported only when a
+``.keras`` model is loaded.
 """
 
 from __future__ import annotations
@@ -16,8 +17,15 @@ import numpy as np
 
 from schemas import ConfigError, ModelError
 
-#: Batch sizes prepared at warm-up; a batch is padded up to the next one.
-DEFAULT_BUCKETS = (1, 8, 64)
+#: Batch sizes prepared at warm-up by the Keras runtime (each one is a traced function).
+KERAS_BUCKETS = (1, 8, 64)
+#: The LiteRT runtime's: an interpreter per bucket is cheap, and a model call costs about a
+#: fixed 10 us plus a per-row share, so finer buckets waste less on padding.
+LITERT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+#: A piece is padded up to the next bucket when at most this share of it is padding, or
+#: when the bucket below is less than half as big; otherwise the bucket below is run
+#: exactly and the rest planned again.
+MAX_PADDING = 0.25
 
 
 class ModelRuntime(Protocol):
@@ -34,12 +42,33 @@ class ModelRuntime(Protocol):
         ...
 
 
-def bucket_for(size: int, buckets: tuple[int, ...]) -> int:
-    """The smallest bucket holding ``size`` rows, or the largest bucket."""
-    for bucket in buckets:
-        if size <= bucket:
-            return bucket
-    return buckets[-1]
+def bucket_plan(rows: int, buckets: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """How to run ``rows`` rows through fixed-size ``buckets`` (sorted): a list of
+    ``(start, size, bucket)`` pieces, each ``size`` rows padded up to ``bucket``.
+
+    Rows past the largest bucket are cut into pieces of that size. A remainder is padded up
+    to the smallest bucket holding it when the padding is at most :data:`MAX_PADDING` of
+    that bucket or the bucket below is under half its size (so coarse buckets never turn
+    into many tiny calls); else the bucket below is run exactly and the rest planned again.
+    With ``(1, 2, 4, ..., 64)``, 54 rows run as one padded 64, and 33 as 32 + 1.
+    """
+    pieces = []
+    start = 0
+    largest = buckets[-1]
+    while start < rows:
+        left = rows - start
+        if left >= largest:
+            pieces.append((start, largest, largest))
+            start += largest
+            continue
+        up = next(b for b in buckets if b >= left)
+        down = max((b for b in buckets if b <= left), default=0)
+        if up - left <= MAX_PADDING * up or 2 * down < up:
+            pieces.append((start, left, up))
+            break
+        pieces.append((start, down, down))
+        start += down
+    return pieces
 
 
 def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
@@ -56,34 +85,29 @@ def predict_in_buckets(
     inputs: list[np.ndarray],
     buckets: tuple[int, ...],
 ) -> np.ndarray:
-    """Run a batch of any size through fixed-size executables.
-
-    The batch is cut into chunks of at most the largest bucket; each chunk is padded up to
-    the smallest bucket that holds it, run as ``run(bucket, padded_inputs)``, and trimmed.
-    """
+    """Run a batch of any size through fixed-size executables, piece by piece as
+    :func:`bucket_plan` says: ``run(bucket, padded_inputs)`` per piece, trimmed."""
     rows = len(inputs[0])
     if rows == 0:
         raise ModelError("cannot run an empty batch")
-    largest = buckets[-1]
-    outputs = []
-    for start in range(0, rows, largest):
-        chunk = [x[start : start + largest] for x in inputs]
-        size = len(chunk[0])
-        bucket = bucket_for(size, buckets)
-        outputs.append(run(bucket, [pad_rows(x, bucket) for x in chunk])[:size])
+    outputs = [
+        run(bucket, [pad_rows(x[start : start + size], bucket) for x in inputs])[:size]
+        for start, size, bucket in bucket_plan(rows, buckets)
+    ]
     return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
 
-def load_runtime(path: Path, *, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> ModelRuntime:
-    """Load a model file with the runtime its suffix names; raises :class:`ConfigError`."""
+def load_runtime(path: Path, *, buckets: tuple[int, ...] | None = None) -> ModelRuntime:
+    """Load a model file with the runtime its suffix names (``buckets``: that runtime's
+    default when not given); raises :class:`ConfigError`."""
     if not path.exists():
         raise ConfigError(f"model file {path} does not exist")
     if path.suffix == ".tflite":
         from agents.runtimes.litert import LiteRTModel
 
-        return LiteRTModel(path, buckets=buckets)
+        return LiteRTModel(path, buckets=buckets or LITERT_BUCKETS)
     if path.suffix == ".keras":
         from agents.runtimes.keras import KerasModel
 
-        return KerasModel(path, buckets=buckets)
+        return KerasModel(path, buckets=buckets or KERAS_BUCKETS)
     raise ConfigError(f"model file {path}: unknown format {path.suffix!r}; use .tflite or .keras")

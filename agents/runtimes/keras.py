@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.runtimes import DEFAULT_BUCKETS, predict_in_buckets
+from agents.runtimes import KERAS_BUCKETS, predict_in_buckets
 from schemas import ModelError
 
 
@@ -22,7 +22,7 @@ class KerasModel:
 
     name = "keras"
 
-    def __init__(self, path: Path, *, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> None:
+    def __init__(self, path: Path, *, buckets: tuple[int, ...] = KERAS_BUCKETS) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import keras
         import tensorflow as tf

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from agents.runtimes import DEFAULT_BUCKETS, predict_in_buckets
+from agents.runtimes import LITERT_BUCKETS, predict_in_buckets
 from schemas import ModelError
 
 
@@ -23,7 +23,7 @@ class LiteRTModel:
     name = "litert"
 
     def __init__(
-        self, path: Path, *, buckets: tuple[int, ...] = DEFAULT_BUCKETS, threads: int = 1
+        self, path: Path, *, buckets: tuple[int, ...] = LITERT_BUCKETS, threads: int = 1
     ) -> None:
         self.path = path
         self.buckets = tuple(sorted(buckets))
