@@ -82,18 +82,21 @@ class TaskJournal:
             ended, self._dirty, self._ended = tuple(self._ended), {}, []
             self._writing = {record.task_id for record in records}
             try:
-                for page in self._pages(records, ended):
-                    sequence = await self.pages.append(encode(page))
-                    self._written(page, sequence)
+                for page, data in self._pages(records, ended):
+                    self._written(page, await self.pages.append(data))
             finally:
                 self._writing, self._ended_while_writing = set(), set()
         await self._compact()
 
-    def _pages(self, records: list[OpenTaskRecord], ended: tuple[str, ...]) -> list[OpenTaskPage]:
-        """``records`` and ``ended`` as pages the server takes, halving until they fit."""
+    def _pages(
+        self, records: list[OpenTaskRecord], ended: tuple[str, ...]
+    ) -> list[tuple[OpenTaskPage, bytes]]:
+        """``records`` and ``ended`` as encoded pages the server takes, halving until they
+        fit."""
         page = OpenTaskPage(records=tuple(records), ended=ended)
-        if len(records) < 2 or len(encode(page)) <= self.pages.max_page_bytes // 2:
-            return [page]
+        data = encode(page)
+        if len(records) < 2 or len(data) <= self.pages.max_page_bytes // 2:
+            return [(page, data)]
         half = len(records) // 2
         return self._pages(records[:half], ended) + self._pages(records[half:], ())
 

@@ -114,3 +114,31 @@ async def test_a_task_that_ends_while_its_page_is_written_is_not_restored(
     await journal.flush()
     restored = await (await journal_of(nc, subjects)).load()
     assert [r.task_id for r in restored] == ["s:2:x"]
+
+
+async def test_a_write_too_big_for_one_message_is_split_into_pages(
+    subjects: Subjects, connect_bus: Connect
+) -> None:
+    """Under a small payload limit the tasks of one write spread over several pages, and
+    all of them come back."""
+
+    class SmallPages(PageLog):
+        @property
+        def max_page_bytes(self) -> int:
+            return 4_000
+
+    nc = await connect_bus("test")
+    pages = SmallPages(
+        nc,
+        stream=subjects.journal_stream,
+        stream_subjects=subjects.all_journals(),
+        subject=subjects.journal("main"),
+    )
+    await pages.ensure()
+    journal = TaskJournal(pages)
+    for i in range(60):
+        journal.changed(task(i))
+    await journal.flush()
+    assert journal.pages_written > 1 and journal.writes == 60
+    restored = await (await journal_of(nc, subjects)).load()
+    assert len(restored) == 60
