@@ -2,7 +2,8 @@
 
 It owns the consumer, micro-batching, decoding, deadlines, acks, results, errors, logs and
 counters, so that an agent is only a type and a batch function. Inference runs in a
-dedicated thread, so the event loop keeps acking and answering discovery while a batch runs.
+dedicated thread, so the event loop keeps acking and answering discovery while a batch
+runs; a call expected to be shorter than the hop to that thread runs on the loop.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ class AgentSettings:
     max_batch: int = 64  # most subtasks in one model call
     max_wait_ms: float = 0.0  # longest wait for a batch to fill once one subtask is in
     idle_timeout_s: float = 1.0  # one pull request's life when nothing is waiting
+    # A model call expected to take less than this runs on the event loop: a hop to the
+    # inference thread and back costs more. Longer ones run in the thread, so that acks
+    # and discovery replies keep flowing meanwhile.
+    inline_s: float = 0.0005
     nak_delays_s: tuple[float, ...] = (
         0.2,
         1.0,
@@ -97,6 +102,7 @@ class AgentRuntime:
         self.inference_ms = 0.0
         self.inference_seconds = Histogram()  # one observation per model call
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{agent.type}")
+        self._row_seconds: float | None = None  # running mean of inference time per row
         self._puller: BatchPuller | None = None
         self._life = Lifecycle()
         self._reaper: ExhaustedReaper | None = None
@@ -326,12 +332,22 @@ class AgentRuntime:
                 outputs.append(parts[0] if len(parts) == 1 else np.concatenate(parts))
             return outputs, calls
 
-        outputs, calls = await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        rows = sum(map(len, served))
+        if self._row_seconds is not None and rows * self._row_seconds <= self.settings.inline_s:
+            outputs, calls = run()  # shorter than a hop to the inference thread and back
+        else:
+            outputs, calls = await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        seconds = sum(s for _, s in calls)
+        self._row_seconds = (
+            seconds / rows
+            if self._row_seconds is None
+            else (0.8 * self._row_seconds + 0.2 * seconds / rows)
+        )
         for rows, seconds in calls:
             self.inference_seconds.observe(seconds)
             self.batch_sizes[rows] += 1
         self.counts["batches"] += len(calls)
-        infer_ms = sum(seconds for _, seconds in calls) * 1e3
+        infer_ms = seconds * 1e3
         self.inference_ms += infer_ms
         return outputs, infer_ms
 

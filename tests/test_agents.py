@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -291,3 +292,43 @@ async def test_keras_model_served_under_another_type_matches_litert(
         np.stack([by_task[s.task_id] for s in subtasks]), expected, atol=1e-4
     )
     assert {r.type for r in results.items} == {"accel-tf"}
+
+
+class ThreadNotingAgent(ConstantAgent):
+    """Notes the thread each model call runs in, and takes ``seconds`` per call."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(type="accel")
+        self.seconds = seconds
+        self.threads: list[str] = []
+
+    def predict(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Sleep, note the thread, answer constant scores."""
+        time.sleep(self.seconds)
+        self.threads.append(threading.current_thread().name)
+        return super().predict(batch)
+
+
+@pytest.mark.parametrize(("seconds", "inline_after_first"), [(0.0, True), (0.005, False)])
+async def test_short_model_calls_run_on_the_loop_and_long_ones_in_the_thread(
+    subjects: Subjects,
+    connect_bus: Connect,
+    basicmotions: SensorDataset,
+    seconds: float,
+    inline_after_first: bool,
+) -> None:
+    """The first call measures the model in the inference thread; then a call expected to
+    be shorter than the hop there and back runs on the event loop, and a longer one does not."""
+    nc = await connect_bus("test")
+    results = await Collector(Result).start(nc, subjects.result("bm"))
+    agent = ThreadNotingAgent(seconds)
+    runtime = await AgentRuntime(agent, await connect_bus("agent"), subjects=subjects).start()
+    try:
+        for i in range(4):  # one at a time, so that each is its own model call
+            await publish_backlog(nc, subjects, subtasks_for(basicmotions, "accel", i + 1)[-1:])
+            await results.wait_for(i + 1)
+    finally:
+        await runtime.stop()
+    assert agent.threads[0].startswith("infer-")
+    on_loop = [name == threading.main_thread().name for name in agent.threads[1:]]
+    assert on_loop == [inline_after_first] * 3
