@@ -87,7 +87,10 @@ def _sequence(inner: tuple[Encoder, Decoder]) -> tuple[Encoder, Decoder]:
             raise SchemaError("bad_field", f"{where}: expected a list, got {type(value).__name__}")
         if scalar is not None and all(type(item) is scalar for item in value):
             return tuple(value)  # the common case, checked without a call per item
-        return tuple(dec_inner(item, f"{where}[{i}]") for i, item in enumerate(value))
+        try:
+            return tuple([dec_inner(item, where) for item in value])
+        except SchemaError:  # again, with each item's own path for the message
+            return tuple(dec_inner(item, f"{where}[{i}]") for i, item in enumerate(value))
 
     return (lambda v: [enc_inner(x) for x in v]), dec
 

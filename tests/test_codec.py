@@ -251,6 +251,14 @@ def test_a_batch_selects_and_concatenates_rows() -> None:
     assert results.task_ids == ("s1:7:ab-1",) and results.outputs.shape == (1, 2)
 
 
+def test_a_bad_item_deep_in_a_batch_is_named_by_its_path() -> None:
+    """Nested lists are checked without building a path per item, yet an error names it."""
+    body = msgpack.unpackb(encode(sample_of(SubtaskBatch)))
+    body["expected"][1] = ["accel", 3]
+    with pytest.raises(SchemaError, match=r"SubtaskBatch\.expected\[1\]\[1\]: expected str"):
+        decode(msgpack.packb(body), SubtaskBatch)
+
+
 def test_a_batch_has_one_row_per_item_and_is_never_empty() -> None:
     """Columns of another length, mixed shapes and empty batches are refused, whether built
     here or read off the wire."""
