@@ -286,15 +286,11 @@ class AgentRuntime:
     ) -> list[ResultBatch]:
         """The answers to ``batch``, one result batch per stream."""
         a = self.agent
-        streams = batch.streams
-        groups = (
-            [(streams[0], None)]
-            if streams.count(streams[0]) == len(streams)
-            else [(s, np.array([x == s for x in streams])) for s in dict.fromkeys(streams)]
-        )
+        streams = np.array(batch.streams)
         out = []
-        for stream, rows in groups:
-            part = batch if rows is None else batch.select(rows)
+        for stream in dict.fromkeys(batch.streams):
+            rows = np.flatnonzero(streams == stream)
+            part = batch if len(rows) == len(batch) else batch.select(rows)
             out.append(
                 ResultBatch(
                     stream=stream,
@@ -305,7 +301,7 @@ class AgentRuntime:
                     weight=a.weight,
                     latency_ms=latency_ms,
                     task_ids=part.task_ids,
-                    outputs=np.asarray(outputs if rows is None else outputs[rows], np.float32),
+                    outputs=np.asarray(outputs[rows], np.float32),
                     windows=part.windows,
                     expected=part.expected,
                     ingest_ns=part.ingest_ns,

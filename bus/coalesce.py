@@ -34,9 +34,6 @@ class Coalescer(Generic[K, V]):
         self._items: dict[K, list[V]] = {}
         self._scheduled: asyncio.Task[None] | None = None
 
-    def __len__(self) -> int:
-        return sum(len(items) for items in self._items.values())
-
     async def add(self, key: K, item: V) -> None:
         """Gather ``item`` under ``key``; it is sent on the loop's next turn at the latest."""
         items = self._items.setdefault(key, [])

@@ -7,6 +7,8 @@ on the server is a couple of operations per write rather than one or two per rec
 
 from __future__ import annotations
 
+import dataclasses
+
 from nats.aio.client import Client
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
@@ -45,9 +47,10 @@ class PageLog:
         return int(self._nc.max_payload)
 
     async def ensure(self) -> None:
-        """Create the stream if needed."""
+        """Create the stream if needed; a stream made for other subjects (an earlier layout
+        of the journal) is switched to ``stream_subjects``."""
         try:
-            await self._js.stream_info(self.stream)
+            info = await self._js.stream_info(self.stream)
         except NotFoundError:
             await self._js.add_stream(
                 StreamConfig(
@@ -57,6 +60,11 @@ class PageLog:
                     storage=self.storage,
                     discard=DiscardPolicy.OLD,
                 )
+            )
+            return
+        if info.config.subjects != [self.stream_subjects]:
+            await self._js.update_stream(
+                dataclasses.replace(info.config, subjects=[self.stream_subjects])
             )
 
     async def append(self, page: bytes) -> int:

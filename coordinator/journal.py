@@ -118,9 +118,8 @@ class TaskJournal:
         self._live[page] -= 1
 
     async def _compact(self) -> None:
-        spent = [page for page, live in self._live.items() if live <= 0]
-        if not spent:
-            return
+        if all(live > 0 for live in self._live.values()):
+            return  # nothing spent
         oldest_live = min((page for page, live in self._live.items() if live > 0), default=None)
         newest = max(self._live)
         front = oldest_live if oldest_live is not None else newest + 1

@@ -107,7 +107,6 @@ class _Plan:
         self._plain = tuple(name for name, enc, _, _ in fields if enc is _identity)
         self._converted = tuple((name, enc) for name, enc, _, _ in fields if enc is not _identity)
         self._paths = {name: f"{self.name}.{name}" for name, _, _, _ in fields}
-        self.by_name = {f[0]: f for f in fields}
 
     def to_map(self, obj: Any) -> dict[str, Any]:
         out = {name: getattr(obj, name) for name in self._plain}
@@ -208,18 +207,6 @@ class Codec:
         """
         return self._decode(data, expected)  # type: ignore[no-any-return]
 
-    def peek(self, data: bytes, expected: type, fields: tuple[str, ...]) -> tuple[Any, ...]:
-        """Read only ``fields`` of a message of class ``expected``, checking kind, version and
-        those fields' types, without building the message (a reader that needs two strings of
-        a message with an array saves most of the work).
-
-        Raises:
-            SchemaError: as :meth:`decode` would for the envelope or these fields.
-        """
-        body = self._envelope(data, expected)
-        plan = self._plans[expected]
-        return self._peek_fields(body, [plan.by_name[name] for name in fields], plan.name)
-
     def decode_each(self, data: bytes, item: type[M]) -> list[M]:
         """Decode a message of class ``item``, or a batch of them (see
         :data:`~schemas.messages.BATCH_OF`), into a list of ``item``.
@@ -231,18 +218,6 @@ class Codec:
         if type(message) is item:
             return [message]
         return message.items()  # type: ignore[no-any-return]
-
-    @staticmethod
-    def _peek_fields(
-        body: dict[str, Any], specs: list[tuple[str, Encoder, Decoder, Any]], where: str
-    ) -> tuple[Any, ...]:
-        out = []
-        for name, _, dec, _ in specs:
-            value = body.get(name, _MISSING)
-            if value is _MISSING:
-                raise SchemaError("missing_field", f"{where}.{name} is required")
-            out.append(dec(value, f"{where}.{name}"))
-        return tuple(out)
 
     def decode_any(self, data: bytes) -> object:
         """Decode bytes into whichever registered message they hold.

@@ -146,8 +146,8 @@ class SubtaskBatch:
         _check_rows(
             "SubtaskBatch",
             n,
-            streams=len(self.streams),
-            expected=len(self.expected),
+            streams=len(self.streams) == n,
+            expected=len(self.expected) == n,
             windows=self.windows.shape == (n, 2),
             deadline_ns=self.deadline_ns.shape == (n,),
             ingest_ns=self.ingest_ns.shape == (n,),
@@ -216,7 +216,7 @@ class SubtaskBatch:
 
     def select(self, rows: np.ndarray) -> SubtaskBatch:
         """The subtasks at ``rows`` (indexes, or a boolean mask), as a batch."""
-        index = np.flatnonzero(rows) if rows.dtype == np.bool_ else rows
+        index = _row_index(rows)
         return SubtaskBatch(
             type=self.type,
             task_ids=tuple(self.task_ids[i] for i in index),
@@ -256,7 +256,7 @@ class ResultBatch:
         _check_rows(
             "ResultBatch",
             n,
-            expected=len(self.expected),
+            expected=len(self.expected) == n,
             outputs=self.outputs.ndim == 2 and self.outputs.shape[0] == n,
             windows=self.windows.shape == (n, 2),
             ingest_ns=self.ingest_ns.shape == (n,),
@@ -287,7 +287,7 @@ class ResultBatch:
 
     def select(self, rows: np.ndarray) -> ResultBatch:
         """The results at ``rows`` (indexes, or a boolean mask), as a batch."""
-        index = np.flatnonzero(rows) if rows.dtype == np.bool_ else rows
+        index = _row_index(rows)
         return ResultBatch(
             stream=self.stream,
             type=self.type,
@@ -304,12 +304,18 @@ class ResultBatch:
         )
 
 
-def _check_rows(where: str, n: int, **columns: int | bool) -> None:
-    """Every column of a batch has one row per item (``True``, or a count equal to ``n``)."""
+def _row_index(rows: np.ndarray) -> np.ndarray:
+    """Row indexes from indexes or a boolean mask."""
+    return np.flatnonzero(rows) if rows.dtype == np.bool_ else rows
+
+
+def _check_rows(where: str, n: int, **columns: bool) -> None:
+    """A batch has items, and every column one row per item (each ``columns`` value says
+    whether that column does)."""
     if n < 1:
         raise SchemaError("bad_field", f"{where} is empty")
     for name, fits in columns.items():
-        if fits is not True and fits != n:
+        if not fits:
             raise SchemaError("bad_field", f"{where}.{name} does not have one row per item ({n})")
 
 

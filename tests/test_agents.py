@@ -8,6 +8,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -332,3 +333,30 @@ async def test_short_model_calls_run_on_the_loop_and_long_ones_in_the_thread(
     assert agent.threads[0].startswith("infer-")
     on_loop = [name == threading.main_thread().name for name in agent.threads[1:]]
     assert on_loop == [inline_after_first] * 3
+
+
+async def test_a_batch_spanning_streams_is_answered_on_each_streams_subject(
+    subjects: Subjects, connect_bus: Connect, basicmotions: SensorDataset
+) -> None:
+    """Subtasks of one type from two streams travel in one batch; each stream gets its own
+    results, with the right rows."""
+    from bus import ensure_streams
+
+    nc = await connect_bus("test")
+    await ensure_streams(nc.jetstream(), subjects, TopologySettings())
+    first = await Collector(Result).start(nc, subjects.result("bm"))
+    second = await Collector(Result).start(nc, subjects.result("other"))
+    subtasks = subtasks_for(basicmotions, "accel", 6)
+    mixed = [s if i % 3 else replace(s, stream="other") for i, s in enumerate(subtasks)]
+    await Producer(nc, subjects).subtasks_unconfirmed("accel", mixed)  # one subtask_batch
+    runtime = await AgentRuntime(
+        ConstantAgent(type="accel"), await connect_bus("agent"), subjects=subjects
+    ).start()
+    try:
+        await first.wait_for(4)
+        await second.wait_for(2)
+    finally:
+        await runtime.stop()
+    assert sorted(r.task_id for r in first.items) == ["task-1", "task-2", "task-4", "task-5"]
+    assert sorted(r.task_id for r in second.items) == ["task-0", "task-3"]
+    assert all(r.window == Window(int(r.task_id[5:]), int(r.task_id[5:]) + 1) for r in first.items)

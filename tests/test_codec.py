@@ -367,16 +367,3 @@ def test_unsupported_dtype_cannot_be_encoded() -> None:
     """Encoding an array of a dtype other languages cannot read fails early and clearly."""
     with pytest.raises(SchemaError, match="cannot travel"):
         encode_array(np.array([1 + 2j]))
-
-
-def test_peek_reads_named_fields_and_checks_them() -> None:
-    """peek returns the named fields of the right kind, and refuses what decode would."""
-    result = sample_of(Result)
-    assert CODEC.peek(encode(result), Result, ("task_id", "type")) == ("s1:7:ab", "accel")
-    with pytest.raises(SchemaError) as caught:
-        CODEC.peek(encode(sample_of(TaskStatus)), Result, ("task_id",))
-    assert caught.value.reason == "wrong_kind"
-    body = msgpack.unpackb(encode(result))
-    body["type"] = 7
-    with pytest.raises(SchemaError, match=r"Result\.type: expected str"):
-        CODEC.peek(msgpack.packb(body), Result, ("task_id", "type"))

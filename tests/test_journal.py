@@ -142,3 +142,20 @@ async def test_a_write_too_big_for_one_message_is_split_into_pages(
     assert journal.pages_written > 1 and journal.writes == 60
     restored = await (await journal_of(nc, subjects)).load()
     assert len(restored) == 60
+
+
+async def test_a_journal_stream_of_an_earlier_layout_is_switched_to_pages(
+    subjects: Subjects, connect_bus: Connect
+) -> None:
+    """A stream made when the journal kept one subject per task takes pages after ensure."""
+    from nats.js.api import StreamConfig
+
+    nc = await connect_bus("test")
+    js = nc.jetstream()
+    await js.add_stream(
+        StreamConfig(name=subjects.journal_stream, subjects=[f"{subjects.journal('main')}.*"])
+    )
+    journal = await journal_of(nc, subjects)
+    journal.changed(task(1))
+    await journal.flush()
+    assert [r.task_id for r in await (await journal_of(nc, subjects)).load()] == ["s:1:x"]
