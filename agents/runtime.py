@@ -24,8 +24,10 @@ import structlog
 from agents.base import Agent
 from bus import (
     BatchPuller,
+    Delivery,
     ExhaustedReaper,
     Histogram,
+    Inbound,
     Lifecycle,
     Producer,
     Subjects,
@@ -66,6 +68,12 @@ class AgentSettings:
             raise ConfigError(f"idle_timeout_s must be > 0, got {self.idle_timeout_s}")
 
 
+def decode_subtasks(data: bytes) -> SubtaskBatch:
+    """A ``subtask`` (as a batch of one) or a ``subtask_batch``; raises :class:`SchemaError`."""
+    message = CODEC.decode_one_of(data, (Subtask, SubtaskBatch))
+    return SubtaskBatch.of([message]) if isinstance(message, Subtask) else message
+
+
 def new_agent_id(type_name: str) -> str:
     """A replica id that says where it runs: ``<type>-<host>-<pid>-<random>``."""
     host = "".join(c if c.isalnum() else "-" for c in socket.gethostname())[:24]
@@ -97,6 +105,13 @@ class AgentRuntime:
         self.agent_id = agent_id or new_agent_id(agent.type)
         self.component = f"agent-{agent.type}"
         self.producer = Producer(nc, subjects)
+        self.inbound = Inbound(
+            component=self.component,
+            producer=self.producer,
+            decode=decode_subtasks,
+            max_deliver=self.topology.task_max_deliver,
+            nak_delays_s=self.settings.nak_delays_s,
+        )
         self.counts: Counter[str] = Counter()
         self.batch_sizes: Counter[int] = Counter()
         self.inference_ms = 0.0
@@ -111,7 +126,8 @@ class AgentRuntime:
         return (
             f"AgentRuntime({self.agent_id}, processed={self.counts['processed']} "
             f"errors={self.counts['errors']} expired={self.counts['expired']} "
-            f"dead_letters={self.counts['dead_letters']} batches={self.counts['batches']})"
+            f"dead_letters={self.inbound.counts['dead_letters']} "
+            f"batches={self.counts['batches']})"
         )
 
     @property
@@ -135,8 +151,9 @@ class AgentRuntime:
             "processed": self.counts["processed"],
             "errors": self.counts["errors"],
             "expired": self.counts["expired"],
-            "dead_letters": self.counts["dead_letters"]
+            "dead_letters": self.inbound.counts["dead_letters"]
             + (self._reaper.reaped if self._reaper else 0),
+            "naks": self.inbound.counts["naks"],
             "batches": batches,
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "inference_ms_total": round(self.inference_ms, 3),
@@ -188,6 +205,7 @@ class AgentRuntime:
     async def stop(self) -> None:
         """Stop pulling; a batch in hand is finished and acked first."""
         await self._life.close()
+        await self.producer.close()
         self._executor.shutdown(wait=True)
         log.info("agent.stopped", agent_id=self.agent_id, **self.stats())
 
@@ -212,24 +230,25 @@ class AgentRuntime:
     async def _handle_batch(self, msgs: list[Message]) -> None:
         pulled = time.perf_counter()
         now_ns = time.time_ns()
-        work: list[tuple[Message, SubtaskBatch]] = []
-        for msg in msgs:
-            batch = await self._readable(msg, now_ns)
-            if batch is not None:
-                work.append((msg, batch))
-        if not work:
-            return
+        work: list[tuple[Delivery, SubtaskBatch]] = []
+        for delivery, batch in await self.inbound.take(msgs):
+            readable = await self._readable(delivery, batch, now_ns)
+            if readable is not None:
+                work.append((delivery, readable))
+        if work:
+            deliveries = [delivery for delivery, _ in work]
+            if not await self.inbound.run(deliveries, self._serve(work, pulled)):
+                self.counts["errors"] += 1
+
+    async def _serve(self, work: list[tuple[Delivery, SubtaskBatch]], pulled: float) -> None:
+        """Run the model over the subtasks of ``work``, publish the results, then ack."""
         # Inputs of one shape are served in one go; an odd shape out gets its own model calls.
         by_shape: dict[tuple[tuple[str, tuple[int, ...]], ...], list[SubtaskBatch]] = {}
         for _, batch in work:
             shape = tuple((k, v.shape[1:]) for k, v in batch.inputs.items())
             by_shape.setdefault(shape, []).append(batch)
         served = [SubtaskBatch.concat(group) for group in by_shape.values()]
-        try:
-            outputs, infer_ms = await self._predict(served)
-        except Exception as exc:
-            await self._model_failed([msg for msg, _ in work], sum(map(len, served)), exc)
-            return
+        outputs, infer_ms = await self._predict(served)
         latency_ms = (time.perf_counter() - pulled) * 1e3
         await self.producer.results(
             [
@@ -238,8 +257,8 @@ class AgentRuntime:
                 for result in self._results(batch, output, latency_ms)
             ]
         )
-        for msg, _ in work:
-            await msg.ack()
+        for delivery, _ in work:
+            await delivery.ack()
         size = sum(map(len, served))
         self.counts["processed"] += size
         log.debug(
@@ -252,34 +271,29 @@ class AgentRuntime:
             outcome="ok",
         )
 
-    async def _readable(self, msg: Message, now_ns: int) -> SubtaskBatch | None:
-        """The subtasks of ``msg`` worth answering, as a batch (a message holds one subtask,
-        or a batch of them).
+    async def _readable(
+        self, delivery: Delivery, batch: SubtaskBatch, now_ns: int
+    ) -> SubtaskBatch | None:
+        """The subtasks of ``batch`` worth answering.
 
-        A message that cannot be read, or is not for this agent, is dead-lettered and
-        terminated (``None``). Subtasks past their deadline are counted and dropped; a
-        message with nothing else is acked (``None``).
+        A batch that is not for this agent is dead-lettered (``None``). Subtasks past their
+        deadline are counted and dropped; a message with nothing else is acked (``None``).
         """
         try:
-            message = CODEC.decode_any(msg.data)
-            if isinstance(message, Subtask):
-                message = SubtaskBatch.of([message])
-            elif not isinstance(message, SubtaskBatch):
-                raise SchemaError("wrong_kind", f"{type(message).__name__} is not a subtask")
-            self._check(message)
+            self._check(batch)
         except SchemaError as exc:
-            await self._dead_letter(msg, exc.reason, str(exc))
+            await self.inbound.dead_letter(delivery, exc.reason, str(exc))
             return None
-        live = message.deadline_ns >= now_ns
+        live = batch.deadline_ns >= now_ns
         if live.all():
-            return message
-        expired = len(message) - int(live.sum())
+            return batch
+        expired = len(batch) - int(live.sum())
         self.counts["expired"] += expired
-        log.debug("subtask.expired", type=message.type, count=expired)
-        if expired == len(message):
-            await msg.ack()
+        log.debug("subtask.expired", type=batch.type, count=expired)
+        if expired == len(batch):
+            await delivery.ack()
             return None
-        return message.select(live)
+        return batch.select(live)
 
     def _results(
         self, batch: SubtaskBatch, outputs: np.ndarray, latency_ms: float
@@ -305,6 +319,8 @@ class AgentRuntime:
                     windows=part.windows,
                     expected=part.expected,
                     ingest_ns=part.ingest_ns,
+                    deadline_ns=part.deadline_ns,
+                    tickets=part.tickets,
                 )
             )
         return out
@@ -366,23 +382,3 @@ class AgentRuntime:
                     "bad_input",
                     f"input {spec.sensor!r} has shape {shape}, agent reads {want}",
                 )
-
-    async def _model_failed(self, msgs: list[Message], size: int, exc: Exception) -> None:
-        self.counts["errors"] += 1
-        log.error("batch.failed", type=self.agent.type, size=size, error=str(exc), exc_info=exc)
-        delays = self.settings.nak_delays_s
-        for msg in msgs:
-            attempt = msg.metadata.num_delivered if msg.metadata else 1
-            await msg.nak(delay=delays[min(attempt, len(delays)) - 1] if delays else None)
-
-    async def _dead_letter(self, msg: Message, reason: str, error: str) -> None:
-        self.counts["dead_letters"] += 1
-        await self.producer.dead_letter(
-            component=self.component,
-            subject=msg.subject,
-            data=msg.data,
-            reason=reason,
-            error=error,
-            headers=msg.headers,
-        )
-        await msg.term()

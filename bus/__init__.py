@@ -13,6 +13,8 @@ from bus.discovery import (
     gather,
     register_service,
 )
+from bus.inbound import Delivery, Inbound
+from bus.keys import ticket_key
 from bus.lifecycle import Lifecycle
 from bus.loops import keep_running
 from bus.pagelog import PageLog
@@ -26,6 +28,8 @@ from bus.topology import (
     ensure_reader_consumer,
     ensure_streams,
     ensure_task_consumer,
+    intake_config,
+    resume_consumer,
     stream_configs,
 )
 from bus.types import Connection, Message, Subscription
@@ -36,9 +40,11 @@ __all__ = [
     "BusSettings",
     "Coalescer",
     "Connection",
+    "Delivery",
     "EmbeddedServer",
     "ExhaustedReaper",
     "Histogram",
+    "Inbound",
     "Lifecycle",
     "Message",
     "PageLog",
@@ -60,9 +66,12 @@ __all__ = [
     "follow_stored",
     "free_port",
     "gather",
+    "intake_config",
     "keep_running",
     "max_deliveries_subject",
     "read_stored",
     "register_service",
+    "resume_consumer",
     "stream_configs",
+    "ticket_key",
 ]

@@ -1,9 +1,11 @@
-"""Messages that used up their deliveries: dead-lettered and removed from the work queue.
+"""Messages that used up their deliveries: dead-lettered (and removed from a work queue).
 
 JetStream stops redelivering a message after ``max_deliver`` attempts and publishes an
-advisory, but on a work-queue stream the message stays stored. :class:`ExhaustedReaper`
-listens for that advisory (one replica per type handles each, through a queue group),
-copies the message into a :class:`~schemas.DeadLetter` and deletes it from the stream.
+advisory. A reader that fails on a message dead-letters it itself on the last attempt; the
+advisory covers the case where the reader died on every attempt. :class:`ExhaustedReaper`
+listens for it (one replica handles each, through a queue group) and copies the message
+into a :class:`~schemas.DeadLetter`; on a work-queue stream, where the message would stay
+stored, it also deletes it.
 """
 
 from __future__ import annotations
@@ -30,11 +32,20 @@ def max_deliveries_subject(stream: str, consumer: str) -> str:
 class ExhaustedReaper:
     """Turns max-deliveries advisories of one consumer into dead letters."""
 
-    def __init__(self, producer: Producer, *, stream: str, consumer: str, component: str) -> None:
+    def __init__(
+        self,
+        producer: Producer,
+        *,
+        stream: str,
+        consumer: str,
+        component: str,
+        delete: bool = True,
+    ) -> None:
         self.producer = producer
         self.stream = stream
         self.consumer = consumer
         self.component = component
+        self.delete = delete  # the stream is a work queue: remove the message too
         self.reaped = 0
         self._sub: Subscription | None = None
 
@@ -72,14 +83,22 @@ class ExhaustedReaper:
             stored = await js.get_msg(self.stream, seq)
         except NotFoundError:
             return  # another replica was quicker, or it was acked at the last moment
-        await self.producer.dead_letter(
-            component=self.component,
-            subject=stored.subject or "",
-            data=stored.data or b"",
-            reason="max_deliveries",
-            error=f"not acked after {deliveries} deliveries",
-            headers=dict(stored.headers or {}),
-        )
-        with contextlib.suppress(NotFoundError):
-            await js.delete_msg(self.stream, seq)
+        except Exception as exc:  # the server is busy or gone: the message stays stored
+            log.warning("reaper.get_failed", stream=self.stream, seq=seq, error=str(exc))
+            return
+        try:
+            await self.producer.dead_letter(
+                component=self.component,
+                subject=stored.subject or "",
+                data=stored.data or b"",
+                reason="max_deliveries",
+                error=f"not acked after {deliveries} deliveries",
+                headers=dict(stored.headers or {}),
+            )
+        except Exception as exc:
+            log.error("reaper.dead_letter_failed", stream=self.stream, seq=seq, error=str(exc))
+            return
+        if self.delete:
+            with contextlib.suppress(Exception):  # gone already, or the server is busy
+                await js.delete_msg(self.stream, seq)
         self.reaped += 1

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,13 +28,39 @@ from schemas import (
     Subtask,
     SubtaskBatch,
     TaskStatus,
+    TooLargeError,
     encode,
 )
 
 log = structlog.get_logger("fusebus.bus")
 
 MSG_ID = "Nats-Msg-Id"
-_ROW_OVERHEAD_BYTES = 256  # a generous bound on a batch row's fields besides its arrays
+#: Header naming where a producer waits for the coordinator's answer to a frame stored in
+#: JetStream (a stored message's own reply subject is the server's ack).
+REPLY_TO = "Fusebus-Reply-To"
+_ROW_OVERHEAD_BYTES = 512  # a generous bound on a batch row's fields besides its arrays
+
+#: A dead letter keeps this much of the original message (its size and hash say the rest).
+DEAD_LETTER_KEEP_BYTES = 4096
+_DEAD_LETTER_TEXT_CHARS = 1024  # error text, subject, and each header key and value
+_DEAD_LETTER_HEADERS = 16
+
+#: Server answers to a publish that are worth another try: no stream answered (no
+#: responders, e.g. while a leader is elected), the service is unavailable, or a timeout.
+_RETRIABLE_CODES = frozenset({408, 500, 503})
+
+
+@dataclass(slots=True)
+class _Unacked:
+    """An acked publish whose answer has not come back: resent until stored or given up."""
+
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+    then: Callable[[bool, bool], Awaitable[None]] | None
+    give_up_at: float  # monotonic
+    due_at: float  # monotonic: resend if still unanswered then
+    attempts: int = 1
 
 
 class Producer:
@@ -45,19 +75,80 @@ class Producer:
     or a redelivery) is dropped by the server.
     """
 
-    def __init__(self, nc: Client, subjects: Subjects, *, publish_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        subjects: Subjects,
+        *,
+        publish_timeout_s: float = 5.0,
+        ack_timeout_s: float = 1.0,
+        retry_delays_s: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0),
+        give_up_s: float = 30.0,
+    ) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream(timeout=publish_timeout_s)
         self.subjects = subjects
+        self.ack_timeout_s = ack_timeout_s
+        self.retry_delays_s = retry_delays_s
+        self.give_up_s = give_up_s  # for publishes without a deadline of their own
         self.dead_letters = 0
-        self.unconfirmed = 0  # acked publishes whose ack has not come back yet
-        self.refused = 0  # acked publishes the server answered with an error
+        self.refused = 0  # acked publishes the server never stored (retries included)
+        self.retries = 0  # acked publishes sent again with the same message id
         self._ack_prefix: str | None = None
         self._ack_serial = 0
-        self._awaiting: dict[str, Callable[[bool, bool], Awaitable[None]] | None] = {}
+        self._awaiting: dict[int, _Unacked] = {}  # by serial, oldest first
+        self._retrier: asyncio.Task[None] | None = None
+        self._answered = asyncio.Event()
 
     def __repr__(self) -> str:
-        return f"Producer({self.subjects.prefix!r}, dead_letters={self.dead_letters})"
+        return (
+            f"Producer({self.subjects.prefix!r}, dead_letters={self.dead_letters} "
+            f"unconfirmed={self.unconfirmed} retries={self.retries} refused={self.refused})"
+        )
+
+    @property
+    def unconfirmed(self) -> int:
+        """Acked publishes whose answer has not come back yet."""
+        return len(self._awaiting)
+
+    @property
+    def last_serial(self) -> int:
+        """The serial of the latest acked publish (see :meth:`confirmed`)."""
+        return self._ack_serial
+
+    def confirmed(self, serial: int) -> bool:
+        """Whether every acked publish up to ``serial`` has been answered (stored, or given
+        up on after its retries)."""
+        oldest = next(iter(self._awaiting), None)
+        return oldest is None or oldest > serial
+
+    async def wait_confirmed(self, serial: int, *, timeout_s: float) -> bool:
+        """Wait until :meth:`confirmed` holds for ``serial``, at most ``timeout_s``."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not self.confirmed(serial):
+                    self._answered.clear()
+                    await self._answered.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Stop resending; publishes still unanswered are left to their owners' deadlines."""
+        if self._retrier is not None:
+            self._retrier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retrier
+            self._retrier = None
+
+    def _fits(self, data: bytes, what: str) -> bytes:
+        """``data`` if the server takes a message that big; raises :class:`TooLargeError`."""
+        if len(data) > self.nc.max_payload:
+            raise TooLargeError(
+                f"{what} of {len(data)} bytes exceeds the server's maximum payload "
+                f"({self.nc.max_payload} bytes)"
+            )
+        return data
 
     async def frame(self, frame: SensorFrame, *, wait_s: float | None = None) -> bytes | None:
         """Publish a pre-aligned frame.
@@ -67,15 +158,26 @@ class Producer:
         when the stream is full answers only when there is room, so the producer waits.
         """
         subject = self.subjects.frame(frame.stream)
+        data = self._fits(encode(frame), "frame")
         if wait_s is None:
-            await self.nc.publish(subject, encode(frame))
+            await self.nc.publish(subject, data)
             return None
-        reply = await self.nc.request(subject, encode(frame), timeout=wait_s)
+        # The frame is stored by JetStream (whose ack would be the reply to a request), so
+        # the coordinator's answer comes to an inbox named in a header.
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox, max_msgs=1)
+        try:
+            await self.nc.publish(subject, data, headers={REPLY_TO: inbox})
+            reply = await sub.next_msg(timeout=wait_s)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
         return bytes(reply.data)
 
     async def chunk(self, chunk: SensorChunk) -> None:
         """Publish one sensor's chunk of samples."""
-        await self.nc.publish(self.subjects.sensor(chunk.stream, chunk.sensor), encode(chunk))
+        data = self._fits(encode(chunk), "sensor chunk")
+        await self.nc.publish(self.subjects.sensor(chunk.stream, chunk.sensor), data)
 
     async def subtasks(self, subtasks: list[Subtask]) -> None:
         """Publish subtasks to the work queue, deduplicated by ``<task_id>:<type>``."""
@@ -97,8 +199,10 @@ class Producer:
 
         This is the hot path of the coordinator: one publish per batch, against a future, a
         semaphore and a timer per subtask with nats-py's ``publish_async``. A message the
-        server did not store shows as ``refused``; its tasks still end at their deadlines.
-        The ``Nats-Msg-Id`` is ``<first task id>:<type>`` (``+<n>`` for a batch of n).
+        server does not acknowledge is sent again with the same ``Nats-Msg-Id`` until the
+        earliest deadline among its subtasks; one never stored shows as ``refused``, and its
+        tasks still end at their deadlines. The ``Nats-Msg-Id`` is ``<first task id>:<type>``
+        (``+<n>`` for a batch of n).
         """
         by_shape: dict[tuple[tuple[str, tuple[int, ...]], ...], list[Subtask]] = {}
         for s in subtasks:
@@ -113,7 +217,13 @@ class Producer:
                 else:
                     data = encode(SubtaskBatch.of(part))
                     msg_id = f"{first.task_id}:{type_name}+{len(part)}"
-                await self._publish_acked(self.subjects.task(type_name), data, {MSG_ID: msg_id})
+                deadline_ns = min(s.deadline_ns for s in part)
+                await self._publish_acked(
+                    self.subjects.task(type_name),
+                    self._fits(data, "subtask batch"),
+                    {MSG_ID: msg_id},
+                    give_up_s=(deadline_ns - time.time_ns()) / 1e9,
+                )
 
     def _row_runs(self, count: int, row_bytes: int) -> list[slice]:
         """``count`` rows in runs that fit in half the server's payload limit."""
@@ -126,31 +236,88 @@ class Producer:
         data: bytes,
         headers: dict[str, str],
         then: Callable[[bool, bool], Awaitable[None]] | None = None,
+        *,
+        give_up_s: float | None = None,
     ) -> None:
         """Publish to a JetStream subject with the server's ack coming back to one inbox of
-        this producer, where it is counted (:attr:`unconfirmed`, :attr:`refused`) and
-        ``then(stored, repeat)`` runs, if given."""
+        this producer, where it is counted and ``then(stored, repeat)`` runs, if given.
+
+        A publish that is refused for a reason that may pass (no stream answered, the
+        service unavailable) or not answered within ``ack_timeout_s`` is sent again with the
+        same headers (so the same ``Nats-Msg-Id``, which the server deduplicates), with a
+        backoff, for at most ``give_up_s`` (default :attr:`give_up_s`).
+        """
         if self._ack_prefix is None:
             self._ack_prefix = self.nc.new_inbox()
             await self.nc.subscribe(f"{self._ack_prefix}.*", cb=self._on_ack)
+            self._retrier = asyncio.get_running_loop().create_task(self._resend_loop())
         self._ack_serial += 1
-        token = str(self._ack_serial)
-        self._awaiting[token] = then
-        self.unconfirmed += 1
-        await self.nc.publish(subject, data, reply=f"{self._ack_prefix}.{token}", headers=headers)
+        now = time.monotonic()
+        budget_s = self.give_up_s if give_up_s is None else max(0.0, give_up_s)
+        self._awaiting[self._ack_serial] = _Unacked(
+            subject, data, headers, then, now + budget_s, now + self.ack_timeout_s
+        )
+        await self.nc.publish(
+            subject, data, reply=f"{self._ack_prefix}.{self._ack_serial}", headers=headers
+        )
 
     async def _on_ack(self, msg: Msg) -> None:
-        token = msg.subject.rsplit(".", 1)[1]
-        if token not in self._awaiting:
+        try:
+            serial = int(msg.subject.rsplit(".", 1)[1])
+        except ValueError:
             return
-        then = self._awaiting.pop(token)
-        self.unconfirmed -= 1
-        stored = bool(msg.data) and b'"error"' not in msg.data
+        pending = self._awaiting.get(serial)
+        if pending is None:
+            return  # answered already (a resent publish may be answered twice)
+        stored, repeat, retriable, text = _pub_ack(msg)
+        if not stored and retriable and time.monotonic() < pending.give_up_at:
+            delays = self.retry_delays_s
+            pending.due_at = time.monotonic() + delays[min(pending.attempts, len(delays)) - 1]
+            return
+        del self._awaiting[serial]
+        self._answered.set()
         if not stored:
             self.refused += 1
-            log.error("publish.refused", reply=msg.data[:200].decode(errors="replace"))
-        if then is not None:
-            await then(stored, b'"duplicate":true' in msg.data.replace(b" ", b""))
+            log.error(
+                "publish.refused", subject=pending.subject, attempts=pending.attempts, reply=text
+            )
+        if pending.then is not None:
+            await pending.then(stored, repeat)
+
+    async def _resend_loop(self) -> None:
+        """Send again what is due; give up on what has run out of time."""
+        while True:
+            await asyncio.sleep(0.05)
+            now = time.monotonic()
+            for serial, pending in list(self._awaiting.items()):
+                if pending.due_at > now:
+                    continue
+                if now >= pending.give_up_at:
+                    del self._awaiting[serial]
+                    self._answered.set()
+                    self.refused += 1
+                    log.error(
+                        "publish.given_up", subject=pending.subject, attempts=pending.attempts
+                    )
+                    if pending.then is not None:
+                        await pending.then(False, False)
+                    continue
+                pending.attempts += 1
+                pending.due_at = now + self.ack_timeout_s
+                self.retries += 1
+                log.warning(
+                    "publish.retry",
+                    subject=pending.subject,
+                    attempt=pending.attempts,
+                    msg_id=pending.headers.get(MSG_ID),
+                )
+                with contextlib.suppress(Exception):  # reconnecting: the next round tries again
+                    await self.nc.publish(
+                        pending.subject,
+                        pending.data,
+                        reply=f"{self._ack_prefix}.{serial}",
+                        headers=pending.headers,
+                    )
 
     async def results(self, batches: list[ResultBatch]) -> None:
         """Publish agents' results and wait until they are stored, on each batch's stream
@@ -166,15 +333,19 @@ class Producer:
                 part = batch.select(np.arange(len(batch))[rows])
                 messages.append((batch.stream, encode(part)))
         await asyncio.gather(
-            *(self.js.publish(self.subjects.result(stream), data) for stream, data in messages)
+            *(
+                self.js.publish(self.subjects.result(stream), self._fits(data, "result"))
+                for stream, data in messages
+            )
         )
 
     async def status(self, status: TaskStatus) -> None:
-        """Publish a task's final status, deduplicated by task id."""
-        await self.js.publish(
+        """Send a task's final status without waiting, deduplicated by task id and sent again
+        until stored (see :meth:`_publish_acked`)."""
+        await self._publish_acked(
             self.subjects.status(status.stream),
-            encode(status),
-            headers={MSG_ID: f"status:{status.task_id}"},
+            self._fits(encode(status), "task status"),
+            {MSG_ID: f"status:{status.task_id}"},
         )
 
     async def sensor_status(self, status: SensorStatus) -> None:
@@ -190,7 +361,7 @@ class Producer:
         task two decisions, even across a restart)."""
         await self._publish_acked(
             self.subjects.decision(decision.stream),
-            encode(decision),
+            self._fits(encode(decision), "decision"),
             {MSG_ID: f"decision:{decider}:{decision.task_id}"},
             then,
         )
@@ -203,20 +374,55 @@ class Producer:
         data: bytes,
         reason: str,
         error: str,
-        headers: dict[str, Any] | None = None,
+        headers: Mapping[str, Any] | None = None,
     ) -> None:
-        """Keep a message that could not be handled on ``fb.dlq.<component>``, with its reason."""
+        """Keep a message that could not be handled on ``fb.dlq.<component>``, with its reason.
+
+        However big the original, the dead letter fits the server's payload limit: it keeps
+        the first :data:`DEAD_LETTER_KEEP_BYTES` of it with its size and SHA-256, and the
+        error text, subject and headers cut short.
+        """
+        cut = _DEAD_LETTER_TEXT_CHARS
         letter = DeadLetter(
             component=component,
-            subject=subject,
-            reason=reason,
-            error=error,
-            data=bytes(data),
-            headers={str(k): str(v) for k, v in (headers or {}).items()},
+            subject=subject[:cut],
+            reason=reason[:cut],
+            error=error[:cut],
+            data=bytes(data[:DEAD_LETTER_KEEP_BYTES]),
+            headers={
+                str(k)[:cut]: str(v)[:cut]
+                for k, v in list((headers or {}).items())[:_DEAD_LETTER_HEADERS]
+            },
             first_seen_ns=time.time_ns(),
+            size=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
         )
         await self.js.publish(self.subjects.dlq(component), encode(letter))
         self.dead_letters += 1
         log.warning(
-            "deadletter.sent", component=component, subject=subject, reason=reason, error=error
+            "deadletter.sent",
+            component=component,
+            subject=letter.subject[:200],
+            reason=letter.reason,
+            error=letter.error[:200],
+            size=letter.size,
         )
+
+
+def _pub_ack(msg: Msg) -> tuple[bool, bool, bool, str]:
+    """Read a JetStream publish answer: (stored, a repeat it dropped, worth retrying, text)."""
+    status = (msg.headers or {}).get("Status")
+    if not msg.data:
+        # No stream took it (503 no responders): nothing stored yet, may pass.
+        return False, False, True, f"status {status or 'empty'}"
+    try:
+        answer = json.loads(msg.data)
+    except ValueError:
+        return False, False, False, msg.data[:200].decode(errors="replace")
+    if not isinstance(answer, dict):
+        return False, False, False, msg.data[:200].decode(errors="replace")
+    error = answer.get("error")
+    if error is None:
+        return True, bool(answer.get("duplicate")), False, ""
+    code = error.get("code") if isinstance(error, dict) else None
+    return False, False, code in _RETRIABLE_CODES, msg.data[:200].decode(errors="replace")

@@ -1,8 +1,9 @@
 """Every NATS subject, stream and consumer name fusebus uses, built in one place.
 
-No other module assembles a subject by hand. Tokens are checked: a ``.``, ``*``, ``>`` or
-white space inside a stream, sensor, type or component name would silently change which
-messages a subject matches, so it is refused.
+No other module assembles a subject by hand. Tokens are checked: a ``.``, ``*``, ``>``,
+white space or a control character inside a stream, sensor, type or component name would
+silently change which messages a subject matches, so it is refused, and so is a token
+longer than 128 bytes.
 """
 
 from __future__ import annotations
@@ -10,18 +11,15 @@ from __future__ import annotations
 import re
 
 from schemas import SubjectError
+from schemas.limits import check_name
 
-_BAD_TOKEN = re.compile(r"[.*>\s]")
 _NAME_SAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
 def check_token(token: str, what: str = "token") -> str:
-    """Return ``token`` if it can stand as one subject token; raise :class:`SubjectError`."""
-    if not isinstance(token, str) or not token:
-        raise SubjectError(f"{what} must be a non-empty string, got {token!r}")
-    if _BAD_TOKEN.search(token):
-        raise SubjectError(f"{what} {token!r} contains '.', '*', '>' or white space")
-    return token
+    """Return ``token`` if it can stand as one subject token; raise :class:`SubjectError`
+    (the rule is :func:`schemas.limits.check_name`)."""
+    return check_name(token, what)
 
 
 class Subjects:
@@ -40,6 +38,8 @@ class Subjects:
         self.dlq_stream = f"{stem}_DLQ"
         self.sensors_stream = f"{stem}_SENSORS"
         self.journal_stream = f"{stem}_OPEN_TASKS"
+        self.intake_stream = f"{stem}_INTAKE"
+        self.keys_bucket = f"{stem}_KEYS"
 
     def __repr__(self) -> str:
         return f"Subjects(prefix={self.prefix!r})"
@@ -103,6 +103,19 @@ class Subjects:
         """Every sensor chunk of every stream."""
         return f"{self.prefix}.sensor.*.*"
 
+    def recorded(self, subject: str) -> str:
+        """Where a recording keeps a copy of a sensor subject of this prefix (``fb.sensor.s.a``
+        -> ``fb.rec.sensor.s.a``)."""
+        if not subject.startswith(f"{self.prefix}.sensor.") and not subject.startswith(
+            f"{self.prefix}.frame."
+        ):
+            raise SubjectError(f"{subject!r} is not a sensor or frame subject of {self.prefix!r}")
+        return f"{self.prefix}.rec.{subject[len(self.prefix) + 1 :]}"
+
+    def all_recorded(self) -> str:
+        """Every recorded sensor chunk and frame."""
+        return f"{self.prefix}.rec.>"
+
     def all_frames(self) -> str:
         """Every frame of every stream."""
         return f"{self.prefix}.frame.*"
@@ -134,6 +147,10 @@ class Subjects:
 
     #: Durable consumer of the coordinator on the results stream.
     coordinator_consumer = "coordinator"
+
+    def intake_consumer(self, coordinator: str) -> str:
+        """The durable consumer through which a coordinator takes sensor data."""
+        return f"intake-{check_token(coordinator, 'coordinator name')}"
 
     def stream_of(self, subject: str) -> str:
         """The stream token of a per-stream subject (``fb.frame.<stream>`` -> ``<stream>``)."""

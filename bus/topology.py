@@ -5,10 +5,12 @@
 | ``<P>_TASKS`` | ``fb.task.*`` | work queue: a subtask is removed once an agent acks it |
 | ``<P>_RESULTS`` | ``fb.result.*``, ``fb.status.*`` | limits, short max age |
 | ``<P>_DECISIONS`` | ``fb.decision.*`` | limits, so readers can consume durably |
-| ``<P>_DLQ`` | ``fb.dlq.*`` | limits, long max age |
-| ``<P>_SENSORS`` | ``fb.sensor.*.*``, ``fb.frame.*`` | limits; only with ``record_sensors`` |
+| ``<P>_DLQ`` | ``fb.dlq.*`` | limits: max age, size and count |
+| ``<P>_INTAKE`` | ``fb.sensor.*.*``, ``fb.frame.*`` | work queue: sensor data until the coordinator acks it |
+| ``<P>_SENSORS`` | ``fb.rec.>`` | limits; only with ``record_sensors`` |
 
-Every component calls :func:`ensure_streams` when it starts, so start order does not matter.
+Every component calls :func:`ensure_streams` when it starts, so start order does not matter;
+the intake stream is the coordinator's (its only reader), so only the coordinator asks for it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from nats.js.api import (
     StreamConfig,
 )
 from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import Error as JetStreamError
 
 from bus.subjects import Subjects
 from schemas import BusError, ConfigError
@@ -43,10 +46,20 @@ class TopologySettings:
     decisions_max_age_s: float = 7 * 24 * 3600.0
     decisions_max_msgs: int = 1_000_000
     dlq_max_age_s: float = 14 * 24 * 3600.0
+    dlq_max_bytes: int = 256 * 1024 * 1024
+    dlq_max_msgs: int = 1_000_000
     task_ack_wait_s: float = 10.0  # an unacked subtask is redelivered after this
     task_max_deliver: int = 5
     task_max_ack_pending: int = 20_000
     reader_ack_wait_s: float = 30.0  # coordinator's and fusion's consumers on results
+    reader_max_deliver: int = 10  # then the message is dead-lettered
+    # Sensor data waits in the intake stream until the windows it feeds are durably opened;
+    # a chunk can wait a whole window (plus lateness) for its window to close.
+    intake_max_age_s: float = 600.0
+    intake_max_bytes: int = 1024 * 1024 * 1024
+    intake_ack_wait_s: float = 60.0
+    intake_max_deliver: int = 10
+    intake_max_ack_pending: int = 200_000
     manage: bool = True  # create/update streams; off: only wait for them (least-privilege roles)
     wait_for_streams_s: float = 60.0  # without ``manage``, how long to wait for them to appear
     record_sensors: bool = False  # also keep sensor chunks and frames in <P>_SENSORS
@@ -55,11 +68,12 @@ class TopologySettings:
     def __post_init__(self) -> None:
         if self.storage not in ("file", "memory"):
             raise ConfigError(f"storage must be 'file' or 'memory', got {self.storage!r}")
-        for name in ("dedup_window_s", "task_ack_wait_s", "reader_ack_wait_s"):
+        for name in ("dedup_window_s", "task_ack_wait_s", "reader_ack_wait_s", "intake_ack_wait_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")
-        if self.task_max_deliver < 1:
-            raise ConfigError("task_max_deliver must be >= 1")
+        for name in ("task_max_deliver", "reader_max_deliver", "intake_max_deliver"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1")
 
     @property
     def storage_type(self) -> StorageType:
@@ -103,12 +117,15 @@ def stream_configs(subjects: Subjects, settings: TopologySettings) -> list[Strea
             retention=RetentionPolicy.LIMITS,
             storage=storage,
             max_age=settings.dlq_max_age_s,
+            max_bytes=settings.dlq_max_bytes,
+            max_msgs=settings.dlq_max_msgs,
+            discard=DiscardPolicy.OLD,
         ),
         *(
             [
                 StreamConfig(
                     name=subjects.sensors_stream,
-                    subjects=[subjects.all_sensors(), subjects.all_frames()],
+                    subjects=[subjects.all_recorded()],
                     retention=RetentionPolicy.LIMITS,
                     storage=storage,
                     max_age=settings.sensors_max_age_s,
@@ -120,18 +137,34 @@ def stream_configs(subjects: Subjects, settings: TopologySettings) -> list[Strea
     ]
 
 
+def intake_config(subjects: Subjects, settings: TopologySettings) -> StreamConfig:
+    """The intake stream: sensor chunks and frames kept until the coordinator acks them."""
+    return StreamConfig(
+        name=subjects.intake_stream,
+        subjects=[subjects.all_sensors(), subjects.all_frames()],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=settings.storage_type,
+        max_age=settings.intake_max_age_s,
+        max_bytes=settings.intake_max_bytes,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=settings.dedup_window_s,
+    )
+
+
 async def ensure_streams(
-    js: JetStreamContext, subjects: Subjects, settings: TopologySettings
+    js: JetStreamContext, subjects: Subjects, settings: TopologySettings, *, intake: bool = False
 ) -> None:
-    """Create every stream, or bring an existing one to the current configuration.
+    """Create every stream (with ``intake``, the intake stream too), or bring an existing
+    one to the current configuration.
 
     With ``settings.manage`` off (a role allowed only to read stream info), wait for the
     streams to exist instead; raises :class:`BusError` when they do not appear in time.
     """
     if not settings.manage:
-        await _wait_for_streams(js, subjects, settings)
+        await _wait_for_streams(js, subjects, settings, intake=intake)
         return
-    for config in stream_configs(subjects, settings):
+    configs = stream_configs(subjects, settings)
+    for config in [*configs, *([intake_config(subjects, settings)] if intake else [])]:
         assert config.name is not None
         try:
             await js.stream_info(config.name)
@@ -152,13 +185,14 @@ async def ensure_streams(
 
 
 async def _wait_for_streams(
-    js: JetStreamContext, subjects: Subjects, settings: TopologySettings
+    js: JetStreamContext, subjects: Subjects, settings: TopologySettings, *, intake: bool
 ) -> None:
     names = [
         subjects.tasks_stream,
         subjects.results_stream,
         subjects.decisions_stream,
         subjects.dlq_stream,
+        *([subjects.intake_stream] if intake else []),
     ]
     deadline = asyncio.get_running_loop().time() + settings.wait_for_streams_s
     for name in names:
@@ -209,7 +243,56 @@ async def ensure_reader_consumer(
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=settings.reader_ack_wait_s,
+        max_deliver=settings.reader_max_deliver,
         max_ack_pending=50_000,
+        max_waiting=64,
+    )
+    await _add_or_update_consumer(js, stream, config)
+    return name
+
+
+async def resume_consumer(
+    js: JetStreamContext,
+    stream: str,
+    name: str,
+    filter_subjects: list[str],
+    *,
+    ack_wait_s: float,
+    max_deliver: int,
+    max_ack_pending: int,
+    work_queue: bool = False,
+) -> str:
+    """Create a reader's durable consumer afresh, delivering at once what its previous
+    incarnation had not acked.
+
+    A consumer redelivers what a dead reader held only after the ack wait; a reader that
+    restarts wants it now, in order. So the old consumer's ack floor is read, the consumer is
+    deleted and created again from just after that floor (from the start of the stream if
+    there was none). Messages past the floor that had been acked out of order come again
+    too: readers treat a repeat as such. On a ``work_queue`` stream acked messages are gone,
+    so the new consumer starts from the beginning (the server requires it) and only unacked
+    ones come back.
+    """
+    start_seq = 0
+    try:
+        info = await js.consumer_info(stream, name)
+        if not work_queue and info.ack_floor:
+            start_seq = int(info.ack_floor.stream_seq) + 1
+        await js.delete_consumer(stream, name)
+    except NotFoundError:
+        pass
+    except JetStreamError as exc:
+        raise BusError(f"cannot reset consumer {name} on {stream}: {exc}") from exc
+    config = ConsumerConfig(
+        durable_name=name,
+        name=name,
+        filter_subjects=filter_subjects,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start_seq > 1 else DeliverPolicy.ALL,
+        opt_start_seq=start_seq if start_seq > 1 else None,
+        ack_wait=ack_wait_s,
+        max_deliver=max_deliver,
+        max_ack_pending=max_ack_pending,
         max_waiting=64,
     )
     await _add_or_update_consumer(js, stream, config)

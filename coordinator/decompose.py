@@ -8,6 +8,14 @@ import numpy as np
 
 from coordinator.plan import SubtaskSpec
 from schemas import Subtask, Window
+from schemas.tickets import seal
+
+
+def task_id_for(stream: str, window: Window) -> str:
+    """The task id of a stream's window: ``<stream>:<window start ns>``, the same in every
+    coordinator and every run, so a window opened again is recognised (and its subtasks'
+    ``Nats-Msg-Id`` deduplicated by the server)."""
+    return f"{stream}:{window.t_start_ns}"
 
 
 @dataclass(frozen=True)
@@ -22,6 +30,7 @@ class Opening:
     ingest_ns: int
     unavailable: frozenset[str]  # expected types with no input in this window
     subtasks: tuple[Subtask, ...]
+    ticket: bytes  # the seal fusion checks on every result and status of the task
 
 
 def decompose(
@@ -33,14 +42,25 @@ def decompose(
     specs: list[SubtaskSpec],
     deadline_ms: float,
     now_ns: int,
+    key: bytes,
 ) -> Opening:
     """One subtask per spec whose sensors are all present; the others are ``unavailable``.
+    Every subtask carries the task's ticket, sealed with ``key``.
 
     Raises:
         SchemaError: a sensor's data cannot be sliced as the spec says.
     """
     expected = tuple(spec.type for spec in specs)
     deadline_ns = now_ns + int(deadline_ms * 1e6)
+    ticket = seal(
+        key,
+        task_id=task_id,
+        stream=stream,
+        window=(window.t_start_ns, window.t_end_ns),
+        expected=expected,
+        deadline_ns=deadline_ns,
+        ingest_ns=now_ns,
+    )
     subtasks = []
     unavailable = set()
     for spec in specs:
@@ -57,6 +77,7 @@ def decompose(
                 deadline_ns=deadline_ns,
                 expected=expected,
                 ingest_ns=now_ns,
+                ticket=ticket,
             )
         )
     return Opening(
@@ -68,4 +89,5 @@ def decompose(
         ingest_ns=now_ns,
         unavailable=frozenset(unavailable),
         subtasks=tuple(subtasks),
+        ticket=ticket,
     )

@@ -3,26 +3,33 @@
 Owns each stream's :class:`~coordinator.windows.StreamWindower` and the
 :class:`~coordinator.liveness.SensorLiveness` of its sensors; hands every window it cuts to
 the coordinator, and announces sensors that go silent or come back.
+
+It also knows when a delivery is *consumed*: a chunk once every window its samples fall in
+has been cut (until then it waits, unacked, in the intake stream), a late or repeated chunk
+at once. Consumed deliveries go to ``on_consumed``; the coordinator acks them once what they
+opened is durable. Per stream it keeps a *cursor*, the start of the first window not yet
+cut, which the journal stores so that a restarted coordinator never cuts a window twice.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
 from collections.abc import Awaitable, Callable
 
 import structlog
 
-from bus import Producer, Subjects
-from bus.types import Message
+from bus import Delivery, Producer, Subjects
 from coordinator.liveness import Change, SensorLiveness
 from coordinator.plan import Plan, PlanBook
 from coordinator.windows import CutWindow, StreamWindower, shape_from_plan
-from schemas import CODEC, SchemaError, SensorChunk, SensorFrame, SensorStatus, Window
+from schemas import SchemaError, SensorChunk, SensorFrame, SensorStatus, Window
 
 log = structlog.get_logger("fusebus.coordinator")
 
-OnWindow = Callable[[CutWindow, Message | None, Plan], Awaitable[None]]
-OnBadMessage = Callable[[Message, str, str], Awaitable[None]]
+OnWindow = Callable[[CutWindow, Delivery | None, Plan], Awaitable[None]]
+OnConsumed = Callable[[list[Delivery]], None]
 
 
 class SensorIntake:
@@ -32,8 +39,8 @@ class SensorIntake:
         plans: the plan of each stream.
         subjects: subject names.
         producer: publishes sensor status events.
-        on_window: called with every window (and the frame's message, to answer it).
-        on_bad_message: called with a message that cannot be used, its reason and error.
+        on_window: called with every window (and the frame's delivery, to answer it).
+        on_consumed: called with deliveries whose data no window still to cut needs.
         forget_after_s: a stream silent this long is forgotten (its last windows closed).
     """
 
@@ -44,17 +51,23 @@ class SensorIntake:
         subjects: Subjects,
         producer: Producer,
         on_window: OnWindow,
-        on_bad_message: OnBadMessage,
+        on_consumed: OnConsumed,
         forget_after_s: float,
     ) -> None:
         self.plans = plans
         self.subjects = subjects
         self.producer = producer
         self._on_window = on_window
-        self._dead_letter = on_bad_message
+        self._on_consumed = on_consumed
         self.liveness = SensorLiveness(forget_after_s=forget_after_s)
         self._windowers: dict[str, StreamWindower] = {}
         self._watched: set[str] = set()
+        # Per stream, chunk deliveries still needed, by the end of their data.
+        self._waiting: dict[str, list[tuple[int, int, Delivery]]] = {}
+        self._order = itertools.count()
+        self._resume_at: dict[str, int] = {}  # cursors from the journal, for new windowers
+        self._cursors_changed: set[str] = set()
+        self._forgotten: set[str] = set()
         self.counts: dict[str, int] = dict.fromkeys(
             ("frames", "chunks", "sensors_down", "streams_forgotten"), 0
         )
@@ -68,46 +81,111 @@ class SensorIntake:
             **self.counts,
             "streams": len(self._windowers),
             "late_chunks": sum(w.counts["late_chunks"] for w in self._windowers.values()),
+            "chunks_waiting": sum(len(q) for q in self._waiting.values()),
         }
 
     def buffered_samples(self) -> dict[str, int]:
         """Samples held per stream (to check memory stays bounded)."""
         return {stream: w.buffered_samples for stream, w in self._windowers.items()}
 
-    async def on_frame(self, msg: Message) -> None:
+    # Cursors ----------------------------------------------------------------------------
+    def resume(self, cursors: dict[str, int]) -> None:
+        """Windows before ``cursors[stream]`` were cut by a previous run: never cut them again."""
+        self._resume_at.update(cursors)
+        for stream, start in cursors.items():
+            windower = self._windowers.get(stream)
+            if windower is not None:
+                windower.resume(start)
+
+    def take_cursors(self) -> tuple[dict[str, int], tuple[str, ...]]:
+        """The cursors that moved since the last call, and the streams forgotten since."""
+        moved = {}
+        for stream in self._cursors_changed:
+            windower = self._windowers.get(stream)
+            if windower is not None and windower.next_start_ns is not None:
+                moved[stream] = windower.next_start_ns
+        forgotten = tuple(sorted(self._forgotten))
+        self._cursors_changed, self._forgotten = set(), set()
+        return moved, forgotten
+
+    def give_back_cursors(self, moved: dict[str, int], forgotten: tuple[str, ...]) -> None:
+        """Cursors taken for a journal write that failed: take them again next time."""
+        self._cursors_changed.update(moved)
+        self._forgotten.update(forgotten)
+
+    # Deliveries -------------------------------------------------------------------------
+    async def take(self, message: SensorChunk | SensorFrame, delivery: Delivery) -> None:
+        """Take one decoded frame or chunk.
+
+        Raises:
+            SchemaError: it cannot be used (no plan, wrong subject, undeclared sensor...).
+        """
+        if isinstance(message, SensorFrame):
+            await self._take_frame(message, delivery)
+        else:
+            await self._take_chunk(message, delivery)
+
+    async def keep_alive(self, older_than_s: float) -> int:
+        """Tell the server that chunks waiting longer than ``older_than_s`` for their window
+        are still being worked on (so it does not redeliver them); returns how many."""
+        cutoff = time.monotonic() - older_than_s
+        told = 0
+        for queue in self._waiting.values():
+            for _, _, delivery in queue:
+                if delivery.received < cutoff:
+                    await delivery.in_progress()
+                    delivery.received = time.monotonic()
+                    told += 1
+        return told
+
+    async def _take_frame(self, frame: SensorFrame, delivery: Delivery) -> None:
         """Take a pre-aligned frame as one window."""
         self.counts["frames"] += 1
-        try:
-            frame = CODEC.decode(msg.data, SensorFrame)
-            plan = self._plan_for(frame.stream, msg.subject)
-            if not frame.sensors:
-                raise SchemaError("bad_field", "frame carries no sensor")
-        except SchemaError as exc:
-            await self._dead_letter(msg, exc.reason, str(exc))
-            return
+        plan = self._plan_for(frame.stream, delivery.subject)
+        if not frame.sensors:
+            raise SchemaError("bad_field", "frame carries no sensor")
         samples = next(iter(frame.sensors.values())).shape[0]
         window = Window(frame.t_ns, frame.t_ns + samples * frame.period_ns)
         absent = tuple(s.name for s in plan.sensors if s.name not in frame.sensors)
-        await self._on_window(CutWindow(frame.stream, window, frame.sensors, absent), msg, plan)
+        cut = CutWindow(frame.stream, window, frame.sensors, absent)
+        await self._on_window(cut, delivery, plan)
 
-    async def on_chunk(self, msg: Message) -> None:
+    async def _take_chunk(self, chunk: SensorChunk, delivery: Delivery) -> None:
         """Buffer a chunk and pass on every window it completes."""
         self.counts["chunks"] += 1
-        try:
-            chunk = CODEC.decode(msg.data, SensorChunk)
-            plan = self._plan_for(chunk.stream, msg.subject)
-            if msg.subject != self.subjects.sensor(chunk.stream, chunk.sensor):
-                raise SchemaError("stream_mismatch", f"chunk of {chunk.sensor!r} on {msg.subject}")
-            windower = self._windower(chunk.stream, plan)
-            accepted = windower.add(chunk)
-        except SchemaError as exc:
-            await self._dead_letter(msg, exc.reason, str(exc))
-            return
-        if not accepted:
+        plan = self._plan_for(chunk.stream, delivery.subject)
+        if delivery.subject != self.subjects.sensor(chunk.stream, chunk.sensor):
+            raise SchemaError("stream_mismatch", f"chunk of {chunk.sensor!r} on {delivery.subject}")
+        windower = self._windower(chunk.stream, plan)
+        if windower.add(chunk):
+            end = chunk.t0_ns + chunk.samples.shape[0] * chunk.period_ns
+            queue = self._waiting.setdefault(chunk.stream, [])
+            heapq.heappush(queue, (end, next(self._order), delivery))
+        else:
             log.debug("chunk.dropped", stream=chunk.stream, sensor=chunk.sensor, t0_ns=chunk.t0_ns)
+            self._on_consumed([delivery])  # late or a repeat: nothing will need it
         await self.heard(chunk.stream, chunk.sensor)
-        for cut in windower.ready():
+        await self._cut(windower, windower.ready(), plan)
+
+    async def _cut(self, windower: StreamWindower, cuts: list[CutWindow], plan: Plan) -> None:
+        """Pass on the windows just cut, then release the chunks no window needs any more."""
+        for cut in cuts:
             await self._on_window(cut, None, plan)
+        if cuts:
+            self._cursors_changed.add(windower.stream)
+        self._release(windower.stream, windower.needed_from_ns)
+
+    def _release(self, stream: str, needed_from_ns: int | None) -> None:
+        queue = self._waiting.get(stream)
+        if not queue or needed_from_ns is None:
+            return
+        done = []
+        while queue and queue[0][0] < needed_from_ns:
+            done.append(heapq.heappop(queue)[2])
+        if not queue:
+            del self._waiting[stream]
+        if done:
+            self._on_consumed(done)
 
     def _plan_for(self, stream: str, subject: str) -> Plan:
         if stream != self.subjects.stream_of(subject):
@@ -130,8 +208,11 @@ class SensorIntake:
             )
             shape = shape_from_plan(w.size_ms, w.hop_ms, w.lateness_ms, w.rate_hz, w.max_gap_ms)
             windower = self._windowers[stream] = StreamWindower(stream, shape, sensors)
+            if stream in self._resume_at:
+                windower.resume(self._resume_at.pop(stream))
         return windower
 
+    # Liveness ---------------------------------------------------------------------------
     async def heard(self, stream: str, sensor: str) -> None:
         """Note that a sensor spoke; announce it if it had been down."""
         plan = self.plans.for_stream(stream)
@@ -161,8 +242,8 @@ class SensorIntake:
             await self._announce(change)
             plan = self.plans.for_stream(change.stream)
             if windower is not None and plan is not None:
-                for cut in windower.ready():  # windows no longer waiting for the silent sensor
-                    await self._on_window(cut, None, plan)
+                # Windows no longer waiting for the silent sensor.
+                await self._cut(windower, windower.ready(), plan)
         for stream in self.liveness.idle(now):
             self.counts["streams_forgotten"] += 1
             self._watched.discard(stream)
@@ -171,6 +252,11 @@ class SensorIntake:
             if windower is not None and plan is not None:
                 for cut in windower.flush():
                     await self._on_window(cut, None, plan)
+            rest = self._waiting.pop(stream, [])
+            if rest:
+                self._on_consumed([delivery for _, _, delivery in rest])
+            self._cursors_changed.discard(stream)
+            self._forgotten.add(stream)
             log.info("stream.forgotten", stream=stream)
 
     async def _announce(self, change: Change) -> None:

@@ -5,9 +5,12 @@ Every ``interval_ms`` one page goes to a :class:`~bus.PageLog`: the tasks that c
 ended since. A task that opens and ends within one interval (the usual case) is never
 written at all; under load, a whole interval's tasks cost one write. Replaying the pages
 in order gives the open tasks, so a coordinator killed and restarted finishes every task
-it had open. Pages at the front whose every record has been ended or rewritten later are
-dropped with one purge. What the last interval had not written yet is lost in a crash;
-the fusion agent still decides those tasks (it times out pending tasks).
+it had open. Pages also carry each stream's *cursor* (the start of its first window not yet
+cut) when it moved, so a restarted coordinator never cuts a window twice. Pages at the front
+whose every record and cursor has been ended or rewritten later are dropped with one purge.
+What the last interval had not written yet is not lost in a crash: the sensor data of those
+tasks is acked only after the page that holds them is stored, so a restarted coordinator
+is given it again and opens the same tasks.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class TaskJournal:
         self._dirty: dict[str, OpenTask] = {}
         self._ended: list[str] = []  # written tasks that ended since the last page
         self._page_of: dict[str, int] = {}  # task id -> the page holding its latest record
+        self._cursor_page: dict[str, int] = {}  # stream -> the page holding its latest cursor
         self._writing: set[str] = set()  # in the page being written now
         self._ended_while_writing: set[str] = set()
         self._live = Counter[int]()  # page -> how many of its records are still current
@@ -74,31 +78,46 @@ class TaskJournal:
         if task_id in self._writing:
             self._ended_while_writing.add(task_id)
 
-    async def flush(self) -> None:
-        """Write one page of what changed (more if it would not fit in one), then drop the
-        pages at the front that no longer hold a current record."""
-        if self._dirty or self._ended:
+    async def flush(
+        self, cursors: dict[str, int] | None = None, forgotten: tuple[str, ...] = ()
+    ) -> None:
+        """Write one page of what changed (more if it would not fit in one), with the
+        ``cursors`` that moved and the streams ``forgotten``, then drop the pages at the
+        front that no longer hold a current record or cursor."""
+        cursors = cursors or {}
+        if self._dirty or self._ended or cursors or forgotten:
             records = [to_record(task) for task in self._dirty.values()]
             ended, self._dirty, self._ended = tuple(self._ended), {}, []
             self._writing = {record.task_id for record in records}
+            for stream in forgotten:
+                held_in = self._cursor_page.pop(stream, None)
+                if held_in is not None:
+                    self._retire(held_in)
             try:
-                for page, data in self._pages(records, ended):
+                for page, data in self._pages(records, ended, cursors, forgotten):
                     self._written(page, await self.pages.append(data))
             finally:
                 self._writing, self._ended_while_writing = set(), set()
         await self._compact()
 
     def _pages(
-        self, records: list[OpenTaskRecord], ended: tuple[str, ...]
+        self,
+        records: list[OpenTaskRecord],
+        ended: tuple[str, ...],
+        cursors: dict[str, int],
+        forgotten: tuple[str, ...],
     ) -> list[tuple[OpenTaskPage, bytes]]:
-        """``records`` and ``ended`` as encoded pages the server takes, halving until they
-        fit."""
-        page = OpenTaskPage(records=tuple(records), ended=ended)
+        """``records`` and the rest as encoded pages the server takes, halving the records
+        until they fit (the ids, cursors and streams go with the first half)."""
+        page = OpenTaskPage(
+            records=tuple(records), ended=ended, cursors=cursors, forgotten=forgotten
+        )
         data = encode(page)
         if len(records) < 2 or len(data) <= self.pages.max_page_bytes // 2:
             return [(page, data)]
         half = len(records) // 2
-        return self._pages(records[:half], ended) + self._pages(records[half:], ())
+        first = self._pages(records[:half], ended, cursors, forgotten)
+        return first + self._pages(records[half:], (), {}, ())
 
     def _written(self, page: OpenTaskPage, sequence: int) -> None:
         self.pages_written += 1
@@ -111,7 +130,13 @@ class TaskJournal:
                 self._retire(previous)
             self._page_of[record.task_id] = sequence
             self._live[sequence] += 1
-        if not page.records:
+        for stream in page.cursors:
+            previous = self._cursor_page.get(stream)
+            if previous is not None:
+                self._retire(previous)
+            self._cursor_page[stream] = sequence
+            self._live[sequence] += 1
+        if not page.records and not page.cursors:
             self._live[sequence] += 0  # a page of ended ids only: known, and spent at once
 
     def _retire(self, page: int) -> None:
@@ -129,9 +154,11 @@ class TaskJournal:
             for page in [p for p in self._live if p < front]:
                 del self._live[page]
 
-    async def load(self) -> list[OpenTaskRecord]:
-        """The tasks a previous run left open, from replaying its pages in order."""
+    async def load(self) -> tuple[list[OpenTaskRecord], dict[str, int]]:
+        """The tasks a previous run left open and the cursor of each stream, from replaying
+        its pages in order."""
         open_tasks: dict[str, tuple[int, OpenTaskRecord]] = {}
+        cursors: dict[str, tuple[int, int]] = {}
         for stored in await self.pages.load():
             try:
                 page = CODEC.decode(stored.data, OpenTaskPage)
@@ -142,8 +169,16 @@ class TaskJournal:
                 open_tasks[record.task_id] = (stored.sequence, record)
             for task_id in page.ended:
                 open_tasks.pop(task_id, None)
+            for stream in page.forgotten:
+                cursors.pop(stream, None)
+            for stream, start in page.cursors.items():
+                cursors[stream] = (stored.sequence, start)
             self._live[stored.sequence] += 0
         for task_id, (sequence, _) in open_tasks.items():
             self._page_of[task_id] = sequence
             self._live[sequence] += 1
-        return [record for _, record in open_tasks.values()]
+        for stream, (sequence, _) in cursors.items():
+            self._cursor_page[stream] = sequence
+            self._live[sequence] += 1
+        records = [record for _, record in open_tasks.values()]
+        return records, {stream: start for stream, (_, start) in cursors.items()}

@@ -1,10 +1,17 @@
-"""The coordinator service: frames in, subtasks out, every task tracked to its end.
+"""The coordinator service: sensor data in, subtasks out, every task tracked to its end.
 
-A thin async shell around pure parts: :func:`~coordinator.decompose.decompose` turns a frame
+A thin async shell around pure parts: :func:`~coordinator.decompose.decompose` turns a window
 into subtasks, :class:`~coordinator.tracker.TaskTracker` decides when each task ends, and
 :class:`~coordinator.journal.TaskJournal` keeps the open ones durable so that a restarted
 coordinator finishes what it had opened. Every task ends once: complete, or with a
 ``partial``/``failed`` status published at its deadline.
+
+Nothing that reaches the server is lost to a coordinator that dies. Sensor chunks and frames
+come through the ``<P>_INTAKE`` work queue, and results through a durable consumer; each is
+acked only at the next *durability point*, once the subtasks it led to are stored and the
+tasks it opened or changed are in the journal. A coordinator killed before that point is
+given the same data again when it restarts, and, since task ids are the stream and the
+window start, opens the same tasks, whose re-published subtasks the server deduplicates.
 """
 
 from __future__ import annotations
@@ -23,18 +30,22 @@ import structlog
 from bus import (
     BatchPuller,
     Coalescer,
+    Delivery,
+    ExhaustedReaper,
+    Inbound,
     Lifecycle,
     PageLog,
     Producer,
     Subjects,
     TopologySettings,
     discover_agents,
-    ensure_reader_consumer,
     ensure_streams,
+    resume_consumer,
+    ticket_key,
 )
 from bus.discovery import PREFIX, ROLE
-from bus.types import Connection, Message, Subscription
-from coordinator.decompose import Opening, decompose
+from bus.types import Connection, Subscription
+from coordinator.decompose import Opening, decompose, task_id_for
 from coordinator.directory import AgentDirectory
 from coordinator.intake import SensorIntake
 from coordinator.journal import TaskJournal
@@ -47,14 +58,29 @@ from schemas import (
     Result,
     ResultBatch,
     SchemaError,
+    SensorChunk,
+    SensorFrame,
     Subtask,
     TaskStatus,
 )
+from schemas.tickets import seal
 
 log = structlog.get_logger("fusebus.coordinator")
 
 COMPONENT = "coordinator"
 ACCEPTED = b"accepted"
+
+
+def decode_sensor_data(data: bytes) -> SensorChunk | SensorFrame:
+    """A ``sensor_chunk`` or ``sensor_frame``; raises :class:`SchemaError`."""
+    message: SensorChunk | SensorFrame = CODEC.decode_one_of(data, (SensorChunk, SensorFrame))
+    return message
+
+
+def decode_answers(data: bytes) -> Result | ResultBatch:
+    """A ``result`` or ``result_batch``; raises :class:`SchemaError`."""
+    message: Result | ResultBatch = CODEC.decode_one_of(data, (Result, ResultBatch))
+    return message
 
 
 @dataclass(frozen=True)
@@ -63,9 +89,11 @@ class CoordinatorSettings:
 
     name: str = "main"  # names the journal; coordinators sharing a prefix need distinct names
     durable: bool = True  # journal open tasks so a restart finishes them
+    durable_intake: bool = True  # take sensor data through the <P>_INTAKE stream
     journal_interval_ms: float = 50.0  # how long a change may wait before it is journalled
     max_deadline_sleep_ms: float = 50.0  # longest nap between two deadline checks
     results_batch: int = 512
+    intake_batch: int = 1024  # sensor messages pulled at a time
     subtask_batch: int = 64  # most subtasks of a type in one message; 1: one per message
     discovery_interval_s: float = 0.5  # how often auto plans look for agent types
     discovery_timeout_s: float = 0.25  # how long one look waits for replies
@@ -73,6 +101,7 @@ class CoordinatorSettings:
     drain_timeout_s: float = 0.0  # on stop, how long open tasks may take to end
     liveness_interval_s: float = 0.25  # how often silent sensors are looked for
     forget_stream_after_s: float = 300.0  # a stream silent this long is forgotten
+    confirm_timeout_s: float = 2.0  # longest wait at a durability point for subtask acks
 
     def __post_init__(self) -> None:
         if not self.journal_interval_ms > 0:
@@ -82,7 +111,7 @@ class CoordinatorSettings:
 
 
 class Coordinator:
-    """Decomposes frames into subtasks and tracks every task until it ends.
+    """Decomposes sensor data into subtasks and tracks every task until it ends.
 
     Use :meth:`start` then :meth:`stop`, or ``async with``.
     """
@@ -107,26 +136,40 @@ class Coordinator:
         self.outbox: Coalescer[str, Subtask] = Coalescer(
             self.producer.subtasks_unconfirmed, max_items=self.settings.subtask_batch
         )
+        self.sensor_inbound = Inbound(
+            component=COMPONENT,
+            producer=self.producer,
+            decode=decode_sensor_data,
+            max_deliver=self.topology.intake_max_deliver,
+        )
+        self.result_inbound = Inbound(
+            component=COMPONENT,
+            producer=self.producer,
+            decode=decode_answers,
+            max_deliver=self.topology.reader_max_deliver,
+        )
         self.tracker = TaskTracker()
         self.directory = AgentDirectory(forget_after_s=self.settings.forget_type_after_s)
         self.journal: TaskJournal | None = None
         self.instance_id = secrets.token_hex(4)
-        self._task_serial = 0
+        self._key = b""  # the deployment's ticket key, read at start
         self.counts: dict[str, int] = dict.fromkeys(
-            ("dead_letters", "unserved", "held", "rejected"), 0
+            ("unserved", "held", "rejected", "windows_refused", "acked"), 0
         )
         self.intake = SensorIntake(
             plans=plans,
             subjects=subjects,
             producer=self.producer,
             on_window=self._on_window,
-            on_bad_message=self._dead_letter,
+            on_consumed=self._consumed,
             forget_after_s=self.settings.forget_stream_after_s,
         )
-        self._held: dict[str, deque[tuple[CutWindow, Message | None]]] = {}
+        self._held: dict[str, deque[tuple[CutWindow, Delivery | None]]] = {}
+        self._done: list[Delivery] = []  # handled; acked at the next durability point
         self._sensors_sub: Subscription | None = None
-        self._all_ended = asyncio.Event()  # set whenever no task is open
         self._frames_sub: Subscription | None = None
+        self._intake_puller: BatchPuller | None = None
+        self._all_ended = asyncio.Event()  # set whenever no task is open
         self._puller: BatchPuller | None = None
         self._life = Lifecycle()
 
@@ -136,21 +179,34 @@ class Coordinator:
 
     def stats(self) -> dict[str, Any]:
         """Counters for ``$SRV.STATS`` and the status endpoint."""
+        sensors, results = self.sensor_inbound.counts, self.result_inbound.counts
         return {
             **self.counts,
             **self.intake.stats(),
+            "dead_letters": sensors["dead_letters"] + results["dead_letters"],
+            "naks": sensors["naks"] + results["naks"],
+            "awaiting_ack": len(self._done),
             "open_tasks": len(self.tracker),
             "held_now": sum(len(q) for q in self._held.values()),
             "subtasks_refused": self.producer.refused,
             "subtasks_unconfirmed": self.producer.unconfirmed,
+            "publish_retries": self.producer.retries,
             "agent_types": sorted(self.directory.types),
             **self.tracker.counts,
         }
 
     async def start(self) -> Coordinator:
-        """Set up streams, finish what a previous run left open, then take frames and results."""
+        """Set up streams, finish what a previous run left open, then take data and results."""
         js = self.nc.jetstream()
-        await ensure_streams(js, self.subjects, self.topology)
+        intake = self.settings.durable_intake
+        await ensure_streams(js, self.subjects, self.topology, intake=intake)
+        self._key = await ticket_key(
+            js,
+            self.subjects,
+            manage=self.topology.manage,
+            storage=self.topology.storage_type,
+            wait_s=self.topology.wait_for_streams_s,
+        )
         if self.settings.durable:
             pages = PageLog(
                 self.nc,
@@ -162,13 +218,16 @@ class Coordinator:
             await pages.ensure()
             self.journal = TaskJournal(pages)
             await self._restore()
-            self._life.run(self._journal_step, name="coordinator-journal")
-        await ensure_reader_consumer(
+        self._life.run(self._durability_step, name="coordinator-durability")
+        # What a previous run had not acked comes again at once, in order.
+        await resume_consumer(
             js,
             self.subjects.results_stream,
             self.subjects.coordinator_consumer,
             [self.subjects.all_results()],
-            self.topology,
+            ack_wait_s=self.topology.reader_ack_wait_s,
+            max_deliver=self.topology.reader_max_deliver,
+            max_ack_pending=50_000,
         )
         self._puller = await self._life.pull(
             self.nc,
@@ -176,18 +235,14 @@ class Coordinator:
             consumer=self.subjects.coordinator_consumer,
             prefetch=self.settings.results_batch,
         )
+        await self._reap(self.subjects.results_stream, self.subjects.coordinator_consumer, False)
         self._life.run(self._results_step, name="coordinator-results")
         self._life.run(self._deadline_step, name="coordinator-deadlines")
         if self.plans.any_auto:
-            await self._discovery_step()  # know the running types before the first frame
+            await self._discovery_step()  # know the running types before the first window
             self._life.run(self._discovery_step, name="coordinator-discovery")
         self._life.run(self._liveness_step, name="coordinator-liveness")
-        self._frames_sub = await self.nc.subscribe(
-            self.subjects.all_frames(), cb=self.intake.on_frame, pending_msgs_limit=100_000
-        )
-        self._sensors_sub = await self.nc.subscribe(
-            self.subjects.all_sensors(), cb=self.intake.on_chunk, pending_msgs_limit=1_000_000
-        )
+        await self._start_intake()
         await self._life.register(
             self.nc,
             name="fusebus-coordinator",
@@ -199,10 +254,49 @@ class Coordinator:
         log.info("coordinator.started", prefix=self.subjects.prefix, plans=repr(self.plans))
         return self
 
+    async def _start_intake(self) -> None:
+        """Take sensor data from the intake stream (or, without durable intake, core NATS)."""
+        if not self.settings.durable_intake:
+            on_msg = self.sensor_inbound.callback(self._take_sensor_data)
+            self._frames_sub = await self.nc.subscribe(
+                self.subjects.all_frames(), cb=on_msg, pending_msgs_limit=100_000
+            )
+            self._sensors_sub = await self.nc.subscribe(
+                self.subjects.all_sensors(), cb=on_msg, pending_msgs_limit=1_000_000
+            )
+            return
+        consumer = self.subjects.intake_consumer(self.settings.name)
+        await resume_consumer(
+            self.nc.jetstream(),
+            self.subjects.intake_stream,
+            consumer,
+            [self.subjects.all_sensors(), self.subjects.all_frames()],
+            ack_wait_s=self.topology.intake_ack_wait_s,
+            max_deliver=self.topology.intake_max_deliver,
+            max_ack_pending=self.topology.intake_max_ack_pending,
+            work_queue=True,
+        )
+        self._intake_puller = await self._life.pull(
+            self.nc,
+            stream=self.subjects.intake_stream,
+            consumer=consumer,
+            prefetch=self.settings.intake_batch,
+        )
+        await self._reap(self.subjects.intake_stream, consumer, True)
+        self._life.run(self._intake_step, name="coordinator-intake")
+        self._life.run(self._keep_alive_step, name="coordinator-keep-alive")
+
+    async def _reap(self, stream: str, consumer: str, delete: bool) -> None:
+        reaper = ExhaustedReaper(
+            self.producer, stream=stream, consumer=consumer, component=COMPONENT, delete=delete
+        )
+        self._life.adopt(await reaper.start(self.nc))
+
     async def stop(self, *, drain_timeout_s: float | None = None) -> None:
-        """Stop taking frames; let open tasks end for up to ``drain_timeout_s`` (default: the
-        settings'; tasks end at their deadlines at the latest); then stop. Tasks still open
-        stay in the journal for the next run."""
+        """Stop taking sensor data; let open tasks end for up to ``drain_timeout_s`` (default:
+        the settings'; tasks end at their deadlines at the latest); then stop. Tasks still
+        open stay in the journal for the next run, and data not yet consumed is left unacked
+        in the intake stream for it."""
         if drain_timeout_s is None:
             drain_timeout_s = self.settings.drain_timeout_s
         for sub in (self._frames_sub, self._sensors_sub):
@@ -210,6 +304,9 @@ class Coordinator:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
         self._frames_sub = self._sensors_sub = None
+        if self._intake_puller is not None:
+            puller, self._intake_puller = self._intake_puller, None
+            await puller.stop()
         await self.outbox.flush()
         if len(self.tracker) and drain_timeout_s > 0:
             self._all_ended.clear()
@@ -217,9 +314,9 @@ class Coordinator:
                 async with asyncio.timeout(drain_timeout_s):
                     await self._all_ended.wait()
         await self._life.close()
-        if self.journal is not None:
-            with contextlib.suppress(Exception):  # the bus may be gone; the journal is behind
-                await self.journal.flush()
+        with contextlib.suppress(Exception):  # the bus may be gone; the journal is behind
+            await self._durability_point()
+        await self.producer.close()
         log.info("coordinator.stopped", **self.stats())
 
     async def __aenter__(self) -> Coordinator:
@@ -228,54 +325,88 @@ class Coordinator:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    # Frames and chunks -> windows -----------------------------------------------------------
+    # Sensor data -> windows ---------------------------------------------------------------
+    async def _intake_step(self) -> None:
+        puller = self._intake_puller
+        if puller is None:
+            await asyncio.sleep(0.1)
+            return
+        msgs = await puller.next_batch(self.settings.intake_batch, idle_timeout_s=1.0)
+        inbound = self.sensor_inbound
+        for delivery, message in await inbound.take(msgs):
+            await inbound.run((delivery,), self._take_sensor_data(message, delivery))
+
+    async def _take_sensor_data(
+        self, message: SensorChunk | SensorFrame, delivery: Delivery
+    ) -> None:
+        if self.topology.record_sensors:
+            await self.nc.publish(self.subjects.recorded(delivery.subject), delivery.data)
+        await self.intake.take(message, delivery)
+
+    async def _keep_alive_step(self) -> None:
+        wait_s = self.topology.intake_ack_wait_s / 3
+        await asyncio.sleep(wait_s)
+        await self.intake.keep_alive(wait_s)
+        for held in self._held.values():
+            for _, delivery in held:
+                if delivery is not None:
+                    await delivery.in_progress()
+
+    def _consumed(self, deliveries: list[Delivery]) -> None:
+        """``deliveries`` need nothing more: ack them at the next durability point."""
+        self._done.extend(deliveries)
+
     async def _liveness_step(self) -> None:
         await asyncio.sleep(self.settings.liveness_interval_s)
         await self.intake.check_liveness()
 
-    async def _on_window(self, cut: CutWindow, msg: Message | None, plan: Plan) -> None:
+    async def _on_window(self, cut: CutWindow, frame: Delivery | None, plan: Plan) -> None:
+        """A window was cut (from chunks, or ``frame``): open its task, or hold it."""
         if plan.overflow == "block" and (
             self._held.get(cut.stream) or self.tracker.open_in(cut.stream) >= plan.max_inflight
         ):
-            await self._hold(cut, msg, plan)
+            await self._hold(cut, frame, plan)
             return
-        await self._admit(cut, msg, plan)
+        await self._admit(cut, frame, plan)
 
-    async def _hold(self, cut: CutWindow, msg: Message | None, plan: Plan) -> None:
+    async def _hold(self, cut: CutWindow, frame: Delivery | None, plan: Plan) -> None:
         """Keep a window until its stream has room; its producer's reply waits with it."""
         held = self._held.setdefault(cut.stream, deque())
         if len(held) >= plan.max_inflight:
             self.counts["rejected"] += 1
-            if msg is not None:
-                await self._reply(msg, b"rejected: over max_inflight and the hold queue is full")
+            if frame is not None:
+                await frame.answer(b"rejected: over max_inflight and the hold queue is full")
+                self._consumed([frame])
             return
         self.counts["held"] += 1
-        held.append((cut, msg))
+        held.append((cut, frame))
 
     async def _release(self, stream: str) -> None:
         held = self._held.get(stream)
         plan = self.plans.for_stream(stream)
         while held and plan is not None and self.tracker.open_in(stream) < plan.max_inflight:
-            cut, msg = held.popleft()
-            await self._admit(cut, msg, plan)
+            cut, frame = held.popleft()
+            await self._admit(cut, frame, plan)
         if held is not None and not held:
             del self._held[stream]
 
-    async def _admit(self, cut: CutWindow, msg: Message | None, plan: Plan) -> None:
+    async def _admit(self, cut: CutWindow, frame: Delivery | None, plan: Plan) -> None:
         started = time.perf_counter()
         try:
             opening, shed = self._open(cut, plan)
         except SchemaError as exc:
-            if msg is not None:
-                await self._dead_letter(msg, exc.reason, str(exc))
+            self.counts["windows_refused"] += 1
+            if frame is not None:
+                await self.sensor_inbound.dead_letter(frame, exc.reason, str(exc))
             else:
                 log.warning("window.refused", stream=cut.stream, reason=exc.reason, error=str(exc))
             return
         if opening is not None:
             for subtask in opening.subtasks:
                 await self.outbox.add(subtask.type, subtask)
-        if msg is not None:
-            await self._reply(msg, ACCEPTED)
+        if frame is not None:
+            await frame.answer(ACCEPTED)
+            self._consumed([frame])
         await self._publish_ended(shed)
         log.debug(
             "window.handled",
@@ -287,7 +418,8 @@ class Coordinator:
 
     def _open(self, cut: CutWindow, plan: Plan) -> tuple[Opening | None, list[Ended]]:
         """Open a task for the window; also returns the tasks that ended because of it."""
-        if self.tracker.has_window(cut.stream, cut.window.t_start_ns):
+        task_id = task_id_for(cut.stream, cut.window)
+        if self.tracker.known(task_id):
             self.tracker.counts["duplicate_windows"] += 1
             return None, []
         specs = self._specs_for(plan, cut.sensors)
@@ -297,15 +429,15 @@ class Coordinator:
             return None, []
         required_missing = any(s.required and s.name in cut.missing for s in plan.sensors)
         opening = decompose(
-            task_id=self._new_task_id(cut),
+            task_id=task_id,
             stream=cut.stream,
             window=cut.window,
-            sensors={}
-            if required_missing
-            else cut.sensors,  # a window missing a required sensor fails
+            # A window missing a required sensor fails.
+            sensors={} if required_missing else cut.sensors,
             specs=specs,
             deadline_ms=plan.deadline_ms,
             now_ns=time.time_ns(),
+            key=self._key,
         )
         ended = self.tracker.open(
             task_id=opening.task_id,
@@ -323,12 +455,6 @@ class Coordinator:
             self.journal.changed(task)
         return opening, ended
 
-    def _new_task_id(self, cut: CutWindow) -> str:
-        # Unique, not secret: this coordinator's random instance id and a counter (a random
-        # draw per task would cost a system call on the hot path).
-        self._task_serial += 1
-        return f"{cut.stream}:{cut.window.t_start_ns}:{self.instance_id}{self._task_serial:x}"
-
     def _specs_for(self, plan: Plan, sensors: dict[str, np.ndarray]) -> list[SubtaskSpec]:
         specs = list(plan.subtasks)
         if plan.auto:
@@ -336,12 +462,6 @@ class Coordinator:
             shapes = {name: array.shape for name, array in sensors.items()}
             specs += [s for s in self.directory.feedable(shapes) if s.type not in listed]
         return specs
-
-    async def _reply(self, msg: Message, answer: bytes) -> None:
-        """Answer a producer that asked (published with a reply subject)."""
-        if msg.reply and not msg.reply.startswith("$JS.ACK"):
-            with contextlib.suppress(Exception):  # the producer may have given up
-                await self.nc.publish(msg.reply, answer)
 
     # Discovery ------------------------------------------------------------------------------
     async def _discovery_step(self) -> None:
@@ -360,12 +480,11 @@ class Coordinator:
         assert self._puller is not None
         msgs = await self._puller.next_batch(self.settings.results_batch, idle_timeout_s=1.0)
         ended: list[Ended] = []
-        for msg in msgs:
-            try:
-                answered = _answered(msg.data)
-            except SchemaError as exc:
-                await self._dead_letter(msg, exc.reason, str(exc))
-                continue
+        for delivery, message in await self.result_inbound.take(msgs):
+            if isinstance(message, ResultBatch):
+                answered = [(task_id, message.type) for task_id in message.task_ids]
+            else:
+                answered = [(message.task_id, message.type)]
             for task_id, type_name in answered:
                 seen, closed = self.tracker.record(task_id, type_name)
                 if closed is not None:
@@ -376,7 +495,7 @@ class Coordinator:
                         self.journal.changed(task)
                 elif seen is not Seen.NEW:
                     log.debug("result.ignored", task_id=task_id, type=type_name, outcome=seen.value)
-            await msg.ack()
+            self._done.append(delivery)
         await self._publish_ended(ended)
 
     async def _deadline_step(self) -> None:
@@ -395,19 +514,7 @@ class Coordinator:
             if task.state == "complete":
                 log.debug("task.complete", task_id=task.task_id, stream=task.stream)
                 continue
-            await self.producer.status(
-                TaskStatus(
-                    task_id=task.task_id,
-                    stream=task.stream,
-                    state=task.state,
-                    missing=task.missing,
-                    reason=task.reason,
-                    window=task.window,
-                    expected=task.expected,
-                    ingest_ns=task.ingest_ns,
-                    missing_sensors=task.missing_sensors,
-                )
-            )
+            await self.producer.status(self._status(task))
             log.info(
                 "task.ended",
                 task_id=task.task_id,
@@ -422,47 +529,77 @@ class Coordinator:
         if not len(self.tracker):
             self._all_ended.set()
 
+    def _status(self, task: Ended) -> TaskStatus:
+        """The status of a task that ended without every result, sealed like its subtasks."""
+        window = (task.window.t_start_ns, task.window.t_end_ns)
+        return TaskStatus(
+            task_id=task.task_id,
+            stream=task.stream,
+            state=task.state,
+            missing=task.missing,
+            reason=task.reason,
+            window=task.window,
+            expected=task.expected,
+            ingest_ns=task.ingest_ns,
+            missing_sensors=task.missing_sensors,
+            deadline_ns=task.deadline_ns,
+            ticket=seal(
+                self._key,
+                task_id=task.task_id,
+                stream=task.stream,
+                window=window,
+                expected=task.expected,
+                deadline_ns=task.deadline_ns,
+                ingest_ns=task.ingest_ns,
+            ),
+        )
+
     # Durability -----------------------------------------------------------------------------
     async def _restore(self) -> None:
         assert self.journal is not None
-        records = await self.journal.load()
+        records, cursors = await self.journal.load()
+        self.intake.resume(cursors)
         ended: list[Ended] = []
         for record in records:
             ended += self.tracker.restore(record)
         await self._publish_ended(ended)
-        if records:
-            log.info("coordinator.restored", tasks=len(records), still_open=len(self.tracker))
+        if records or cursors:
+            log.info(
+                "coordinator.restored",
+                tasks=len(records),
+                still_open=len(self.tracker),
+                streams=len(cursors),
+            )
 
-    async def _journal_step(self) -> None:
-        assert self.journal is not None
+    async def _durability_step(self) -> None:
         await asyncio.sleep(self.settings.journal_interval_ms / 1e3)
-        await self.journal.flush()
+        await self._durability_point()
 
-    async def _dead_letter(self, msg: Message, reason: str, error: str) -> None:
-        self.counts["dead_letters"] += 1
-        await self.producer.dead_letter(
-            component=COMPONENT,
-            subject=msg.subject,
-            data=msg.data,
-            reason=reason,
-            error=error,
-            headers=msg.headers,
-        )
-        if msg.reply and msg.reply.startswith("$JS.ACK"):
-            await msg.term()
-        else:
-            await self._reply(msg, f"rejected: {reason}".encode())
-
-
-def _answered(data: bytes) -> list[tuple[str, str]]:
-    """The (task id, type) pairs a result message answers.
-
-    Raises:
-        SchemaError: it is not a result or a result batch.
-    """
-    message = CODEC.decode_any(data)
-    if isinstance(message, ResultBatch):
-        return [(task_id, message.type) for task_id in message.task_ids]
-    if isinstance(message, Result):
-        return [(message.task_id, message.type)]
-    raise SchemaError("wrong_kind", f"{type(message).__name__} is not a result")
+    async def _durability_point(self) -> None:
+        """Ack what was handled once what it led to is stored: its subtasks and statuses
+        acknowledged by the server, its tasks and the streams' cursors in the journal.
+        What cannot be made durable now waits for the next point."""
+        ready, self._done = self._done, []
+        try:
+            await self.outbox.flush()
+            serial = self.producer.last_serial
+            if self.journal is not None:
+                cursors, forgotten = self.intake.take_cursors()
+                try:
+                    await self.journal.flush(cursors, forgotten)
+                except BaseException:
+                    self.intake.give_back_cursors(cursors, forgotten)
+                    raise
+            confirmed = await self.producer.wait_confirmed(
+                serial, timeout_s=self.settings.confirm_timeout_s
+            )
+        except BaseException:
+            self._done[:0] = ready
+            raise
+        if not confirmed:
+            self._done[:0] = ready
+            log.warning("durability.waiting", unconfirmed=self.producer.unconfirmed)
+            return
+        for delivery in ready:
+            await delivery.ack()
+        self.counts["acked"] += len(ready)

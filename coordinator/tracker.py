@@ -62,6 +62,7 @@ class Ended:
     missing: tuple[str, ...]
     reason: str
     missing_sensors: tuple[str, ...] = ()
+    deadline_ns: int = 0
 
 
 class TaskTracker:
@@ -69,16 +70,22 @@ class TaskTracker:
 
     Args:
         remember_ended: how many ended task ids to remember, so that a result arriving after
-            its task ended is recognised as late rather than unknown.
+            its task ended is recognised as late rather than unknown, and a window given
+            again is not opened twice.
+        remember_orphans: how many tasks to remember answers for that arrive before their
+            task is opened (after a restart, results may be redelivered before the sensor
+            data that reopens their task).
     """
 
-    def __init__(self, *, remember_ended: int = 100_000) -> None:
+    def __init__(self, *, remember_ended: int = 100_000, remember_orphans: int = 10_000) -> None:
         self._open: dict[str, OpenTask] = {}
         self._by_stream: dict[str, OrderedDict[str, None]] = {}
         self._windows: dict[tuple[str, int], str] = {}
         self._deadlines: list[tuple[int, str]] = []
         self._ended: OrderedDict[str, str] = OrderedDict()
         self._remember_ended = remember_ended
+        self._orphans: OrderedDict[str, set[str]] = OrderedDict()
+        self._remember_orphans = remember_orphans
         self.counts: dict[str, int] = dict.fromkeys(
             (
                 "opened",
@@ -105,6 +112,10 @@ class TaskTracker:
 
     def __contains__(self, task_id: object) -> bool:
         return task_id in self._open
+
+    def known(self, task_id: str) -> bool:
+        """Whether ``task_id`` is open, or ended recently enough to be remembered."""
+        return task_id in self._open or task_id in self._ended
 
     def get(self, task_id: str) -> OpenTask | None:
         """The open task with this id, if any."""
@@ -163,14 +174,20 @@ class TaskTracker:
             unavailable=unavailable,
             missing_sensors=missing_sensors,
         )
+        orphaned = self._orphans.pop(task_id, None)
+        if orphaned:
+            task.seen.update(t for t in orphaned if t in expected)
         self._open[task_id] = task
         self._by_stream.setdefault(stream, OrderedDict())[task_id] = None
         self._windows[(stream, window.t_start_ns)] = task_id
         heapq.heappush(self._deadlines, (deadline_ns, task_id))
         self.counts["opened"] += 1
         if task.settled:
-            no_input = ",".join(sorted(missing_sensors) or sorted(unavailable))
-            ended.append(self._end(task, reason=f"no input: {no_input}"))
+            if task.seen:
+                ended.append(self._end(task, reason=""))
+            else:
+                no_input = ",".join(sorted(missing_sensors) or sorted(unavailable))
+                ended.append(self._end(task, reason=f"no input: {no_input}"))
         return ended
 
     def restore(self, record: OpenTaskRecord) -> list[Ended]:
@@ -203,6 +220,11 @@ class TaskTracker:
         if task is None:
             seen = Seen.LATE if task_id in self._ended else Seen.UNKNOWN
             self.counts[seen.value] += 1
+            if seen is Seen.UNKNOWN:
+                self._orphans.setdefault(task_id, set()).add(type_name)
+                self._orphans.move_to_end(task_id)
+                if len(self._orphans) > self._remember_orphans:
+                    self._orphans.popitem(last=False)
             return seen, None
         if type_name in task.seen or type_name not in task.expected:
             self.counts["repeat"] += 1
@@ -245,4 +267,5 @@ class TaskTracker:
             missing=missing,
             reason=reason,
             missing_sensors=task.missing_sensors,
+            deadline_ns=task.deadline_ns,
         )

@@ -109,6 +109,23 @@ class StreamWindower:
         return f"StreamWindower({self.stream}, next={self._next_start}, {self.counts})"
 
     @property
+    def next_start_ns(self) -> int | None:
+        """The start of the first window not yet closed (``None`` before any data)."""
+        return self._next_start
+
+    @property
+    def needed_from_ns(self) -> int | None:
+        """Data ending before this time is in no window still to close (``None``: all data
+        may still be needed)."""
+        return None if self._next_start is None else self._next_start - self.shape.max_gap_ns
+
+    def resume(self, next_start_ns: int) -> None:
+        """Carry on after a restart: windows before ``next_start_ns`` were already closed, so
+        data given again for them is late, not the start of new windows."""
+        if self._next_start is None or next_start_ns > self._next_start:
+            self._next_start = next_start_ns
+
+    @property
     def buffered_samples(self) -> int:
         """Samples held, over all sensors."""
         return sum(len(s) for b in self._buffers.values() for _, s in b.chunks.values())

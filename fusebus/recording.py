@@ -1,5 +1,8 @@
 """Recordings: sensor traffic kept in the ``<P>_SENSORS`` stream, written to a file, played back.
 
+A coordinator started with ``--record`` copies every chunk and frame it takes to
+``<P>.rec.<original subject>``, which that stream keeps.
+
 A recording file is a sequence of msgpack maps: a header ``{kind: "fusebus_recording", v: 1,
 prefix, created_ns, count}``, then one entry per message ``{subject, t_ns, data}`` where
 ``subject`` has the prefix removed (so a recording plays onto any prefix) and ``t_ns`` is
@@ -47,8 +50,9 @@ async def record(
         raise ConfigError(f"{exc}: start the coordinator with --record to record sensors") from None
     start_ns = time.time_ns() - int(since_s * 1e9) if since_s is not None else 0
     end_ns = until_ns or time.time_ns()
+    kept = len(subjects.recorded(subjects.frame("x"))) - len("frame.x")  # "<prefix>.rec."
     entries = [
-        Entry(m.subject[len(subjects.prefix) + 1 :], m.time_ns, m.data)
+        Entry(m.subject[kept:], m.time_ns, m.data)
         for m in stored
         if start_ns <= m.time_ns <= end_ns
     ]

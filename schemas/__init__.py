@@ -9,6 +9,8 @@ from schemas.errors import (
     ModelError,
     SchemaError,
     SubjectError,
+    TooLargeError,
+    UnknownTaskError,
 )
 from schemas.messages import (
     BATCH_OF,
@@ -62,6 +64,8 @@ __all__ = [
     "Subtask",
     "SubtaskBatch",
     "TaskStatus",
+    "TooLargeError",
+    "UnknownTaskError",
     "Window",
     "decode",
     "decode_array",

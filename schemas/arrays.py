@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from schemas.errors import SchemaError
+from schemas.limits import MAX_ARRAY_DIMS, MAX_ARRAY_EXTENT
 
 #: dtype names a wire array may carry, mapped to their little-endian numpy dtype.
 WIRE_DTYPES: dict[str, np.dtype[Any]] = {
@@ -56,10 +57,16 @@ def decode_array(value: Any, where: str = "array") -> np.ndarray:
     dtype = WIRE_DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None:
         raise SchemaError("bad_array", f"{where}: unsupported dtype {name!r}")
+    if isinstance(shape, list | tuple) and len(shape) > MAX_ARRAY_DIMS:
+        raise SchemaError(
+            "bad_array", f"{where}: {len(shape)} dimensions, at most {MAX_ARRAY_DIMS}"
+        )
     if not isinstance(shape, list | tuple) or not all(
-        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+        isinstance(n, int) and not isinstance(n, bool) and 0 <= n < MAX_ARRAY_EXTENT for n in shape
     ):
-        raise SchemaError("bad_array", f"{where}: shape must be a list of non-negative ints")
+        raise SchemaError(
+            "bad_array", f"{where}: shape must be a list of ints in [0, {MAX_ARRAY_EXTENT})"
+        )
     if not isinstance(data, bytes):
         raise SchemaError("bad_array", f"{where}: data must be binary")
     expected = math.prod(shape) * dtype.itemsize

@@ -19,6 +19,7 @@ import numpy as np
 
 from schemas.arrays import decode_array, encode_array
 from schemas.errors import SchemaError
+from schemas.limits import MAX_LIST_ITEMS, MAX_MAP_ENTRIES, WireText
 from schemas.messages import BATCH_OF, MESSAGES
 
 M = TypeVar("M")
@@ -42,6 +43,16 @@ def _scalar(kind: type, name: str) -> tuple[Encoder, Decoder]:
     return _identity, dec
 
 
+def _text(rule: WireText) -> tuple[Encoder, Decoder]:
+    def dec(value: Any, where: str) -> str:
+        if type(value) is not str:
+            raise SchemaError("bad_field", f"{where}: expected string, got {type(value).__name__}")
+        return rule.check(value, where)
+
+    dec.text_rule = rule  # type: ignore[attr-defined]  # lets sequences check in one pass
+    return _identity, dec
+
+
 def _float() -> tuple[Encoder, Decoder]:
     def dec(value: Any, where: str) -> float:
         if type(value) is float:
@@ -61,7 +72,7 @@ def _optional(inner: tuple[Encoder, Decoder]) -> tuple[Encoder, Decoder]:
     )
 
 
-def _mapping(inner: tuple[Encoder, Decoder]) -> tuple[Encoder, Decoder]:
+def _mapping(inner: tuple[Encoder, Decoder], keys: WireText | None) -> tuple[Encoder, Decoder]:
     enc_inner, dec_inner = inner
 
     def dec(value: Any, where: str) -> dict[str, Any]:
@@ -71,6 +82,8 @@ def _mapping(inner: tuple[Encoder, Decoder]) -> tuple[Encoder, Decoder]:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise SchemaError("bad_field", f"{where}: map keys must be strings")
+            if keys is not None:
+                keys.check(key, f"{where} key")
             out[key] = dec_inner(item, f"{where}.{key}")
         return out
 
@@ -81,12 +94,16 @@ def _sequence(inner: tuple[Encoder, Decoder]) -> tuple[Encoder, Decoder]:
     enc_inner, dec_inner = inner
 
     scalar = getattr(dec_inner, "scalar_type", None)
+    rule: WireText | None = getattr(dec_inner, "text_rule", None)
 
     def dec(value: Any, where: str) -> tuple[Any, ...]:
         if not isinstance(value, list | tuple):
             raise SchemaError("bad_field", f"{where}: expected a list, got {type(value).__name__}")
         if scalar is not None and all(type(item) is scalar for item in value):
             return tuple(value)  # the common case, checked without a call per item
+        if rule is not None and all(type(item) is str for item in value):
+            rule.check_all(value, where)
+            return tuple(value)
         try:
             return tuple([dec_inner(item, where) for item in value])
         except SchemaError:  # again, with each item's own path for the message
@@ -150,7 +167,7 @@ class Codec:
     def _plan(self, cls: type) -> _Plan:
         if cls in self._plans:
             return self._plans[cls]
-        hints = typing.get_type_hints(cls)
+        hints = typing.get_type_hints(cls, include_extras=True)
         fields = []
         for f in dataclasses.fields(cls):
             enc, dec = self._converter(hints[f.name])
@@ -165,6 +182,11 @@ class Codec:
     def _converter(self, hint: Any) -> tuple[Encoder, Decoder]:
         origin = typing.get_origin(hint)
         args = typing.get_args(hint)
+        if origin is typing.Annotated:
+            rule = _text_rule(hint)
+            if args[0] is str and rule is not None:
+                return _text(rule)
+            return self._converter(args[0])
         if hint is np.ndarray:
             return encode_array, decode_array
         if hint is float:
@@ -174,8 +196,8 @@ class Codec:
         if origin in (types.UnionType, typing.Union) and len(args) == 2 and type(None) in args:
             inner = next(a for a in args if a is not type(None))
             return _optional(self._converter(inner))
-        if origin is dict and args[0] is str:
-            return _mapping(self._converter(args[1]))
+        if origin is dict and (args[0] is str or _text_rule(args[0]) is not None):
+            return _mapping(self._converter(args[1]), _text_rule(args[0]))
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
             return _sequence(self._converter(args[0]))
         if dataclasses.is_dataclass(hint) and isinstance(hint, type):
@@ -207,6 +229,14 @@ class Codec:
         """
         return self._decode(data, expected)  # type: ignore[no-any-return]
 
+    def decode_one_of(self, data: bytes, kinds: tuple[type, ...]) -> Any:
+        """Decode a message of one of the classes ``kinds`` (callers ``match`` on the result).
+
+        Raises:
+            SchemaError: as :meth:`decode_any`, or the message is of another kind.
+        """
+        return self._decode(data, kinds)
+
     def decode_each(self, data: bytes, item: type[M]) -> list[M]:
         """Decode a message of class ``item``, or a batch of them (see
         :data:`~schemas.messages.BATCH_OF`), into a list of ``item``.
@@ -237,7 +267,10 @@ class Codec:
         """Unpack and check kind and version (one of ``expected``, if given); returns the
         raw map."""
         try:
-            body = msgpack.unpackb(data, raw=False)
+            # Bounded before anything is built: no list or map can claim more items than this.
+            body = msgpack.unpackb(
+                data, raw=False, max_array_len=MAX_LIST_ITEMS, max_map_len=MAX_MAP_ENTRIES
+            )
         except Exception as exc:  # msgpack raises several unrelated types for bad input
             raise SchemaError(
                 "not_msgpack", f"cannot unpack {len(data)} bytes ({type(exc).__name__}: {exc})"
@@ -262,6 +295,13 @@ class Codec:
                 "unsupported_version", f"{plan.name} v={version!r}; this reader knows v1..v{known}"
             )
         return body
+
+
+def _text_rule(hint: Any) -> WireText | None:
+    """The :class:`WireText` rule of an ``Annotated[str, WireText(...)]`` hint, if any."""
+    if typing.get_origin(hint) is not typing.Annotated:
+        return None
+    return next((extra for extra in hint.__metadata__ if isinstance(extra, WireText)), None)
 
 
 #: The codec for every fusebus message.

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 
 class FusebusError(Exception):
-    """Root of every error fusebus raises on purpose."""
+    """Root of every error fusebus raises on purpose.
+
+    ``reason`` is a short stable code; a message whose handling raised the error is
+    dead-lettered under it (the full list is in ``docs/protocol.md``).
+    """
+
+    reason: str = "error"
 
 
 class SchemaError(FusebusError, ValueError):
@@ -28,14 +34,34 @@ class SchemaError(FusebusError, ValueError):
 class ConfigError(FusebusError, ValueError):
     """A setting, plan or command-line value that cannot be used; the text names it."""
 
+    reason = "bad_config"
+
 
 class BusError(FusebusError, ConnectionError):
     """The NATS bus could not be reached, started or set up."""
+
+    reason = "bus_error"
+
+
+class TooLargeError(FusebusError, ValueError):
+    """An outgoing message would exceed the server's maximum payload."""
+
+    reason = "too_large"
 
 
 class ModelError(FusebusError, RuntimeError):
     """A model could not be loaded or did not produce a usable output."""
 
+    reason = "model_error"
+
 
 class SubjectError(FusebusError, ValueError):
     """A subject token (stream, sensor, type, component name) that NATS cannot carry."""
+
+    reason = "bad_name"
+
+
+class UnknownTaskError(FusebusError, LookupError):
+    """A result or status for a task the coordinator did not open (its ticket does not match)."""
+
+    reason = "unknown_task"

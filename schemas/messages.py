@@ -9,11 +9,19 @@ named with their unit.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import numpy as np
 
 from schemas.errors import SchemaError
+from schemas.limits import LABEL, NAME, TASK_ID
+
+#: A stream, sensor, type, agent or component name: checked at decode as one subject token.
+Name = Annotated[str, NAME]
+#: A task id: checked at decode like a name, with room for ``<stream>:<window start>``.
+TaskId = Annotated[str, TASK_ID]
+#: A label, model name or version: any text, bounded in length.
+Label = Annotated[str, LABEL]
 
 #: The final states a task can reach; every task the coordinator opens ends in one of them.
 TASK_STATES = ("complete", "partial", "failed")
@@ -31,15 +39,15 @@ class Window:
 class ModelRef:
     """Which model produced a result."""
 
-    name: str
-    version: str
+    name: Label
+    version: Label
 
 
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:
     """Why an agent could not answer: a stable ``code`` and a human ``text``."""
 
-    code: str
+    code: Label
     text: str
 
 
@@ -47,7 +55,7 @@ class ErrorInfo:
 class InputSpec:
     """One input an agent reads: ``samples`` x ``channels`` from ``sensor`` (0 = any)."""
 
-    sensor: str
+    sensor: Name
     samples: int = 0
     channels: int = 0
 
@@ -59,8 +67,8 @@ class SensorChunk:
     KIND: ClassVar[str] = "sensor_chunk"
     VERSION: ClassVar[int] = 1
 
-    stream: str
-    sensor: str
+    stream: Name
+    sensor: Name
     t0_ns: int
     period_ns: int
     samples: np.ndarray  # [n, channels]
@@ -73,9 +81,9 @@ class SensorFrame:
     KIND: ClassVar[str] = "sensor_frame"
     VERSION: ClassVar[int] = 1
 
-    stream: str
+    stream: Name
     t_ns: int
-    sensors: dict[str, np.ndarray]  # name -> [n, channels]
+    sensors: dict[Name, np.ndarray]  # name -> [n, channels]
     period_ns: int = 0  # sample period; with n samples the window ends at t_ns + n * period_ns
 
 
@@ -86,14 +94,15 @@ class Subtask:
     KIND: ClassVar[str] = "subtask"
     VERSION: ClassVar[int] = 1
 
-    task_id: str
-    stream: str
-    type: str
+    task_id: TaskId
+    stream: Name
+    type: Name
     window: Window
-    inputs: dict[str, np.ndarray]
+    inputs: dict[Name, np.ndarray]
     deadline_ns: int
-    expected: tuple[str, ...]  # every type the task waits for
+    expected: tuple[Name, ...]  # every type the task waits for
     ingest_ns: int = 0  # when the coordinator received the data (wall clock)
+    ticket: bytes = b""  # the coordinator's seal on the task (see schemas.tickets); copy it
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)  # arrays have no plain ==
@@ -103,19 +112,21 @@ class Result:
     KIND: ClassVar[str] = "result"
     VERSION: ClassVar[int] = 1
 
-    task_id: str
-    stream: str
-    type: str
-    agent_id: str
+    task_id: TaskId
+    stream: Name
+    type: Name
+    agent_id: Name
     model: ModelRef
     output: np.ndarray | None
-    labels: tuple[str, ...]  # names of the entries of ``output``
+    labels: tuple[Label, ...]  # names of the entries of ``output``
     latency_ms: float
     error: ErrorInfo | None = None
     window: Window = Window(0, 0)
-    expected: tuple[str, ...] = ()
+    expected: tuple[Name, ...] = ()
     ingest_ns: int = 0
     weight: float = 1.0  # the agent's declared fusion weight, e.g. its validation accuracy
+    deadline_ns: int = 0  # copied from the subtask
+    ticket: bytes = b""  # copied from the subtask
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)  # arrays have no plain ==
@@ -132,14 +143,15 @@ class SubtaskBatch:
     KIND: ClassVar[str] = "subtask_batch"
     VERSION: ClassVar[int] = 1
 
-    type: str
-    task_ids: tuple[str, ...]
-    streams: tuple[str, ...]
+    type: Name
+    task_ids: tuple[TaskId, ...]
+    streams: tuple[Name, ...]
     windows: np.ndarray  # int64 [n, 2]: t_start_ns, t_end_ns
-    inputs: dict[str, np.ndarray]  # name -> [n, samples, channels]
+    inputs: dict[Name, np.ndarray]  # name -> [n, samples, channels]
     deadline_ns: np.ndarray  # int64 [n]
-    expected: tuple[tuple[str, ...], ...]
+    expected: tuple[tuple[Name, ...], ...]
     ingest_ns: np.ndarray  # int64 [n]
+    tickets: tuple[bytes, ...] = ()  # one per row, or none
 
     def __post_init__(self) -> None:
         n = len(self.task_ids)
@@ -147,6 +159,7 @@ class SubtaskBatch:
             "SubtaskBatch",
             n,
             streams=len(self.streams) == n,
+            tickets=len(self.tickets) in (0, n),
             expected=len(self.expected) == n,
             windows=self.windows.shape == (n, 2),
             deadline_ns=self.deadline_ns.shape == (n,),
@@ -180,7 +193,12 @@ class SubtaskBatch:
             deadline_ns=np.array([s.deadline_ns for s in subtasks], np.int64),
             expected=tuple(s.expected for s in subtasks),
             ingest_ns=np.array([s.ingest_ns for s in subtasks], np.int64),
+            tickets=tuple(s.ticket for s in subtasks) if any(s.ticket for s in subtasks) else (),
         )
+
+    def ticket(self, i: int) -> bytes:
+        """Row ``i``'s ticket (empty when the batch carries none)."""
+        return self.tickets[i] if self.tickets else b""
 
     def items(self) -> list[Subtask]:
         """The subtasks, one by one."""
@@ -194,6 +212,7 @@ class SubtaskBatch:
                 deadline_ns=int(self.deadline_ns[i]),
                 expected=self.expected[i],
                 ingest_ns=int(self.ingest_ns[i]),
+                ticket=self.ticket(i),
             )
             for i, task_id in enumerate(self.task_ids)
         ]
@@ -212,6 +231,9 @@ class SubtaskBatch:
             deadline_ns=np.concatenate([b.deadline_ns for b in batches]),
             expected=tuple(e for b in batches for e in b.expected),
             ingest_ns=np.concatenate([b.ingest_ns for b in batches]),
+            tickets=tuple(b.ticket(i) for b in batches for i in range(len(b)))
+            if any(b.tickets for b in batches)
+            else (),
         )
 
     def select(self, rows: np.ndarray) -> SubtaskBatch:
@@ -226,6 +248,7 @@ class SubtaskBatch:
             deadline_ns=self.deadline_ns[index],
             expected=tuple(self.expected[i] for i in index),
             ingest_ns=self.ingest_ns[index],
+            tickets=tuple(self.tickets[i] for i in index) if self.tickets else (),
         )
 
 
@@ -238,18 +261,20 @@ class ResultBatch:
     KIND: ClassVar[str] = "result_batch"
     VERSION: ClassVar[int] = 1
 
-    stream: str
-    type: str
-    agent_id: str
+    stream: Name
+    type: Name
+    agent_id: Name
     model: ModelRef
-    labels: tuple[str, ...]
+    labels: tuple[Label, ...]
     weight: float
     latency_ms: float
-    task_ids: tuple[str, ...]
+    task_ids: tuple[TaskId, ...]
     outputs: np.ndarray  # float32 [n, len(labels)]
     windows: np.ndarray  # int64 [n, 2]
-    expected: tuple[tuple[str, ...], ...]
+    expected: tuple[tuple[Name, ...], ...]
     ingest_ns: np.ndarray  # int64 [n]
+    deadline_ns: np.ndarray | None = None  # int64 [n], copied from the subtasks
+    tickets: tuple[bytes, ...] = ()  # one per row, copied from the subtasks
 
     def __post_init__(self) -> None:
         n = len(self.task_ids)
@@ -257,6 +282,8 @@ class ResultBatch:
             "ResultBatch",
             n,
             expected=len(self.expected) == n,
+            tickets=len(self.tickets) in (0, n),
+            deadline_ns=self.deadline_ns is None or self.deadline_ns.shape == (n,),
             outputs=self.outputs.ndim == 2 and self.outputs.shape[0] == n,
             windows=self.windows.shape == (n, 2),
             ingest_ns=self.ingest_ns.shape == (n,),
@@ -281,9 +308,19 @@ class ResultBatch:
                 expected=self.expected[i],
                 ingest_ns=int(self.ingest_ns[i]),
                 weight=self.weight,
+                deadline_ns=self.deadline(i),
+                ticket=self.ticket(i),
             )
             for i, task_id in enumerate(self.task_ids)
         ]
+
+    def ticket(self, i: int) -> bytes:
+        """Row ``i``'s ticket (empty when the batch carries none)."""
+        return self.tickets[i] if self.tickets else b""
+
+    def deadline(self, i: int) -> int:
+        """Row ``i``'s deadline (0 when the batch carries none)."""
+        return int(self.deadline_ns[i]) if self.deadline_ns is not None else 0
 
     def select(self, rows: np.ndarray) -> ResultBatch:
         """The results at ``rows`` (indexes, or a boolean mask), as a batch."""
@@ -301,6 +338,8 @@ class ResultBatch:
             windows=self.windows[index],
             expected=tuple(self.expected[i] for i in index),
             ingest_ns=self.ingest_ns[index],
+            deadline_ns=self.deadline_ns[index] if self.deadline_ns is not None else None,
+            tickets=tuple(self.tickets[i] for i in index) if self.tickets else (),
         )
 
 
@@ -326,15 +365,17 @@ class TaskStatus:
     KIND: ClassVar[str] = "task_status"
     VERSION: ClassVar[int] = 1
 
-    task_id: str
-    stream: str
+    task_id: TaskId
+    stream: Name
     state: str  # one of TASK_STATES
-    missing: tuple[str, ...]
-    reason: str
+    missing: tuple[Name, ...]
+    reason: Label
     window: Window = Window(0, 0)
-    expected: tuple[str, ...] = ()
+    expected: tuple[Name, ...] = ()
     ingest_ns: int = 0
-    missing_sensors: tuple[str, ...] = ()  # sensors with no usable data in the window
+    missing_sensors: tuple[Name, ...] = ()  # sensors with no usable data in the window
+    deadline_ns: int = 0
+    ticket: bytes = b""  # the coordinator's seal on the task
 
     def __post_init__(self) -> None:
         if self.state not in TASK_STATES:
@@ -348,19 +389,19 @@ class Decision:
     KIND: ClassVar[str] = "decision"
     VERSION: ClassVar[int] = 1
 
-    task_id: str
-    stream: str
+    task_id: TaskId
+    stream: Name
     window: Window
-    label: str
-    scores: dict[str, float]
+    label: Label
+    scores: dict[Label, float]
     status: str  # one of TASK_STATES
-    contributors: tuple[str, ...]
-    missing: tuple[str, ...]
-    strategy: str
+    contributors: tuple[Name, ...]
+    missing: tuple[Name, ...]
+    strategy: Label
     latency_ms: float  # ingest -> decision
     decided_ns: int = 0
     alarm: bool = False  # a threshold rule of the strategy fired
-    missing_sensors: tuple[str, ...] = ()  # sensors with no usable data in the window
+    missing_sensors: tuple[Name, ...] = ()  # sensors with no usable data in the window
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -370,13 +411,15 @@ class DeadLetter:
     KIND: ClassVar[str] = "dead_letter"
     VERSION: ClassVar[int] = 1
 
-    component: str
+    component: Name
     subject: str
-    reason: str
+    reason: Label
     error: str
-    data: bytes
+    data: bytes  # the original bytes, or their first few KiB when ``size`` is larger
     headers: dict[str, str] = field(default_factory=dict)
     first_seen_ns: int = 0
+    size: int = 0  # of the original message, in bytes
+    sha256: str = ""  # hex digest of the whole original message
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -386,12 +429,12 @@ class AgentInfo:
     KIND: ClassVar[str] = "agent_info"
     VERSION: ClassVar[int] = 1
 
-    agent_id: str
-    type: str
+    agent_id: Name
+    type: Name
     model: ModelRef
-    runtime: str
+    runtime: Label
     inputs: tuple[InputSpec, ...]
-    labels: tuple[str, ...]
+    labels: tuple[Label, ...]
     weight: float = 1.0
 
 
@@ -399,15 +442,15 @@ class AgentInfo:
 class OpenTaskRecord:
     """What the coordinator's journal keeps of a task still open, so a restart can finish it."""
 
-    task_id: str
-    stream: str
+    task_id: TaskId
+    stream: Name
     window: Window
-    expected: tuple[str, ...]
+    expected: tuple[Name, ...]
     deadline_ns: int
     ingest_ns: int
-    seen: tuple[str, ...] = ()
-    unavailable: tuple[str, ...] = ()
-    missing_sensors: tuple[str, ...] = ()
+    seen: tuple[Name, ...] = ()
+    unavailable: tuple[Name, ...] = ()
+    missing_sensors: tuple[Name, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -420,7 +463,11 @@ class OpenTaskPage:
     VERSION: ClassVar[int] = 1
 
     records: tuple[OpenTaskRecord, ...] = ()
-    ended: tuple[str, ...] = ()
+    ended: tuple[TaskId, ...] = ()
+    # Per stream, the start of its first window not yet opened: a restarted coordinator
+    # resumes cutting there, so data it is given again never reopens a window.
+    cursors: dict[Name, int] = field(default_factory=dict)
+    forgotten: tuple[Name, ...] = ()  # streams whose cursor no longer matters
 
 
 #: The states a sensor can be reported in.
@@ -434,8 +481,8 @@ class SensorStatus:
     KIND: ClassVar[str] = "sensor_status"
     VERSION: ClassVar[int] = 1
 
-    stream: str
-    sensor: str
+    stream: Name
+    sensor: Name
     state: str  # one of SENSOR_STATES
     last_seen_ns: int  # wall clock of its last chunk
     silent_ms: float

@@ -343,7 +343,9 @@ def test_wrong_field_type_names_the_field() -> None:
     [
         ({"dtype": "float32", "shape": [2, 3], "data": b"\x00" * 5}, "expected 24"),
         ({"dtype": "complex64", "shape": [1], "data": b"\x00" * 8}, "unsupported dtype"),
-        ({"dtype": "float32", "shape": [-1], "data": b""}, "non-negative"),
+        ({"dtype": "float32", "shape": [-1], "data": b""}, "ints in"),
+        ({"dtype": "float32", "shape": [0, 1 << 40], "data": b""}, "ints in"),
+        ({"dtype": "float32", "shape": [1] * 9, "data": b"\x00" * 4}, "9 dimensions"),
         ({"dtype": "float32", "shape": [1]}, "missing key"),
         ([1.0, 2.0], "expected a map"),
     ],

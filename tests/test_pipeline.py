@@ -90,7 +90,7 @@ async def test_malformed_bytes_become_dead_letters_and_the_pipeline_goes_on(
     )
     await decisions.wait_for(10)
     assert all(d.status == "complete" for d in decisions.items)
-    assert parts.agents[0].counts["dead_letters"] == 1
+    assert parts.agents[0].stats()["dead_letters"] == 1
 
 
 async def test_frame_the_plan_cannot_read_is_dead_lettered(pipeline: StartPipeline) -> None:

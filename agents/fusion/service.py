@@ -1,11 +1,14 @@
 """The fusion agent: collects results per task and emits exactly one decision per task.
 
 A decision goes out as soon as every expected type has answered, or when the coordinator's
-status says the task ended without them (partial, or failed with nothing in). Results are
+status says the task ended without them (partial, or failed with nothing in); if that
+status never comes, the task is decided a grace period after its own deadline. Results are
 acked only once their decision is stored (a result batch once every task in it is), so a
 fusion agent that restarts is redelivered what it had not finished; decisions carry
 ``Nats-Msg-Id: decision:<name>:<task_id>`` so the server drops a second decision for a task
-even across such a restart.
+even across such a restart. Only tasks the coordinator opened are decided: every result and
+status must carry the task's ticket (:mod:`schemas.tickets`); others are dead-lettered as
+``unknown_task``.
 """
 
 from __future__ import annotations
@@ -24,18 +27,23 @@ import structlog
 from agents.fusion.strategies import Strategy, Vote, WeightedMean
 from bus import (
     BatchPuller,
+    Delivery,
+    ExhaustedReaper,
     Histogram,
+    Inbound,
     Lifecycle,
     Producer,
     Subjects,
     TopologySettings,
-    ensure_reader_consumer,
     ensure_streams,
+    resume_consumer,
+    ticket_key,
 )
 from bus.discovery import PREFIX, ROLE
 from bus.subjects import check_token
-from bus.types import Connection, Message
-from schemas import CODEC, Decision, Result, ResultBatch, SchemaError, TaskStatus, Window
+from bus.types import Connection
+from schemas import CODEC, Decision, Result, ResultBatch, TaskStatus, UnknownTaskError, Window
+from schemas.tickets import is_sealed
 
 log = structlog.get_logger("fusebus.fusion")
 
@@ -47,25 +55,37 @@ class FusionSettings:
     """Limits of the fusion agent."""
 
     batch: int = 512
-    pending_ttl_s: float = 60.0  # a task heard of but never ended is decided partial after this
+    # A task the coordinator never ends (it died, and its journal lost the task) is decided
+    # this long after its deadline; one whose results carry no deadline, after pending_ttl_s.
+    status_grace_s: float = 2.0
+    pending_ttl_s: float = 60.0
     remember_decided: int = 200_000
+    require_tickets: bool = True  # decide only tasks whose results carry the coordinator's seal
 
 
-class Delivery:
+def decode_fusion_input(data: bytes) -> Result | ResultBatch | TaskStatus:
+    """A ``result``, ``result_batch`` or ``task_status``; raises :class:`SchemaError`."""
+    message: Result | ResultBatch | TaskStatus = CODEC.decode_one_of(
+        data, (Result, ResultBatch, TaskStatus)
+    )
+    return message
+
+
+class Held:
     """A delivered message, acked once every task it carries is decided (a result batch
     carries several)."""
 
-    __slots__ = ("msg", "open")
+    __slots__ = ("delivery", "open")
 
-    def __init__(self, msg: Message, tasks: int) -> None:
-        self.msg = msg
+    def __init__(self, delivery: Delivery, tasks: int) -> None:
+        self.delivery = delivery
         self.open = tasks
 
     async def settle_one(self) -> None:
         """One of its tasks is decided and stored; the last one acks the message."""
         self.open -= 1
         if self.open == 0:
-            await self.msg.ack()
+            await self.delivery.ack()
 
 
 @dataclass
@@ -78,8 +98,8 @@ class PendingTask:
     ingest_ns: int
     answers: dict[str, Vote | None] = field(default_factory=dict)  # by type; None: an error
     missing_sensors: tuple[str, ...] = ()
-    deliveries: list[Delivery] = field(default_factory=list)  # settled once it is decided
-    first_seen: float = field(default_factory=time.monotonic)
+    held: list[Held] = field(default_factory=list)  # settled once it is decided
+    decide_by: float = 0.0  # monotonic: decided then at the latest, with what it has
 
 
 class FusionAgent:
@@ -104,6 +124,13 @@ class FusionAgent:
         self.topology = topology or TopologySettings()
         self.settings = settings or FusionSettings()
         self.producer = Producer(nc, subjects)
+        self.inbound = Inbound(
+            component=COMPONENT,
+            producer=self.producer,
+            decode=decode_fusion_input,
+            max_deliver=self.topology.reader_max_deliver,
+        )
+        self._key = b""  # the deployment's ticket key, read at start
         self.instance_id = secrets.token_hex(4)
         self.pending: dict[str, PendingTask] = {}
         self.decided: OrderedDict[str, None] = OrderedDict()
@@ -131,18 +158,30 @@ class FusionAgent:
             if recent is not None
             else None,
             **self.counts,
+            **self.inbound.stats(),
         }
 
     async def start(self) -> FusionAgent:
         """Set up streams and the durable consumer, then start deciding."""
         js = self.nc.jetstream()
         await ensure_streams(js, self.subjects, self.topology)
-        await ensure_reader_consumer(
+        if self.settings.require_tickets:
+            self._key = await ticket_key(
+                js,
+                self.subjects,
+                manage=self.topology.manage,
+                storage=self.topology.storage_type,
+                wait_s=self.topology.wait_for_streams_s,
+            )
+        # What a previous run had not acked comes again at once, not after the ack wait.
+        await resume_consumer(
             js,
             self.subjects.results_stream,
             self.name,
             [self.subjects.all_results(), self.subjects.all_statuses()],
-            self.topology,
+            ack_wait_s=self.topology.reader_ack_wait_s,
+            max_deliver=self.topology.reader_max_deliver,
+            max_ack_pending=50_000,
         )
         self._puller = await self._life.pull(
             self.nc,
@@ -150,6 +189,14 @@ class FusionAgent:
             consumer=self.name,
             prefetch=self.settings.batch,
         )
+        reaper = ExhaustedReaper(
+            self.producer,
+            stream=self.subjects.results_stream,
+            consumer=self.name,
+            component=COMPONENT,
+            delete=False,  # the coordinator reads the same results
+        )
+        self._life.adopt(await reaper.start(self.nc))
         self._life.run(self._step, name="fusion")
         self._life.run(self._expire_step, name="fusion-expiry")
         await self._life.register(
@@ -166,6 +213,7 @@ class FusionAgent:
     async def stop(self) -> None:
         """Stop deciding; undecided results stay unacked for the next fusion agent."""
         await self._life.close()
+        await self.producer.close()
         log.info("fusion.stopped", **self.stats())
 
     async def __aenter__(self) -> FusionAgent:
@@ -178,38 +226,37 @@ class FusionAgent:
     async def _step(self) -> None:
         assert self._puller is not None
         msgs = await self._puller.next_batch(self.settings.batch, idle_timeout_s=1.0)
-        for msg in msgs:
-            await self._handle(msg)
+        for delivery, message in await self.inbound.take(msgs):
+            await self.inbound.run((delivery,), self._take(message, delivery))
 
-    async def _handle(self, msg: Message) -> None:
-        try:
-            message = CODEC.decode_any(msg.data)
-            if not isinstance(message, Result | ResultBatch | TaskStatus):
-                raise SchemaError("wrong_kind", f"{type(message).__name__} on {msg.subject}")
-        except SchemaError as exc:
-            self.counts["dead_letters"] += 1
-            await self.producer.dead_letter(
-                component=COMPONENT,
-                subject=msg.subject,
-                data=msg.data,
-                reason=exc.reason,
-                error=str(exc),
-                headers=msg.headers,
-            )
-            await msg.term()
-            return
+    async def _take(self, message: Result | ResultBatch | TaskStatus, delivery: Delivery) -> None:
+        """Fold one delivered message into its tasks, deciding those it completes.
+
+        Raises:
+            UnknownTaskError: a row's ticket does not match (nothing of the message is used).
+        """
         if isinstance(message, ResultBatch):
-            await self._take_batch(message, Delivery(msg, len(message)))
+            await self._take_batch(message, Held(delivery, len(message)))
             return
-        delivery = Delivery(msg, 1)
         window = message.window
+        span = (window.t_start_ns, window.t_end_ns)
+        self._check_ticket(
+            message.ticket,
+            message.task_id,
+            message.stream,
+            span,
+            message.expected,
+            message.deadline_ns,
+            message.ingest_ns,
+        )
         task = await self._task_of(
             message.task_id,
-            delivery,
+            Held(delivery, 1),
             message.stream,
-            (window.t_start_ns, window.t_end_ns),
+            span,
             message.expected,
             message.ingest_ns,
+            message.deadline_ns,
         )
         if task is None:
             return
@@ -222,38 +269,96 @@ class FusionAgent:
         else:
             await self._answer(message.task_id, task, message.type, None)
 
-    async def _take_batch(self, batch: ResultBatch, delivery: Delivery) -> None:
-        for i, task_id in enumerate(batch.task_ids):
-            window, expected, ingest_ns = batch.windows[i], batch.expected[i], batch.ingest_ns[i]
-            task = await self._task_of(task_id, delivery, batch.stream, window, expected, ingest_ns)
+    async def _take_batch(self, batch: ResultBatch, held: Held) -> None:
+        rows = range(len(batch))
+        for i in rows:  # every row is checked before any is used
+            window = (int(batch.windows[i, 0]), int(batch.windows[i, 1]))
+            self._check_ticket(
+                batch.ticket(i),
+                batch.task_ids[i],
+                batch.stream,
+                window,
+                batch.expected[i],
+                batch.deadline(i),
+                int(batch.ingest_ns[i]),
+            )
+        for i in rows:
+            task_id = batch.task_ids[i]
+            task = await self._task_of(
+                task_id,
+                held,
+                batch.stream,
+                batch.windows[i],
+                batch.expected[i],
+                batch.ingest_ns[i],
+                batch.deadline(i),
+            )
             if task is not None:
                 vote = Vote(batch.type, batch.labels, batch.outputs[i], batch.weight)
                 await self._answer(task_id, task, batch.type, vote)
 
+    def _check_ticket(
+        self,
+        ticket: bytes,
+        task_id: str,
+        stream: str,
+        window: tuple[int, int],
+        expected: tuple[str, ...],
+        deadline_ns: int,
+        ingest_ns: int,
+    ) -> None:
+        """Raises :class:`UnknownTaskError` unless the coordinator sealed this task."""
+        if not self.settings.require_tickets:
+            return
+        if not is_sealed(
+            self._key,
+            ticket,
+            task_id=task_id,
+            stream=stream,
+            window=window,
+            expected=expected,
+            deadline_ns=deadline_ns,
+            ingest_ns=ingest_ns,
+        ):
+            self.counts["unknown_task"] += 1
+            raise UnknownTaskError(
+                f"task {task_id[:80]!r} of stream {stream!r}: no valid ticket (not opened by "
+                "the coordinator, or altered on the way)"
+            )
+
     async def _task_of(
         self,
         task_id: str,
-        delivery: Delivery,
+        held: Held,
         stream: str,
         window: Sequence[int],
         expected: tuple[str, ...],
         ingest_ns: int,
+        deadline_ns: int,
     ) -> PendingTask | None:
-        """The pending task a message speaks of, which now holds ``delivery``; ``None`` (and
-        the delivery settled for it) when the task is already decided."""
+        """The pending task a message speaks of, which now holds ``held``; ``None`` (and
+        ``held`` settled for it) when the task is already decided."""
         if task_id in self.decided:
             self.counts["after_decision"] += 1
-            await delivery.settle_one()
+            await held.settle_one()
             return None
         task = self.pending.get(task_id)
         if task is None:
+            now = time.monotonic()
+            if deadline_ns:
+                decide_by = (
+                    now + (deadline_ns - time.time_ns()) / 1e9 + self.settings.status_grace_s
+                )
+            else:
+                decide_by = now + self.settings.pending_ttl_s
             task = self.pending[task_id] = PendingTask(
                 stream=stream,
                 window=Window(int(window[0]), int(window[1])),
                 expected=expected,
                 ingest_ns=int(ingest_ns),
+                decide_by=decide_by,
             )
-        task.deliveries.append(delivery)
+        task.held.append(held)
         return task
 
     async def _answer(
@@ -268,12 +373,19 @@ class FusionAgent:
             await self._decide(task_id, task, reason="")
 
     async def _expire_step(self) -> None:
-        await asyncio.sleep(1.0)
-        cutoff = time.monotonic() - self.settings.pending_ttl_s
+        await asyncio.sleep(0.25)
+        now = time.monotonic()
         for task_id, task in list(self.pending.items()):
-            if task.first_seen < cutoff:
-                self.counts["expired_pending"] += 1
+            if task.decide_by > now or task_id not in self.pending:
+                continue
+            self.counts["expired_pending"] += 1
+            try:
                 await self._decide(task_id, task, reason="no word from the coordinator")
+            except Exception as exc:
+                # One task that cannot be decided must not hold up the ones behind it: forget
+                # it, and let its results come again.
+                self.pending.pop(task_id, None)
+                await self.inbound.failed([h.delivery for h in task.held], exc)
 
     async def _decide(self, task_id: str, task: PendingTask, *, reason: str) -> None:
         votes = [vote for vote in task.answers.values() if vote is not None]
@@ -304,7 +416,7 @@ class FusionAgent:
             alarm=alarm,
             missing_sensors=task.missing_sensors,
         )
-        deliveries = task.deliveries
+        held = task.held
 
         async def stored(ok: bool, repeat: bool) -> None:
             # The task's results are acked only once its decision is stored: a fusion agent
@@ -316,8 +428,8 @@ class FusionAgent:
                 self.counts["decisions_refused"] += 1
                 self.decided.pop(task_id, None)
                 return
-            for delivery in deliveries:
-                await delivery.settle_one()
+            for one in held:
+                await one.settle_one()
 
         # Not awaited one by one: the next results are handled while the server stores this.
         await self.producer.decision_then(decision, decider=self.name, then=stored)

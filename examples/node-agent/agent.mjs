@@ -100,6 +100,7 @@ function subtasksOf(message) {
     deadline_ns: deadlines[i],
     expected: message.expected[i],
     ingest_ns: ingests[i],
+    ticket: message.tickets?.[i],
     input: inputOf(message.inputs?.[sensor], i),
   }));
 }
@@ -168,6 +169,8 @@ async function handle(msg) {
         agent_id: agentId, model: { name: "motion-energy-js", version: "1.0.0" },
         output: float32Vector(answers[i]), labels, latency_ms: latency, error: null,
         window: subtask.window, expected: subtask.expected, ingest_ns: subtask.ingest_ns, weight,
+        // Copied unchanged: fusion decides only tasks whose results carry the coordinator's seal.
+        deadline_ns: subtask.deadline_ns, ticket: subtask.ticket ?? new Uint8Array(0),
       }, { useBigInt64: true }),
     )));
     msg.ack();

@@ -1,0 +1,67 @@
+"""The deployment's ticket key (see :mod:`schemas.tickets`), kept in a JetStream KV bucket.
+
+The first coordinator or fusion agent that starts creates a random key; every later one
+reads it, so all coordinators and fusion agents of a deployment seal and check tickets
+alike. Agents never need it, and ``compose/nats.conf`` lets only the coordinator and fusion
+roles read the bucket: whoever may only publish results cannot forge a ticket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+
+from bus.subjects import Subjects
+from schemas import BusError
+from schemas.tickets import KEY_BYTES
+
+_KEY = "tickets"
+
+
+async def ticket_key(
+    js: JetStreamContext,
+    subjects: Subjects,
+    *,
+    manage: bool = True,
+    storage: StorageType = StorageType.FILE,
+    wait_s: float = 60.0,
+) -> bytes:
+    """The deployment's ticket key; created (with its bucket) if there is none yet and
+    ``manage`` is on, else waited for up to ``wait_s``.
+
+    Raises:
+        BusError: there is no key after ``wait_s`` (without ``manage``).
+    """
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while True:
+        try:
+            kv = await js.key_value(subjects.keys_bucket)
+        except BucketNotFoundError:
+            if manage:
+                kv = await js.create_key_value(
+                    KeyValueConfig(bucket=subjects.keys_bucket, history=1, storage=storage)
+                )
+            else:
+                kv = None
+        if kv is not None:
+            try:
+                entry = await kv.get(_KEY)
+                if entry.value and len(entry.value) == KEY_BYTES:
+                    return bytes(entry.value)
+            except KeyNotFoundError:
+                if manage:
+                    # Another component may be first: then read theirs.
+                    with contextlib.suppress(KeyWrongLastSequenceError):
+                        await kv.create(_KEY, secrets.token_bytes(KEY_BYTES))
+                    continue
+        if asyncio.get_running_loop().time() > deadline:
+            raise BusError(
+                f"no ticket key in bucket {subjects.keys_bucket}; start a coordinator that "
+                "manages the topology"
+            )
+        await asyncio.sleep(0.5)
