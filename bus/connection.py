@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,9 @@ class BusSettings:
         return [s.strip() for s in self.url.split(",") if s.strip()]
 
 
-async def connect(settings: BusSettings, *, name: str) -> Client:
+async def connect(
+    settings: BusSettings, *, name: str, on_closed: Callable[[], None] | None = None
+) -> Client:
     """Connect to NATS, reconnecting forever after a loss; raises :class:`BusError`.
 
     The first connect is retried for ``settings.wait_for_server_s`` so that components
@@ -62,6 +65,9 @@ async def connect(settings: BusSettings, *, name: str) -> Client:
     Args:
         settings: where and how to connect.
         name: the client name the server shows for this connection.
+        on_closed: called when the connection is closed for good (closed by us, or given up
+            by the client after an error it does not reconnect from), so that a process
+            never lives on without its bus.
     """
 
     nc = Client()
@@ -91,6 +97,10 @@ async def connect(settings: BusSettings, *, name: str) -> Client:
     async def on_reconnect() -> None:
         log.info("bus.reconnected", client=name)
 
+    async def on_close() -> None:
+        if on_closed is not None:
+            on_closed()
+
     options: dict[str, Any] = {
         "servers": settings.servers,
         "name": name,
@@ -101,6 +111,7 @@ async def connect(settings: BusSettings, *, name: str) -> Client:
         "error_cb": on_error,
         "disconnected_cb": on_disconnect,
         "reconnected_cb": on_reconnect,
+        "closed_cb": on_close,
         "pending_size": 8 * 1024 * 1024,
     }
     if settings.user is not None:

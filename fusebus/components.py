@@ -45,11 +45,14 @@ async def serve(
 ) -> int:
     """Connect, start a component, serve until a stop signal, then stop it and drain.
 
-    Returns the process exit code: 0, or 1 when stopping took longer than ``stop_timeout_s``
-    (the process exits anyway; whatever was not acked is redelivered to the next one).
+    Returns the process exit code: 0; or 1 when stopping took longer than ``stop_timeout_s``
+    (the process exits anyway; whatever was not acked is redelivered to the next one), or
+    when the connection was closed for good while serving: a component never lives on
+    without its bus, so that compose or a supervisor starts it again.
     """
     stop = stop_on_signals()
-    nc = await connect(bus, name=name)
+    closed = asyncio.Event()
+    nc = await connect(bus, name=name, on_closed=closed.set)
     code = 0
     try:
         component = await start(nc)
@@ -63,14 +66,22 @@ async def serve(
                 url=f"http://{metrics_host}:{metrics_port}/metrics",
             )
         log.info("component.ready", component=name, url=bus.url, prefix=bus.prefix)
-        await stop.wait()
-        log.info("component.stopping", component=name)
+        await _first(stop, closed)
+        if closed.is_set() and not stop.is_set():
+            log.error("bus.closed", component=name, url=bus.url, outcome="exit")
+            code, stop_timeout_s = 1, min(stop_timeout_s, 5.0)
+        else:
+            log.info("component.stopping", component=name)
         try:
             async with asyncio.timeout(stop_timeout_s):
                 await component.stop()
         except TimeoutError:
             log.error("component.stop_timeout", component=name, timeout_s=stop_timeout_s)
             code = 1
+        except Exception as exc:  # the bus is gone: what was not acked is redelivered
+            if not closed.is_set():
+                raise
+            log.debug("component.stop_failed", component=name, error=str(exc))
     finally:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(10.0):
@@ -79,3 +90,13 @@ async def serve(
             with contextlib.suppress(Exception):
                 await nc.close()
     return code
+
+
+async def _first(*events: asyncio.Event) -> None:
+    """Wait until any of ``events`` is set."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

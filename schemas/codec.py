@@ -33,10 +33,15 @@ def _identity(value: Any) -> Any:
     return value
 
 
+_INT64 = range(-(1 << 63), 1 << 63)
+
+
 def _scalar(kind: type, name: str) -> tuple[Encoder, Decoder]:
     def dec(value: Any, where: str) -> Any:
         if type(value) is not kind:
             raise SchemaError("bad_field", f"{where}: expected {name}, got {type(value).__name__}")
+        if kind is int and value not in _INT64:
+            raise SchemaError("bad_field", f"{where}: {value} does not fit in 64 bits")
         return value
 
     dec.scalar_type = kind  # type: ignore[attr-defined]  # lets sequences check in one pass
@@ -100,6 +105,8 @@ def _sequence(inner: tuple[Encoder, Decoder]) -> tuple[Encoder, Decoder]:
         if not isinstance(value, list | tuple):
             raise SchemaError("bad_field", f"{where}: expected a list, got {type(value).__name__}")
         if scalar is not None and all(type(item) is scalar for item in value):
+            if scalar is int and value and (min(value) < _INT64.start or max(value) >= _INT64.stop):
+                raise SchemaError("bad_field", f"{where}: a value does not fit in 64 bits")
             return tuple(value)  # the common case, checked without a call per item
         if rule is not None and all(type(item) is str for item in value):
             rule.check_all(value, where)

@@ -73,6 +73,9 @@ class SensorChunk:
     period_ns: int
     samples: np.ndarray  # [n, channels]
 
+    def __post_init__(self) -> None:
+        _check_times("SensorChunk", self.t0_ns, self.period_ns, self.samples, period_needed=True)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)  # arrays have no plain ==
 class SensorFrame:
@@ -85,6 +88,10 @@ class SensorFrame:
     t_ns: int
     sensors: dict[Name, np.ndarray]  # name -> [n, channels]
     period_ns: int = 0  # sample period; with n samples the window ends at t_ns + n * period_ns
+
+    def __post_init__(self) -> None:
+        for array in self.sensors.values():
+            _check_times("SensorFrame", self.t_ns, self.period_ns, array, period_needed=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)  # arrays have no plain ==
@@ -341,6 +348,28 @@ class ResultBatch:
             deadline_ns=self.deadline_ns[index] if self.deadline_ns is not None else None,
             tickets=tuple(self.tickets[i] for i in index) if self.tickets else (),
         )
+
+
+_MAX_TIME_NS = (1 << 63) - 1
+
+
+def _check_times(
+    where: str, start_ns: int, period_ns: int, samples: np.ndarray, *, period_needed: bool
+) -> None:
+    """Event times that make sense: a start at or after the epoch, a period (> 0 where one
+    is needed), samples as ``[n, channels]``, and an end that fits in 64 bits."""
+    if samples.ndim != 2:
+        raise SchemaError(
+            "bad_field", f"{where}: samples must be [n, channels], got {samples.shape}"
+        )
+    if start_ns < 0 or period_ns < 0 or (period_needed and period_ns == 0):
+        raise SchemaError(
+            "bad_field",
+            f"{where}: start {start_ns} and period {period_ns} must be >= 0"
+            + (" and the period > 0" if period_needed else ""),
+        )
+    if start_ns + samples.shape[0] * period_ns > _MAX_TIME_NS:
+        raise SchemaError("bad_field", f"{where}: its end does not fit in 64 bits")
 
 
 def _row_index(rows: np.ndarray) -> np.ndarray:

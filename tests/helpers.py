@@ -169,3 +169,17 @@ class FrameFeeder:
             self._task = None
         await self.producer.nc.flush()
         return self.sent
+
+
+async def eventually(ready: Callable[[], bool], *, timeout_s: float = 10.0, what: str = "") -> None:
+    """Wait until ``ready()`` holds, checking every 20 ms; fails the test after ``timeout_s``.
+
+    For conditions no event announces (a counter of another component); where an event
+    exists, wait on the event.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not ready():  # noqa: ASYNC110 - there is no event to wait on
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"not true within {timeout_s}s: {what or ready}") from None

@@ -137,14 +137,22 @@ def test_repeats_undeclared_sensors_and_bad_shapes(basicmotions: SensorDataset) 
                 samples=np.zeros((1, 1), np.float32),
             )
         )
+    with pytest.raises(SchemaError, match="the period > 0"):  # refused as it is decoded
+        SensorChunk(
+            stream="s",
+            sensor="accel",
+            t0_ns=START,
+            period_ns=0,
+            samples=np.zeros((1, 3), np.float32),
+        )
     with pytest.raises(SchemaError, match="bad_chunk"):
         w.add(
             SensorChunk(
                 stream="s",
                 sensor="accel",
                 t0_ns=START,
-                period_ns=0,
-                samples=np.zeros((1, 3), np.float32),
+                period_ns=1,
+                samples=np.zeros((1, 2), np.float32),  # 2 channels after 3
             )
         )
 
