@@ -102,6 +102,7 @@ class CoordinatorSettings:
     liveness_interval_s: float = 0.25  # how often silent sensors are looked for
     forget_stream_after_s: float = 300.0  # a stream silent this long is forgotten
     confirm_timeout_s: float = 2.0  # longest wait at a durability point for subtask acks
+    remember_ended_tasks: int = 20_000  # ended task ids kept to spot late results and repeats
 
     def __post_init__(self) -> None:
         if not self.journal_interval_ms > 0:
@@ -148,7 +149,7 @@ class Coordinator:
             decode=decode_answers,
             max_deliver=self.topology.reader_max_deliver,
         )
-        self.tracker = TaskTracker()
+        self.tracker = TaskTracker(remember_ended=self.settings.remember_ended_tasks)
         self.directory = AgentDirectory(forget_after_s=self.settings.forget_type_after_s)
         self.journal: TaskJournal | None = None
         self.instance_id = secrets.token_hex(4)

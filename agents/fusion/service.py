@@ -59,7 +59,9 @@ class FusionSettings:
     # this long after its deadline; one whose results carry no deadline, after pending_ttl_s.
     status_grace_s: float = 2.0
     pending_ttl_s: float = 60.0
-    remember_decided: int = 200_000
+    # Decided task ids kept to recognise late results; past this the oldest are forgotten
+    # (a repeat decision is then still dropped by the server's deduplication window).
+    remember_decided: int = 50_000
     require_tickets: bool = True  # decide only tasks whose results carry the coordinator's seal
 
 
