@@ -134,10 +134,16 @@ class RawPipeline(System):
 
 
 class Fusebus(System):
-    def __init__(self, replicas: int) -> None:
+    def __init__(self, replicas: int, *, durable_intake: bool = True) -> None:
         super().__init__()
         self.replicas = replicas
-        self.name = f"fusebus default (JetStream tasks, LiteRT, micro-batching), {replicas} replica{'s' if replicas > 1 else ''}/type"
+        self.durable_intake = durable_intake
+        per_type = f"{replicas} replica{'s' if replicas > 1 else ''}/type"
+        self.name = (
+            f"fusebus default (JetStream tasks, LiteRT, micro-batching), {per_type}"
+            if durable_intake
+            else f"fusebus without durable intake (sensor data on core NATS), {per_type}"
+        )
         self.subjects = Subjects("fb")
 
     async def start(self, url: str, nc: Client) -> None:
@@ -145,7 +151,10 @@ class Fusebus(System):
         plans = Path(tempfile.mkdtemp(prefix="fusebus-bench-")) / "plans.toml"
         plans.write_text(plans_toml())
         common = ("--nats-url", url, "--log-level", "warning")
-        self.spawn("coordinator", "-m", "fusebus", "coordinator", "--config", str(plans), *common)
+        intake = () if self.durable_intake else ("--no-durable-intake",)
+        self.spawn(
+            "coordinator", "-m", "fusebus", "coordinator", "--config", str(plans), *intake, *common
+        )
         self.spawn("fusion", "-m", "fusebus", "fusion", *common)
         for t in TYPES:
             for r in range(self.replicas):
@@ -331,6 +340,12 @@ async def measure(system: System, server: EmbeddedServer, args: argparse.Namespa
             cpus.append((sum(cpu_seconds(pid) for pid in pids) - cpu0) * 1e3 / args.frames)
         result.frames_per_s = statistics.median(rates)
         result.cpu_ms_per_frame = statistics.median(cpus)
+        print(
+            f"    {system.name}: frames/s {', '.join(f'{r:,.0f}' for r in rates)}; "
+            f"CPU-ms/frame {', '.join(f'{c:.3f}' for c in cpus)}",
+            file=sys.stderr,
+            flush=True,
+        )
         for rate in RATES:
             if rate <= 0.8 * result.frames_per_s:
                 result.latency[rate] = await run.fixed_rate(rate, args.seconds)
@@ -372,7 +387,12 @@ def limit(runtime: str, batch: int, count: int) -> Measured:
     )
 
 
-def render(results: list[Measured], raw_batched: Measured, fusebus_default: Measured) -> str:
+def render(
+    results: list[Measured],
+    raw_batched: Measured,
+    fusebus_default: Measured,
+    core_intake: Measured | None = None,
+) -> str:
     lines = [
         "# fusebus benchmarks",
         "",
@@ -408,6 +428,19 @@ def render(results: list[Measured], raw_batched: Measured, fusebus_default: Meas
         f"fusebus default / hand-written batched, max rate: **{fusebus_default.frames_per_s / raw_batched.frames_per_s:.2f}x** (target 0.6x); "
         f"p99 at 200 frames/s: **{p99:.2f}x** the hand-written pipeline's (target at most 2x).",
         "",
+    ]
+    if core_intake is not None:
+        lines += [
+            "Durable intake (sensor data through the INTAKE work queue, acked at durability "
+            f"points) against core NATS intake: max rate **{fusebus_default.frames_per_s:,.0f}** "
+            f"against {core_intake.frames_per_s:,.0f} frames/s "
+            f"(**{fusebus_default.frames_per_s / core_intake.frames_per_s:.2f}x**), "
+            f"CPU-ms per frame **{fusebus_default.cpu_ms_per_frame:.3f}** against "
+            f"{core_intake.cpu_ms_per_frame:.3f} "
+            f"(**{fusebus_default.cpu_ms_per_frame / core_intake.cpu_ms_per_frame:.2f}x**).",
+            "",
+        ]
+    lines += [
         "![latency against offered load](benchmarks-latency.png)",
     ]
     return "\n".join(lines) + "\n"
@@ -437,19 +470,25 @@ def draw(results: list[Measured], path: Path) -> None:
 
 async def main_async(args: argparse.Namespace) -> None:
     build_models()
-    results = [limit(rt, b, args.frames) for rt in ("litert", "tf") for b in (1, 64)]
+    only = set(args.only.split(",")) if args.only else None
+    results = []
+    if only is None or "limit" in only:
+        results = [limit(rt, b, args.frames) for rt in ("litert", "tf") for b in (1, 64)]
     for r in results:
         print(f"  {r.name}: {r.frames_per_s:,.0f} frames/s", file=sys.stderr, flush=True)
-    systems: list[Callable[[], System]] = [
-        lambda: RawPipeline(1),
-        lambda: RawPipeline(64),
-        lambda: Fusebus(1),
-        lambda: Fusebus(2),
-        lambda: Fusebus(4),
-        FusebusBasicMotions,
-    ]
+    systems: dict[str, Callable[[], System]] = {
+        "raw1": lambda: RawPipeline(1),
+        "raw64": lambda: RawPipeline(64),
+        "fusebus1": lambda: Fusebus(1),
+        "fusebus1-core": lambda: Fusebus(1, durable_intake=False),
+        "fusebus2": lambda: Fusebus(2),
+        "fusebus4": lambda: Fusebus(4),
+        "basicmotions": FusebusBasicMotions,
+    }
     measured = {}
-    for make in systems:
+    for key, make in systems.items():
+        if only is not None and key not in only:
+            continue
         system = make()
         with EmbeddedServer() as server:
             measured[system.name] = await measure(system, server, args)
@@ -459,11 +498,25 @@ async def main_async(args: argparse.Namespace) -> None:
             flush=True,
         )
     results += list(measured.values())
-    raw_batched = next(r for r in results if "batched up to 64" in r.name)
+    raw_batched = next((r for r in results if "batched up to 64" in r.name), None)
     fusebus_default = next(
-        r for r in results if r.name.startswith("fusebus default") and "1 replica/" in r.name
+        (r for r in results if r.name.startswith("fusebus default") and "1 replica/" in r.name),
+        None,
     )
-    table = render(results, raw_batched, fusebus_default)
+    core = next((r for r in results if "without durable intake" in r.name), None)
+    if only is not None:  # a partial run: figures on the terminal, the docs left alone
+        for r in results:
+            print(
+                f"{r.name}: {r.frames_per_s:,.0f} frames/s, {r.cpu_ms_per_frame:.3f} CPU-ms/frame"
+            )
+        if fusebus_default is not None and core is not None:
+            print(
+                f"durable intake / core intake: {fusebus_default.frames_per_s / core.frames_per_s:.2f}x "
+                f"frames/s, {fusebus_default.cpu_ms_per_frame / core.cpu_ms_per_frame:.2f}x CPU-ms/frame"
+            )
+        return
+    assert raw_batched is not None and fusebus_default is not None
+    table = render(results, raw_batched, fusebus_default, core)
     print(table)
     docs = ROOT / "docs"
     (docs / "benchmarks.md").write_text(table, encoding="utf-8")
@@ -478,6 +531,12 @@ def main() -> None:
         "--inflight", type=int, default=512, help="most frames in flight at max rate"
     )
     parser.add_argument("--seconds", type=float, default=2.0, help="length of each fixed-rate run")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated systems to measure (limit, raw1, raw64, fusebus1, fusebus1-core, "
+        "fusebus2, fusebus4, basicmotions); a partial run prints its figures and leaves docs/ alone",
+    )
     asyncio.run(main_async(parser.parse_args()))
 
 

@@ -79,6 +79,13 @@ class Lifecycle:
         for task in loops:
             task.cancel()
         for task in loops:
+            # In Python 3.11 ``asyncio.wait_for`` (inside nats-py's request) can swallow a
+            # cancellation that races with its reply, and the loop would then run on: cancel
+            # again until the task is done.
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.5)
+                if not task.done():
+                    task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         parts, self._parts = self._parts, []

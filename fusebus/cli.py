@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     coordinator.add_argument(
         "--record",
         action="store_true",
-        help="also keep sensor chunks and frames in the SENSORS stream (for `fusebus record`)",
+        help="also keep a copy of sensor chunks and frames in the SENSORS stream "
+        "(for `fusebus record`)",
     )
     coordinator.add_argument(
         "--drain-s",
@@ -180,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=64,
         help="most subtasks of a type sent in one message when windows arrive together "
         "(default: 64; 1 for agents that read only single subtasks)",
+    )
+    coordinator.add_argument(
+        "--no-durable-intake",
+        dest="durable_intake",
+        action="store_false",
+        help="take sensor data from core NATS instead of the INTAKE stream: faster, but what "
+        "arrives while the coordinator is down, or before it has made a window durable, is lost",
     )
 
     agent = commands.add_parser("agent", help="run one agent replica")

@@ -105,7 +105,10 @@ async def run_command(args: argparse.Namespace) -> int:
                 default=make_plan(deadline_ms=args.deadline_ms, max_inflight=args.max_inflight)
             )
         coordinator_settings = CoordinatorSettings(
-            name=args.name, drain_timeout_s=args.drain_s, subtask_batch=args.subtask_batch
+            name=args.name,
+            drain_timeout_s=args.drain_s,
+            subtask_batch=args.subtask_batch,
+            durable_intake=args.durable_intake,
         )
         topology = _topology(args, record_sensors=args.record)
         return await serve(

@@ -269,3 +269,28 @@ async def test_a_stopping_puller_hands_back_what_it_buffered(
     assert loop.time() - began < 5.0
     assert sorted(got, key=int) == [b"%d" % i for i in range(10)]
     await second.stop()
+
+
+async def test_a_loop_that_swallows_its_cancellation_is_still_stopped() -> None:
+    """In Python 3.11 a cancellation racing with a reply inside ``asyncio.wait_for`` can be
+    lost, and a loop then runs on; the lifecycle cancels again until the loop is done."""
+    from bus import Lifecycle
+
+    swallowed = 0
+
+    async def step() -> None:
+        nonlocal swallowed
+        try:
+            await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            if swallowed < 2:  # as a lost cancellation looks from the outside
+                swallowed += 1
+                return
+            raise
+
+    life = Lifecycle()
+    life.run(step, name="stubborn")
+    await asyncio.sleep(0.05)
+    async with asyncio.timeout(5):
+        await life.close()
+    assert swallowed == 2

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
+import msgpack
 import numpy as np
 
 from bus import Producer
 from coordinator import basicmotions_plan
 from fusebus.datasets import SensorDataset
 from fusebus.replay import replay_frames
-from schemas import DeadLetter, Decision, SensorFrame
+from schemas import DeadLetter, Decision, encode_array
 from tests.helpers import Collector, Pipeline
 
 StartPipeline = Callable[..., Awaitable[Pipeline]]
@@ -94,13 +95,19 @@ async def test_malformed_bytes_become_dead_letters_and_the_pipeline_goes_on(
 
 
 async def test_frame_the_plan_cannot_read_is_dead_lettered(pipeline: StartPipeline) -> None:
-    """A well-formed frame whose sensor data is not [samples, channels] is refused with its reason."""
+    """A frame whose sensor data is not [samples, channels] is refused with its reason (no
+    SensorFrame can hold it, so it is sent as a hand-made map)."""
     parts = await pipeline()
     letters = await Collector(DeadLetter).start(parts.nc, parts.subjects.all_dlq())
-    frame = SensorFrame(
-        stream="bm", t_ns=1, period_ns=1, sensors={"accel": np.zeros(5, np.float32)}
-    )
-    await Producer(parts.nc, parts.subjects).frame(frame)
+    frame = {
+        "v": 1,
+        "kind": "sensor_frame",
+        "stream": "bm",
+        "t_ns": 1,
+        "period_ns": 1,
+        "sensors": {"accel": encode_array(np.zeros(5, np.float32))},
+    }
+    await parts.nc.publish(parts.subjects.frame("bm"), msgpack.packb(frame))
     [letter] = await letters.wait_for(1)
     assert letter.component == "coordinator"
-    assert letter.reason == "bad_field" and "samples, channels" in letter.error
+    assert letter.reason == "bad_field" and "must be [n, channels]" in letter.error
