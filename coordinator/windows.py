@@ -31,6 +31,9 @@ class WindowShape:
     rate_hz: float
     max_gap_ns: int
     max_buffered_s: float = 120.0  # per sensor; older samples are dropped beyond it
+    # Data further than this past a stream's newest is refused: a clock gone wrong would
+    # otherwise make the stream cut every window in between.
+    max_jump_ns: int = 3600 * 10**9
 
     @property
     def samples(self) -> int:
@@ -148,6 +151,18 @@ class StreamWindower:
             raise SchemaError(
                 "bad_chunk",
                 f"sensor {chunk.sensor!r} sent {samples.shape[1]} channels, before {buffer.channels}",
+            )
+        newest = self.watermark_ns()
+        span_ns = samples.shape[0] * chunk.period_ns
+        if span_ns > self.shape.max_jump_ns:
+            raise SchemaError(
+                "time_jump", f"chunk of {chunk.sensor!r} spans {span_ns / 1e9:.0f} s of event time"
+            )
+        if newest and chunk.t0_ns > newest + self.shape.max_jump_ns:
+            raise SchemaError(
+                "time_jump",
+                f"chunk of {chunk.sensor!r} starts {(chunk.t0_ns - newest) / 1e9:.0f} s after the "
+                f"stream's newest data; at most {self.shape.max_jump_ns / 1e9:.0f} s is taken",
             )
         self.counts["chunks"] += 1
         end = chunk.t0_ns + samples.shape[0] * chunk.period_ns

@@ -304,3 +304,26 @@ def test_a_chunk_names_only_subject_tokens(sensor: str) -> None:
     else:
         with pytest.raises(SchemaError, match="bad_name"):
             CODEC.decode(encode(chunk), SensorChunk)
+
+
+async def test_chunks_far_ahead_in_event_time_are_refused_not_walked_to(
+    pipeline: StartPipeline, basicmotions: SensorDataset
+) -> None:
+    """A chunk whose clock jumped by decades, or whose period spans decades, is a dead letter
+    (time_jump): the coordinator does not try to cut every window up to it, and the next
+    windows of other streams are decided at once."""
+    parts = await pipeline()
+    subjects = parts.subjects
+    letters = await Collector(DeadLetter).start(parts.nc, subjects.dlq("coordinator"))
+    producer = Producer(parts.nc, subjects)
+    samples = np.zeros((10, 3), np.float32)
+    for t0_ns, period_ns in ((10**10, 10**7), (4 * 10**18, 10**7), (2 * 10**10, 10**16)):
+        await producer.chunk(
+            SensorChunk(
+                stream="jump", sensor="accel", t0_ns=t0_ns, period_ns=period_ns, samples=samples
+            )
+        )
+    refused = await letters.wait_for(2)
+    assert [letter.reason for letter in refused] == ["time_jump", "time_jump"]
+    decisions = await decide_frames(parts, basicmotions, "steady", 3)
+    assert [d.status for d in decisions] == ["complete"] * 3

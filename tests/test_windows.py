@@ -187,3 +187,21 @@ def test_liveness_reports_down_once_and_up_on_return() -> None:
     back = live.heard("s", "gyro", 2.0)
     assert back is not None and back.state == "up" and back.silent_s == pytest.approx(2.0)
     assert live.idle(5.0) == [] and live.idle(20.0) == ["s"] and len(live) == 0
+
+
+def test_a_chunk_far_past_the_newest_data_is_refused(basicmotions: SensorDataset) -> None:
+    """A chunk an hour and more past the stream's newest data (a clock gone wrong) is refused
+    instead of making the stream cut every window in between."""
+    w = windower()
+    first = schedule(basicmotions)[0]
+    assert w.add(first)
+    far = SensorChunk(
+        stream="s",
+        sensor=first.sensor,
+        t0_ns=first.t0_ns + 2 * 3600 * 10**9,
+        period_ns=first.period_ns,
+        samples=first.samples,
+    )
+    with pytest.raises(SchemaError, match="time_jump"):
+        w.add(far)
+    assert w.ready() == [] and w.counts["chunks"] == 1
