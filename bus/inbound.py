@@ -78,12 +78,6 @@ class Delivery:
         return self._attempt
 
     @property
-    def stream_sequence(self) -> int:
-        """Where JetStream stores the message (0 for core messages)."""
-        meta = self._msg.metadata if self.durable else None
-        return int(meta.sequence.stream) if meta and meta.sequence else 0
-
-    @property
     def reply_to(self) -> str | None:
         """Where the producer waits for an answer, if it asked: the reply subject of a core
         request, or the checked :data:`REPLY_TO` header of a stored message."""

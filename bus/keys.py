@@ -13,38 +13,35 @@ import contextlib
 import secrets
 
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import KeyValueConfig
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 
 from bus.subjects import Subjects
+from bus.topology import TopologySettings
 from schemas import BusError
 from schemas.tickets import KEY_BYTES
 
 _KEY = "tickets"
 
 
-async def ticket_key(
-    js: JetStreamContext,
-    subjects: Subjects,
-    *,
-    manage: bool = True,
-    storage: StorageType = StorageType.FILE,
-    wait_s: float = 60.0,
-) -> bytes:
-    """The deployment's ticket key; created (with its bucket) if there is none yet and
-    ``manage`` is on, else waited for up to ``wait_s``.
+async def ticket_key(js: JetStreamContext, subjects: Subjects, topology: TopologySettings) -> bytes:
+    """The deployment's ticket key; created (with its bucket, in the topology's storage) if
+    there is none yet and the topology is managed, else waited for as long as streams are.
 
     Raises:
-        BusError: there is no key after ``wait_s`` (without ``manage``).
+        BusError: there is no key in time (without ``topology.manage``).
     """
-    deadline = asyncio.get_running_loop().time() + wait_s
+    manage = topology.manage
+    deadline = asyncio.get_running_loop().time() + topology.wait_for_streams_s
     while True:
         try:
             kv = await js.key_value(subjects.keys_bucket)
         except BucketNotFoundError:
             if manage:
                 kv = await js.create_key_value(
-                    KeyValueConfig(bucket=subjects.keys_bucket, history=1, storage=storage)
+                    KeyValueConfig(
+                        bucket=subjects.keys_bucket, history=1, storage=topology.storage_type
+                    )
                 )
             else:
                 kv = None

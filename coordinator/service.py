@@ -201,13 +201,7 @@ class Coordinator:
         js = self.nc.jetstream()
         intake = self.settings.durable_intake
         await ensure_streams(js, self.subjects, self.topology, intake=intake)
-        self._key = await ticket_key(
-            js,
-            self.subjects,
-            manage=self.topology.manage,
-            storage=self.topology.storage_type,
-            wait_s=self.topology.wait_for_streams_s,
-        )
+        self._key = await ticket_key(js, self.subjects, self.topology)
         if self.settings.durable:
             pages = PageLog(
                 self.nc,

@@ -50,7 +50,7 @@ async def record(
         raise ConfigError(f"{exc}: start the coordinator with --record to record sensors") from None
     start_ns = time.time_ns() - int(since_s * 1e9) if since_s is not None else 0
     end_ns = until_ns or time.time_ns()
-    kept = len(subjects.recorded(subjects.frame("x"))) - len("frame.x")  # "<prefix>.rec."
+    kept = len(subjects.all_recorded()) - 1  # "<prefix>.rec." (the wildcard's stem)
     entries = [
         Entry(m.subject[kept:], m.time_ns, m.data)
         for m in stored

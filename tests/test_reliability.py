@@ -189,7 +189,7 @@ async def test_fusion_decides_a_task_the_coordinator_forgot_soon_after_its_deadl
     not after a fixed minute."""
     nc = await connect_bus("test")
     await ensure_streams(nc.jetstream(), subjects, TopologySettings())
-    key = await ticket_key(nc.jetstream(), subjects)
+    key = await ticket_key(nc.jetstream(), subjects, TopologySettings())
     fusion = await FusionAgent(
         await connect_bus("fusion"),
         subjects=subjects,

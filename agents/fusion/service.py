@@ -168,13 +168,7 @@ class FusionAgent:
         js = self.nc.jetstream()
         await ensure_streams(js, self.subjects, self.topology)
         if self.settings.require_tickets:
-            self._key = await ticket_key(
-                js,
-                self.subjects,
-                manage=self.topology.manage,
-                storage=self.topology.storage_type,
-                wait_s=self.topology.wait_for_streams_s,
-            )
+            self._key = await ticket_key(js, self.subjects, self.topology)
         # What a previous run had not acked comes again at once, not after the ack wait.
         await resume_consumer(
             js,
