@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from coordinator.plan import SubtaskSpec
-from schemas import Subtask, Window
+from schemas import Subtask, Task, Window
 from schemas.tickets import seal
 
 
@@ -20,14 +20,9 @@ def task_id_for(stream: str, window: Window) -> str:
 
 @dataclass(frozen=True)
 class Opening:
-    """A task about to open: its identity, what it waits for and the subtasks to publish."""
+    """A task about to open: the task, its subtasks to publish, and its ticket."""
 
-    task_id: str
-    stream: str
-    window: Window
-    expected: tuple[str, ...]
-    deadline_ns: int
-    ingest_ns: int
+    task: Task
     unavailable: frozenset[str]  # expected types with no input in this window
     subtasks: tuple[Subtask, ...]
     ticket: bytes  # the seal fusion checks on every result and status of the task
@@ -50,17 +45,15 @@ def decompose(
     Raises:
         SchemaError: a sensor's data cannot be sliced as the spec says.
     """
-    expected = tuple(spec.type for spec in specs)
-    deadline_ns = now_ns + int(deadline_ms * 1e6)
-    ticket = seal(
-        key,
+    task = Task(
         task_id=task_id,
         stream=stream,
-        window=(window.t_start_ns, window.t_end_ns),
-        expected=expected,
-        deadline_ns=deadline_ns,
+        window=window,
+        expected=tuple(spec.type for spec in specs),
         ingest_ns=now_ns,
+        deadline_ns=now_ns + int(deadline_ms * 1e6),
     )
+    ticket = seal(key, task)
     subtasks = []
     unavailable = set()
     for spec in specs:
@@ -74,20 +67,12 @@ def decompose(
                 type=spec.type,
                 window=window,
                 inputs={i.sensor: i.select(sensors[i.sensor]) for i in spec.inputs},
-                deadline_ns=deadline_ns,
-                expected=expected,
+                deadline_ns=task.deadline_ns,
+                expected=task.expected,
                 ingest_ns=now_ns,
                 ticket=ticket,
             )
         )
     return Opening(
-        task_id=task_id,
-        stream=stream,
-        window=window,
-        expected=expected,
-        deadline_ns=deadline_ns,
-        ingest_ns=now_ns,
-        unavailable=frozenset(unavailable),
-        subtasks=tuple(subtasks),
-        ticket=ticket,
+        task=task, unavailable=frozenset(unavailable), subtasks=tuple(subtasks), ticket=ticket
     )

@@ -26,8 +26,9 @@ from schemas import CODEC, OpenTaskPage, OpenTaskRecord, SchemaError, encode
 log = structlog.get_logger("fusebus.coordinator")
 
 
-def to_record(task: OpenTask) -> OpenTaskRecord:
+def to_record(entry: OpenTask) -> OpenTaskRecord:
     """The journal record of an open task."""
+    task = entry.task
     return OpenTaskRecord(
         task_id=task.task_id,
         stream=task.stream,
@@ -35,9 +36,9 @@ def to_record(task: OpenTask) -> OpenTaskRecord:
         expected=task.expected,
         deadline_ns=task.deadline_ns,
         ingest_ns=task.ingest_ns,
-        seen=tuple(sorted(task.seen)),
-        unavailable=tuple(sorted(task.unavailable)),
-        missing_sensors=task.missing_sensors,
+        seen=tuple(sorted(entry.seen)),
+        unavailable=tuple(sorted(entry.unavailable)),
+        missing_sensors=entry.missing_sensors,
     )
 
 
@@ -63,9 +64,9 @@ class TaskJournal:
             f"pages={len(self._live)} writes={self.writes})"
         )
 
-    def changed(self, task: OpenTask) -> None:
-        """``task`` opened or saw a result: write it at the next flush if still open."""
-        self._dirty[task.task_id] = task
+    def changed(self, entry: OpenTask) -> None:
+        """``entry`` opened or saw a result: write it at the next flush if still open."""
+        self._dirty[entry.task.task_id] = entry
 
     def ended(self, task_id: str) -> None:
         """``task_id`` ended: never write it again, and mark a written record as done."""
@@ -86,7 +87,7 @@ class TaskJournal:
         front that no longer hold a current record or cursor."""
         cursors = cursors or {}
         if self._dirty or self._ended or cursors or forgotten:
-            records = [to_record(task) for task in self._dirty.values()]
+            records = [to_record(entry) for entry in self._dirty.values()]
             ended, self._dirty, self._ended = tuple(self._ended), {}, []
             self._writing = {record.task_id for record in records}
             for stream in forgotten:

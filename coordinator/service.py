@@ -406,7 +406,7 @@ class Coordinator:
         log.debug(
             "window.handled",
             stream=cut.stream,
-            task_id=opening.task_id if opening else None,
+            task_id=opening.task.task_id if opening else None,
             duration_ms=round((time.perf_counter() - started) * 1e3, 3),
             outcome="opened" if opening else "skipped",
         )
@@ -435,19 +435,14 @@ class Coordinator:
             key=self._key,
         )
         ended = self.tracker.open(
-            task_id=opening.task_id,
-            stream=opening.stream,
-            window=opening.window,
-            expected=opening.expected,
-            deadline_ns=opening.deadline_ns,
-            ingest_ns=opening.ingest_ns,
+            opening.task,
             unavailable=opening.unavailable,
             missing_sensors=cut.missing,
             max_inflight=plan.max_inflight if plan.overflow == "drop_oldest" else None,
         )
-        task = self.tracker.get(opening.task_id)
-        if task is not None and self.journal is not None:
-            self.journal.changed(task)
+        entry = self.tracker.get(task_id)
+        if entry is not None and self.journal is not None:
+            self.journal.changed(entry)
         return opening, ended
 
     def _specs_for(self, plan: Plan, sensors: dict[str, np.ndarray]) -> list[SubtaskSpec]:
@@ -485,9 +480,9 @@ class Coordinator:
                 if closed is not None:
                     ended.append(closed)
                 elif seen is Seen.NEW and self.journal is not None:
-                    task = self.tracker.get(task_id)
-                    if task is not None:
-                        self.journal.changed(task)
+                    entry = self.tracker.get(task_id)
+                    if entry is not None:
+                        self.journal.changed(entry)
                 elif seen is not Seen.NEW:
                     log.debug("result.ignored", task_id=task_id, type=type_name, outcome=seen.value)
             self._done.append(delivery)
@@ -502,52 +497,37 @@ class Coordinator:
 
     async def _publish_ended(self, ended: list[Ended]) -> None:
         streams = set()
-        for task in ended:
+        for end in ended:
+            task = end.task
             streams.add(task.stream)
             if self.journal is not None:
                 self.journal.ended(task.task_id)
-            if task.state == "complete":
+            if end.state == "complete":
                 log.debug("task.complete", task_id=task.task_id, stream=task.stream)
                 continue
-            await self.producer.status(self._status(task))
+            await self.producer.status(
+                TaskStatus.of(
+                    task,
+                    state=end.state,
+                    missing=end.missing,
+                    reason=end.reason,
+                    missing_sensors=end.missing_sensors,
+                    ticket=seal(self._key, task),  # sealed like its subtasks
+                )
+            )
             log.info(
                 "task.ended",
                 task_id=task.task_id,
                 stream=task.stream,
-                state=task.state,
-                missing=list(task.missing),
-                missing_sensors=list(task.missing_sensors),
-                reason=task.reason,
+                state=end.state,
+                missing=list(end.missing),
+                missing_sensors=list(end.missing_sensors),
+                reason=end.reason,
             )
         for stream in streams & set(self._held):
             await self._release(stream)
         if not len(self.tracker):
             self._all_ended.set()
-
-    def _status(self, task: Ended) -> TaskStatus:
-        """The status of a task that ended without every result, sealed like its subtasks."""
-        window = (task.window.t_start_ns, task.window.t_end_ns)
-        return TaskStatus(
-            task_id=task.task_id,
-            stream=task.stream,
-            state=task.state,
-            missing=task.missing,
-            reason=task.reason,
-            window=task.window,
-            expected=task.expected,
-            ingest_ns=task.ingest_ns,
-            missing_sensors=task.missing_sensors,
-            deadline_ns=task.deadline_ns,
-            ticket=seal(
-                self._key,
-                task_id=task.task_id,
-                stream=task.stream,
-                window=window,
-                expected=task.expected,
-                deadline_ns=task.deadline_ns,
-                ingest_ns=task.ingest_ns,
-            ),
-        )
 
     # Durability -----------------------------------------------------------------------------
     async def _restore(self) -> None:

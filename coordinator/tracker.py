@@ -12,7 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 
-from schemas import OpenTaskRecord, Window
+from schemas import OpenTaskRecord, Task, TaskState
 
 
 class Seen(Enum):
@@ -28,12 +28,7 @@ class Seen(Enum):
 class OpenTask:
     """A task still waiting for results."""
 
-    task_id: str
-    stream: str
-    window: Window
-    expected: tuple[str, ...]
-    deadline_ns: int
-    ingest_ns: int
+    task: Task
     seen: set[str] = field(default_factory=set)
     unavailable: frozenset[str] = frozenset()  # types that were never published (no input)
     missing_sensors: tuple[str, ...] = ()
@@ -41,28 +36,23 @@ class OpenTask:
     @property
     def missing(self) -> tuple[str, ...]:
         """Expected types not answered, in expected order."""
-        return tuple(t for t in self.expected if t not in self.seen)
+        return tuple(t for t in self.task.expected if t not in self.seen)
 
     @property
     def settled(self) -> bool:
         """Every type that could answer has answered."""
-        return all(t in self.seen or t in self.unavailable for t in self.expected)
+        return all(t in self.seen or t in self.unavailable for t in self.task.expected)
 
 
 @dataclass(frozen=True)
 class Ended:
     """A task that just ended, and how."""
 
-    task_id: str
-    stream: str
-    window: Window
-    expected: tuple[str, ...]
-    ingest_ns: int
-    state: str  # complete | partial | failed
+    task: Task
+    state: TaskState
     missing: tuple[str, ...]
     reason: str
     missing_sensors: tuple[str, ...] = ()
-    deadline_ns: int = 0
 
 
 class TaskTracker:
@@ -138,13 +128,8 @@ class TaskTracker:
     # Events -------------------------------------------------------------------------------
     def open(
         self,
+        task: Task,
         *,
-        task_id: str,
-        stream: str,
-        window: Window,
-        expected: tuple[str, ...],
-        deadline_ns: int,
-        ingest_ns: int,
         unavailable: frozenset[str] = frozenset(),
         missing_sensors: tuple[str, ...] = (),
         max_inflight: int | None = None,
@@ -152,11 +137,12 @@ class TaskTracker:
         """Open a task; returns the tasks this ends (shed ones, or itself if nothing can answer).
 
         Raises:
-            ValueError: the id is already open, or ``expected`` is empty.
+            ValueError: the id is already open, or the task expects no type.
         """
+        task_id, stream = task.task_id, task.stream
         if task_id in self._open or task_id in self._ended:
             raise ValueError(f"task {task_id!r} was already opened")
-        if not expected:
+        if not task.expected:
             raise ValueError(f"task {task_id!r} expects no type")
         ended: list[Ended] = []
         if max_inflight is not None:
@@ -164,60 +150,46 @@ class TaskTracker:
                 oldest = next(iter(self._by_stream[stream]))
                 self.counts["shed"] += 1
                 ended.append(self._end(self._open[oldest], reason="shed: over max_inflight"))
-        task = OpenTask(
-            task_id=task_id,
-            stream=stream,
-            window=window,
-            expected=expected,
-            deadline_ns=deadline_ns,
-            ingest_ns=ingest_ns,
-            unavailable=unavailable,
-            missing_sensors=missing_sensors,
-        )
+        entry = OpenTask(task, unavailable=unavailable, missing_sensors=missing_sensors)
         orphaned = self._orphans.pop(task_id, None)
         if orphaned:
-            task.seen.update(t for t in orphaned if t in expected)
-        self._open[task_id] = task
+            entry.seen.update(t for t in orphaned if t in task.expected)
+        self._open[task_id] = entry
         self._by_stream.setdefault(stream, OrderedDict())[task_id] = None
-        self._windows[(stream, window.t_start_ns)] = task_id
-        heapq.heappush(self._deadlines, (deadline_ns, task_id))
+        self._windows[(stream, task.window.t_start_ns)] = task_id
+        heapq.heappush(self._deadlines, (task.deadline_ns, task_id))
         self.counts["opened"] += 1
-        if task.settled:
-            if task.seen:
-                ended.append(self._end(task, reason=""))
+        if entry.settled:
+            if entry.seen:
+                ended.append(self._end(entry, reason=""))
             else:
                 no_input = ",".join(sorted(missing_sensors) or sorted(unavailable))
-                ended.append(self._end(task, reason=f"no input: {no_input}"))
+                ended.append(self._end(entry, reason=f"no input: {no_input}"))
         return ended
 
     def restore(self, record: OpenTaskRecord) -> list[Ended]:
         """Reinstate a task opened before a restart, with the results it had; ends it at once
         if nothing more can come. A task already known here is left alone."""
-        if record.task_id in self._open or record.task_id in self._ended:
+        if self.known(record.task_id):
             return []
         ended = self.open(
-            task_id=record.task_id,
-            stream=record.stream,
-            window=record.window,
-            expected=record.expected,
-            deadline_ns=record.deadline_ns,
-            ingest_ns=record.ingest_ns,
+            record.task,
             unavailable=frozenset(record.unavailable),
             missing_sensors=record.missing_sensors,
         )
         self.counts["opened"] -= 1
         self.counts["restored"] += 1
-        task = self._open.get(record.task_id)
-        if task is not None:
-            task.seen.update(t for t in record.seen if t in record.expected)
-            if task.settled:
-                ended.append(self._end(task, reason="restored complete"))
+        entry = self._open.get(record.task_id)
+        if entry is not None:
+            entry.seen.update(t for t in record.seen if t in record.expected)
+            if entry.settled:
+                ended.append(self._end(entry, reason="restored complete"))
         return ended
 
     def record(self, task_id: str, type_name: str) -> tuple[Seen, Ended | None]:
         """Note that ``type_name`` answered ``task_id``; returns the task if that ended it."""
-        task = self._open.get(task_id)
-        if task is None:
+        entry = self._open.get(task_id)
+        if entry is None:
             seen = Seen.LATE if task_id in self._ended else Seen.UNKNOWN
             self.counts[seen.value] += 1
             if seen is Seen.UNKNOWN:
@@ -226,12 +198,12 @@ class TaskTracker:
                 if len(self._orphans) > self._remember_orphans:
                     self._orphans.popitem(last=False)
             return seen, None
-        if type_name in task.seen or type_name not in task.expected:
+        if type_name in entry.seen or type_name not in entry.task.expected:
             self.counts["repeat"] += 1
             return Seen.REPEAT, None
-        task.seen.add(type_name)
-        if task.settled:
-            return Seen.NEW, self._end(task, reason="")
+        entry.seen.add(type_name)
+        if entry.settled:
+            return Seen.NEW, self._end(entry, reason="")
         return Seen.NEW, None
 
     def expire(self, now_ns: int) -> list[Ended]:
@@ -239,14 +211,14 @@ class TaskTracker:
         ended = []
         while self._deadlines and self._deadlines[0][0] <= now_ns:
             _, task_id = heapq.heappop(self._deadlines)
-            task = self._open.get(task_id)
-            if task is not None:
-                ended.append(self._end(task, reason="deadline"))
+            entry = self._open.get(task_id)
+            if entry is not None:
+                ended.append(self._end(entry, reason="deadline"))
         return ended
 
-    def _end(self, task: OpenTask, *, reason: str) -> Ended:
-        missing = task.missing
-        state = "complete" if not missing else ("partial" if task.seen else "failed")
+    def _end(self, entry: OpenTask, *, reason: str) -> Ended:
+        task, missing = entry.task, entry.missing
+        state: TaskState = "complete" if not missing else ("partial" if entry.seen else "failed")
         del self._open[task.task_id]
         stream_tasks = self._by_stream[task.stream]
         del stream_tasks[task.task_id]
@@ -257,15 +229,4 @@ class TaskTracker:
         if len(self._ended) > self._remember_ended:
             self._ended.popitem(last=False)
         self.counts[state] += 1
-        return Ended(
-            task_id=task.task_id,
-            stream=task.stream,
-            window=task.window,
-            expected=task.expected,
-            ingest_ns=task.ingest_ns,
-            state=state,
-            missing=missing,
-            reason=reason,
-            missing_sensors=task.missing_sensors,
-            deadline_ns=task.deadline_ns,
-        )
+        return Ended(task, state, missing, reason, entry.missing_sensors)

@@ -31,6 +31,8 @@ from schemas.messages import (
     SensorStatus,
     Subtask,
     SubtaskBatch,
+    Task,
+    TaskState,
     TaskStatus,
     Window,
 )
@@ -63,6 +65,8 @@ __all__ = [
     "SubjectError",
     "Subtask",
     "SubtaskBatch",
+    "Task",
+    "TaskState",
     "TaskStatus",
     "TooLargeError",
     "UnknownTaskError",

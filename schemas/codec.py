@@ -69,6 +69,16 @@ def _float() -> tuple[Encoder, Decoder]:
     return float, dec
 
 
+def _choice(allowed: tuple[Any, ...]) -> tuple[Encoder, Decoder]:
+    def dec(value: Any, where: str) -> Any:
+        if type(value) is not str or value not in allowed:
+            shown = value if isinstance(value, int | float | bool) else repr(value)[:40]
+            raise SchemaError("bad_field", f"{where}: {shown} is not one of {', '.join(allowed)}")
+        return value
+
+    return _identity, dec
+
+
 def _optional(inner: tuple[Encoder, Decoder]) -> tuple[Encoder, Decoder]:
     enc_inner, dec_inner = inner
     return (
@@ -194,6 +204,8 @@ class Codec:
             if args[0] is str and rule is not None:
                 return _text(rule)
             return self._converter(args[0])
+        if origin is typing.Literal and all(type(a) is str for a in args):
+            return _choice(args)
         if hint is np.ndarray:
             return encode_array, decode_array
         if hint is float:

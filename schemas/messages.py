@@ -9,7 +9,7 @@ named with their unit.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Literal, get_args
 
 import numpy as np
 
@@ -24,7 +24,8 @@ TaskId = Annotated[str, TASK_ID]
 Label = Annotated[str, LABEL]
 
 #: The final states a task can reach; every task the coordinator opens ends in one of them.
-TASK_STATES = ("complete", "partial", "failed")
+TaskState = Literal["complete", "partial", "failed"]
+TASK_STATES: tuple[TaskState, ...] = get_args(TaskState)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,23 @@ class Window:
 
     t_start_ns: int
     t_end_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """What every part of fusebus knows of one task: which window of which stream, the
+    types it waits for, when the coordinator took its data in and when it is due.
+
+    Not a wire message of its own: the messages that speak of a task carry these fields
+    flat (``Subtask``, ``Result``, ``TaskStatus``...) and give them back as ``.task``.
+    """
+
+    task_id: str
+    stream: str
+    window: Window
+    expected: tuple[str, ...]
+    ingest_ns: int = 0  # wall clock, when the coordinator received the data
+    deadline_ns: int = 0  # wall clock; 0 when unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +129,13 @@ class Subtask:
     ingest_ns: int = 0  # when the coordinator received the data (wall clock)
     ticket: bytes = b""  # the coordinator's seal on the task (see schemas.tickets); copy it
 
+    @property
+    def task(self) -> Task:
+        """The task this subtask is a piece of."""
+        return Task(
+            self.task_id, self.stream, self.window, self.expected, self.ingest_ns, self.deadline_ns
+        )
+
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)  # arrays have no plain ==
 class Result:
@@ -134,6 +159,13 @@ class Result:
     weight: float = 1.0  # the agent's declared fusion weight, e.g. its validation accuracy
     deadline_ns: int = 0  # copied from the subtask
     ticket: bytes = b""  # copied from the subtask
+
+    @property
+    def task(self) -> Task:
+        """The task this result answers."""
+        return Task(
+            self.task_id, self.stream, self.window, self.expected, self.ingest_ns, self.deadline_ns
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)  # arrays have no plain ==
@@ -206,6 +238,17 @@ class SubtaskBatch:
     def ticket(self, i: int) -> bytes:
         """Row ``i``'s ticket (empty when the batch carries none)."""
         return self.tickets[i] if self.tickets else b""
+
+    def task(self, i: int) -> Task:
+        """The task of row ``i``."""
+        return Task(
+            self.task_ids[i],
+            self.streams[i],
+            Window(int(self.windows[i, 0]), int(self.windows[i, 1])),
+            self.expected[i],
+            int(self.ingest_ns[i]),
+            int(self.deadline_ns[i]),
+        )
 
     def items(self) -> list[Subtask]:
         """The subtasks, one by one."""
@@ -329,6 +372,17 @@ class ResultBatch:
         """Row ``i``'s deadline (0 when the batch carries none)."""
         return int(self.deadline_ns[i]) if self.deadline_ns is not None else 0
 
+    def task(self, i: int) -> Task:
+        """The task row ``i`` answers."""
+        return Task(
+            self.task_ids[i],
+            self.stream,
+            Window(int(self.windows[i, 0]), int(self.windows[i, 1])),
+            self.expected[i],
+            int(self.ingest_ns[i]),
+            self.deadline(i),
+        )
+
     def select(self, rows: np.ndarray) -> ResultBatch:
         """The results at ``rows`` (indexes, or a boolean mask), as a batch."""
         index = _row_index(rows)
@@ -396,7 +450,7 @@ class TaskStatus:
 
     task_id: TaskId
     stream: Name
-    state: str  # one of TASK_STATES
+    state: TaskState
     missing: tuple[Name, ...]
     reason: Label
     window: Window = Window(0, 0)
@@ -406,9 +460,38 @@ class TaskStatus:
     deadline_ns: int = 0
     ticket: bytes = b""  # the coordinator's seal on the task
 
-    def __post_init__(self) -> None:
-        if self.state not in TASK_STATES:
-            raise SchemaError("bad_field", f"TaskStatus.state: {self.state!r} not in {TASK_STATES}")
+    @classmethod
+    def of(
+        cls,
+        task: Task,
+        *,
+        state: TaskState,
+        missing: tuple[str, ...],
+        reason: str,
+        missing_sensors: tuple[str, ...] = (),
+        ticket: bytes = b"",
+    ) -> TaskStatus:
+        """The status of ``task``, ended in ``state``."""
+        return cls(
+            task_id=task.task_id,
+            stream=task.stream,
+            state=state,
+            missing=missing,
+            reason=reason,
+            window=task.window,
+            expected=task.expected,
+            ingest_ns=task.ingest_ns,
+            missing_sensors=missing_sensors,
+            deadline_ns=task.deadline_ns,
+            ticket=ticket,
+        )
+
+    @property
+    def task(self) -> Task:
+        """The task this status ends."""
+        return Task(
+            self.task_id, self.stream, self.window, self.expected, self.ingest_ns, self.deadline_ns
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -423,7 +506,7 @@ class Decision:
     window: Window
     label: Label
     scores: dict[Label, float]
-    status: str  # one of TASK_STATES
+    status: TaskState
     contributors: tuple[Name, ...]
     missing: tuple[Name, ...]
     strategy: Label
@@ -480,6 +563,13 @@ class OpenTaskRecord:
     seen: tuple[Name, ...] = ()
     unavailable: tuple[Name, ...] = ()
     missing_sensors: tuple[Name, ...] = ()
+
+    @property
+    def task(self) -> Task:
+        """The task this record keeps."""
+        return Task(
+            self.task_id, self.stream, self.window, self.expected, self.ingest_ns, self.deadline_ns
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

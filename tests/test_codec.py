@@ -359,10 +359,16 @@ def test_bad_arrays_are_refused_with_location(array: object, message: str) -> No
     assert "inputs.accel" in str(caught.value)
 
 
-def test_task_status_refuses_unknown_state() -> None:
-    """A task can only end complete, partial or failed."""
-    with pytest.raises(SchemaError):
-        TaskStatus(task_id="t", stream="s", state="maybe", missing=(), reason="")
+@pytest.mark.parametrize("kind", [TaskStatus, Decision])
+def test_states_outside_the_three_are_refused(kind: type) -> None:
+    """A task can only end complete, partial or failed: any other state on the wire is
+    refused at decode, naming the field."""
+    good = next(m for m in _singles(Window(0, 10)) if type(m) is kind)
+    body = msgpack.unpackb(encode(good))
+    field = "state" if kind is TaskStatus else "status"
+    body[field] = "maybe"
+    with pytest.raises(SchemaError, match=f"{kind.__name__}.{field}: 'maybe' is not one of"):
+        decode(msgpack.packb(body), kind)
 
 
 def test_unsupported_dtype_cannot_be_encoded() -> None:

@@ -10,19 +10,15 @@ from nats.aio.client import Client
 from bus import PageLog, Subjects
 from coordinator.journal import TaskJournal
 from coordinator.tracker import OpenTask
-from schemas import Window
+from schemas import Task, Window
 
 Connect = Callable[[str], Awaitable[Client]]
 
 
 def task(index: int, seen: tuple[str, ...] = ()) -> OpenTask:
+    # The deadline is far away, and within 64 bits as the wire requires.
     return OpenTask(
-        task_id=f"s:{index}:x",
-        stream="s",
-        window=Window(index, index + 1),
-        expected=("a", "b"),
-        deadline_ns=2**62,  # far away, and within 64 bits as the wire requires
-        ingest_ns=index,
+        Task(f"s:{index}:x", "s", Window(index, index + 1), ("a", "b"), index, 2**62),
         seen=set(seen),
     )
 

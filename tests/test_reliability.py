@@ -34,6 +34,7 @@ from schemas import (
     SensorChunk,
     SensorFrame,
     Subtask,
+    Task,
     Window,
     encode,
 )
@@ -198,14 +199,7 @@ async def test_fusion_decides_a_task_the_coordinator_forgot_soon_after_its_deadl
     decisions = await Collector(Decision).start_stream(nc, subjects.decision("bm"))
     try:
         now = time.time_ns()
-        task = {
-            "task_id": "bm:42",
-            "stream": "bm",
-            "window": (42, 43),
-            "expected": ("accel", "gyro"),
-            "deadline_ns": now + 500_000_000,
-            "ingest_ns": now,
-        }
+        task = Task("bm:42", "bm", Window(42, 43), ("accel", "gyro"), now, now + 500_000_000)
         result = Result(
             task_id="bm:42",
             stream="bm",
@@ -219,7 +213,7 @@ async def test_fusion_decides_a_task_the_coordinator_forgot_soon_after_its_deadl
             expected=("accel", "gyro"),
             ingest_ns=now,
             deadline_ns=now + 500_000_000,
-            ticket=seal(key, **task),  # type: ignore[arg-type]
+            ticket=seal(key, task),
         )
         await Producer(nc, subjects).js.publish(subjects.result("bm"), encode(result))
         [decision] = await decisions.wait_for(1, timeout_s=10)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from coordinator import Seen, TaskTracker
-from schemas import Window
+from schemas import Task, Window
 
 MS = 1_000_000
 
@@ -19,15 +19,8 @@ def open_task(
     deadline_ns: int = 100 * MS,
     **kwargs: object,
 ) -> list[object]:
-    return tracker.open(  # type: ignore[arg-type]
-        task_id=task_id,
-        stream=stream,
-        window=Window(start, start + 10),
-        expected=("accel", "gyro"),
-        deadline_ns=deadline_ns,
-        ingest_ns=0,
-        **kwargs,
-    )
+    task = Task(task_id, stream, Window(start, start + 10), ("accel", "gyro"), 0, deadline_ns)
+    return tracker.open(task, **kwargs)  # type: ignore[arg-type]
 
 
 def test_task_completes_when_every_type_answers() -> None:
@@ -89,7 +82,7 @@ def test_every_task_ends_exactly_once() -> None:
             _, done = tracker.record(f"t{i}", type_name)
             ended += [done] if done else []
     ended += tracker.expire(10**12)
-    assert sorted(e.task_id for e in ended) == sorted(f"t{i}" for i in range(50))
+    assert sorted(e.task.task_id for e in ended) == sorted(f"t{i}" for i in range(50))
     assert tracker.counts["complete"] == 25 and tracker.counts["failed"] == 25
 
 
@@ -111,7 +104,7 @@ def test_over_max_inflight_the_oldest_task_is_shed() -> None:
     open_task(tracker, "b", start=10, max_inflight=2)
     open_task(tracker, "other", stream="s2", start=0, max_inflight=2)
     [shed] = open_task(tracker, "c", start=20, max_inflight=2)
-    assert shed.task_id == "a" and shed.reason.startswith("shed")
+    assert shed.task.task_id == "a" and shed.reason.startswith("shed")
     assert tracker.open_in("s") == 2 and tracker.open_in("s2") == 1 and tracker.counts["shed"] == 1
 
 

@@ -17,7 +17,6 @@ import asyncio
 import secrets
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +41,16 @@ from bus import (
 from bus.discovery import PREFIX, ROLE
 from bus.subjects import check_token
 from bus.types import Connection
-from schemas import CODEC, Decision, Result, ResultBatch, TaskStatus, UnknownTaskError, Window
+from schemas import (
+    CODEC,
+    Decision,
+    Result,
+    ResultBatch,
+    Task,
+    TaskState,
+    TaskStatus,
+    UnknownTaskError,
+)
 from schemas.tickets import is_sealed
 
 log = structlog.get_logger("fusebus.fusion")
@@ -94,10 +102,7 @@ class Held:
 class PendingTask:
     """What fusion knows of a task not yet decided."""
 
-    stream: str
-    window: Window
-    expected: tuple[str, ...]
-    ingest_ns: int
+    task: Task
     answers: dict[str, Vote | None] = field(default_factory=dict)  # by type; None: an error
     missing_sensors: tuple[str, ...] = ()
     held: list[Held] = field(default_factory=list)  # settled once it is decided
@@ -234,157 +239,89 @@ class FusionAgent:
         if isinstance(message, ResultBatch):
             await self._take_batch(message, Held(delivery, len(message)))
             return
-        window = message.window
-        span = (window.t_start_ns, window.t_end_ns)
-        self._check_ticket(
-            message.ticket,
-            message.task_id,
-            message.stream,
-            span,
-            message.expected,
-            message.deadline_ns,
-            message.ingest_ns,
-        )
-        task = await self._task_of(
-            message.task_id,
-            Held(delivery, 1),
-            message.stream,
-            span,
-            message.expected,
-            message.ingest_ns,
-            message.deadline_ns,
-        )
-        if task is None:
+        self._check_ticket(message.ticket, message.task)
+        pending = await self._pending(message.task, Held(delivery, 1))
+        if pending is None:
             return
-        if isinstance(message, TaskStatus):
-            task.missing_sensors = message.missing_sensors
-            await self._decide(message.task_id, task, reason=message.reason or message.state)
-        elif message.error is None and message.output is not None:
-            vote = Vote(message.type, message.labels, message.output, message.weight)
-            await self._answer(message.task_id, task, message.type, vote)
-        else:
-            await self._answer(message.task_id, task, message.type, None)
+        match message:
+            case TaskStatus():
+                pending.missing_sensors = message.missing_sensors
+                await self._decide(pending, reason=message.reason or message.state)
+            case Result(error=None, output=np.ndarray() as output):
+                vote = Vote(message.type, message.labels, output, message.weight)
+                await self._answer(pending, message.type, vote)
+            case Result():
+                await self._answer(pending, message.type, None)
 
     async def _take_batch(self, batch: ResultBatch, held: Held) -> None:
-        rows = range(len(batch))
-        for i in rows:  # every row is checked before any is used
-            window = (int(batch.windows[i, 0]), int(batch.windows[i, 1]))
-            self._check_ticket(
-                batch.ticket(i),
-                batch.task_ids[i],
-                batch.stream,
-                window,
-                batch.expected[i],
-                batch.deadline(i),
-                int(batch.ingest_ns[i]),
-            )
-        for i in rows:
-            task_id = batch.task_ids[i]
-            task = await self._task_of(
-                task_id,
-                held,
-                batch.stream,
-                batch.windows[i],
-                batch.expected[i],
-                batch.ingest_ns[i],
-                batch.deadline(i),
-            )
-            if task is not None:
+        tasks = [batch.task(i) for i in range(len(batch))]
+        for i, task in enumerate(tasks):  # every row is checked before any is used
+            self._check_ticket(batch.ticket(i), task)
+        for i, task in enumerate(tasks):
+            pending = await self._pending(task, held)
+            if pending is not None:
                 vote = Vote(batch.type, batch.labels, batch.outputs[i], batch.weight)
-                await self._answer(task_id, task, batch.type, vote)
+                await self._answer(pending, batch.type, vote)
 
-    def _check_ticket(
-        self,
-        ticket: bytes,
-        task_id: str,
-        stream: str,
-        window: tuple[int, int],
-        expected: tuple[str, ...],
-        deadline_ns: int,
-        ingest_ns: int,
-    ) -> None:
+    def _check_ticket(self, ticket: bytes, task: Task) -> None:
         """Raises :class:`UnknownTaskError` unless the coordinator sealed this task."""
         if not self.settings.require_tickets:
             return
-        if not is_sealed(
-            self._key,
-            ticket,
-            task_id=task_id,
-            stream=stream,
-            window=window,
-            expected=expected,
-            deadline_ns=deadline_ns,
-            ingest_ns=ingest_ns,
-        ):
+        if not is_sealed(self._key, ticket, task):
             self.counts["unknown_task"] += 1
             raise UnknownTaskError(
-                f"task {task_id[:80]!r} of stream {stream!r}: no valid ticket (not opened by "
-                "the coordinator, or altered on the way)"
+                f"task {task.task_id[:80]!r} of stream {task.stream!r}: no valid ticket (not "
+                "opened by the coordinator, or altered on the way)"
             )
 
-    async def _task_of(
-        self,
-        task_id: str,
-        held: Held,
-        stream: str,
-        window: Sequence[int],
-        expected: tuple[str, ...],
-        ingest_ns: int,
-        deadline_ns: int,
-    ) -> PendingTask | None:
+    async def _pending(self, task: Task, held: Held) -> PendingTask | None:
         """The pending task a message speaks of, which now holds ``held``; ``None`` (and
         ``held`` settled for it) when the task is already decided."""
-        if task_id in self.decided:
+        if task.task_id in self.decided:
             self.counts["after_decision"] += 1
             await held.settle_one()
             return None
-        task = self.pending.get(task_id)
-        if task is None:
+        pending = self.pending.get(task.task_id)
+        if pending is None:
             now = time.monotonic()
-            if deadline_ns:
-                decide_by = (
-                    now + (deadline_ns - time.time_ns()) / 1e9 + self.settings.status_grace_s
-                )
+            if task.deadline_ns:
+                due_in_s = (task.deadline_ns - time.time_ns()) / 1e9
+                decide_by = now + due_in_s + self.settings.status_grace_s
             else:
                 decide_by = now + self.settings.pending_ttl_s
-            task = self.pending[task_id] = PendingTask(
-                stream=stream,
-                window=Window(int(window[0]), int(window[1])),
-                expected=expected,
-                ingest_ns=int(ingest_ns),
-                decide_by=decide_by,
-            )
-        task.held.append(held)
-        return task
+            pending = self.pending[task.task_id] = PendingTask(task, decide_by=decide_by)
+        pending.held.append(held)
+        return pending
 
-    async def _answer(
-        self, task_id: str, task: PendingTask, type_name: str, vote: Vote | None
-    ) -> None:
+    async def _answer(self, pending: PendingTask, type_name: str, vote: Vote | None) -> None:
         """Record one type's answer (``None`` for an error) and decide once all are in."""
-        if type_name in task.answers:
+        if type_name in pending.answers:
             self.counts["repeat_results"] += 1
             return
-        task.answers[type_name] = vote
-        if task.expected and all(t in task.answers for t in task.expected):
-            await self._decide(task_id, task, reason="")
+        pending.answers[type_name] = vote
+        expected = pending.task.expected
+        if expected and all(t in pending.answers for t in expected):
+            await self._decide(pending, reason="")
 
     async def _expire_step(self) -> None:
         await asyncio.sleep(0.25)
         now = time.monotonic()
-        for task_id, task in list(self.pending.items()):
-            if task.decide_by > now or task_id not in self.pending:
+        for task_id, pending in list(self.pending.items()):
+            if pending.decide_by > now or task_id not in self.pending:
                 continue
             self.counts["expired_pending"] += 1
             try:
-                await self._decide(task_id, task, reason="no word from the coordinator")
+                await self._decide(pending, reason="no word from the coordinator")
             except Exception as exc:
                 # One task that cannot be decided must not hold up the ones behind it: forget
                 # it, and let its results come again.
                 self.pending.pop(task_id, None)
-                await self.inbound.failed([h.delivery for h in task.held], exc)
+                await self.inbound.failed([h.delivery for h in pending.held], exc)
 
-    async def _decide(self, task_id: str, task: PendingTask, *, reason: str) -> None:
-        votes = [vote for vote in task.answers.values() if vote is not None]
+    async def _decide(self, pending: PendingTask, *, reason: str) -> None:
+        task = pending.task
+        task_id = task.task_id
+        votes = [vote for vote in pending.answers.values() if vote is not None]
         contributors = tuple(v.type for v in votes)
         expected = task.expected or contributors
         missing = tuple(t for t in expected if t not in contributors)
@@ -395,7 +332,7 @@ class FusionAgent:
             label, scores, alarm = fused.label, fused.scores, fused.alarm
         else:
             label, scores = "", {}
-        status = "complete" if not missing else ("partial" if votes else "failed")
+        status: TaskState = "complete" if not missing else ("partial" if votes else "failed")
         now_ns = time.time_ns()
         decision = Decision(
             task_id=task_id,
@@ -410,9 +347,9 @@ class FusionAgent:
             latency_ms=(now_ns - task.ingest_ns) / 1e6 if task.ingest_ns else 0.0,
             decided_ns=now_ns,
             alarm=alarm,
-            missing_sensors=task.missing_sensors,
+            missing_sensors=pending.missing_sensors,
         )
-        held = task.held
+        held = pending.held
 
         async def stored(ok: bool, repeat: bool) -> None:
             # The task's results are acked only once its decision is stored: a fusion agent
