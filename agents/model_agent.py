@@ -8,8 +8,8 @@ import numpy as np
 
 from agents.model_card import ModelCard
 from agents.runtimes import ModelRuntime, load_runtime
-from bus.subjects import check_token
 from schemas import ConfigError, InputSpec, ModelError, ModelRef
+from schemas.limits import check_name
 
 
 class ModelAgent:
@@ -30,7 +30,7 @@ class ModelAgent:
         if not model_path.exists():
             raise ConfigError(f"model file {model_path} does not exist")
         self.card = ModelCard.for_model(model_path)
-        self.type = check_token(type_name or self.card.type, "type")
+        self.type = check_name(type_name or self.card.type, "type")
         self.model = ModelRef(self.card.name, self.card.version)
         self.inputs: tuple[InputSpec, ...] = self.card.inputs
         self.labels = self.card.labels

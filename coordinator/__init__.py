@@ -1,5 +1,7 @@
 """The coordinator: plans, the pure task tracker and the service that runs them."""
 
+from typing import TYPE_CHECKING, Any
+
 from coordinator.directory import AgentDirectory, KnownType
 from coordinator.plan import (
     BUILTIN_PLANS,
@@ -10,8 +12,10 @@ from coordinator.plan import (
     auto_plan,
     basicmotions_plan,
 )
-from coordinator.service import Coordinator, CoordinatorSettings
 from coordinator.tracker import Ended, OpenTask, Seen, TaskTracker
+
+if TYPE_CHECKING:
+    from coordinator.service import Coordinator, CoordinatorSettings
 
 __all__ = [
     "BUILTIN_PLANS",
@@ -30,3 +34,13 @@ __all__ = [
     "auto_plan",
     "basicmotions_plan",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The service brings the bus (nats, structlog) with it, so it loads only when asked
+    # for: the pure parts above import on their own.
+    if name in ("Coordinator", "CoordinatorSettings"):
+        from coordinator import service
+
+        return getattr(service, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

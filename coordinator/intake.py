@@ -17,6 +17,7 @@ import heapq
 import itertools
 import time
 from collections.abc import Awaitable, Callable
+from typing import assert_never
 
 import structlog
 
@@ -120,10 +121,13 @@ class SensorIntake:
         Raises:
             SchemaError: it cannot be used (no plan, wrong subject, undeclared sensor...).
         """
-        if isinstance(message, SensorFrame):
-            await self._take_frame(message, delivery)
-        else:
-            await self._take_chunk(message, delivery)
+        match message:
+            case SensorFrame():
+                await self._take_frame(message, delivery)
+            case SensorChunk():
+                await self._take_chunk(message, delivery)
+            case _:
+                assert_never(message)
 
     async def keep_alive(self, older_than_s: float) -> int:
         """Tell the server that chunks waiting longer than ``older_than_s`` for their window

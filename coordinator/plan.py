@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bus.subjects import check_token
 from schemas import ConfigError, SchemaError
+from schemas.limits import check_name
 
 #: What to do with a new window when a stream already has ``max_inflight`` open tasks:
 #: ``drop_oldest`` ends the oldest open task (counted as shed) so fresh data goes first;
@@ -46,7 +46,7 @@ class SensorSpec:
     max_silence_ms: float = 5000.0
 
     def __post_init__(self) -> None:
-        check_token(self.name, "sensor")
+        check_name(self.name, "sensor")
         if not self.max_silence_ms > 0:
             raise ConfigError(f"sensor {self.name!r}: max_silence_ms must be > 0")
 
@@ -59,7 +59,7 @@ class SensorInput:
     channels: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        check_token(self.sensor, "sensor")
+        check_name(self.sensor, "sensor")
         if self.channels is not None and (not self.channels or any(c < 0 for c in self.channels)):
             raise ConfigError(f"sensor {self.sensor!r}: channels must be non-negative indexes")
 
@@ -88,7 +88,7 @@ class SubtaskSpec:
     inputs: tuple[SensorInput, ...]
 
     def __post_init__(self) -> None:
-        check_token(self.type, "type")
+        check_name(self.type, "type")
         if not self.inputs:
             raise ConfigError(f"subtask {self.type!r} reads no sensor")
 
@@ -179,7 +179,7 @@ class PlanBook:
     ) -> None:
         self.plans = dict(plans or {})
         for stream in self.plans:
-            check_token(stream, "stream")
+            check_name(stream, "stream")
         self.default = default
 
     def __repr__(self) -> str:

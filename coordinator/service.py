@@ -22,7 +22,7 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, assert_never
 
 import numpy as np
 import structlog
@@ -471,10 +471,13 @@ class Coordinator:
         msgs = await self._puller.next_batch(self.settings.results_batch, idle_timeout_s=1.0)
         ended: list[Ended] = []
         for delivery, message in await self.result_inbound.take(msgs):
-            if isinstance(message, ResultBatch):
-                answered = [(task_id, message.type) for task_id in message.task_ids]
-            else:
-                answered = [(message.task_id, message.type)]
+            match message:
+                case ResultBatch():
+                    answered = [(task_id, message.type) for task_id in message.task_ids]
+                case Result():
+                    answered = [(message.task_id, message.type)]
+                case _:
+                    assert_never(message)
             for task_id, type_name in answered:
                 seen, closed = self.tracker.record(task_id, type_name)
                 if closed is not None:

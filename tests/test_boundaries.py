@@ -42,6 +42,41 @@ def test_serving_path_never_imports_tensorflow(statement: str) -> None:
     assert "keras" not in loaded
 
 
+PURE_CORES = [
+    "schemas",
+    "coordinator",
+    "coordinator.plan",
+    "coordinator.windows",
+    "coordinator.decompose",
+    "coordinator.tracker",
+    "coordinator.directory",
+    "coordinator.liveness",
+    "agents",
+    "agents.fusion",
+    "agents.fusion.strategies",
+]
+
+
+@pytest.mark.parametrize("module", PURE_CORES)
+def test_pure_cores_import_without_the_transport(module: str) -> None:
+    """Plans, windows, the tracker, decomposition and fusion strategies are plain code: they
+    load without nats, structlog or the bus (the services load only when asked for)."""
+    loaded = _modules_loaded_after(f"import {module}")
+    assert {"nats", "structlog", "bus"}.isdisjoint(loaded), sorted(
+        name for name in loaded if name.split(".")[0] in ("nats", "structlog", "bus")
+    )
+
+
+def test_services_still_come_from_their_packages() -> None:
+    """The lazy package attributes give the services (and nothing that does not exist)."""
+    loaded = _modules_loaded_after(
+        "from coordinator import Coordinator; from agents.fusion import FusionAgent; "
+        "from agents import AgentRuntime; import coordinator; "
+        "assert not hasattr(coordinator, 'Nope')"
+    )
+    assert {"coordinator.service", "agents.fusion.service", "agents.runtime", "nats"} <= loaded
+
+
 def test_only_bus_imports_nats() -> None:
     """Transport stays in bus/: every other package reaches NATS through it."""
     for layer in ("schemas", "coordinator", "agents", "fusebus"):

@@ -18,7 +18,7 @@ import secrets
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, assert_never
 
 import numpy as np
 import structlog
@@ -250,8 +250,10 @@ class FusionAgent:
             case Result(error=None, output=np.ndarray() as output):
                 vote = Vote(message.type, message.labels, output, message.weight)
                 await self._answer(pending, message.type, vote)
-            case Result():
+            case Result():  # the agent could not answer: the type is in, with no vote
                 await self._answer(pending, message.type, None)
+            case _:
+                assert_never(message)
 
     async def _take_batch(self, batch: ResultBatch, held: Held) -> None:
         tasks = [batch.task(i) for i in range(len(batch))]
