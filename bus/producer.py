@@ -353,16 +353,16 @@ class Producer:
         await self.js.publish(self.subjects.sensor_status(status.stream), encode(status))
 
     async def decision_then(
-        self, decision: Decision, *, decider: str, then: Callable[[bool, bool], Awaitable[None]]
+        self, decision: Decision, *, then: Callable[[bool, bool], Awaitable[None]]
     ) -> None:
         """Publish a decision without waiting; ``then(stored, repeat)`` runs when the server
         answers: ``stored`` False on an error, ``repeat`` True when it dropped a repeat (the
-        ``Nats-Msg-Id`` is ``decision:<decider>:<task_id>``, so one fusion agent never gives a
-        task two decisions, even across a restart)."""
+        ``Nats-Msg-Id`` is ``decision:<fusion>:<task_id>``, so one fusion agent never gives a
+        task two decisions, even across a restart, while several may each decide it)."""
         await self._publish_acked(
             self.subjects.decision(decision.stream),
             self._fits(encode(decision), "decision"),
-            {MSG_ID: f"decision:{decider}:{decision.task_id}"},
+            {MSG_ID: f"decision:{decision.fusion}:{decision.task_id}"},
             then,
         )
 

@@ -67,7 +67,8 @@ async def test_auto_plan_follows_agent_types_as_they_come_and_go(
     subjects: Subjects, connect_bus: Connect, basicmotions: SensorDataset
 ) -> None:
     """With an `auto` plan, a gyro agent started mid-stream is expected from the next windows
-    on, and once it stops, later windows stop expecting it and are complete without it."""
+    on, and once it stops, later windows stop expecting it and are complete without it,
+    naming it as absent."""
     nc = await connect_bus("test")
     decisions = await Collector(Decision).start(nc, subjects.decision("bm"))
     fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
@@ -82,12 +83,13 @@ async def test_auto_plan_follows_agent_types_as_they_come_and_go(
         async with live_stream(nc, subjects, basicmotions, every_s=0.04):
             first = await decisions.wait_for(5)
             assert all(d.contributors == ("accel",) and d.status == "complete" for d in first[:5])
+            assert all(d.absent == () and d.fusion == "fusion" for d in first[:5])
 
             gyro = await start_agent(
                 connect_bus, subjects, ModelAgent(models_dir() / "gyro.tflite")
             )
             both = await decisions.wait_until(lambda d: set(d.contributors) == {"accel", "gyro"})
-            assert both.status == "complete" and both.missing == ()
+            assert both.status == "complete" and both.missing == () and both.absent == ()
 
             await gyro.stop()
             stopped_at = time.time_ns()
@@ -96,6 +98,7 @@ async def test_auto_plan_follows_agent_types_as_they_come_and_go(
                 lambda d: d.decided_ns > stopped_at + 2 * 10**9 and d.status == "complete"
             )
             assert after.contributors == ("accel",) and after.missing == ()
+            assert after.absent == ("gyro",)  # it answered this stream lately
     finally:
         for component in (coordinator, accel, gyro, fusion):
             if component is not None:

@@ -19,6 +19,7 @@ from tests.test_faults import model_agent
 
 Connect = Callable[[str], Awaitable[Client]]
 CAP = 30  # ended / decided task ids remembered
+STREAMS_REMEMBERED = 10  # streams whose answering types fusion remembers
 
 
 def footprint(coordinator: Coordinator, fusion: FusionAgent) -> dict[str, int]:
@@ -42,6 +43,7 @@ def footprint(coordinator: Coordinator, fusion: FusionAgent) -> dict[str, int]:
         "unconfirmed": coordinator.producer.unconfirmed,
         "pending": len(fusion.pending),
         "decided": len(fusion.decided),
+        "answered_lately": len(fusion.answered_lately),
         "fusion_unconfirmed": fusion.producer.unconfirmed,
     }
 
@@ -57,7 +59,7 @@ async def test_idle_streams_leave_nothing_behind_and_memories_are_capped(
     fusion = await FusionAgent(
         await connect_bus("fusion"),
         subjects=subjects,
-        settings=FusionSettings(remember_decided=CAP),
+        settings=FusionSettings(remember_decided=CAP, remember_streams=STREAMS_REMEMBERED),
     ).start()
     coordinator = await Coordinator(
         await connect_bus("coordinator"),
@@ -96,6 +98,8 @@ async def test_idle_streams_leave_nothing_behind_and_memories_are_capped(
     first, *_, last = rounds
     assert first == last, rounds
     assert last["ended"] == CAP and last["decided"] == CAP
-    idle = {k: v for k, v in last.items() if k not in ("ended", "decided", "journal_pages")}
+    assert last["answered_lately"] == STREAMS_REMEMBERED
+    capped = ("ended", "decided", "answered_lately", "journal_pages")
+    idle = {k: v for k, v in last.items() if k not in capped}
     assert set(idle.values()) == {0}, idle
     assert last["journal_pages"] <= 1

@@ -70,6 +70,11 @@ class FusionSettings:
     # Decided task ids kept to recognise late results; past this the oldest are forgotten
     # (a repeat decision is then still dropped by the server's deduplication window).
     remember_decided: int = 50_000
+    # Types that answered a stream within this long are expected of it: a decision made
+    # without one of them (with ``auto`` plans, a type whose replicas all left) names it in
+    # ``absent``. The types of at most ``remember_streams`` streams are kept.
+    remember_types_s: float = 300.0
+    remember_streams: int = 10_000
     require_tickets: bool = True  # decide only tasks whose results carry the coordinator's seal
 
 
@@ -141,6 +146,7 @@ class FusionAgent:
         self.instance_id = secrets.token_hex(4)
         self.pending: dict[str, PendingTask] = {}
         self.decided: OrderedDict[str, None] = OrderedDict()
+        self.answered_lately: OrderedDict[str, dict[str, float]] = OrderedDict()
         self.counts: Counter[str] = Counter()
         self.latency = Histogram()  # ingest -> decision, seconds
         self.recent_latency_ms: deque[float] = deque(maxlen=2048)  # for p50/p99 in status
@@ -327,6 +333,7 @@ class FusionAgent:
         contributors = tuple(v.type for v in votes)
         expected = task.expected or contributors
         missing = tuple(t for t in expected if t not in contributors)
+        absent = self._absent(task, contributors)
         strategy = self.strategies.get(task.stream, self.strategy)
         alarm = False
         if votes:
@@ -350,6 +357,8 @@ class FusionAgent:
             decided_ns=now_ns,
             alarm=alarm,
             missing_sensors=pending.missing_sensors,
+            fusion=self.name,
+            absent=absent,
         )
         held = pending.held
 
@@ -367,7 +376,7 @@ class FusionAgent:
                 await one.settle_one()
 
         # Not awaited one by one: the next results are handled while the server stores this.
-        await self.producer.decision_then(decision, decider=self.name, then=stored)
+        await self.producer.decision_then(decision, then=stored)
         del self.pending[task_id]
         self.decided[task_id] = None
         if len(self.decided) > self.settings.remember_decided:
@@ -385,4 +394,20 @@ class FusionAgent:
             latency_ms=round(decision.latency_ms, 2),
             alarm=alarm,
             reason=reason,
+            **({"absent": list(absent)} if absent else {}),
         )
+
+    def _absent(self, task: Task, contributors: tuple[str, ...]) -> tuple[str, ...]:
+        """Types that answered this stream lately but were not expected of this task; notes
+        the ``contributors`` as answering it now."""
+        now = time.monotonic()
+        types = self.answered_lately.pop(task.stream, {})
+        self.answered_lately[task.stream] = types  # the most recently decided stream last
+        for type_name in contributors:
+            types[type_name] = now
+        cutoff = now - self.settings.remember_types_s
+        for type_name in [t for t, at in types.items() if at < cutoff]:
+            del types[type_name]
+        while len(self.answered_lately) > self.settings.remember_streams:
+            self.answered_lately.popitem(last=False)
+        return tuple(sorted(t for t in types if t not in task.expected))
