@@ -7,7 +7,7 @@ answers every outcome the component does not answer itself:
 
 - the bytes do not decode, or handling raised a :class:`~schemas.FusebusError`: the message
   is dead-lettered under the error's ``reason`` and terminated (a producer that asked is
-  answered ``rejected: <reason>``); it is never retried;
+  answered ``rejected: <reason>: <what was wrong>``); it is never retried;
 - handling raised anything else: the message is nak'd with a backoff by attempt, counted
   and logged, and dead-lettered as ``max_deliveries`` on its last allowed attempt;
 - the dead letter itself cannot be stored: the message is nak'd, so it comes back later
@@ -118,6 +118,10 @@ class Delivery:
             except Exception as exc:  # the producer may have given up; the answer is a courtesy
                 log.debug("delivery.answer_failed", subject=self.subject, error=str(exc))
 
+
+#: An answer to a producer names the reason and what was wrong, in at most this many
+#: characters (the dead letter keeps the whole error).
+_MAX_ANSWER_CHARS = 500
 
 def _is_inbox(subject: str) -> bool:
     """A reply subject a producer may name: ``_INBOX.`` plus valid tokens, bounded."""
@@ -272,4 +276,5 @@ class Inbound(Generic[M]):
             return
         self.counts["dead_letters"] += 1
         await delivery.term()
-        await delivery.answer(f"rejected: {reason}".encode())
+        detail = error.removeprefix(f"{reason}: ")
+        await delivery.answer(f"rejected: {reason}: {detail}"[:_MAX_ANSWER_CHARS].encode())

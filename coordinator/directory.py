@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from coordinator.plan import SensorInput, SubtaskSpec
 from schemas import AgentInfo, InputSpec
@@ -41,6 +42,7 @@ class AgentDirectory:
     def __init__(self, *, forget_after_s: float = 2.0) -> None:
         self.forget_after_s = forget_after_s
         self._types: dict[str, KnownType] = {}
+        self.by_type: Mapping[str, KnownType] = MappingProxyType(self._types)  # read-only, live
 
     def __repr__(self) -> str:
         return (

@@ -16,12 +16,14 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import assert_never
 
 import structlog
 
 from bus import Delivery, Producer, Subjects
+from coordinator.admission import check_chunk, check_frame
+from coordinator.directory import KnownType
 from coordinator.liveness import Change, SensorLiveness
 from coordinator.plan import Plan, PlanBook
 from coordinator.windows import CutWindow, StreamWindower, shape_from_plan
@@ -43,6 +45,7 @@ class SensorIntake:
         on_window: called with every window (and the frame's delivery, to answer it).
         on_consumed: called with deliveries whose data no window still to cut needs.
         forget_after_s: a stream silent this long is forgotten (its last windows closed).
+        readers: the running agent types, whose cards say what shape of data they read.
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class SensorIntake:
         on_window: OnWindow,
         on_consumed: OnConsumed,
         forget_after_s: float,
+        readers: Mapping[str, KnownType] | None = None,
     ) -> None:
         self.plans = plans
         self.subjects = subjects
@@ -61,7 +65,11 @@ class SensorIntake:
         self._on_window = on_window
         self._on_consumed = on_consumed
         self.liveness = SensorLiveness(forget_after_s=forget_after_s)
+        self.readers: Mapping[str, KnownType] = readers if readers is not None else {}
+        self._forget_after_s = forget_after_s
         self._windowers: dict[str, StreamWindower] = {}
+        # Per frame stream: its last frame's window and when it came (monotonic).
+        self._frame_streams: dict[str, tuple[Window, float]] = {}
         self._watched: set[str] = set()
         # Per stream, chunk deliveries still needed, by the end of their data.
         self._waiting: dict[str, list[tuple[int, int, Delivery]]] = {}
@@ -80,7 +88,7 @@ class SensorIntake:
         """Counters, with the live stream count and the late chunks of live streams."""
         return {
             **self.counts,
-            "streams": len(self._windowers),
+            "streams": len(self._windowers.keys() | self._frame_streams.keys()),
             "late_chunks": sum(w.counts["late_chunks"] for w in self._windowers.values()),
             "chunks_waiting": sum(len(q) for q in self._waiting.values()),
         }
@@ -143,14 +151,26 @@ class SensorIntake:
         return told
 
     async def _take_frame(self, frame: SensorFrame, delivery: Delivery) -> None:
-        """Take a pre-aligned frame as one window."""
+        """Take a pre-aligned frame as one window, once it is checked.
+
+        Raises:
+            SchemaError: see :func:`~coordinator.admission.check_frame`; or the frame's window
+                overlaps the stream's previous frame without being the same window.
+        """
         self.counts["frames"] += 1
         plan = self._plan_for(frame.stream, delivery.subject)
-        if not frame.sensors:
-            raise SchemaError("bad_field", "frame carries no sensor")
+        absent = check_frame(frame, plan, self.readers, time.time_ns())
         samples = next(iter(frame.sensors.values())).shape[0]
         window = Window(frame.t_ns, frame.t_ns + samples * frame.period_ns)
-        absent = tuple(s.name for s in plan.sensors if s.name not in frame.sensors)
+        previous = self._frame_streams.get(frame.stream)
+        if previous is not None and _overlap(previous[0], window):
+            raise SchemaError(
+                "overlapping_window",
+                f"frame window [{window.t_start_ns}, {window.t_end_ns}) of stream "
+                f"{frame.stream!r} overlaps the previous one [{previous[0].t_start_ns}, "
+                f"{previous[0].t_end_ns}): is t_ns in nanoseconds?",
+            )
+        self._frame_streams[frame.stream] = (window, time.monotonic())
         cut = CutWindow(frame.stream, window, frame.sensors, absent)
         await self._on_window(cut, delivery, plan)
 
@@ -160,6 +180,7 @@ class SensorIntake:
         plan = self._plan_for(chunk.stream, delivery.subject)
         if delivery.subject != self.subjects.sensor(chunk.stream, chunk.sensor):
             raise SchemaError("stream_mismatch", f"chunk of {chunk.sensor!r} on {delivery.subject}")
+        check_chunk(chunk, plan, self.readers, time.time_ns())
         windower = self._windower(chunk.stream, plan)
         if windower.add(chunk):
             end = chunk.t0_ns + chunk.samples.shape[0] * chunk.period_ns
@@ -238,6 +259,13 @@ class SensorIntake:
     async def check_liveness(self) -> None:
         """Announce sensors gone silent, close what no longer waits for them, forget idle streams."""
         now = time.monotonic()
+        idle_frames = [
+            stream
+            for stream, (_, heard) in self._frame_streams.items()
+            if now - heard > self._forget_after_s
+        ]
+        for stream in idle_frames:
+            del self._frame_streams[stream]
         for change in self.liveness.check(now):
             self.counts["sensors_down"] += 1
             windower = self._windowers.get(change.stream)
@@ -282,3 +310,9 @@ class SensorIntake:
             sensor=change.sensor,
             silent_ms=round(change.silent_s * 1e3),
         )
+
+
+def _overlap(a: Window, b: Window) -> bool:
+    """Two windows share time and are not the same window (that is a repeat, not an overlap)."""
+    same = a.t_start_ns == b.t_start_ns
+    return not same and a.t_start_ns < b.t_end_ns and b.t_start_ns < a.t_end_ns

@@ -190,6 +190,12 @@ class PlanBook:
         """Whether any plan learns its types from discovery."""
         return any(p.auto for p in (*self.plans.values(), self.default) if p is not None)
 
+    @property
+    def listed_types(self) -> tuple[str, ...]:
+        """Every subtask type some plan lists by name, sorted."""
+        plans = (*self.plans.values(), self.default)
+        return tuple(sorted({t for p in plans if p is not None for t in p.types}))
+
     def for_stream(self, stream: str) -> Plan | None:
         """The plan that applies to ``stream``, or ``None`` when no plan does."""
         return self.plans.get(stream, self.default)

@@ -55,13 +55,14 @@ from coordinator.windows import CutWindow
 from schemas import (
     CODEC,
     ConfigError,
+    FusebusError,
     Result,
     ResultBatch,
-    SchemaError,
     SensorChunk,
     SensorFrame,
     Subtask,
     TaskStatus,
+    UnservedError,
 )
 from schemas.tickets import seal
 
@@ -155,8 +156,9 @@ class Coordinator:
         self.instance_id = secrets.token_hex(4)
         self._key = b""  # the deployment's ticket key, read at start
         self.counts: dict[str, int] = dict.fromkeys(
-            ("unserved", "held", "rejected", "windows_refused", "acked"), 0
+            ("unserved", "windows_unserved", "held", "rejected", "windows_refused", "acked"), 0
         )
+        self.unserved: set[str] = set()  # listed types with no replica running
         self.intake = SensorIntake(
             plans=plans,
             subjects=subjects,
@@ -164,6 +166,7 @@ class Coordinator:
             on_window=self._on_window,
             on_consumed=self._consumed,
             forget_after_s=self.settings.forget_stream_after_s,
+            readers=self.directory.by_type,
         )
         self._held: dict[str, deque[tuple[CutWindow, Delivery | None]]] = {}
         self._done: list[Delivery] = []  # handled; acked at the next durability point
@@ -193,6 +196,7 @@ class Coordinator:
             "subtasks_unconfirmed": self.producer.unconfirmed,
             "publish_retries": self.producer.retries,
             "agent_types": sorted(self.directory.types),
+            "unserved_types": sorted(self.unserved),
             **self.tracker.counts,
         }
 
@@ -233,9 +237,10 @@ class Coordinator:
         await self._reap(self.subjects.results_stream, self.subjects.coordinator_consumer, False)
         self._life.run(self._results_step, name="coordinator-results")
         self._life.run(self._deadline_step, name="coordinator-deadlines")
-        if self.plans.any_auto:
-            await self._discovery_step()  # know the running types before the first window
-            self._life.run(self._discovery_step, name="coordinator-discovery")
+        # Know the running types before the first window: auto plans take them, and a listed
+        # type nobody serves is said at once rather than by every task waiting out its deadline.
+        await self._discover()
+        self._life.run(self._discovery_step, name="coordinator-discovery")
         self._life.run(self._liveness_step, name="coordinator-liveness")
         await self._start_intake()
         await self._life.register(
@@ -387,18 +392,30 @@ class Coordinator:
 
     async def _admit(self, cut: CutWindow, frame: Delivery | None, plan: Plan) -> None:
         started = time.perf_counter()
+        if self.tracker.known(task_id_for(cut.stream, cut.window)):
+            # The window is open or decided already: a producer that sent it twice, or data
+            # given again after a restart (which looks the same), so it is not dead-lettered.
+            self.tracker.counts["duplicate_windows"] += 1
+            if frame is not None:
+                await frame.answer(
+                    f"rejected: duplicate_window: stream {cut.stream!r} already has the window "
+                    f"at t_ns {cut.window.t_start_ns}".encode()
+                )
+                self._consumed([frame])
+            return
         try:
             opening, shed = self._open(cut, plan)
-        except SchemaError as exc:
+        except FusebusError as exc:
             self.counts["windows_refused"] += 1
             if frame is not None:
                 await self.sensor_inbound.dead_letter(frame, exc.reason, str(exc))
             else:
                 log.warning("window.refused", stream=cut.stream, reason=exc.reason, error=str(exc))
             return
-        if opening is not None:
-            for subtask in opening.subtasks:
-                await self.outbox.add(subtask.type, subtask)
+        for subtask in opening.subtasks:
+            if subtask.type in self.unserved:
+                self.counts["unserved"] += 1
+            await self.outbox.add(subtask.type, subtask)
         if frame is not None:
             await frame.answer(ACCEPTED)
             self._consumed([frame])
@@ -406,22 +423,22 @@ class Coordinator:
         log.debug(
             "window.handled",
             stream=cut.stream,
-            task_id=opening.task.task_id if opening else None,
+            task_id=opening.task.task_id,
             duration_ms=round((time.perf_counter() - started) * 1e3, 3),
-            outcome="opened" if opening else "skipped",
         )
 
-    def _open(self, cut: CutWindow, plan: Plan) -> tuple[Opening | None, list[Ended]]:
-        """Open a task for the window; also returns the tasks that ended because of it."""
+    def _open(self, cut: CutWindow, plan: Plan) -> tuple[Opening, list[Ended]]:
+        """Open a task for the window; also returns the tasks that ended because of it.
+
+        Raises:
+            UnservedError: no running agent type can read the window's data.
+            SchemaError: a sensor's data cannot be sliced as the plan says.
+        """
         task_id = task_id_for(cut.stream, cut.window)
-        if self.tracker.known(task_id):
-            self.tracker.counts["duplicate_windows"] += 1
-            return None, []
         specs = self._specs_for(plan, cut.sensors)
         if not specs:
-            self.counts["unserved"] += 1
-            log.warning("window.unserved", stream=cut.stream, reason="no agent type can serve it")
-            return None, []
+            self.counts["windows_unserved"] += 1
+            raise UnservedError(f"stream {cut.stream!r}: no running agent type can read its data")
         required_missing = any(s.required and s.name in cut.missing for s in plan.sensors)
         opening = decompose(
             task_id=task_id,
@@ -455,6 +472,10 @@ class Coordinator:
 
     # Discovery ------------------------------------------------------------------------------
     async def _discovery_step(self) -> None:
+        await asyncio.sleep(self.settings.discovery_interval_s)
+        await self._discover()
+
+    async def _discover(self) -> None:
         found = await discover_agents(
             self.nc, prefix=self.subjects.prefix, timeout_s=self.settings.discovery_timeout_s
         )
@@ -463,7 +484,17 @@ class Coordinator:
             log.info("agent_type.appeared", type=type_name)
         for type_name in gone:
             log.info("agent_type.gone", type=type_name)
-        await asyncio.sleep(self.settings.discovery_interval_s)
+        unserved = {t for t in self.plans.listed_types if t not in self.directory}
+        for type_name in sorted(unserved - self.unserved):
+            log.warning(
+                "plan.type_unserved",
+                type=type_name,
+                hint="no agent replica serves this type: its subtasks wait out their deadline "
+                "until one starts (is the type's name right?)",
+            )
+        for type_name in sorted(self.unserved - unserved):
+            log.info("plan.type_served", type=type_name)
+        self.unserved = unserved
 
     # Results -> completion ------------------------------------------------------------------
     async def _results_step(self) -> None:

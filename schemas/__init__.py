@@ -11,6 +11,7 @@ from schemas.errors import (
     SubjectError,
     TooLargeError,
     UnknownTaskError,
+    UnservedError,
 )
 from schemas.messages import (
     BATCH_OF,
@@ -70,6 +71,7 @@ __all__ = [
     "TaskStatus",
     "TooLargeError",
     "UnknownTaskError",
+    "UnservedError",
     "Window",
     "decode",
     "decode_array",

@@ -61,6 +61,12 @@ class SubjectError(FusebusError, ValueError):
     reason = "bad_name"
 
 
+class UnservedError(FusebusError, LookupError):
+    """Sensor data no running agent type can read (an ``auto`` plan with nothing to feed)."""
+
+    reason = "unserved"
+
+
 class UnknownTaskError(FusebusError, LookupError):
     """A result or status for a task the coordinator did not open (its ticket does not match)."""
 

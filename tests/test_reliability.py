@@ -303,9 +303,9 @@ def test_a_chunk_names_only_subject_tokens(sensor: str) -> None:
 async def test_chunks_far_ahead_in_event_time_are_refused_not_walked_to(
     pipeline: StartPipeline, basicmotions: SensorDataset
 ) -> None:
-    """A chunk whose clock jumped by decades, or whose period spans decades, is a dead letter
-    (time_jump): the coordinator does not try to cut every window up to it, and the next
-    windows of other streams are decided at once."""
+    """A chunk whose clock jumped by decades (ahead of the coordinator's clock: future), or
+    whose period spans decades (time_jump), is a dead letter: the coordinator does not try to
+    cut every window up to it, and the next windows of other streams are decided at once."""
     parts = await pipeline()
     subjects = parts.subjects
     letters = await Collector(DeadLetter).start(parts.nc, subjects.dlq("coordinator"))
@@ -318,6 +318,6 @@ async def test_chunks_far_ahead_in_event_time_are_refused_not_walked_to(
             )
         )
     refused = await letters.wait_for(2)
-    assert [letter.reason for letter in refused] == ["time_jump", "time_jump"]
+    assert [letter.reason for letter in refused] == ["future", "time_jump"]
     decisions = await decide_frames(parts, basicmotions, "steady", 3)
     assert [d.status for d in decisions] == ["complete"] * 3
