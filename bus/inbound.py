@@ -123,6 +123,7 @@ class Delivery:
 #: characters (the dead letter keeps the whole error).
 _MAX_ANSWER_CHARS = 500
 
+
 def _is_inbox(subject: str) -> bool:
     """A reply subject a producer may name: ``_INBOX.`` plus valid tokens, bounded."""
     if len(subject) > _MAX_REPLY_BYTES or not subject.startswith("_INBOX."):
