@@ -58,41 +58,69 @@ async def collect_status(nc: Connection, *, prefix: str, timeout_s: float = 0.5)
     return BusStatus(agents=dict(agents), components=sorted(components, key=lambda c: c[0]))
 
 
+OUTCOMES = ("complete", "partial", "failed")
+
+
 def _total(status: BusStatus, role: str, key: str) -> float:
     return sum(float(c.get(key) or 0) for r, c in status.components if r == role)
 
 
+def fusion_groups(status: BusStatus) -> dict[str, dict[str, float]]:
+    """Fusion counters by fusion name: replicas of one name share the work, so their counts
+    add up; agents of different names each decide every window, so they stay apart."""
+    groups: dict[str, dict[str, float]] = {}
+    for role, counters in status.components:
+        if role != "fusion":
+            continue
+        group = groups.setdefault(str(counters.get("name") or "fusion"), {"replicas": 0})
+        group["replicas"] += 1
+        for outcome in OUTCOMES:
+            key = f"decisions_{outcome}"
+            group[key] = group.get(key, 0.0) + float(counters.get(key) or 0)
+        for key in ("latency_p50_ms", "latency_p99_ms"):
+            group[key] = max(group.get(key, 0.0), float(counters.get(key) or 0))
+    return dict(sorted(groups.items()))
+
+
+def unserved_types(status: BusStatus) -> list[str]:
+    """Types some coordinator's plan lists that no agent replica serves."""
+    found = {
+        str(t) for role, c in status.components if role == "coordinator"
+        for t in c.get("unserved_types") or ()
+    }  # fmt: skip
+    return sorted(found - set(status.agents))
+
+
 def render_summary(status: BusStatus, previous: BusStatus | None, interval_s: float) -> str:
-    """Streams, open tasks, decisions/s (against the previous look), outcomes and latency."""
-    decided = sum(
-        _total(status, "fusion", f"decisions_{s}") for s in ("complete", "partial", "failed")
-    )
-    rate = "-"
-    if previous is not None and interval_s > 0:
-        before = sum(
-            _total(previous, "fusion", f"decisions_{s}") for s in ("complete", "partial", "failed")
-        )
-        rate = f"{max(0.0, decided - before) / interval_s:,.1f}"
-    p50 = max(
-        (float(c.get("latency_p50_ms") or 0) for r, c in status.components if r == "fusion"),
-        default=0.0,
-    )
-    p99 = max(
-        (float(c.get("latency_p99_ms") or 0) for r, c in status.components if r == "fusion"),
-        default=0.0,
-    )
-    return (
-        f"streams {_total(status, 'coordinator', 'streams'):.0f} · open tasks {_total(status, 'coordinator', 'open_tasks'):.0f}"
-        f" · decisions/s {rate} · complete {_total(status, 'fusion', 'decisions_complete'):.0f}"
-        f" · partial {_total(status, 'fusion', 'decisions_partial'):.0f}"
-        f" · failed {_total(status, 'fusion', 'decisions_failed'):.0f}"
+    """Streams and open tasks, then one line per fusion name: decisions/s (against the
+    previous look), outcomes and latency."""
+    lines = [
+        f"streams {_total(status, 'coordinator', 'streams'):.0f}"
+        f" · open tasks {_total(status, 'coordinator', 'open_tasks'):.0f}"
         f" · shed {_total(status, 'coordinator', 'shed'):.0f}"
-        f" · latency p50 {p50:.1f} ms p99 {p99:.1f} ms"
-    )
+        f" · unserved subtasks {_total(status, 'coordinator', 'unserved'):.0f}"
+    ]
+    before = fusion_groups(previous) if previous is not None else {}
+    for name, group in fusion_groups(status).items():
+        decided = sum(group[f"decisions_{o}"] for o in OUTCOMES)
+        rate = "-"
+        if name in before and interval_s > 0:
+            earlier = sum(before[name][f"decisions_{o}"] for o in OUTCOMES)
+            rate = f"{max(0.0, decided - earlier) / interval_s:,.1f}"
+        outcomes = " · ".join(f"{o} {group[f'decisions_{o}']:.0f}" for o in OUTCOMES)
+        lines.append(
+            f"fusion {name} ({group['replicas']:.0f} replica{'s' if group['replicas'] != 1 else ''})"
+            f": decided {decided:.0f} · decisions/s {rate} · {outcomes}"
+            f" · latency p50 {group['latency_p50_ms']:.1f} ms p99 {group['latency_p99_ms']:.1f} ms"
+        )
+    if len(lines) == 1:
+        lines.append("(no fusion agent running)")
+    return "\n".join(lines)
 
 
 def render_status(status: BusStatus) -> str:
-    """A plain-text table of agents by type, then the other components' counters."""
+    """A plain-text table of agents by type (and the planned types nobody serves), then the
+    other components' counters."""
     lines = []
     header = f"{'type':<12} {'replicas':>8} {'runtime':<8} {'model':<22} {'processed':>10} {'errors':>7} {'expired':>8} {'dead':>5} {'batch':>6} {'ms/call':>8}"
     lines.append(header)
@@ -109,6 +137,8 @@ def render_status(status: BusStatus) -> str:
             f"{entry.total('errors'):>7.0f} {entry.total('expired'):>8.0f} {entry.total('dead_letters'):>5.0f} "
             f"{entry.mean_batch:>6.1f} {per_call:>8.3f}"
         )
+    for type_name in unserved_types(status):
+        lines.append(f"{type_name}: no replicas (a plan lists it; its subtasks wait for nobody)")
     for role, counters in status.components:
         shown = " ".join(f"{k}={v}" for k, v in counters.items() if not isinstance(v, dict | list))
         lines.append(f"{role}: {shown}")

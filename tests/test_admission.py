@@ -135,6 +135,7 @@ async def test_unusable_frames_are_refused_at_once_with_their_reason(
     assert decision.status == "complete" and decision.window.t_start_ns == good.t_ns
     assert parts.coordinator.tracker.counts["opened"] == 1
     assert parts.coordinator.tracker.counts["duplicate_windows"] == 1
+    assert parts.coordinator.stats()["streams"] == 1  # a frame stream counts as a stream
 
 
 async def test_a_planned_type_nobody_serves_is_said_at_once_and_counted(

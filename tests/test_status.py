@@ -1,0 +1,72 @@
+"""`fusebus status` tells the truth: fusion agents apart by name, replicas added up, planned
+types nobody serves named."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fusebus.status import BusStatus, fusion_groups, render_status, render_summary
+
+
+def fusion(
+    name: str, complete: int, partial: int = 0, p99: float = 5.0
+) -> tuple[str, dict[str, Any]]:
+    return (
+        "fusion",
+        {
+            "name": name,
+            "decisions_complete": complete,
+            "decisions_partial": partial,
+            "decisions_failed": 0,
+            "latency_p50_ms": 1.0,
+            "latency_p99_ms": p99,
+        },
+    )
+
+
+def coordinator(**counters: Any) -> tuple[str, dict[str, Any]]:
+    return ("coordinator", {"streams": 3, "open_tasks": 2, "shed": 0, "unserved": 0, **counters})
+
+
+def test_three_fusion_agents_on_one_stream_are_shown_apart() -> None:
+    """Three fusion agents of different names that each decided 370 windows are three lines
+    of 370, not one of 1110; two replicas of one name share the work, so they add up."""
+    status = BusStatus(
+        agents={},
+        components=[
+            coordinator(),
+            fusion("alarms", 370),
+            fusion("main", 200, p99=9.0),
+            fusion("main", 170),
+            fusion("audit", 360, partial=10),
+        ],
+    )
+    groups = fusion_groups(status)
+    assert list(groups) == ["alarms", "audit", "main"]
+    assert groups["main"]["decisions_complete"] == 370 and groups["main"]["replicas"] == 2
+    assert groups["main"]["latency_p99_ms"] == 9.0
+    summary = render_summary(status, None, 1.0).splitlines()
+    assert summary[0].startswith("streams 3 · open tasks 2")
+    assert summary[1].startswith("fusion alarms (1 replica): decided 370 ")
+    assert summary[2].startswith("fusion audit (1 replica): decided 370 ")
+    assert "partial 10" in summary[2]
+    assert summary[3].startswith("fusion main (2 replicas): decided 370 ")
+    assert "1110" not in "\n".join(summary)
+
+
+def test_decision_rate_is_per_fusion_name() -> None:
+    """Decisions/s compares each fusion name with its own previous count."""
+    before = BusStatus(agents={}, components=[fusion("main", 100), fusion("audit", 0)])
+    after = BusStatus(agents={}, components=[fusion("main", 150), fusion("audit", 10)])
+    lines = render_summary(after, before, 2.0).splitlines()
+    assert "decisions/s 5.0" in lines[1] and lines[1].startswith("fusion audit")
+    assert "decisions/s 25.0" in lines[2] and lines[2].startswith("fusion main")
+
+
+def test_a_planned_type_with_no_replicas_gets_a_line() -> None:
+    """A type some coordinator's plan lists, with no agent running, is named as such."""
+    status = BusStatus(agents={}, components=[coordinator(unserved_types=["g3x"], unserved=12)])
+    table = render_status(status).splitlines()
+    assert any(line.startswith("g3x: no replicas") for line in table)
+    assert "unserved subtasks 12" in render_summary(status, None, 1.0)
+    assert "(no fusion agent running)" in render_summary(status, None, 1.0)
