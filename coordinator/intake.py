@@ -225,7 +225,10 @@ class SensorIntake:
         if windower is None:
             if plan.window is None:
                 raise SchemaError(
-                    "no_window", f"the plan of {stream!r} has no [window] for per-sensor data"
+                    "no_window",
+                    f"the plan of {stream!r} has no [window], so it takes frames only: per-sensor "
+                    "chunks need size_ms, hop_ms and rate_hz in a [default.window] or "
+                    "[streams.<stream>.window] table of the plans file (an auto plan too)",
                 )
             w = plan.window
             sensors = tuple(s.name for s in plan.sensors) or tuple(
