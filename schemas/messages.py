@@ -514,7 +514,7 @@ class Decision:
     decided_ns: int = 0
     alarm: bool = False  # a threshold rule of the strategy fired
     missing_sensors: tuple[Name, ...] = ()  # sensors with no usable data in the window
-    fusion: Name = ""  # the fusion agent (its --name) that decided: several may share a stream
+    fusion: Label = ""  # the fusion agent (its --name) that decided: several may share a stream
     # With ``auto`` plans: types planned, or seen lately, that this window's task did not
     # expect because no replica was running when it opened.
     absent: tuple[Name, ...] = ()
