@@ -122,9 +122,12 @@ async def test_status_watch_shows_streams_decisions_and_agents(
     )
     assert done.returncode == 0, done.stderr
     summaries = [line for line in done.stdout.splitlines() if line.startswith("streams ")]
-    assert len(summaries) == 2
-    assert "complete 4" in summaries[-1] and "decisions/s 0.0" in summaries[-1]
-    assert "latency p50" in summaries[-1] and "p50 0.0 ms" not in summaries[-1]
+    assert len(summaries) == 2 and summaries[-1].startswith("streams 1 · open tasks 0")
+    fused = [line for line in done.stdout.splitlines() if line.startswith("fusion fusion ")]
+    assert len(fused) == 2
+    assert "decided 4 " in fused[-1] and "complete 4" in fused[-1]
+    assert "decisions/s 0.0" in fused[-1]
+    assert "latency p50" in fused[-1] and "p50 0.0 ms" not in fused[-1]
     rows = {
         line.split()[0]: line.split()
         for line in done.stdout.splitlines()
