@@ -22,7 +22,7 @@ from bus import EmbeddedServer, Producer, Subjects, TopologySettings, discover_a
 from fusebus.datasets import SensorDataset
 from fusebus.paths import models_dir
 from schemas import ConfigError, DeadLetter, Result, Subtask, Window
-from tests.helpers import Collector
+from tests.helpers import Collector, wait_for_agents
 from tests.plugins import BrokenAgent, ConstantAgent
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,11 +93,7 @@ async def test_three_replica_processes_share_the_work_exactly_once(
             "--log-level",
             "warning",
         )
-    for _ in range(100):
-        if len(await discover_agents(nc, prefix=subjects.prefix, timeout_s=0.2)) == 3:
-            break
-    else:
-        raise AssertionError("three replicas did not register")
+    await wait_for_agents(nc, subjects.prefix, {"accel": 3})
     await publish_backlog(nc, subjects, subtasks_for(basicmotions, "accel", 1500))
 
     await results.wait_for(1500, timeout_s=60)
@@ -305,7 +301,7 @@ class ThreadNotingAgent(ConstantAgent):
 
     def predict(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """Sleep, note the thread, answer constant scores."""
-        time.sleep(self.seconds)
+        time.sleep(self.seconds)  # the length of a model call: what is under test
         self.threads.append(threading.current_thread().name)
         return super().predict(batch)
 

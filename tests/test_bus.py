@@ -24,6 +24,7 @@ from bus import (
 )
 from bus.discovery import PREFIX, ROLE
 from schemas import BusError, ConfigError
+from tests.helpers import eventually
 
 Connect = Callable[[str], Awaitable[Client]]
 
@@ -215,13 +216,13 @@ async def test_cancelling_a_waiting_pull_always_cancels(
     async def trickle() -> None:
         while True:
             await publisher.publish(subjects.task("accel"), b"x")
-            await asyncio.sleep(0.0005)
+            await asyncio.sleep(0.0005)  # a steady trickle, so that messages land mid-pull
 
     feeding = asyncio.create_task(trickle())
     try:
         for i in range(300):
             task = asyncio.create_task(puller.next_batch(8, idle_timeout_s=1.0, fill_wait_s=0.01))
-            await asyncio.sleep(0.0002 * (i % 7))
+            await asyncio.sleep(0.0002 * (i % 7))  # the cancel lands at varied moments
             requested = task.cancel()  # True: the task was still running when asked
             try:
                 batch = await task
@@ -248,11 +249,9 @@ async def test_a_stopping_puller_hands_back_what_it_buffered(
     first = await BatchPuller(
         nc, stream=subjects.tasks_stream, consumer=consumer, prefetch=10
     ).start()
-    for _ in range(100):
-        if first.buffered == 10:
-            break
-        await asyncio.sleep(0.02)
-    assert first.buffered == 10
+    await eventually(
+        lambda: first.buffered == 10, what="ten messages buffered", state=lambda: first
+    )
     await first.stop()
     second = await BatchPuller(
         await connect_bus("other"), stream=subjects.tasks_stream, consumer=consumer, prefetch=10
@@ -277,11 +276,13 @@ async def test_a_loop_that_swallows_its_cancellation_is_still_stopped() -> None:
     from bus import Lifecycle
 
     swallowed = 0
+    running = asyncio.Event()
 
     async def step() -> None:
         nonlocal swallowed
+        running.set()
         try:
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # a step's work, where the cancellation lands
         except asyncio.CancelledError:
             if swallowed < 2:  # as a lost cancellation looks from the outside
                 swallowed += 1
@@ -290,7 +291,8 @@ async def test_a_loop_that_swallows_its_cancellation_is_still_stopped() -> None:
 
     life = Lifecycle()
     life.run(step, name="stubborn")
-    await asyncio.sleep(0.05)
+    async with asyncio.timeout(5):
+        await running.wait()
     async with asyncio.timeout(5):
         await life.close()
     assert swallowed == 2
