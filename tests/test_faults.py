@@ -348,11 +348,24 @@ async def test_block_policy_makes_a_waiting_producer_keep_pace(
     decisions = await Collector(Decision).start_stream(nc, subjects.decision("bm"))
     try:
         started = time.perf_counter()
-        sent = await replay_frames(
-            Producer(nc, subjects), basicmotions, stream="bm", rate_hz=1000, limit=12, wait_s=30
-        )
+        # Each answer comes once a task ends (about 0.15 s); 10 s per frame and 60 s in all
+        # fail the test with the coordinator's state, well before the run's timeout.
+        try:
+            async with asyncio.timeout(60):
+                sent = await replay_frames(
+                    Producer(nc, subjects),
+                    basicmotions,
+                    stream="bm",
+                    rate_hz=1000,
+                    limit=12,
+                    wait_s=10,
+                )
+        except TimeoutError:  # nats-py's TimeoutError too
+            raise AssertionError(
+                f"a held frame was never answered: {coordinator.stats()}"
+            ) from None
         elapsed = time.perf_counter() - started
-        await decisions.wait_for(12)
+        await decisions.wait_for(12, timeout_s=20)
     finally:
         for component in (coordinator, slow, gyro, fusion):
             await component.stop()
