@@ -40,6 +40,49 @@ def test_embedded_server_starts_on_loopback_and_stops(tmp_path: Path) -> None:
     assert tmp_path.exists()  # a given store folder is kept
 
 
+def test_a_bad_config_file_fails_the_start_with_the_parse_error(tmp_path: Path) -> None:
+    """A config with a syntax error: the error names the line the server could not parse and
+    carries the server's output; nothing is left running."""
+    config = tmp_path / "bad.conf"
+    config.write_text("jetstream {\n  max_memory_store: \n")
+    server = EmbeddedServer(config_file=config, store_dir=tmp_path / "data")
+    with pytest.raises(BusError) as caught:
+        server.start()
+    message = str(caught.value)
+    assert message.startswith("nats-server exited with 1 on start: Parse error on line 3")
+    assert "last 1 lines of nats-server output" in message
+    assert not server.running
+
+
+def test_a_port_in_use_fails_the_start_with_the_log_tail(
+    nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    """On a port another nats-server holds, the start fails (rather than passing the other
+    server off as this one) with the bind error and the last 20 lines of the log."""
+    server = EmbeddedServer(port=nats_server.port, store_dir=tmp_path)
+    with pytest.raises(BusError) as caught:
+        server.start()
+    first, *rest = str(caught.value).splitlines()
+    assert first.startswith("nats-server exited with 1 on start: Error listening on port")
+    assert first.endswith(f'{nats_server.port}: bind: address already in use"')
+    assert rest[0] == "--- last 20 lines of nats-server output ---"
+    assert len(rest[1:]) == 20 and "address already in use" in rest[-1]
+    assert "Starting JetStream" in "\n".join(rest)
+    assert not server.running and nats_server.running
+
+
+def test_a_server_that_is_never_ready_fails_the_start_in_time(tmp_path: Path) -> None:
+    """A server that does not get ready in ``start_timeout_s`` is stopped, and the error says
+    so with what it had logged."""
+    server = EmbeddedServer(store_dir=tmp_path, start_timeout_s=0.0)
+    with pytest.raises(BusError) as caught:
+        server.start()
+    first, second, *_ = [*str(caught.value).splitlines(), ""]
+    assert first == f"nats-server did not accept clients on {server.url} within 0.0s"
+    assert second.startswith("--- last ") or second == "(nats-server wrote nothing)"
+    assert not server.running
+
+
 async def test_topology_is_created_idempotently(
     nats_server: EmbeddedServer, subjects: Subjects, connect_bus: Connect
 ) -> None:
