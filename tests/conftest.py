@@ -71,7 +71,7 @@ async def stream_names(nc: Client) -> set[str]:
     """The names of every JetStream stream on the server (the listing comes in pages)."""
     names: set[str] = set()
     while page := await nc.jetstream().streams_info(offset=len(names)):
-        names.update(info.config.name for info in page)
+        names.update(info.config.name for info in page if info.config.name is not None)
     return names
 
 

@@ -55,6 +55,12 @@ def subtasks_for(
     ]
 
 
+def output_of(result: Result) -> np.ndarray:
+    """A result's scores; a result that carries none (an error) fails the test."""
+    assert result.output is not None, result.error
+    return result.output
+
+
 async def publish_backlog(nc: Client, subjects: Subjects, subtasks: list[Subtask]) -> None:
     """Publish subtasks into the work queue (creating the streams first)."""
     from bus import ensure_streams
@@ -138,7 +144,7 @@ async def test_backlog_is_served_in_batches_that_match_single_inference(
     by_task = {r.task_id: r for r in results.items}
     for subtask in subtasks[:60]:
         single = reference.predict({"gyro": subtask.inputs["gyro"][None]})[0]
-        np.testing.assert_allclose(by_task[subtask.task_id].output, single, atol=1e-5)
+        np.testing.assert_allclose(output_of(by_task[subtask.task_id]), single, atol=1e-5)
 
 
 async def test_expired_subtasks_are_dropped_and_counted(
@@ -284,9 +290,9 @@ async def test_keras_model_served_under_another_type_matches_litert(
     lite = ModelAgent(models_dir() / "accel.tflite")
     lite.warm_up()
     expected = lite.predict({"accel": np.stack([s.inputs["accel"] for s in subtasks])})
-    by_task = {r.task_id: r.output for r in results.items}
+    by_task = {r.task_id: r for r in results.items}
     np.testing.assert_allclose(
-        np.stack([by_task[s.task_id] for s in subtasks]), expected, atol=1e-4
+        np.stack([output_of(by_task[s.task_id]) for s in subtasks]), expected, atol=1e-4
     )
     assert {r.type for r in results.items} == {"accel-tf"}
 

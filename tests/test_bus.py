@@ -173,7 +173,7 @@ async def test_small_prefetch_keeps_pulling(
     puller = await BatchPuller(
         nc, stream=subjects.tasks_stream, consumer=consumer, prefetch=prefetch
     ).start()
-    got = []
+    got: list[bytes] = []
     while len(got) < 20:
         batch = await puller.next_batch(prefetch, idle_timeout_s=5.0)
         assert batch, f"stalled after {len(got)} messages"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator import Seen, TaskTracker
+from coordinator import Ended, Seen, TaskTracker
 from schemas import Window
 
 MS = 1_000_000
@@ -17,16 +17,18 @@ def open_task(
     stream: str = "s",
     start: int = 0,
     deadline_ns: int = 100 * MS,
-    **kwargs: object,
-) -> list[object]:
-    return tracker.open(  # type: ignore[arg-type]
+    unavailable: frozenset[str] = frozenset(),
+    max_inflight: int | None = None,
+) -> list[Ended]:
+    return tracker.open(
         task_id=task_id,
         stream=stream,
         window=Window(start, start + 10),
         expected=("accel", "gyro"),
         deadline_ns=deadline_ns,
         ingest_ns=0,
-        **kwargs,
+        unavailable=unavailable,
+        max_inflight=max_inflight,
     )
 
 
