@@ -17,10 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import NoReturn
 
 from schemas import BusError
 
 HOST = "127.0.0.1"
+_READY = "Server is ready"  # what nats-server logs once it listens for clients
+# How nats-server marks a line saying why it stops: fatal, error, or (on stderr) a bad config.
+_PROBLEM_TAGS = ("[FTL] ", "[ERR] ", "nats-server: ")
 
 
 def find_server_binary() -> Path:
@@ -74,6 +78,8 @@ class EmbeddedServer:
         self.start_timeout_s = start_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
         self._log_path = self.store_dir / "nats-server.log"
+        self._stderr_path = self.store_dir / "nats-server.stderr"
+        self._log_from = 0
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -95,7 +101,13 @@ class EmbeddedServer:
         return self._process is not None and self._process.poll() is None
 
     def start(self) -> EmbeddedServer:
-        """Start the server and wait until it accepts clients; raises :class:`BusError`."""
+        """Start the server and wait until it says it is ready for clients.
+
+        Raises:
+            BusError: the binary exited (a bad config, a port in use...) or was not ready in
+                ``start_timeout_s``; the message names the problem and ends with the last
+                lines of the server's log and stderr.
+        """
         if self.running:
             return self
         self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -113,29 +125,64 @@ class EmbeddedServer:
         ]
         if self.config_file is not None:
             command += ["-c", str(self.config_file)]
-        self._process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env={**os.environ, **self.env} if self.env else None,
-        )
+        # A restart on the same folder appends to the log: only what this run writes counts.
+        self._log_from = self._log_path.stat().st_size if self._log_path.exists() else 0
+        # stderr goes to a file, not a pipe nobody reads while the server runs (a full pipe
+        # would block it); before the log is open, errors (a bad config) are written there.
+        with self._stderr_path.open("wb") as stderr:
+            self._process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                env={**os.environ, **self.env} if self.env else None,
+            )
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                err = (
-                    self._process.stderr.read().decode(errors="replace")
-                    if self._process.stderr
-                    else ""
-                )
-                raise BusError(f"nats-server exited with {self._process.returncode}: {err.strip()}")
-            if self._accepts_clients():
+                self._fail(f"nats-server exited with {self._process.returncode} on start")
+            # Our own server's word, not just an answer on the port: another server already
+            # listening there would answer too, while ours exits with "address already in use".
+            if _READY in self._log_since_start() and self._accepts_clients():
                 return self
             time.sleep(0.02)
-        self.stop()
-        raise BusError(
+        self._fail(
             f"nats-server did not accept clients on {self.url} within {self.start_timeout_s}s"
         )
+
+    def _fail(self, what: str) -> NoReturn:
+        """Stop the server and raise :class:`BusError` with ``what``, the problem the server
+        reported and the tail of its output (read before :meth:`stop` removes a temporary
+        folder)."""
+        lines = self._output_tail()
+        self.stop()
+        problems = [
+            line.split(tag, 1)[1].strip() for line in lines for tag in _PROBLEM_TAGS if tag in line
+        ]
+        problem = f": {problems[-1]}" if problems else ""
+        tail = (
+            f"--- last {len(lines)} lines of nats-server output ---\n" + "\n".join(lines)
+            if lines
+            else "(nats-server wrote nothing)"
+        )
+        raise BusError(f"{what}{problem}\n{tail}")
+
+    def _log_since_start(self) -> str:
+        try:
+            with self._log_path.open("rb") as log:
+                log.seek(self._log_from)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def _output_tail(self, lines: int = 20) -> list[str]:
+        """The last ``lines`` lines this run wrote to the log, then to stderr."""
+        try:
+            stderr = self._stderr_path.read_text(errors="replace")
+        except OSError:
+            stderr = ""
+        written = self._log_since_start().splitlines() + stderr.splitlines()
+        return [line for line in written if line.strip()][-lines:]
 
     def _accepts_clients(self) -> bool:
         try:
@@ -154,8 +201,6 @@ class EmbeddedServer:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        if process is not None and process.stderr:
-            process.stderr.close()
         if self._owned_dir:
             shutil.rmtree(self.store_dir, ignore_errors=True)
 
@@ -165,8 +210,6 @@ class EmbeddedServer:
         if process is not None:
             process.kill()
             process.wait()
-            if process.stderr:
-                process.stderr.close()
 
     def __enter__(self) -> EmbeddedServer:
         return self.start()

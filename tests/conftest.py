@@ -67,12 +67,24 @@ def basicmotions() -> SensorDataset:
     return load_basicmotions()
 
 
+async def stream_names(nc: Client) -> set[str]:
+    """The names of every JetStream stream on the server (the listing comes in pages)."""
+    names: set[str] = set()
+    while page := await nc.jetstream().streams_info(offset=len(names)):
+        names.update(info.config.name for info in page if info.config.name is not None)
+    return names
+
+
 @pytest.fixture
 async def connect_bus(
     nats_server: EmbeddedServer, subjects: Subjects
 ) -> AsyncIterator[Callable[[str], Awaitable[Client]]]:
-    """Open named connections to the test server; all are closed at the end of the test."""
+    """Open named connections to the test server; all are closed at the end of the test, and
+    the streams the test created are deleted: each reserves its ``max_bytes`` of the
+    server's storage, and a session's worth would exhaust it."""
     opened: list[Client] = []
+    admin = await connect(BusSettings(url=nats_server.url), name="test-streams")
+    before = await stream_names(admin)
 
     async def open_one(name: str) -> Client:
         nc = await connect(BusSettings(url=nats_server.url, prefix=subjects.prefix), name=name)
@@ -83,6 +95,9 @@ async def connect_bus(
     for nc in opened:
         with contextlib.suppress(Exception):
             await nc.close()
+    for name in await stream_names(admin) - before:
+        await admin.jetstream().delete_stream(name)
+    await admin.close()
 
 
 @pytest.fixture

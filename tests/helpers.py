@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import inspect
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.errors import NotFoundError
 
 from agents import AgentRuntime
 from agents.fusion import FusionAgent
-from bus import Subjects, follow_stored
+from bus import Subjects, discover_agents, discover_components, follow_stored
+from bus.discovery import ROLE
 from coordinator import Coordinator
 from schemas import BATCH_OF, CODEC
 
@@ -41,21 +45,24 @@ class Collector(Generic[M]):
         await nc.flush()
         return self
 
-    async def start_stream(self, nc: Client, subject: str) -> Collector[M]:
+    async def start_stream(
+        self, nc: Client, subject: str, *, timeout_s: float = 5.0
+    ) -> Collector[M]:
         """Read what JetStream *stored* on ``subject`` (an ordered consumer): a message the
         server dropped as a duplicate is not seen here, unlike with :meth:`start`."""
-        from schemas import BusError
 
         async def on_msg(msg: Msg) -> None:
             self._add(msg.data)
 
-        for _ in range(50):  # the stream may not exist until a component has started
+        async def followed() -> bool:
             try:
                 self._sub = await follow_stored(nc, subject, on_msg)
-                return self
-            except Exception:
-                await asyncio.sleep(0.1)
-        raise BusError(f"no stream stores {subject}")
+            except NotFoundError:  # no stream stores it until a component has created them
+                return False
+            return True
+
+        await eventually(followed, what=f"a stream storing {subject}", timeout_s=timeout_s)
+        return self
 
     def _add(self, data: bytes) -> None:
         if self.kind in BATCH_OF:
@@ -158,7 +165,7 @@ class FrameFeeder:
             )
             await self.producer.frame(frame)
             self.sent += 1
-            await asyncio.sleep(self.every_s)
+            await asyncio.sleep(self.every_s)  # the pace of live sensors: what is under test
 
     async def stop(self) -> int:
         """Stop sending; returns how many frames were sent."""
@@ -171,15 +178,58 @@ class FrameFeeder:
         return self.sent
 
 
-async def eventually(ready: Callable[[], bool], *, timeout_s: float = 10.0, what: str = "") -> None:
-    """Wait until ``ready()`` holds, checking every 20 ms; fails the test after ``timeout_s``.
+async def eventually(
+    ready: Callable[[], bool | Awaitable[bool]],
+    *,
+    what: str,
+    timeout_s: float = 10.0,
+    state: Callable[[], object] | None = None,
+    every_s: float = 0.02,
+) -> None:
+    """Wait until ``ready()`` holds, checking every ``every_s``; fails the test after
+    ``timeout_s`` with ``what`` it was waiting for and, if given, the ``state()`` it last saw.
 
-    For conditions no event announces (a counter of another component); where an event
-    exists, wait on the event.
+    ``ready`` may be a coroutine function, for conditions only a request can check (what
+    discovery finds, a consumer's state). For conditions no event announces (a counter of
+    another component); where an event exists, wait on the event.
     """
     try:
         async with asyncio.timeout(timeout_s):
-            while not ready():  # noqa: ASYNC110 - there is no event to wait on
-                await asyncio.sleep(0.02)
+            while True:
+                answer = ready()
+                if await answer if inspect.isawaitable(answer) else answer:
+                    return
+                await asyncio.sleep(every_s)  # there is no event to wait on
     except TimeoutError:
-        raise AssertionError(f"not true within {timeout_s}s: {what or ready}") from None
+        seen = f"; last seen: {state()!r}" if state is not None else ""
+        raise AssertionError(f"not true within {timeout_s}s: {what}{seen}") from None
+
+
+async def wait_for_agents(
+    nc: Client, prefix: str, counts: dict[str, int], *, timeout_s: float = 30.0
+) -> None:
+    """Wait until discovery shows exactly ``counts`` replicas of each type named there."""
+    seen: Counter[str] = Counter()
+
+    async def as_expected() -> bool:
+        nonlocal seen
+        found = await discover_agents(nc, prefix=prefix, timeout_s=0.2)
+        seen = Counter(info.type for info, _ in found)
+        return all(seen[t] == n for t, n in counts.items())
+
+    await eventually(
+        as_expected,
+        what=f"agent replicas {counts} registered",
+        timeout_s=timeout_s,
+        state=lambda: dict(seen),
+    )
+
+
+async def wait_for_role(nc: Client, prefix: str, role: str, *, timeout_s: float = 30.0) -> None:
+    """Wait until a component of ``role`` (``coordinator``, ``fusion``...) has registered."""
+
+    async def registered() -> bool:
+        replies = await discover_components(nc, prefix=prefix, timeout_s=0.2)
+        return any((r.get("metadata") or {}).get(ROLE) == role for r in replies)
+
+    await eventually(registered, what=f"a {role} registered", timeout_s=timeout_s)

@@ -15,8 +15,8 @@ class ConstantAgent:
     def __init__(self, *, type: str = "constant", scores: str = "0.7,0.3") -> None:
         self.type = type
         self.scores = np.array([float(s) for s in scores.split(",")], np.float32)
-        self.labels = tuple(f"label{i}" for i in range(len(self.scores)))
-        self.inputs = (InputSpec("accel", 0, 3),)
+        self.labels: tuple[str, ...] = tuple(f"label{i}" for i in range(len(self.scores)))
+        self.inputs: tuple[InputSpec, ...] = (InputSpec("accel", 0, 3),)
         self.model = ModelRef("constant", "1.0.0")
         self.weight = 1.0
         self.calls: list[int] = []

@@ -14,8 +14,7 @@ from coordinator.admission import MAX_AHEAD_NS, check_chunk, check_frame
 from coordinator.plan import SensorSpec
 from fusebus.datasets import SensorDataset
 from schemas import DeadLetter, Decision, InputSpec, SchemaError, SensorChunk, SensorFrame
-from tests.conftest import Pipeline
-from tests.helpers import Collector, eventually
+from tests.helpers import Collector, Pipeline, eventually
 from tests.test_reliability import StartPipeline, frame_of
 
 NOW = 1_800_000_000 * 10**9
@@ -90,11 +89,13 @@ async def test_unusable_frames_are_refused_at_once_with_their_reason(
     answered `rejected: <reason>: <what>`; the first two are dead letters, no task is opened
     for any of them, and the good frames are decided."""
     parts: Pipeline = await pipeline()
+    coordinator = parts.coordinator
+    assert coordinator is not None
     subjects = parts.subjects
     letters = await Collector(DeadLetter).start(parts.nc, subjects.dlq("coordinator"))
     decisions = await Collector(Decision).start_stream(parts.nc, subjects.decision("door"))
     producer = Producer(parts.nc, subjects)
-    await eventually(lambda: "accel" in parts.coordinator.directory, what="accel discovered")
+    await eventually(lambda: "accel" in coordinator.directory, what="accel discovered")
 
     good = frame_of(basicmotions, "door", 0)
     assert await producer.frame(good, wait_s=10) == b"accepted"
@@ -133,9 +134,9 @@ async def test_unusable_frames_are_refused_at_once_with_their_reason(
     assert reasons == ["bad_shape", "missing_sensor", "overlapping_window"]
     [decision] = await decisions.wait_for(1)
     assert decision.status == "complete" and decision.window.t_start_ns == good.t_ns
-    assert parts.coordinator.tracker.counts["opened"] == 1
-    assert parts.coordinator.tracker.counts["duplicate_windows"] == 1
-    assert parts.coordinator.stats()["streams"] == 1  # a frame stream counts as a stream
+    assert coordinator.tracker.counts["opened"] == 1
+    assert coordinator.tracker.counts["duplicate_windows"] == 1
+    assert coordinator.stats()["streams"] == 1  # a frame stream counts as a stream
 
 
 async def test_a_planned_type_nobody_serves_is_said_at_once_and_counted(
@@ -152,13 +153,15 @@ async def test_a_planned_type_nobody_serves_is_said_at_once_and_counted(
     )
     with structlog.testing.capture_logs() as logs:
         parts: Pipeline = await pipeline(plan=plan)
+    coordinator = parts.coordinator
+    assert coordinator is not None
     warnings = [e for e in logs if e["event"] == "plan.type_unserved"]
     assert [e["type"] for e in warnings] == ["g3x"], logs
-    assert parts.coordinator.stats()["unserved_types"] == ["g3x"]
+    assert coordinator.stats()["unserved_types"] == ["g3x"]
     decisions = await Collector(Decision).start_stream(parts.nc, parts.subjects.decision("typo"))
     producer = Producer(parts.nc, parts.subjects)
     for i in range(3):
         await producer.frame(frame_of(basicmotions, "typo", i))
     done = await decisions.wait_for(3)
     assert {(d.status, d.missing) for d in done} == {("partial", ("g3x",))}
-    assert parts.coordinator.stats()["unserved"] == 3
+    assert coordinator.stats()["unserved"] == 3

@@ -22,7 +22,7 @@ from bus import EmbeddedServer, Producer, Subjects, TopologySettings, discover_a
 from fusebus.datasets import SensorDataset
 from fusebus.paths import models_dir
 from schemas import ConfigError, DeadLetter, Result, Subtask, Window
-from tests.helpers import Collector
+from tests.helpers import Collector, wait_for_agents
 from tests.plugins import BrokenAgent, ConstantAgent
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +53,12 @@ def subtasks_for(
         )
         for i in range(count)
     ]
+
+
+def output_of(result: Result) -> np.ndarray:
+    """A result's scores; a result that carries none (an error) fails the test."""
+    assert result.output is not None, result.error
+    return result.output
 
 
 async def publish_backlog(nc: Client, subjects: Subjects, subtasks: list[Subtask]) -> None:
@@ -93,11 +99,7 @@ async def test_three_replica_processes_share_the_work_exactly_once(
             "--log-level",
             "warning",
         )
-    for _ in range(100):
-        if len(await discover_agents(nc, prefix=subjects.prefix, timeout_s=0.2)) == 3:
-            break
-    else:
-        raise AssertionError("three replicas did not register")
+    await wait_for_agents(nc, subjects.prefix, {"accel": 3})
     await publish_backlog(nc, subjects, subtasks_for(basicmotions, "accel", 1500))
 
     await results.wait_for(1500, timeout_s=60)
@@ -142,7 +144,7 @@ async def test_backlog_is_served_in_batches_that_match_single_inference(
     by_task = {r.task_id: r for r in results.items}
     for subtask in subtasks[:60]:
         single = reference.predict({"gyro": subtask.inputs["gyro"][None]})[0]
-        np.testing.assert_allclose(by_task[subtask.task_id].output, single, atol=1e-5)
+        np.testing.assert_allclose(output_of(by_task[subtask.task_id]), single, atol=1e-5)
 
 
 async def test_expired_subtasks_are_dropped_and_counted(
@@ -288,9 +290,9 @@ async def test_keras_model_served_under_another_type_matches_litert(
     lite = ModelAgent(models_dir() / "accel.tflite")
     lite.warm_up()
     expected = lite.predict({"accel": np.stack([s.inputs["accel"] for s in subtasks])})
-    by_task = {r.task_id: r.output for r in results.items}
+    by_task = {r.task_id: r for r in results.items}
     np.testing.assert_allclose(
-        np.stack([by_task[s.task_id] for s in subtasks]), expected, atol=1e-4
+        np.stack([output_of(by_task[s.task_id]) for s in subtasks]), expected, atol=1e-4
     )
     assert {r.type for r in results.items} == {"accel-tf"}
 
@@ -305,7 +307,7 @@ class ThreadNotingAgent(ConstantAgent):
 
     def predict(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """Sleep, note the thread, answer constant scores."""
-        time.sleep(self.seconds)
+        time.sleep(self.seconds)  # the length of a model call: what is under test
         self.threads.append(threading.current_thread().name)
         return super().predict(batch)
 

@@ -24,6 +24,7 @@ from bus import (
 )
 from bus.discovery import PREFIX, ROLE
 from schemas import BusError, ConfigError
+from tests.helpers import eventually
 
 Connect = Callable[[str], Awaitable[Client]]
 
@@ -37,6 +38,49 @@ def test_embedded_server_starts_on_loopback_and_stops(tmp_path: Path) -> None:
     assert not server.running and pid is not None
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
     assert tmp_path.exists()  # a given store folder is kept
+
+
+def test_a_bad_config_file_fails_the_start_with_the_parse_error(tmp_path: Path) -> None:
+    """A config with a syntax error: the error names the line the server could not parse and
+    carries the server's output; nothing is left running."""
+    config = tmp_path / "bad.conf"
+    config.write_text("jetstream {\n  max_memory_store: \n")
+    server = EmbeddedServer(config_file=config, store_dir=tmp_path / "data")
+    with pytest.raises(BusError) as caught:
+        server.start()
+    message = str(caught.value)
+    assert message.startswith("nats-server exited with 1 on start: Parse error on line 3")
+    assert "last 1 lines of nats-server output" in message
+    assert not server.running
+
+
+def test_a_port_in_use_fails_the_start_with_the_log_tail(
+    nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    """On a port another nats-server holds, the start fails (rather than passing the other
+    server off as this one) with the bind error and the last 20 lines of the log."""
+    server = EmbeddedServer(port=nats_server.port, store_dir=tmp_path)
+    with pytest.raises(BusError) as caught:
+        server.start()
+    first, *rest = str(caught.value).splitlines()
+    assert first.startswith("nats-server exited with 1 on start: Error listening on port")
+    assert first.endswith(f'{nats_server.port}: bind: address already in use"')
+    assert rest[0] == "--- last 20 lines of nats-server output ---"
+    assert len(rest[1:]) == 20 and "address already in use" in rest[-1]
+    assert "Starting JetStream" in "\n".join(rest)
+    assert not server.running and nats_server.running
+
+
+def test_a_server_that_is_never_ready_fails_the_start_in_time(tmp_path: Path) -> None:
+    """A server that does not get ready in ``start_timeout_s`` is stopped, and the error says
+    so with what it had logged."""
+    server = EmbeddedServer(store_dir=tmp_path, start_timeout_s=0.0)
+    with pytest.raises(BusError) as caught:
+        server.start()
+    first, second, *_ = [*str(caught.value).splitlines(), ""]
+    assert first == f"nats-server did not accept clients on {server.url} within 0.0s"
+    assert second.startswith("--- last ") or second == "(nats-server wrote nothing)"
+    assert not server.running
 
 
 async def test_topology_is_created_idempotently(
@@ -129,7 +173,7 @@ async def test_small_prefetch_keeps_pulling(
     puller = await BatchPuller(
         nc, stream=subjects.tasks_stream, consumer=consumer, prefetch=prefetch
     ).start()
-    got = []
+    got: list[bytes] = []
     while len(got) < 20:
         batch = await puller.next_batch(prefetch, idle_timeout_s=5.0)
         assert batch, f"stalled after {len(got)} messages"
@@ -215,13 +259,13 @@ async def test_cancelling_a_waiting_pull_always_cancels(
     async def trickle() -> None:
         while True:
             await publisher.publish(subjects.task("accel"), b"x")
-            await asyncio.sleep(0.0005)
+            await asyncio.sleep(0.0005)  # a steady trickle, so that messages land mid-pull
 
     feeding = asyncio.create_task(trickle())
     try:
         for i in range(300):
             task = asyncio.create_task(puller.next_batch(8, idle_timeout_s=1.0, fill_wait_s=0.01))
-            await asyncio.sleep(0.0002 * (i % 7))
+            await asyncio.sleep(0.0002 * (i % 7))  # the cancel lands at varied moments
             requested = task.cancel()  # True: the task was still running when asked
             try:
                 batch = await task
@@ -248,11 +292,9 @@ async def test_a_stopping_puller_hands_back_what_it_buffered(
     first = await BatchPuller(
         nc, stream=subjects.tasks_stream, consumer=consumer, prefetch=10
     ).start()
-    for _ in range(100):
-        if first.buffered == 10:
-            break
-        await asyncio.sleep(0.02)
-    assert first.buffered == 10
+    await eventually(
+        lambda: first.buffered == 10, what="ten messages buffered", state=lambda: first
+    )
     await first.stop()
     second = await BatchPuller(
         await connect_bus("other"), stream=subjects.tasks_stream, consumer=consumer, prefetch=10
@@ -277,11 +319,13 @@ async def test_a_loop_that_swallows_its_cancellation_is_still_stopped() -> None:
     from bus import Lifecycle
 
     swallowed = 0
+    running = asyncio.Event()
 
     async def step() -> None:
         nonlocal swallowed
+        running.set()
         try:
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # a step's work, where the cancellation lands
         except asyncio.CancelledError:
             if swallowed < 2:  # as a lost cancellation looks from the outside
                 swallowed += 1
@@ -290,7 +334,8 @@ async def test_a_loop_that_swallows_its_cancellation_is_still_stopped() -> None:
 
     life = Lifecycle()
     life.run(step, name="stubborn")
-    await asyncio.sleep(0.05)
+    async with asyncio.timeout(5):
+        await running.wait()
     async with asyncio.timeout(5):
         await life.close()
     assert swallowed == 2

@@ -38,7 +38,7 @@ from schemas import (
 
 M = TypeVar("M")
 
-ARRAYS = [
+ARRAYS: list[np.ndarray] = [
     np.arange(12, dtype=np.float32).reshape(4, 3),
     np.linspace(-1, 1, 7, dtype=np.float64),
     np.array([[1, -2], [3, -4]], dtype=np.int64),
@@ -326,7 +326,8 @@ def test_bad_bytes_raise_schema_error_with_reason(data: bytes, reason: str) -> N
 
 
 def _subtask_body() -> dict[str, object]:
-    return msgpack.unpackb(encode(sample_of(Subtask)))
+    body: dict[str, object] = msgpack.unpackb(encode(sample_of(Subtask)))
+    return body
 
 
 def test_wrong_field_type_names_the_field() -> None:

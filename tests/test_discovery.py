@@ -23,7 +23,7 @@ from fusebus.datasets import SensorDataset
 from fusebus.paths import models_dir
 from fusebus.replay import replay_frames
 from schemas import Decision, SensorFrame
-from tests.helpers import Collector
+from tests.helpers import Collector, wait_for_agents
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_AGENT = ROOT / "examples" / "node-agent"
@@ -52,7 +52,7 @@ async def live_stream(
                 )
             )
             i += 1
-            await asyncio.sleep(every_s)
+            await asyncio.sleep(every_s)  # the pace of live sensors
 
     task = asyncio.create_task(run())
     try:
@@ -130,15 +130,7 @@ async def test_node_agent_is_discovered_and_its_results_fused(
     spawn("node", str(node_agent_ready), "--nats-url", nats_server.url, "--prefix", subjects.prefix)
     fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
     accel = await start_agent(connect_bus, subjects, ModelAgent(models_dir() / "accel.tflite"))
-    for _ in range(100):
-        types = {
-            info.type
-            for info, _ in await discover_agents(nc, prefix=subjects.prefix, timeout_s=0.2)
-        }
-        if types == {"accel", "motion-js"}:
-            break
-    else:
-        raise AssertionError(f"node agent not discovered; saw {types}")
+    await wait_for_agents(nc, subjects.prefix, {"accel": 1, "motion-js": 1})
     coordinator = await Coordinator(
         await connect_bus("coordinator"), plans=PlanBook(default=auto_plan()), subjects=subjects
     ).start()
@@ -221,12 +213,7 @@ async def test_node_agent_serves_batches_by_column_as_python_agents_do(
     nc = await connect_bus("test")
     await ensure_streams(nc.jetstream(), subjects, TopologySettings())
     spawn("node", str(node_agent_ready), "--nats-url", nats_server.url, "--prefix", subjects.prefix)
-    for _ in range(100):
-        if any(
-            info.type == "motion-js"
-            for info, _ in await discover_agents(nc, prefix=subjects.prefix, timeout_s=0.2)
-        ):
-            break
+    await wait_for_agents(nc, subjects.prefix, {"motion-js": 1})
     results = await Collector(Result).start(nc, subjects.result("bm"))
     letters = await Collector(DeadLetter).start(nc, subjects.dlq("agent-motion-js"))
     cases = [basicmotions.sensor_view(x, "accel") for x in basicmotions.x_test[:31]]

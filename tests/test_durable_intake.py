@@ -18,7 +18,7 @@ from bus import EmbeddedServer, Producer, Subjects
 from fusebus.datasets import SensorDataset
 from fusebus.replay import aligned_start_ns, chunk_schedule, send_schedule
 from schemas import Decision
-from tests.helpers import Collector
+from tests.helpers import Collector, eventually, wait_for_role
 from tests.test_faults import (
     FUSEBUS,
     Connect,
@@ -27,7 +27,7 @@ from tests.test_faults import (
     fusion_agent,
     kill,
     model_agent,
-    wait_for_role,
+    opened_tasks,
 )
 from tests.test_reliability import frame_of
 
@@ -76,7 +76,7 @@ async def test_coordinator_killed_at_random_moments_loses_no_window(
     sending = asyncio.ensure_future(send_schedule(Producer(nc, subjects), schedule))
     try:
         for _ in range(3):
-            await asyncio.sleep(rng.uniform(0.3, 0.9))
+            await asyncio.sleep(rng.uniform(0.3, 0.9))  # a random moment: what is under test
             kill(coordinator)
             coordinator = spawn(*command)
         await sending
@@ -109,11 +109,13 @@ async def test_coordinator_killed_just_after_a_burst_with_every_agent_down(
     coordinator = spawn(*command)
     await wait_for_role(nc, subjects.prefix, "coordinator")
     producer = Producer(nc, subjects)
+    tasks = await opened_tasks(nc, subjects)
     try:
         for i in range(30):
             await producer.frame(frame_of(basicmotions, "burst", i))
         await nc.flush()
-        await asyncio.sleep(0.005)
+        # Killed as soon as it opens tasks, well within its 50 ms journal interval.
+        await eventually(lambda: bool(tasks), what="a task of the burst opened", every_s=0.002)
         kill(coordinator)
         spawn(*command)
         await decisions.wait_for(30, timeout_s=30)

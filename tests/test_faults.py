@@ -20,12 +20,12 @@ from nats.aio.msg import Msg
 
 from agents import AgentRuntime, AgentSettings, ModelAgent
 from agents.fusion import FusionAgent
-from bus import EmbeddedServer, Subjects, discover_agents, discover_components
+from bus import EmbeddedServer, Subjects
 from coordinator import Coordinator, PlanBook, basicmotions_plan
 from fusebus.datasets import SensorDataset
 from fusebus.paths import models_dir
 from schemas import Decision
-from tests.helpers import Collector, FrameFeeder
+from tests.helpers import Collector, FrameFeeder, eventually, wait_for_agents, wait_for_role
 
 ROOT = Path(__file__).resolve().parent.parent
 FUSEBUS = (sys.executable, "-m", "fusebus")
@@ -35,25 +35,6 @@ Spawn = Callable[..., subprocess.Popen[bytes]]
 
 def bus_args(server: EmbeddedServer, subjects: Subjects) -> tuple[str, ...]:
     return ("--nats-url", server.url, "--prefix", subjects.prefix, "--log-level", "warning")
-
-
-async def wait_for_agents(nc: Client, prefix: str, counts: dict[str, int]) -> None:
-    """Wait until discovery shows exactly ``counts`` replicas per type."""
-    for _ in range(150):
-        seen = Counter(
-            info.type for info, _ in await discover_agents(nc, prefix=prefix, timeout_s=0.2)
-        )
-        if all(seen[t] == n for t, n in counts.items()):
-            return
-    raise AssertionError(f"agents not as expected: wanted {counts}")
-
-
-async def wait_for_role(nc: Client, prefix: str, role: str) -> None:
-    for _ in range(150):
-        replies = await discover_components(nc, prefix=prefix, timeout_s=0.2)
-        if any((r.get("metadata") or {}).get("fusebus.role") == role for r in replies):
-            return
-    raise AssertionError(f"no {role} registered")
 
 
 async def opened_tasks(nc: Client, subjects: Subjects) -> set[str]:
@@ -67,6 +48,12 @@ async def opened_tasks(nc: Client, subjects: Subjects) -> set[str]:
 
     await nc.subscribe(subjects.all_tasks(), cb=on_msg)
     return ids
+
+
+async def intake_done(nc: Client, subjects: Subjects, count: int) -> bool:
+    """Whether the coordinator has acked every one of ``count`` frames in the intake stream."""
+    state = (await nc.jetstream().stream_info(subjects.intake_stream)).state
+    return bool(state.last_seq == count and state.messages == 0)
 
 
 def kill(process: subprocess.Popen[bytes]) -> None:
@@ -203,8 +190,14 @@ async def test_coordinator_killed_and_restarted_finishes_every_task_it_opened(
     feeder = FrameFeeder(nc, subjects, basicmotions, every_s=0.05).start()
     try:
         await decisions.wait_for(5)
-        await feeder.stop()
-        await asyncio.sleep(0.3)  # a journal interval and more: the open tasks are on disk
+        sent = await feeder.stop()
+        await eventually(
+            lambda: len(tasks) == sent, what=f"a task opened for each of {sent} frames"
+        )
+        # Frames are acked once the tasks they opened are in the journal.
+        await eventually(
+            lambda: intake_done(nc, subjects, sent), what=f"all {sent} frames acked (journalled)"
+        )
         open_at_kill = len(tasks) - len(decisions.items)
         assert open_at_kill >= 5
         kill(coordinator)
@@ -212,7 +205,9 @@ async def test_coordinator_killed_and_restarted_finishes_every_task_it_opened(
         await wait_for_role(nc, subjects.prefix, "coordinator")
         feeder = FrameFeeder(nc, subjects, basicmotions, every_s=0.05, stream="bm").start()
         feeder.sent = 1000  # later windows, distinct from the first run's
-        await asyncio.sleep(1.0)
+        await eventually(
+            lambda: len(tasks) >= sent + 10, what="ten tasks opened by the restarted coordinator"
+        )
         await feeder.stop()
         await decisions.wait_for(len(tasks), timeout_s=20)
         await decisions.settle(1.0)
@@ -251,10 +246,13 @@ async def test_fusion_restarted_mid_stream_gives_each_task_one_decision(
     try:
         await decisions.wait_for(20)
         kill(fusion)
-        await asyncio.sleep(0.5)
+        down_from = len(tasks)
+        await eventually(
+            lambda: len(tasks) >= down_from + 10, what="ten tasks opened while fusion is down"
+        )
         spawn(*FUSEBUS, "fusion", *args)
         await wait_for_role(nc, subjects.prefix, "fusion")
-        await asyncio.sleep(0.5)
+        await decisions.wait_for(down_from + 10)  # the new fusion decides what it missed
         sent = await feeder.stop()
         await decisions.wait_for(sent, timeout_s=30)
         await decisions.settle(1.0)
@@ -275,7 +273,7 @@ class SlowAgent(ModelAgent):
         self.delay_s = delay_s
 
     def predict(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        time.sleep(self.delay_s)
+        time.sleep(self.delay_s)  # the slowness under test
         return super().predict(batch)
 
 
@@ -298,12 +296,16 @@ async def test_slow_agent_with_small_inflight_sheds_windows_and_stays_bounded(
     tasks = await opened_tasks(nc, subjects)
     most_open = 0
     most_pending = 0
+
+    def watched_until_enough_sent() -> bool:
+        nonlocal most_open, most_pending
+        most_open = max(most_open, len(coordinator.tracker))
+        most_pending = max(most_pending, len(fusion.pending))
+        return feeder.sent >= 150
+
     feeder = FrameFeeder(nc, subjects, basicmotions, every_s=0.02).start()
     try:
-        for _ in range(60):
-            await asyncio.sleep(0.05)
-            most_open = max(most_open, len(coordinator.tracker))
-            most_pending = max(most_pending, len(fusion.pending))
+        await eventually(watched_until_enough_sent, what="150 frames sent", timeout_s=30)
         sent = await feeder.stop()
         await decisions.wait_for(sent, timeout_s=30)
         await decisions.settle(1.0)
@@ -346,11 +348,24 @@ async def test_block_policy_makes_a_waiting_producer_keep_pace(
     decisions = await Collector(Decision).start_stream(nc, subjects.decision("bm"))
     try:
         started = time.perf_counter()
-        sent = await replay_frames(
-            Producer(nc, subjects), basicmotions, stream="bm", rate_hz=1000, limit=12, wait_s=30
-        )
+        # Each answer comes once a task ends (about 0.15 s); 10 s per frame and 60 s in all
+        # fail the test with the coordinator's state, well before the run's timeout.
+        try:
+            async with asyncio.timeout(60):
+                sent = await replay_frames(
+                    Producer(nc, subjects),
+                    basicmotions,
+                    stream="bm",
+                    rate_hz=1000,
+                    limit=12,
+                    wait_s=10,
+                )
+        except TimeoutError:  # nats-py's TimeoutError too
+            raise AssertionError(
+                f"a held frame was never answered: {coordinator.stats()}"
+            ) from None
         elapsed = time.perf_counter() - started
-        await decisions.wait_for(12)
+        await decisions.wait_for(12, timeout_s=20)
     finally:
         for component in (coordinator, slow, gyro, fusion):
             await component.stop()

@@ -25,7 +25,7 @@ from schemas import (
     Window,
     encode,
 )
-from tests.helpers import Collector, Pipeline, eventually
+from tests.helpers import Pipeline, eventually
 from tests.test_reliability import decide_frames, frame_of
 
 StartPipeline = Callable[..., Awaitable[Pipeline]]
@@ -202,12 +202,19 @@ async def test_every_input_subject_fuzzed_leaves_every_component_answering(
         return counts
 
     left: dict[str, int] = {}
-    for _ in range(100):  # answered within a few durability intervals and nak backoffs
+
+    async def all_answered() -> bool:
+        nonlocal left
         left = await pending()
-        if not any(left.values()):
-            break
-        await Collector(TaskStatus).settle(0.2)
-    assert not any(left.values()), f"unanswered after the fuzz (seed {seed}): {left}"
+        return not any(left.values())
+
+    await eventually(  # within a few durability intervals and nak backoffs
+        all_answered,
+        what=f"every fuzzed message answered (seed {seed})",
+        timeout_s=30,
+        state=lambda: left,
+        every_s=0.2,
+    )
     replies = await discover_components(nc, prefix=subjects.prefix, timeout_s=0.5)
     roles = sorted((r.get("metadata") or {}).get("fusebus.role", "") for r in replies)
     assert roles == ["agent", "agent", "coordinator", "fusion"]

@@ -19,7 +19,6 @@ from bus import (
     Producer,
     Subjects,
     TopologySettings,
-    discover_agents,
     ensure_streams,
     free_port,
 )
@@ -27,7 +26,7 @@ from fusebus.datasets import SensorDataset
 from fusebus.metrics import serve_metrics
 from fusebus.replay import aligned_start_ns, chunk_schedule, send_schedule
 from schemas import Decision, Result, Subtask, Window
-from tests.helpers import Collector, Pipeline
+from tests.helpers import Collector, Pipeline, wait_for_agents
 
 ROOT = Path(__file__).resolve().parent.parent
 StartPipeline = Callable[..., Awaitable[Pipeline]]
@@ -163,9 +162,7 @@ async def test_components_log_json_with_bound_context(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    for _ in range(100):
-        if await discover_agents(nc, prefix=subjects.prefix, timeout_s=0.2):
-            break
+    await wait_for_agents(nc, subjects.prefix, {"accel": 1})
     subtask = Subtask(
         task_id="t1",
         stream="s",

@@ -233,9 +233,13 @@ async def test_a_publish_nobody_acknowledges_is_sent_again_with_the_same_id(
     producer = Producer(nc, subjects, ack_timeout_s=0.2)
     try:
         await producer.subtasks_unconfirmed("accel", plain_subtasks(1))
-        await eventually(lambda: producer.retries >= 2)
+        await eventually(lambda: producer.retries >= 2, what="two retries", state=lambda: producer)
         await ensure_streams(nc.jetstream(), subjects, TopologySettings())
-        await eventually(lambda: producer.unconfirmed == 0)
+        await eventually(
+            lambda: producer.unconfirmed == 0,
+            what="the retried subtask stored",
+            state=lambda: producer,
+        )
     finally:
         await producer.close()
     assert producer.refused == 0 and producer.retries >= 2
@@ -277,7 +281,7 @@ async def test_a_component_whose_connection_closes_for_good_exits_non_zero(
     serving = asyncio.ensure_future(
         serve(start, bus=BusSettings(url=nats_server.url, prefix=subjects.prefix), name="idle")
     )
-    await eventually(lambda: bool(connections))
+    await eventually(lambda: bool(connections), what="serve connected")
     await connections[0].close()
     async with asyncio.timeout(10):
         code = await serving

@@ -3,7 +3,6 @@ a thousand streams, and record-then-replay."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import uuid
 from collections.abc import Awaitable, Callable
@@ -25,7 +24,7 @@ from fusebus.replay import (
     stream_names,
 )
 from schemas import Decision, SensorChunk, SensorStatus
-from tests.helpers import Collector, Pipeline
+from tests.helpers import Collector, Pipeline, eventually
 
 StartPipeline = Callable[..., Awaitable[Pipeline]]
 SEED = 7
@@ -115,12 +114,14 @@ async def test_late_chunks_are_counted_and_leave_closed_windows_alone(
     )
     await Producer(parts.nc, parts.subjects).chunk(late)
     await parts.nc.flush()
-    assert parts.coordinator is not None
-    for _ in range(100):
-        if parts.coordinator.stats()["late_chunks"] == 1:
-            break
-        await asyncio.sleep(0.02)
-    assert parts.coordinator.stats()["late_chunks"] == 1
+    coordinator = parts.coordinator
+    assert coordinator is not None
+    await eventually(
+        lambda: coordinator.stats()["late_chunks"] >= 1,
+        what="the late chunk counted",
+        state=coordinator.stats,
+    )
+    assert coordinator.stats()["late_chunks"] == 1
     await decisions.settle(0.5)
     assert len(decisions.items) == 4
 
@@ -207,10 +208,11 @@ async def test_a_thousand_streams_are_decided_once_each_with_bounded_memory(
     assert len(coordinator.tracker) == 0
     per_stream = list(coordinator.intake.buffered_samples().values())
     assert max(per_stream, default=0) <= 2 * 2 * 100  # two sensors, at most about a window each
-    for _ in range(100):
-        if coordinator.stats()["streams"] == 0:
-            break
-        await asyncio.sleep(0.1)
+    await eventually(
+        lambda: coordinator.stats()["streams"] == 0,
+        what="every idle stream forgotten",
+        state=coordinator.stats,
+    )
     # Each stream was forgotten once it fell idle, and only then.
     assert coordinator.stats()["streams_forgotten"] == 1000 and coordinator.stats()["streams"] == 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator import Seen, TaskTracker
+from coordinator import Ended, Seen, TaskTracker
 from schemas import Task, Window
 
 MS = 1_000_000
@@ -17,10 +17,11 @@ def open_task(
     stream: str = "s",
     start: int = 0,
     deadline_ns: int = 100 * MS,
-    **kwargs: object,
-) -> list[object]:
+    unavailable: frozenset[str] = frozenset(),
+    max_inflight: int | None = None,
+) -> list[Ended]:
     task = Task(task_id, stream, Window(start, start + 10), ("accel", "gyro"), 0, deadline_ns)
-    return tracker.open(task, **kwargs)  # type: ignore[arg-type]
+    return tracker.open(task, unavailable=unavailable, max_inflight=max_inflight)
 
 
 def test_task_completes_when_every_type_answers() -> None:
