@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from agents.base import Agent
+from agents.base import Agent, check_weight
 from bus import (
     BatchPuller,
     Delivery,
@@ -97,6 +97,9 @@ class AgentRuntime:
         topology: TopologySettings | None = None,
         agent_id: str | None = None,
     ) -> None:
+        # Every result carries the weight, and fusion multiplies by it: refuse a bad one here,
+        # whatever kind of agent declared it.
+        check_weight(agent.weight, owner=f"agent {agent.type!r}")
         self.agent = agent
         self.nc = nc
         self.subjects = subjects
