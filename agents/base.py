@@ -17,7 +17,8 @@ class Agent(Protocol):
 
     ``inputs`` names the sensors it reads (with their expected samples and channels, 0 for
     any); ``labels`` names its outputs in order; ``weight`` is its default fusion weight
-    (finite and > 0).
+    (finite and > 0). An agent may also give ``input_dtypes``, the dtype each input is cast
+    to; inputs that cannot be cast to it are answered with an ``input_mismatch`` error.
     """
 
     type: str
