@@ -3,11 +3,12 @@ batch of outputs. The runtime around it (:mod:`agents.runtime`) owns everything 
 
 from __future__ import annotations
 
+import math
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from schemas import InputSpec, ModelRef
+from schemas import ConfigError, InputSpec, ModelRef
 
 
 @runtime_checkable
@@ -15,7 +16,9 @@ class Agent(Protocol):
     """An agent serving one subtask type.
 
     ``inputs`` names the sensors it reads (with their expected samples and channels, 0 for
-    any); ``labels`` names its outputs in order; ``weight`` is its default fusion weight.
+    any); ``labels`` names its outputs in order; ``weight`` is its default fusion weight
+    (finite and > 0). An agent may also give ``input_dtypes``, the dtype each input is cast
+    to; inputs that cannot be cast to it are answered with an ``input_mismatch`` error.
     """
 
     type: str
@@ -32,3 +35,22 @@ class Agent(Protocol):
     def predict(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """Map ``{sensor: [batch, samples, channels]}`` to ``[batch, len(labels)]`` scores."""
         ...
+
+
+def check_weight(weight: object, *, owner: str) -> float:
+    """``weight`` as a fusion weight: a finite number > 0.
+
+    Args:
+        weight: the value given (a number, or text such as a ``--param``).
+        owner: who declares it, for the error (``model card m.json``, ``agent motion``).
+
+    Raises:
+        ConfigError: it is not a number, not finite, or not > 0.
+    """
+    try:
+        value = float(weight)  # type: ignore[arg-type]  # text and numbers both welcome
+    except (TypeError, ValueError):
+        raise ConfigError(f"{owner}: weight must be a number, got {weight!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{owner}: weight must be finite and > 0, got {weight!r}")
+    return value

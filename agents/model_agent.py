@@ -37,6 +37,9 @@ class ModelAgent:
         self.weight = self.card.weight
         self._runtime: ModelRuntime = load_runtime(model_path, buckets=buckets)
         self.runtime = self._runtime.name
+        check_card_fits_model(self.card, self._runtime, model_path)
+        # what the runtime casts each input to: inputs that cannot be cast are refused
+        self.input_dtypes = tuple(self._runtime.input_dtypes)
 
     def __repr__(self) -> str:
         return f"ModelAgent(type={self.type!r}, model={self.model.name}@{self.model.version}, runtime={self.runtime})"
@@ -54,3 +57,35 @@ class ModelAgent:
                 f"{self.model.name} returned shape {output.shape}, expected ({rows}, {len(self.labels)})"
             )
         return output
+
+
+def check_card_fits_model(card: ModelCard, runtime: ModelRuntime, model_path: Path) -> None:
+    """Refuse a card whose inputs the model cannot take: the number of inputs, and each
+    input's samples and channels where both the card and the model fix them.
+
+    Known at start, so said once, at start, rather than with every subtask.
+
+    Raises:
+        ConfigError: naming the model file, the input, the card's and the model's shapes.
+    """
+    shapes = runtime.input_shapes
+    if len(card.inputs) != len(shapes):
+        raise ConfigError(
+            f"model {model_path}: its card lists {len(card.inputs)} inputs, the model takes "
+            f"{len(shapes)}"
+        )
+    for spec, shape in zip(card.inputs, shapes, strict=True):
+        model_dims = tuple(shape) if len(shape) == 2 else None
+        if model_dims is None:
+            raise ConfigError(
+                f"model {model_path}: input {spec.sensor!r} has per-row shape {tuple(shape)}; "
+                "fusebus feeds [samples, channels]"
+            )
+        for what, card_size, model_size in zip(
+            ("samples", "channels"), (spec.samples, spec.channels), model_dims, strict=True
+        ):
+            if card_size and model_size > 0 and card_size != model_size:
+                raise ConfigError(
+                    f"model {model_path}: its card says input {spec.sensor!r} has {card_size} "
+                    f"{what}, the model takes {model_size}"
+                )

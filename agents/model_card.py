@@ -7,7 +7,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agents.base import check_weight
 from schemas import ConfigError, InputSpec
+
+#: The metric a trained model's card reports, whose value is its default fusion weight.
+WEIGHT_METRIC = "val_accuracy"
 
 
 @dataclass(frozen=True)
@@ -15,7 +19,8 @@ class ModelCard:
     """A model's card, stored as ``<model>.json`` beside ``<model>.tflite`` / ``.keras``.
 
     ``inputs`` are in the order the model takes them; ``labels`` name its outputs in order;
-    ``weight`` is its default fusion weight (its validation accuracy for trained models).
+    ``weight`` is its default fusion weight: in the JSON file, an explicit ``weight`` key,
+    else ``metrics.val_accuracy``, else 1.0 (see :func:`card_weight`).
     """
 
     type: str
@@ -32,8 +37,7 @@ class ModelCard:
             raise ConfigError(f"model card {self.name!r}: labels must not be empty")
         if not self.inputs:
             raise ConfigError(f"model card {self.name!r}: inputs must not be empty")
-        if not self.weight > 0:
-            raise ConfigError(f"model card {self.name!r}: weight must be > 0, got {self.weight}")
+        check_weight(self.weight, owner=f"model card {self.name!r}")
 
     @classmethod
     def for_model(cls, model_path: Path) -> ModelCard:
@@ -49,7 +53,10 @@ class ModelCard:
             raise ConfigError(f"model card {path} does not exist") from None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"model card {path}: not JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"model card {path}: expected a JSON object")
         try:
+            metrics = {str(k): float(v) for k, v in raw.get("metrics", {}).items()}
             return cls(
                 type=str(raw["type"]),
                 name=str(raw["name"]),
@@ -59,10 +66,12 @@ class ModelCard:
                     InputSpec(str(i["sensor"]), int(i.get("samples", 0)), int(i.get("channels", 0)))
                     for i in raw["inputs"]
                 ),
-                weight=float(raw.get("weight", 1.0)),
-                metrics={str(k): float(v) for k, v in raw.get("metrics", {}).items()},
+                weight=card_weight(raw.get("weight"), metrics, owner=f"model card {path}"),
+                metrics=metrics,
                 notes=str(raw.get("notes", "")),
             )
+        except ConfigError:
+            raise  # already names the card and the problem
         except KeyError as exc:
             raise ConfigError(f"model card {path}: missing key {exc}") from None
         except (TypeError, ValueError) as exc:
@@ -74,3 +83,23 @@ class ModelCard:
         data["labels"] = list(self.labels)
         data["inputs"] = [asdict(spec) for spec in self.inputs]
         return json.dumps(data, indent=2) + "\n"
+
+
+def card_weight(explicit: object, metrics: dict[str, float], *, owner: str) -> float:
+    """A card's fusion weight: ``explicit`` when given, else its validation accuracy
+    (``metrics.val_accuracy``, which must then be in (0, 1]), else 1.0.
+
+    Raises:
+        ConfigError: the weight is not a finite number > 0, naming ``owner`` and its source.
+    """
+    if explicit is not None:
+        return check_weight(explicit, owner=owner)
+    if WEIGHT_METRIC not in metrics:
+        return 1.0
+    accuracy = metrics[WEIGHT_METRIC]
+    if not 0 < accuracy <= 1:
+        raise ConfigError(
+            f"{owner}: metrics.{WEIGHT_METRIC} {accuracy!r} cannot be the fusion weight "
+            "(it must be in (0, 1]); give an explicit weight"
+        )
+    return accuracy

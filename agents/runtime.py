@@ -13,7 +13,7 @@ import os
 import secrets
 import socket
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import structlog
 
-from agents.base import Agent
+from agents.base import Agent, check_weight
+from agents.inputs import INPUT_MISMATCH, InputMismatch, InputShape, input_mismatch, input_shape
 from bus import (
     BatchPuller,
     Delivery,
@@ -37,9 +38,24 @@ from bus import (
     ensure_task_consumer,
 )
 from bus.types import Connection, Message
-from schemas import CODEC, AgentInfo, ConfigError, ResultBatch, SchemaError, Subtask, SubtaskBatch
+from schemas import (
+    CODEC,
+    AgentInfo,
+    ConfigError,
+    ErrorInfo,
+    Result,
+    ResultBatch,
+    SchemaError,
+    Subtask,
+    SubtaskBatch,
+    encode,
+)
 
 log = structlog.get_logger("fusebus.agent")
+
+#: How many (stream, input shape) pairs an agent remembers having warned about: enough for
+#: thousands of streams, bounded so that a stream of ever-new shapes cannot grow memory.
+WARNED_MISMATCHES = 4096
 
 
 @dataclass(frozen=True)
@@ -97,6 +113,9 @@ class AgentRuntime:
         topology: TopologySettings | None = None,
         agent_id: str | None = None,
     ) -> None:
+        # Every result carries the weight, and fusion multiplies by it: refuse a bad one here,
+        # whatever kind of agent declared it.
+        check_weight(agent.weight, owner=f"agent {agent.type!r}")
         self.agent = agent
         self.nc = nc
         self.subjects = subjects
@@ -121,11 +140,15 @@ class AgentRuntime:
         self._puller: BatchPuller | None = None
         self._life = Lifecycle()
         self._reaper: ExhaustedReaper | None = None
+        # Each agent input's dtype, when the agent says (a model's); else any numeric fits.
+        self._input_dtypes: tuple[np.dtype, ...] | None = getattr(agent, "input_dtypes", None)
+        self._warned: OrderedDict[tuple[str, InputShape], None] = OrderedDict()
 
     def __repr__(self) -> str:
         return (
             f"AgentRuntime({self.agent_id}, processed={self.counts['processed']} "
             f"errors={self.counts['errors']} expired={self.counts['expired']} "
+            f"input_mismatch={self.counts[INPUT_MISMATCH]} "
             f"dead_letters={self.inbound.counts['dead_letters']} "
             f"batches={self.counts['batches']})"
         )
@@ -151,6 +174,7 @@ class AgentRuntime:
             "processed": self.counts["processed"],
             "errors": self.counts["errors"],
             "expired": self.counts["expired"],
+            "input_mismatch": self.counts[INPUT_MISMATCH],
             "dead_letters": self.inbound.counts["dead_letters"]
             + (self._reaper.reaped if self._reaper else 0),
             "naks": self.inbound.counts["naks"],
@@ -231,10 +255,21 @@ class AgentRuntime:
         pulled = time.perf_counter()
         now_ns = time.time_ns()
         work: list[tuple[Delivery, SubtaskBatch]] = []
+        misfits: list[tuple[Delivery, SubtaskBatch, InputMismatch]] = []
         for delivery, batch in await self.inbound.take(msgs):
             readable = await self._readable(delivery, batch, now_ns)
-            if readable is not None:
+            if readable is None:
+                continue
+            # Every row of a message has the same input shapes, so one check covers it.
+            mismatch = input_mismatch(self.agent.inputs, readable.inputs, dtypes=self._input_dtypes)
+            if mismatch is None:
                 work.append((delivery, readable))
+            else:
+                misfits.append((delivery, readable, mismatch))
+        if misfits:
+            deliveries = [delivery for delivery, _, _ in misfits]
+            if not await self.inbound.run(deliveries, self._refuse(misfits, pulled)):
+                self.counts["errors"] += 1
         if work:
             deliveries = [delivery for delivery, _ in work]
             if not await self.inbound.run(deliveries, self._serve(work, pulled)):
@@ -271,13 +306,89 @@ class AgentRuntime:
             outcome="ok",
         )
 
+    async def _refuse(
+        self, misfits: list[tuple[Delivery, SubtaskBatch, InputMismatch]], pulled: float
+    ) -> None:
+        """Answer each subtask whose inputs do not fit the agent with an ``input_mismatch``
+        error result, so its task ends now rather than at its deadline, then ack.
+
+        The same misfit comes with every window of a stream, so it is logged once per
+        stream and input shape, not once per subtask.
+        """
+        a = self.agent
+        latency_ms = (time.perf_counter() - pulled) * 1e3
+        errors: list[Result] = []
+        for _, batch, mismatch in misfits:
+            shape = input_shape(batch.inputs)
+            for stream in dict.fromkeys(batch.streams):
+                self._warn_once(stream, shape, mismatch)
+            error = ErrorInfo(INPUT_MISMATCH, mismatch.text)
+            errors.extend(
+                Result(
+                    task_id=subtask.task_id,
+                    stream=subtask.stream,
+                    type=a.type,
+                    agent_id=self.agent_id,
+                    model=a.model,
+                    output=None,
+                    labels=a.labels,
+                    latency_ms=latency_ms,
+                    error=error,
+                    window=subtask.window,
+                    expected=subtask.expected,
+                    ingest_ns=subtask.ingest_ns,
+                    weight=a.weight,
+                    deadline_ns=subtask.deadline_ns,
+                    ticket=subtask.ticket,
+                )
+                for subtask in batch.items()
+            )
+        # Results are stored before the subtasks are acked, as for answers (see _serve).
+        # Producer.results takes only result batches, which carry no error: errors go out
+        # one by one, as the protocol says.
+        await asyncio.gather(
+            *(self.producer.js.publish(self.subjects.result(r.stream), encode(r)) for r in errors)
+        )
+        for delivery, _, _ in misfits:
+            await delivery.ack()
+        self.counts[INPUT_MISMATCH] += len(errors)
+        log.debug(
+            "batch.done",
+            type=a.type,
+            size=len(errors),
+            messages=len(misfits),
+            duration_ms=round((time.perf_counter() - pulled) * 1e3, 3),
+            outcome=INPUT_MISMATCH,
+        )
+
+    def _warn_once(self, stream: str, shape: InputShape, mismatch: InputMismatch) -> None:
+        """Log ``mismatch`` unless it was already logged for this stream and input shape."""
+        key = (stream, shape)
+        if key in self._warned:
+            self._warned.move_to_end(key)
+            return
+        self._warned[key] = None
+        if len(self._warned) > WARNED_MISMATCHES:
+            self._warned.popitem(last=False)
+        log.warning(
+            "subtask.input_mismatch",
+            stream=stream,
+            sensor=mismatch.sensor,
+            expected=mismatch.expected,
+            got=mismatch.got,
+            error=mismatch.text,
+            outcome="error_results",
+        )
+
     async def _readable(
         self, delivery: Delivery, batch: SubtaskBatch, now_ns: int
     ) -> SubtaskBatch | None:
         """The subtasks of ``batch`` worth answering.
 
-        A batch that is not for this agent is dead-lettered (``None``). Subtasks past their
-        deadline are counted and dropped; a message with nothing else is acked (``None``).
+        A batch of another type is dead-lettered (``None``): it was sent to the wrong
+        subject. Subtasks past their deadline are counted and dropped; a message with
+        nothing else is acked (``None``). Inputs that do not fit the agent are the caller's
+        to answer (see :meth:`_refuse`).
         """
         try:
             self._check(batch)
@@ -368,17 +479,3 @@ class AgentRuntime:
             raise SchemaError(
                 "wrong_type", f"subtask of type {batch.type!r} sent to {self.agent.type!r}"
             )
-        for spec in self.agent.inputs:
-            array = batch.inputs.get(spec.sensor)
-            if array is None:
-                raise SchemaError("missing_input", f"subtask has no input {spec.sensor!r}")
-            shape = array.shape[1:]
-            want = (
-                spec.samples or shape[0],
-                spec.channels or (shape[1] if len(shape) == 2 else -1),
-            )
-            if shape != want:
-                raise SchemaError(
-                    "bad_input",
-                    f"input {spec.sensor!r} has shape {shape}, agent reads {want}",
-                )

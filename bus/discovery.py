@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import importlib.metadata
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +43,10 @@ def agent_info_from_metadata(metadata: dict[str, str]) -> AgentInfo | None:
         return None
     try:
         body = json.loads(raw)
+        weight = float(body.get("weight", 1.0))
+        if not (math.isfinite(weight) and weight > 0):
+            # fusion multiplies by it: a NaN, zero or negative weight would spoil decisions
+            raise ValueError(f"weight must be finite and > 0, got {body.get('weight')!r}")
         return AgentInfo(
             agent_id=str(body["agent_id"]),
             type=str(body["type"]),
@@ -49,7 +54,7 @@ def agent_info_from_metadata(metadata: dict[str, str]) -> AgentInfo | None:
             runtime=str(body["runtime"]),
             inputs=tuple(InputSpec(**spec) for spec in body["inputs"]),
             labels=tuple(body["labels"]),
-            weight=float(body.get("weight", 1.0)),
+            weight=weight,
         )
     except (KeyError, TypeError, ValueError) as exc:
         log.warning("discovery.bad_agent_info", error=str(exc))

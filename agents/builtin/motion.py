@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from agents.base import check_weight
 from schemas import ConfigError, InputSpec, ModelRef
 
 #: Default bands of motion energy per label, lower and upper edge (from BasicMotions TRAIN).
@@ -48,9 +49,9 @@ class MotionEnergyAgent:
         self.type = type
         self.bands = dict(bands or DEFAULT_BANDS)
         self.softness = float(softness)
-        self.weight = float(weight)
-        if self.softness <= 0 or self.weight <= 0:
-            raise ConfigError("motion agent: softness and weight must be > 0")
+        self.weight = check_weight(weight, owner="motion agent")
+        if not self.softness > 0:
+            raise ConfigError(f"motion agent: softness must be > 0, got {softness!r}")
         for label, (low, high) in self.bands.items():
             if not low < high:
                 raise ConfigError(f"motion agent: band of {label!r} must have low < high")

@@ -29,9 +29,15 @@ MAX_PADDING = 0.25
 
 
 class ModelRuntime(Protocol):
-    """A loaded model that maps input batches to an output batch."""
+    """A loaded model that maps input batches to an output batch.
+
+    ``input_shapes`` and ``input_dtypes`` describe each model input without its batch
+    dimension (-1 where the model takes any size), in the order the model takes them.
+    """
 
     name: str
+    input_shapes: list[tuple[int, ...]]
+    input_dtypes: list[np.dtype]
 
     def warm_up(self) -> None:
         """Prepare every batch bucket so the first real call is as fast as the rest."""

@@ -31,8 +31,9 @@ class LiteRTModel:
         self._model_bytes = path.read_bytes()
         self._interpreters: dict[int, Any] = {}
         probe = self._interpreter(self.buckets[0])
-        self.input_shapes = [tuple(d["shape_signature"][1:]) for d in probe.get_input_details()]
-        self.input_dtypes = [d["dtype"] for d in probe.get_input_details()]
+        details = probe.get_input_details()
+        self.input_shapes = [tuple(int(n) for n in d["shape_signature"][1:]) for d in details]
+        self.input_dtypes = [np.dtype(d["dtype"]) for d in details]
 
     def __repr__(self) -> str:
         return f"LiteRTModel({self.path.name}, buckets={self.buckets})"
