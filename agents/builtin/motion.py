@@ -56,7 +56,7 @@ class MotionEnergyAgent:
             if not low < high:
                 raise ConfigError(f"motion agent: band of {label!r} must have low < high")
         self.labels = tuple(self.bands)
-        self.inputs = (InputSpec(sensor, 0, 3),)
+        self.inputs: tuple[InputSpec, ...] = (InputSpec(sensor, 0, 3),)
         self.model = ModelRef("motion-energy-rules", "1.0.0")
         self._low = np.array([b[0] for b in self.bands.values()])
         self._high = np.array([b[1] for b in self.bands.values()])
