@@ -48,7 +48,6 @@ from schemas import (
     SchemaError,
     Subtask,
     SubtaskBatch,
-    encode,
 )
 
 log = structlog.get_logger("fusebus.agent")
@@ -343,12 +342,9 @@ class AgentRuntime:
                 )
                 for subtask in batch.items()
             )
-        # Results are stored before the subtasks are acked, as for answers (see _serve).
-        # Producer.results takes only result batches, which carry no error: errors go out
-        # one by one, as the protocol says.
-        await asyncio.gather(
-            *(self.producer.js.publish(self.subjects.result(r.stream), encode(r)) for r in errors)
-        )
+        # Results are stored before the subtasks are acked, as for answers (see _serve);
+        # errors go out one by one, as the protocol says.
+        await self.producer.results(errors)
         for delivery, _, _ in misfits:
             await delivery.ack()
         self.counts[INPUT_MISMATCH] += len(errors)

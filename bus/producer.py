@@ -7,7 +7,7 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from bus.subjects import Subjects
 from schemas import (
     DeadLetter,
     Decision,
+    Result,
     ResultBatch,
     SensorChunk,
     SensorFrame,
@@ -319,12 +320,15 @@ class Producer:
                         headers=pending.headers,
                     )
 
-    async def results(self, batches: list[ResultBatch]) -> None:
+    async def results(self, batches: Sequence[ResultBatch | Result]) -> None:
         """Publish agents' results and wait until they are stored, on each batch's stream
-        subject: a ``result`` for a batch of one, else ``result_batch`` messages within the
-        server's payload limit."""
+        subject: a ``result`` for a single result (an error travels so) or a batch of one,
+        else ``result_batch`` messages within the server's payload limit."""
         messages = []
         for batch in batches:
+            if isinstance(batch, Result):
+                messages.append((batch.stream, encode(batch)))
+                continue
             if len(batch) == 1:
                 messages.append((batch.stream, encode(batch.items()[0])))
                 continue

@@ -39,6 +39,7 @@ def to_record(entry: OpenTask) -> OpenTaskRecord:
         seen=tuple(sorted(entry.seen)),
         unavailable=tuple(sorted(entry.unavailable)),
         missing_sensors=entry.missing_sensors,
+        errored=tuple(sorted(entry.errored)),
     )
 
 

@@ -347,8 +347,8 @@ class Coordinator:
         wait_s = self.topology.intake_ack_wait_s / 3
         await asyncio.sleep(wait_s)
         await self.intake.keep_alive(wait_s)
-        for held in self._held.values():
-            for _, delivery in held:
+        for held in list(self._held.values()):
+            for _, delivery in list(held):  # a release may change the queue while we await
                 if delivery is not None:
                     await delivery.in_progress()
 
@@ -387,7 +387,9 @@ class Coordinator:
         while held and plan is not None and self.tracker.open_in(stream) < plan.max_inflight:
             cut, frame = held.popleft()
             await self._admit(cut, frame, plan)
-        if held is not None and not held:
+        # Admitting awaits, so another release of this stream may have run meanwhile: drop
+        # the queue only if it is still this one and empty (a window held since is kept).
+        if held is not None and not held and self._held.get(stream) is held:
             del self._held[stream]
 
     async def _admit(self, cut: CutWindow, frame: Delivery | None, plan: Plan) -> None:
@@ -505,12 +507,14 @@ class Coordinator:
             match message:
                 case ResultBatch():
                     answered = [(task_id, message.type) for task_id in message.task_ids]
+                    error = False
                 case Result():
                     answered = [(message.task_id, message.type)]
+                    error = message.error is not None or message.output is None
                 case _:
                     assert_never(message)
             for task_id, type_name in answered:
-                seen, closed = self.tracker.record(task_id, type_name)
+                seen, closed = self.tracker.record(task_id, type_name, error=error)
                 if closed is not None:
                     ended.append(closed)
                 elif seen is Seen.NEW and self.journal is not None:

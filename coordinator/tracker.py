@@ -32,11 +32,12 @@ class OpenTask:
     seen: set[str] = field(default_factory=set)
     unavailable: frozenset[str] = frozenset()  # types that were never published (no input)
     missing_sensors: tuple[str, ...] = ()
+    errored: set[str] = field(default_factory=set)  # answered, with an error: no vote
 
     @property
     def missing(self) -> tuple[str, ...]:
-        """Expected types not answered, in expected order."""
-        return tuple(t for t in self.task.expected if t not in self.seen)
+        """Expected types with no usable answer (none, or an error), in expected order."""
+        return tuple(t for t in self.task.expected if t not in self.seen or t in self.errored)
 
     @property
     def settled(self) -> bool:
@@ -182,12 +183,16 @@ class TaskTracker:
         entry = self._open.get(record.task_id)
         if entry is not None:
             entry.seen.update(t for t in record.seen if t in record.expected)
+            entry.errored.update(t for t in record.errored if t in entry.seen)
             if entry.settled:
                 ended.append(self._end(entry, reason="restored complete"))
         return ended
 
-    def record(self, task_id: str, type_name: str) -> tuple[Seen, Ended | None]:
-        """Note that ``type_name`` answered ``task_id``; returns the task if that ended it."""
+    def record(
+        self, task_id: str, type_name: str, *, error: bool = False
+    ) -> tuple[Seen, Ended | None]:
+        """Note that ``type_name`` answered ``task_id`` (``error``: it could not, which ends
+        its wait but leaves it missing); returns the task if that ended it."""
         entry = self._open.get(task_id)
         if entry is None:
             seen = Seen.LATE if task_id in self._ended else Seen.UNKNOWN
@@ -202,6 +207,8 @@ class TaskTracker:
             self.counts["repeat"] += 1
             return Seen.REPEAT, None
         entry.seen.add(type_name)
+        if error:
+            entry.errored.add(type_name)
         if entry.settled:
             return Seen.NEW, self._end(entry, reason="")
         return Seen.NEW, None
@@ -218,7 +225,8 @@ class TaskTracker:
 
     def _end(self, entry: OpenTask, *, reason: str) -> Ended:
         task, missing = entry.task, entry.missing
-        state: TaskState = "complete" if not missing else ("partial" if entry.seen else "failed")
+        answered = entry.seen - entry.errored
+        state: TaskState = "complete" if not missing else ("partial" if answered else "failed")
         del self._open[task.task_id]
         stream_tasks = self._by_stream[task.stream]
         del stream_tasks[task.task_id]

@@ -567,6 +567,7 @@ class OpenTaskRecord:
     seen: tuple[Name, ...] = ()
     unavailable: tuple[Name, ...] = ()
     missing_sensors: tuple[Name, ...] = ()
+    errored: tuple[Name, ...] = ()  # of ``seen``, the types that answered with an error
 
     @property
     def task(self) -> Task:

@@ -164,3 +164,18 @@ def test_restored_tasks_keep_their_results_and_end_once() -> None:
     assert tracker.restore(waiting) == [] and tracker.counts["restored"] == 2
     _, closed = tracker.record("w", "gyro")
     assert closed is not None and closed.state == "complete"
+
+
+def test_an_error_answer_ends_the_wait_but_leaves_the_type_missing() -> None:
+    """An agent that answers with an error is heard (the task need not wait out its
+    deadline) but gave no vote: the task is partial, or failed when every answer was one."""
+    tracker = TaskTracker()
+    open_task(tracker, "t1")
+    tracker.record("t1", "accel")
+    seen, ended = tracker.record("t1", "gyro", error=True)
+    assert seen is Seen.NEW and ended is not None
+    assert (ended.state, ended.missing) == ("partial", ("gyro",))
+    open_task(tracker, "t2", start=100)
+    tracker.record("t2", "accel", error=True)
+    _, ended = tracker.record("t2", "gyro", error=True)
+    assert ended is not None and (ended.state, ended.missing) == ("failed", ("accel", "gyro"))
