@@ -18,6 +18,7 @@ from fusebus.datasets import SensorDataset
 from fusebus.paths import models_dir
 from fusebus.replay import aligned_start_ns, chunk_schedule, send_schedule
 from schemas import BusError, ConfigError, Decision
+from tests.compose_env import nats_conf_env
 from tests.helpers import Collector
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +32,7 @@ def secured_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedde
     env = {f"FUSEBUS_{role.upper()}_PASSWORD": password for role, password in PASSWORDS.items()}
     server = EmbeddedServer(
         config_file=ROOT / "compose" / "nats.conf",
-        env=env,
+        env=nats_conf_env(env),
         store_dir=tmp_path_factory.mktemp("secured"),
     )
     with server:
