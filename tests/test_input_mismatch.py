@@ -32,7 +32,7 @@ from schemas import (
     Subtask,
     Window,
 )
-from tests.helpers import Collector, Pipeline
+from tests.helpers import Collector, Pipeline, eventually
 
 Connect = Callable[[str], Awaitable[Client]]
 FAR_FUTURE_NS = 2**62
@@ -116,14 +116,15 @@ async def test_misfit_subtasks_get_error_results_and_one_warning_per_stream_and_
     assert (await nc.jetstream().stream_info(subjects.tasks_stream)).state.messages == 0
 
 
-async def test_a_stream_whose_windows_misfit_one_agent_is_decided_at_once_as_partial(
+async def test_frames_that_misfit_a_running_agent_are_refused_before_it_sees_them(
     pipeline: Callable[..., Awaitable[Pipeline]],
     connect_bus: Connect,
     basicmotions: SensorDataset,
 ) -> None:
-    """Frames of 50 samples reach the accel model (card: 100) and a motion agent that takes
-    any length: each window is decided partial, missing accel, long before its 60 s
-    deadline, from the motion agent's answer."""
+    """Frames of 50 samples for a plan whose accel type's running agent reads 100: the
+    coordinator knows the card, so it refuses each frame at the door (`bad_shape`) and no
+    subtask reaches the agent (the agent's own answer to a misfit is tested above, with
+    subtasks sent straight to it)."""
     plan = Plan(
         subtasks=(
             SubtaskSpec("accel", (SensorInput("accel"),)),
@@ -138,21 +139,25 @@ async def test_a_stream_whose_windows_misfit_one_agent_is_decided_at_once_as_par
     parts.agents.append(motion)  # stopped with the pipeline
     decisions = await Collector(Decision).start_stream(parts.nc, parts.subjects.decision("half"))
     producer = Producer(parts.nc, parts.subjects)
+    assert parts.coordinator is not None
+    directory = parts.coordinator.directory
+    await eventually(lambda: "accel" in directory and "motion" in directory, what="discovery")
+    answers = []
     for i in range(3):
         case = basicmotions.x_test[i]
-        await producer.frame(
-            SensorFrame(
-                stream="half",
-                t_ns=(i + 1) * 10**10,
-                period_ns=basicmotions.period_ns,
-                sensors={"accel": basicmotions.sensor_view(case, "accel")[:50].copy()},
-            )
+        frame = SensorFrame(
+            stream="half",
+            t_ns=(i + 1) * 10**10,
+            period_ns=basicmotions.period_ns,
+            sensors={"accel": basicmotions.sensor_view(case, "accel")[:50].copy()},
         )
-    await decisions.wait_for(3, timeout_s=15)  # a quarter of the deadline
-    assert [d.status for d in decisions.items] == ["partial"] * 3
-    assert all(d.missing == ("accel",) and d.contributors == ("motion",) for d in decisions.items)
+        answers.append(await producer.frame(frame, wait_s=10))
+    assert all(
+        a is not None and a.startswith(b"rejected: bad_shape: type 'accel'") for a in answers
+    )
+    assert decisions.items == [] and parts.coordinator.tracker.counts["opened"] == 0
     [accel] = [a for a in parts.agents if a.agent.type == "accel"]
-    assert accel.stats()["input_mismatch"] == 3 and accel.stats()["dead_letters"] == 0
+    assert accel.stats()["input_mismatch"] == 0 and accel.stats()["processed"] == 0
 
 
 @pytest.mark.parametrize(
