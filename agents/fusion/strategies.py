@@ -8,7 +8,7 @@ A partial answer set is re-normalised over the agents present.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -176,7 +176,53 @@ class KOfN:
         return Fused(fused.label, fused.scores, passing >= self.k)
 
 
-STRATEGIES = ("mean", "weighted_mean", "majority_vote", "max_confidence", "threshold", "k_of_n")
+@dataclass(frozen=True)
+class StrategyEntry:
+    """One row of :data:`STRATEGY_TABLE`: how to build a strategy from its spec, and what it is.
+
+    ``alarm_rule`` marks the rules that add an alarm on top of a classifying strategy (they
+    need a ``target``); the others classify on their own.
+    """
+
+    build: Callable[[FusionSpec], Strategy]
+    summary: str
+    alarm_rule: bool = False
+
+
+#: Every fusion strategy by name. The spec's validation, the CLI's choices and help, and
+#: ``fusebus eval`` all read this table, so a strategy added here is known everywhere.
+STRATEGY_TABLE: dict[str, StrategyEntry] = {
+    "weighted_mean": StrategyEntry(
+        lambda spec: WeightedMean(weights=dict(spec.weights)),
+        "mean of the agents' probabilities weighted by their cards or the plan (default)",
+    ),
+    "mean": StrategyEntry(lambda spec: Mean(), "unweighted mean of the agents' probabilities"),
+    "majority_vote": StrategyEntry(
+        lambda spec: MajorityVote(), "each agent votes its top label; ties go to the higher mean"
+    ),
+    "max_confidence": StrategyEntry(
+        lambda spec: MaxConfidence(), "the agent with the highest top score decides"
+    ),
+    "threshold": StrategyEntry(
+        lambda spec: ThresholdAlarm(
+            str(spec.target), spec.threshold, WeightedMean(weights=dict(spec.weights))
+        ),
+        "weighted mean, alarm when the fused score of --target reaches --threshold",
+        alarm_rule=True,
+    ),
+    "k_of_n": StrategyEntry(
+        lambda spec: KOfN(
+            str(spec.target), spec.threshold, spec.k, WeightedMean(weights=dict(spec.weights))
+        ),
+        "weighted mean, alarm when --k agents score --target at --threshold or more",
+        alarm_rule=True,
+    ),
+}
+
+STRATEGIES = tuple(STRATEGY_TABLE)
+DEFAULT_STRATEGY = "weighted_mean"
+#: The strategies that classify on their own (no alarm rule), in table order.
+CLASSIFYING_STRATEGIES = tuple(n for n, e in STRATEGY_TABLE.items() if not e.alarm_rule)
 
 
 @dataclass(frozen=True)
@@ -187,18 +233,19 @@ class FusionSpec:
     of the rules); ``target``, ``threshold`` and ``k`` parameterise ``threshold`` and ``k_of_n``.
     """
 
-    strategy: str = "weighted_mean"
+    strategy: str = DEFAULT_STRATEGY
     weights: dict[str, float] = field(default_factory=dict)
     target: str | None = None
     threshold: float = 0.5
     k: int = 1
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
+        entry = STRATEGY_TABLE.get(self.strategy)
+        if entry is None:
             raise ConfigError(
                 f"unknown fusion strategy {self.strategy!r}; known: {', '.join(STRATEGIES)}"
             )
-        if self.strategy in ("threshold", "k_of_n") and not self.target:
+        if entry.alarm_rule and not self.target:
             raise ConfigError(f"fusion strategy {self.strategy!r} needs a target label")
         if not 0 <= self.threshold <= 1:
             raise ConfigError(f"fusion threshold must be within [0, 1], got {self.threshold}")
@@ -210,20 +257,7 @@ class FusionSpec:
 
     def build(self) -> Strategy:
         """The strategy this spec describes."""
-        base = WeightedMean(weights=dict(self.weights))
-        match self.strategy:
-            case "mean":
-                return Mean()
-            case "weighted_mean":
-                return base
-            case "majority_vote":
-                return MajorityVote()
-            case "max_confidence":
-                return MaxConfidence()
-            case "threshold":
-                return ThresholdAlarm(str(self.target), self.threshold, base)
-            case _:
-                return KOfN(str(self.target), self.threshold, self.k, base)
+        return STRATEGY_TABLE[self.strategy].build(self)
 
 
 def make_strategy(
