@@ -85,7 +85,8 @@ def test_strategies_refuse_bad_input() -> None:
 
 
 def test_majority_vote_counts_top_labels_and_breaks_ties_by_score() -> None:
-    """Two of three agents say run: run wins with 2/3 of the votes; a tie goes to the higher mean."""
+    """Two of three agents say run: run wins on votes; a tie goes to the higher mean, and the
+    scores show it: (votes + mean score) / (agents + 1), adding up to 1."""
     fused = MajorityVote().fuse(
         [
             vote("a", [0.1, 0.8, 0.1]),
@@ -94,9 +95,28 @@ def test_majority_vote_counts_top_labels_and_breaks_ties_by_score() -> None:
         ]
     )
     assert fused.label == "run"
-    assert fused.scores == pytest.approx({"walk": 1 / 3, "run": 2 / 3, "stand": 0.0})
+    means = {"walk": 1.4 / 3, "run": 1.35 / 3, "stand": 0.25 / 3}
+    votes = {"walk": 1, "run": 2, "stand": 0}
+    assert fused.scores == pytest.approx({k: (votes[k] + means[k]) / 4 for k in votes})
+    assert sum(fused.scores.values()) == pytest.approx(1.0)
     tie = MajorityVote().fuse([vote("a", [0.6, 0.4, 0.0]), vote("b", [0.1, 0.9, 0.0])])
     assert tie.label == "run"  # mean run 0.65 beats mean walk 0.35
+    assert tie.scores == pytest.approx({"walk": 1.35 / 3, "run": 1.65 / 3, "stand": 0.0})
+    assert max(tie.scores, key=tie.scores.__getitem__) == tie.label  # the tie-break is visible
+
+
+def test_majority_vote_counts_dominate_means_even_for_raw_scores() -> None:
+    """With outputs that are not probabilities (negative logits), one more vote still wins
+    over a higher mean score."""
+    fused = MajorityVote().fuse(
+        [
+            vote("a", [-1.0, -9.0, -9.0]),
+            vote("b", [-1.0, -9.0, -9.0]),
+            vote("c", [-30.0, 5.0, -9.0]),
+        ]
+    )
+    assert fused.label == "walk"
+    assert max(fused.scores, key=fused.scores.__getitem__) == "walk"
 
 
 def test_max_confidence_follows_the_surest_agent() -> None:

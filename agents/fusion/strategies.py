@@ -106,23 +106,29 @@ def _verdict(labels: tuple[str, ...], scores: np.ndarray) -> Fused:
 
 @dataclass(frozen=True)
 class MajorityVote:
-    """Each agent votes for its top label; most votes wins, ties go to the higher mean score.
+    """Each agent votes for its top label; most votes wins, a tie goes to the tied label with
+    the higher mean score, and a tie in both to the label first seen (the first vote's order).
 
-    Scores are the share of votes each label got.
+    The scores show the tie-break: a label's score is ``(votes + mean score) / (agents + 1)``.
+    The vote count always dominates (a label with one vote more scores higher whatever the
+    means), the mean separates tied counts, and with probability outputs the scores add up
+    to 1. The label with the highest score is the decision's.
     """
 
     name: str = "majority_vote"
 
     def fuse(self, votes: Sequence[Vote]) -> Fused:
-        """Count the agents' top labels."""
+        """Count the agents' top labels, breaking ties by mean score."""
         labels, matrix = aligned(votes)
         counts = np.bincount(matrix.argmax(axis=1), minlength=len(labels)).astype(np.float64)
-        tied = np.flatnonzero(counts == counts.max())
-        best = int(tied[np.argmax(matrix[:, tied].mean(axis=0))])
-        shares = counts / counts.sum()
-        return Fused(
-            labels[best], {label: float(x) for label, x in zip(labels, shares, strict=True)}
-        )
+        # With probabilities a voted label's mean is > 0 and every mean <= 1 (1 only for a
+        # label every agent voted for), so adding the mean never lifts a label past one with
+        # more votes. Other scores are first squeezed into [0, 0.5] to keep that true.
+        means = matrix.mean(axis=0)
+        if means.min() < 0 or means.max() > 1:
+            means = (means - means.min()) / (float(np.ptp(means)) or 1.0) / 2
+        scores = (counts + means) / (len(votes) + 1)
+        return _verdict(labels, scores)
 
 
 @dataclass(frozen=True)
