@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from schemas import FusebusError
+from schemas import ConfigError, FusebusError
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 # Mirrors fusebus.evaluate.DEFAULT_STRATEGIES, kept here so `--help` does not import numpy.
@@ -69,6 +69,33 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _env_flag(name: str, *, default: bool) -> bool:
+    """A yes/no environment variable; raises :class:`ConfigError` naming it when it is
+    neither."""
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return default
+    value = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    if text.strip().lower() not in value:
+        raise ConfigError(f"{name}={text[:40]!r}: expected 1/0, true/false or yes/no")
+    return value[text.strip().lower()]
+
+
+def _env_seconds(name: str, *, default: float) -> float:
+    """A duration in seconds (>= 0) from the environment; raises :class:`ConfigError`
+    naming the variable when it is not one."""
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text[:40]!r}: expected a number of seconds") from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise ConfigError(f"{name}={text[:40]!r}: expected a finite number of seconds >= 0")
+    return seconds
+
+
 def _bus_options(parser: argparse.ArgumentParser, *, url_default: str | None) -> None:
     group = parser.add_argument_group("bus")
     group.add_argument(
@@ -94,13 +121,13 @@ def _bus_options(parser: argparse.ArgumentParser, *, url_default: str | None) ->
         "--no-manage-topology",
         dest="manage_topology",
         action="store_false",
-        default=os.environ.get("FUSEBUS_MANAGE_TOPOLOGY", "1") not in ("0", "false", "no"),
+        default=_env_flag("FUSEBUS_MANAGE_TOPOLOGY", default=True),
         help="do not create streams, only wait for them (for roles without stream rights)",
     )
     group.add_argument(
         "--connect-wait-s",
         type=float,
-        default=float(os.environ.get("FUSEBUS_CONNECT_WAIT_S", "5")),
+        default=_env_seconds("FUSEBUS_CONNECT_WAIT_S", default=5.0),
         help="how long to wait for the server at start (default: 5)",
     )
     group.add_argument(
@@ -329,7 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fusebus`` command."""
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()  # reads the FUSEBUS_* environment defaults
+    except ConfigError as exc:
+        print(f"fusebus: error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     from fusebus.logs import configure_logging
 
     configure_logging(

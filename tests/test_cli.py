@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import subprocess
@@ -138,3 +139,33 @@ def test_bad_plans_file_is_one_line_naming_the_key(tmp_path: Path) -> None:
         done.stderr.strip()
         == f"fusebus coordinator: error: {plans}: default.max_inflight: must be a number, got 'lots'"
     )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        (
+            "FUSEBUS_CONNECT_WAIT_S",
+            "abc",
+            "FUSEBUS_CONNECT_WAIT_S='abc': expected a number of seconds",
+        ),
+        ("FUSEBUS_CONNECT_WAIT_S", "-3", "FUSEBUS_CONNECT_WAIT_S='-3': expected a finite number"),
+        ("FUSEBUS_MANAGE_TOPOLOGY", "maybe", "FUSEBUS_MANAGE_TOPOLOGY='maybe': expected 1/0"),
+    ],
+)
+def test_a_bad_environment_value_is_one_line_naming_the_variable(
+    variable: str, value: str, message: str
+) -> None:
+    """A FUSEBUS_* variable the CLI cannot use stops it with one line and exit 2, before any
+    command runs, never a traceback."""
+    done = subprocess.run(
+        [sys.executable, "-m", "fusebus", "status"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, variable: value},
+        timeout=60,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"fusebus: error: {message}"), done.stderr
