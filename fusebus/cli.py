@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     fusion.add_argument(
         "--strategy",
         default=None,
-        help="strategy for streams the config does not set: mean, weighted_mean (default), "
+        help="strategy for every stream without a [streams.<id>.fusion] table of its own "
+        "(replaces the config's [default.fusion]): mean, weighted_mean (default), "
         "majority_vote, max_confidence, threshold, k_of_n",
     )
     fusion.add_argument("--target", help="label a threshold rule watches")

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from schemas import FusebusError
+
+if TYPE_CHECKING:
+    from agents.fusion import FusionSpec
+    from fusebus.config import Deployment
 
 
 def _bus_settings(args: argparse.Namespace, url: str) -> Any:
@@ -163,20 +167,17 @@ async def run_command(args: argparse.Namespace) -> int:
         from fusebus.config import load_deployment
 
         deployment = load_deployment(args.config) if args.config is not None else None
-        if args.strategy is not None or deployment is None:
-            default = FusionSpec(
-                strategy=args.strategy or "weighted_mean",
-                weights=dict(args.weight),
-                target=args.target,
-                threshold=args.threshold,
-                k=args.k,
-            )
-        else:
-            default = deployment.fusion_default
-        by_stream = {
-            s: spec.build()
-            for s, spec in (deployment.fusion_by_stream if deployment else {}).items()
-        }
+        flags = FusionSpec(
+            strategy=args.strategy or "weighted_mean",
+            weights=dict(args.weight),
+            target=args.target,
+            threshold=args.threshold,
+            k=args.k,
+        )
+        default, by_stream_specs = fusion_precedence(
+            flags if args.strategy is not None else None, deployment, fallback=flags
+        )
+        by_stream = {s: spec.build() for s, spec in by_stream_specs.items()}
         return await serve(
             lambda nc: FusionAgent(
                 nc,
@@ -233,6 +234,21 @@ async def run_command(args: argparse.Namespace) -> int:
         print(f"recorded {count} messages to {args.out}")
         return 0
     raise _usage(f"unknown command {args.command!r}")
+
+
+def fusion_precedence(
+    flag: FusionSpec | None, deployment: Deployment | None, *, fallback: FusionSpec
+) -> tuple[FusionSpec, dict[str, FusionSpec]]:
+    """Which fusion spec each stream gets, in one order: a stream's own ``[streams.<id>.fusion]``
+    table first, then ``--strategy`` (``flag``, with its options), then the config's
+    ``[default.fusion]``, then ``fallback`` (weighted_mean). Returns the default spec and the
+    per-stream ones."""
+    by_stream = dict(deployment.fusion_by_stream) if deployment is not None else {}
+    if flag is not None:
+        return flag, by_stream
+    if deployment is not None:
+        return deployment.fusion_default, by_stream
+    return fallback, by_stream
 
 
 def train(args: argparse.Namespace) -> int:

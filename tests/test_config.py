@@ -133,3 +133,29 @@ def test_unreadable_files_are_config_errors(tmp_path: Path) -> None:
     bad.write_text("[default\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_deployment(bad)
+
+
+def test_fusion_precedence_is_stream_table_then_flag_then_config_default() -> None:
+    """A stream's own fusion table wins; then --strategy; then [default.fusion]; then
+    weighted_mean."""
+    from agents.fusion import FusionSpec
+    from fusebus.commands import fusion_precedence
+    from fusebus.config import parse_deployment
+
+    deployment = parse_deployment(
+        {
+            "default": {
+                "subtasks": {"accel": {"sensors": ["accel"]}},
+                "fusion": {"strategy": "mean"},
+            },
+            "streams": {"s1": {"fusion": {"strategy": "max_confidence"}}},
+        }
+    )
+    flag = FusionSpec(strategy="majority_vote")
+    fallback = FusionSpec()
+    default, streams = fusion_precedence(flag, deployment, fallback=fallback)
+    assert default.strategy == "majority_vote" and streams["s1"].strategy == "max_confidence"
+    default, streams = fusion_precedence(None, deployment, fallback=fallback)
+    assert default.strategy == "mean" and streams["s1"].strategy == "max_confidence"
+    default, streams = fusion_precedence(None, None, fallback=fallback)
+    assert default.strategy == "weighted_mean" and streams == {}
