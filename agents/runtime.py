@@ -323,24 +323,19 @@ class AgentRuntime:
                 self._warn_once(stream, shape, mismatch)
             error = ErrorInfo(INPUT_MISMATCH, mismatch.text)
             errors.extend(
-                Result(
-                    task_id=subtask.task_id,
-                    stream=subtask.stream,
+                Result.of(
+                    batch.task(i),
                     type=a.type,
                     agent_id=self.agent_id,
                     model=a.model,
                     output=None,
                     labels=a.labels,
                     latency_ms=latency_ms,
-                    error=error,
-                    window=subtask.window,
-                    expected=subtask.expected,
-                    ingest_ns=subtask.ingest_ns,
                     weight=a.weight,
-                    deadline_ns=subtask.deadline_ns,
-                    ticket=subtask.ticket,
+                    ticket=batch.ticket(i),
+                    error=error,
                 )
-                for subtask in batch.items()
+                for i in range(len(batch))
             )
         # Results are stored before the subtasks are acked, as for answers (see _serve);
         # errors go out one by one, as the protocol says.

@@ -394,7 +394,8 @@ class Coordinator:
 
     async def _admit(self, cut: CutWindow, frame: Delivery | None, plan: Plan) -> None:
         started = time.perf_counter()
-        if self.tracker.known(task_id_for(cut.stream, cut.window)):
+        task_id = task_id_for(cut.stream, cut.window)
+        if self.tracker.known(task_id):
             # The window is open or decided already: a producer that sent it twice, or data
             # given again after a restart (which looks the same), so it is not dead-lettered.
             self.tracker.counts["duplicate_windows"] += 1
@@ -406,7 +407,7 @@ class Coordinator:
                 self._consumed([frame])
             return
         try:
-            opening, shed = self._open(cut, plan)
+            opening, shed = self._open(task_id, cut, plan)
         except FusebusError as exc:
             self.counts["windows_refused"] += 1
             if frame is not None:
@@ -429,14 +430,13 @@ class Coordinator:
             duration_ms=round((time.perf_counter() - started) * 1e3, 3),
         )
 
-    def _open(self, cut: CutWindow, plan: Plan) -> tuple[Opening, list[Ended]]:
+    def _open(self, task_id: str, cut: CutWindow, plan: Plan) -> tuple[Opening, list[Ended]]:
         """Open a task for the window; also returns the tasks that ended because of it.
 
         Raises:
             UnservedError: no running agent type can read the window's data.
             SchemaError: a sensor's data cannot be sliced as the plan says.
         """
-        task_id = task_id_for(cut.stream, cut.window)
         specs = self._specs_for(plan, cut.sensors)
         if not specs:
             self.counts["windows_unserved"] += 1

@@ -160,6 +160,40 @@ class Result:
     deadline_ns: int = 0  # copied from the subtask
     ticket: bytes = b""  # copied from the subtask
 
+    @classmethod
+    def of(
+        cls,
+        task: Task,
+        *,
+        type: str,
+        agent_id: str,
+        model: ModelRef,
+        output: np.ndarray | None,
+        labels: tuple[str, ...],
+        latency_ms: float,
+        weight: float,
+        ticket: bytes,
+        error: ErrorInfo | None = None,
+    ) -> Result:
+        """An answer to ``task``, carrying its fields as the protocol says."""
+        return cls(
+            task_id=task.task_id,
+            stream=task.stream,
+            type=type,
+            agent_id=agent_id,
+            model=model,
+            output=output,
+            labels=labels,
+            latency_ms=latency_ms,
+            error=error,
+            window=task.window,
+            expected=task.expected,
+            ingest_ns=task.ingest_ns,
+            weight=weight,
+            deadline_ns=task.deadline_ns,
+            ticket=ticket,
+        )
+
     @property
     def task(self) -> Task:
         """The task this result answers."""
@@ -345,23 +379,18 @@ class ResultBatch:
     def items(self) -> list[Result]:
         """The results, one by one."""
         return [
-            Result(
-                task_id=task_id,
-                stream=self.stream,
+            Result.of(
+                self.task(i),
                 type=self.type,
                 agent_id=self.agent_id,
                 model=self.model,
                 output=self.outputs[i],
                 labels=self.labels,
                 latency_ms=self.latency_ms,
-                window=Window(int(self.windows[i, 0]), int(self.windows[i, 1])),
-                expected=self.expected[i],
-                ingest_ns=int(self.ingest_ns[i]),
                 weight=self.weight,
-                deadline_ns=self.deadline(i),
                 ticket=self.ticket(i),
             )
-            for i, task_id in enumerate(self.task_ids)
+            for i in range(len(self.task_ids))
         ]
 
     def ticket(self, i: int) -> bytes:

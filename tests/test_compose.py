@@ -8,12 +8,10 @@ import contextlib
 import functools
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
 import tomllib
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,13 +24,12 @@ from bus import (
     EmbeddedServer,
     connect,
     discover_agents,
-    discover_components,
     find_server_binary,
     free_port,
 )
 from schemas import Decision
 from tests.compose_env import START_SCRIPT, nats_conf_env
-from tests.helpers import Collector, eventually
+from tests.helpers import Collector, eventually, wait_for_agents, wait_for_role
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose" / "docker-compose.yml"
@@ -79,8 +76,9 @@ def validate_compose(
     filled = tmp_path / path.name
     filled.write_text(interpolate(path.read_text(), env))
     return subprocess.run(
-        [shutil.which("check-jsonschema") or "check-jsonschema", "--builtin-schema",
-         "vendor.compose-spec", str(filled)],
+        # As a module of this interpreter: installed by the test extra, whatever PATH holds.
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
+         str(filled)],
         capture_output=True,
         text=True,
     )  # fmt: skip
@@ -273,18 +271,12 @@ async def test_services_started_as_compose_starts_them_share_the_work(
     )
     try:
         start("coordinator")
-        for _ in range(100):
-            if await discover_components(reader, prefix="fb", timeout_s=0.2):
-                break
+        await wait_for_role(reader, "fb", "coordinator")
         start("fusion")
         for _ in range(3):
             start("agent-accel")
         start("agent-gyro")
-        for _ in range(150):
-            if Counter(
-                i.type for i, _ in await discover_agents(reader, prefix="fb", timeout_s=0.2)
-            ) == {"accel": 3, "gyro": 1}:
-                break
+        await wait_for_agents(reader, "fb", {"accel": 3, "gyro": 1})
         decisions = await Collector(Decision).start_stream(reader, "fb.decision.*")
         replay = services()["replay"]["command"]
         fast = [*replay, "--limit", "5"]

@@ -95,11 +95,13 @@ async def test_idle_streams_leave_nothing_behind_and_memories_are_capped(
         await fusion.stop()
         for agent in agents:
             await agent.stop()
-    first, *_, last = rounds
+    # The newest journal page may be spent and dropped, or not yet, depending on when the
+    # last interval's write fell: at most that one is kept, in every round.
+    assert all(r["journal_pages"] <= 1 for r in rounds), rounds
+    first, *_, last = ({k: v for k, v in r.items() if k != "journal_pages"} for r in rounds)
     assert first == last, rounds
     assert last["ended"] == CAP and last["decided"] == CAP
     assert last["answered_lately"] == STREAMS_REMEMBERED
     capped = ("ended", "decided", "answered_lately", "journal_pages")
     idle = {k: v for k, v in last.items() if k not in capped}
     assert set(idle.values()) == {0}, idle
-    assert last["journal_pages"] <= 1

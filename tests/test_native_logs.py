@@ -22,13 +22,12 @@ from bus import (
     Producer,
     Subjects,
     TopologySettings,
-    discover_agents,
     ensure_streams,
 )
 from fusebus.logs import wrap_line
 from fusebus.paths import models_dir
 from schemas import Result, Subtask, Window
-from tests.helpers import Collector
+from tests.helpers import Collector, wait_for_agents
 
 ROOT = Path(__file__).resolve().parent.parent
 XNNPACK_LINE = "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
@@ -198,9 +197,7 @@ async def test_a_json_logging_agent_process_writes_only_json_to_stderr(
         subjects.prefix,
         stderr=subprocess.PIPE,
     )
-    for _ in range(100):
-        if await discover_agents(nc, prefix=subjects.prefix, timeout_s=0.2):
-            break
+    await wait_for_agents(nc, subjects.prefix, {"accel": 1})
     subtask = Subtask(
         task_id="t1",
         stream="s",
