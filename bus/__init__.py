@@ -21,7 +21,7 @@ from bus.pagelog import PageLog
 from bus.producer import Producer
 from bus.server import EmbeddedServer, find_server_binary, free_port
 from bus.stats import LATENCY_BUCKETS_S, Histogram
-from bus.streams import StoredMessage, follow_stored, read_stored
+from bus.streams import StoredMessage, follow_stored, iter_stored, last_stored, read_stored
 from bus.subjects import Subjects, check_token
 from bus.topology import (
     TopologySettings,
@@ -67,7 +67,9 @@ __all__ = [
     "free_port",
     "gather",
     "intake_config",
+    "iter_stored",
     "keep_running",
+    "last_stored",
     "max_deliveries_subject",
     "read_stored",
     "register_service",

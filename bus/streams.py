@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -59,18 +60,80 @@ async def read_stored(
     return stored
 
 
+def _start_at(*, from_now: bool = False, since_ns: int | None = None) -> ConsumerConfig:
+    """Where a reading consumer starts: new messages only, those stored since a time, or all."""
+    if since_ns is not None:
+        return ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_TIME,
+            opt_start_time=datetime.fromtimestamp(since_ns / 1e9, UTC),
+        )
+    return ConsumerConfig(deliver_policy=DeliverPolicy.NEW if from_now else DeliverPolicy.ALL)
+
+
 async def follow_stored(
-    nc: Client, subject: str, cb: Callable[[Msg], Awaitable[None]], *, from_now: bool = False
+    nc: Client,
+    subject: str,
+    cb: Callable[[Msg], Awaitable[None]],
+    *,
+    from_now: bool = False,
+    since_ns: int | None = None,
 ) -> Subscription:
     """Call ``cb`` with each message stored on ``subject``, in order (an ordered consumer).
 
     This is how to read decisions: the stream holds exactly one per task, whereas a plain
     subscriber also sees a repeat that the server dropped from storage. ``from_now`` skips
-    what was stored before.
+    what was stored before; ``since_ns`` starts at what was stored from that time (Unix ns).
     """
     return await nc.jetstream().subscribe(
         subject,
         cb=cb,
         ordered_consumer=True,
-        deliver_policy=DeliverPolicy.NEW if from_now else DeliverPolicy.ALL,
+        config=_start_at(from_now=from_now, since_ns=since_ns),
     )
+
+
+async def iter_stored(
+    js: JetStreamContext,
+    stream: str,
+    subject: str,
+    *,
+    since_ns: int | None = None,
+    batch: int = 256,
+    timeout_s: float = 5.0,
+) -> AsyncIterator[StoredMessage]:
+    """What ``stream`` holds on ``subject`` (wildcards allowed) now, oldest first: all of it,
+    or what was stored from ``since_ns`` (Unix ns); ends once caught up. Raises
+    :class:`BusError` if the stream does not exist."""
+    config = _start_at(since_ns=since_ns)
+    config.filter_subject = subject
+    config.inactive_threshold = 30.0
+    try:
+        sub = await js.pull_subscribe(subject, stream=stream, config=config)
+    except NotFoundError:
+        raise BusError(f"stream {stream} does not exist") from None
+    try:
+        pending = (await sub.consumer_info()).num_pending
+        while pending:
+            try:
+                msgs = await sub.fetch(min(batch, pending), timeout=timeout_s)
+            except TimeoutError:  # the rest expired meanwhile
+                return
+            for msg in msgs:
+                meta = msg.metadata
+                stamp = meta.timestamp.timestamp() if meta and meta.timestamp else 0.0
+                sequence = meta.sequence.stream if meta and meta.sequence else 0
+                pending = meta.num_pending if meta and meta.num_pending is not None else 0
+                await msg.ack()
+                yield StoredMessage(msg.subject, msg.data, sequence, int(stamp * 1e9))
+    finally:
+        await sub.unsubscribe()
+
+
+async def last_stored(js: JetStreamContext, stream: str, subject: str) -> bytes | None:
+    """The data of the newest message ``stream`` holds on ``subject`` (a literal subject), or
+    None when it holds none or the stream does not exist."""
+    try:
+        msg = await js.get_last_msg(stream, subject)
+    except NotFoundError:  # no such stream, or nothing stored on the subject
+        return None
+    return bytes(msg.data) if msg.data is not None else None

@@ -31,6 +31,8 @@ from schemas import SchemaError, SensorChunk, SensorFrame, SensorStatus, Window
 
 log = structlog.get_logger("fusebus.coordinator")
 
+LATE_WARNING_EVERY_S = 10.0  # per stream: dropped late chunks are told at most this often
+
 OnWindow = Callable[[CutWindow, Delivery | None, Plan], Awaitable[None]]
 OnConsumed = Callable[[list[Delivery]], None]
 
@@ -77,6 +79,7 @@ class SensorIntake:
         self._resume_at: dict[str, int] = {}  # cursors from the journal, for new windowers
         self._cursors_changed: set[str] = set()
         self._forgotten: set[str] = set()
+        self._late_warned: dict[str, float] = {}  # stream -> when its late chunks were last told
         self.counts: dict[str, int] = dict.fromkeys(
             ("frames", "chunks", "sensors_down", "streams_forgotten"), 0
         )
@@ -182,15 +185,37 @@ class SensorIntake:
             raise SchemaError("stream_mismatch", f"chunk of {chunk.sensor!r} on {delivery.subject}")
         check_chunk(chunk, plan, self.readers, time.time_ns())
         windower = self._windower(chunk.stream, plan)
+        late_before = windower.counts["late_chunks"]
         if windower.add(chunk):
             end = chunk.t0_ns + chunk.samples.shape[0] * chunk.period_ns
             queue = self._waiting.setdefault(chunk.stream, [])
             heapq.heappush(queue, (end, next(self._order), delivery))
         else:
+            if windower.counts["late_chunks"] > late_before:
+                self._warn_late(windower, chunk)
             log.debug("chunk.dropped", stream=chunk.stream, sensor=chunk.sensor, t0_ns=chunk.t0_ns)
             self._on_consumed([delivery])  # late or a repeat: nothing will need it
         await self.heard(chunk.stream, chunk.sensor)
         await self._cut(windower, windower.ready(), plan)
+
+    def _warn_late(self, windower: StreamWindower, chunk: SensorChunk) -> None:
+        """Say, at most every ``LATE_WARNING_EVERY_S`` per stream, that a stream's chunks
+        are dropped as late: silently losing a whole replay (sent again onto a stream id whose
+        windows are already closed) is the mistake this catches."""
+        now = time.monotonic()
+        if now - self._late_warned.get(chunk.stream, -LATE_WARNING_EVERY_S) < LATE_WARNING_EVERY_S:
+            return
+        self._late_warned[chunk.stream] = now
+        end = chunk.t0_ns + chunk.samples.shape[0] * chunk.period_ns
+        log.warning(
+            "chunk.late",
+            stream=chunk.stream,
+            sensor=chunk.sensor,
+            behind_s=round(((windower.next_start_ns or end) - end) / 1e9, 3),
+            late_chunks=windower.counts["late_chunks"],
+            hint="its windows are already closed; data sent again for a stream id "
+            "(a second replay) must start after where the stream has reached",
+        )
 
     async def _cut(self, windower: StreamWindower, cuts: list[CutWindow], plan: Plan) -> None:
         """Pass on the windows just cut, then release the chunks no window needs any more."""

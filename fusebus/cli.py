@@ -17,8 +17,6 @@ from typing import Any, NoReturn
 from schemas import ConfigError, FusebusError
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
-# Mirrors fusebus.evaluate.DEFAULT_STRATEGIES, kept here so `--help` does not import numpy.
-DEFAULT_STRATEGIES = ("weighted_mean", "mean", "majority_vote", "max_confidence")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -144,13 +142,30 @@ def _bus_options(parser: argparse.ArgumentParser, *, url_default: str | None) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full ``fusebus`` argument parser."""
+    """The full ``fusebus`` argument parser: one subparser per command, each added by its own
+    function below and naming the function of :mod:`fusebus.commands` that runs it."""
     parser = _Parser(
         prog="fusebus", description="ML model agents fusing live sensor data over NATS."
     )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     env_url = os.environ.get("FUSEBUS_NATS_URL")
+    for add in (
+        _up_parser,
+        _coordinator_parser,
+        _agent_parser,
+        _fusion_parser,
+        _status_parser,
+        _decisions_parser,
+        _replay_parser,
+        _record_parser,
+        _eval_parser,
+        _train_parser,
+    ):
+        add(commands, env_url)
+    return parser
 
+
+def _up_parser(commands: Any, env_url: str | None) -> None:
     up = commands.add_parser("up", help="run everything on one machine with recorded data")
     _bus_options(up, url_default=env_url)
     up.add_argument(
@@ -174,7 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--log-dir", type=Path, help="folder for each process's log (default: a temp folder)"
     )
+    up.set_defaults(run="up")
 
+
+def _coordinator_parser(commands: Any, env_url: str | None) -> None:
     coordinator = commands.add_parser("coordinator", help="run the coordinator")
     _bus_options(coordinator, url_default=env_url or DEFAULT_URL)
     coordinator.add_argument(
@@ -216,7 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="take sensor data from core NATS instead of the INTAKE stream: faster, but what "
         "arrives while the coordinator is down, or before it has made a window durable, is lost",
     )
+    coordinator.set_defaults(run="coordinator")
 
+
+def _agent_parser(commands: Any, env_url: str | None) -> None:
     agent = commands.add_parser("agent", help="run one agent replica")
     _bus_options(agent, url_default=env_url or DEFAULT_URL)
     which = agent.add_mutually_exclusive_group(required=True)
@@ -243,25 +264,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.add_argument("--max-batch", type=_positive(int), default=64)
     agent.add_argument("--max-wait-ms", type=float, default=0.0)
+    agent.set_defaults(run="agent")
 
-    status = commands.add_parser("status", help="list running agents by type, with their counters")
-    _bus_options(status, url_default=env_url or DEFAULT_URL)
-    status.add_argument(
-        "--timeout-s", type=_positive(float), default=0.5, help="how long to wait for replies"
+
+def _fusion_parser(commands: Any, env_url: str | None) -> None:
+    from agents.fusion.strategies import DEFAULT_STRATEGY, STRATEGY_TABLE
+
+    fusion = commands.add_parser(
+        "fusion",
+        help="run the fusion agent",
+        epilog="strategies: "
+        + "; ".join(f"{name}: {entry.summary}" for name, entry in STRATEGY_TABLE.items()),
     )
-    status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
-    status.add_argument("--interval-s", type=_positive(float), default=1.0, help="refresh interval")
-    status.add_argument("--count", type=_positive(int), help="with --watch: stop after N refreshes")
-
-    fusion = commands.add_parser("fusion", help="run the fusion agent")
     _bus_options(fusion, url_default=env_url or DEFAULT_URL)
     fusion.add_argument("--config", type=Path, help="plans file (TOML) with [*.fusion] tables")
     fusion.add_argument(
         "--strategy",
         default=None,
+        choices=tuple(STRATEGY_TABLE),
         help="strategy for every stream without a [streams.<id>.fusion] table of its own "
-        "(replaces the config's [default.fusion]): mean, weighted_mean (default), "
-        "majority_vote, max_confidence, threshold, k_of_n",
+        f"(replaces the config's [default.fusion]; default: {DEFAULT_STRATEGY})",
     )
     fusion.add_argument("--target", help="label a threshold rule watches")
     fusion.add_argument("--threshold", type=float, default=0.5, help="score a threshold rule needs")
@@ -279,12 +301,67 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TYPE=W",
         help="fusion weight of a type, overriding the agents' own (repeatable)",
     )
+    fusion.set_defaults(run="fusion")
 
+
+def _status_parser(commands: Any, env_url: str | None) -> None:
+    status = commands.add_parser("status", help="list running agents by type, with their counters")
+    _bus_options(status, url_default=env_url or DEFAULT_URL)
+    status.add_argument(
+        "--timeout-s", type=_positive(float), default=0.5, help="how long to wait for replies"
+    )
+    status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    status.add_argument("--interval-s", type=_positive(float), default=1.0, help="refresh interval")
+    status.add_argument("--count", type=_positive(int), help="with --watch: stop after N refreshes")
+    status.set_defaults(run="status")
+
+
+def _decisions_parser(commands: Any, env_url: str | None) -> None:
+    decisions = commands.add_parser(
+        "decisions", help="show the fused decisions, as a table or JSON lines, and follow new ones"
+    )
+    _bus_options(decisions, url_default=env_url or DEFAULT_URL)
+    decisions.add_argument("--stream", help="only this stream's decisions (default: every stream)")
+    begin = decisions.add_mutually_exclusive_group()
+    begin.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="begin with decisions stored since a duration ago (90s, 10m, 2h, 1d) or an ISO "
+        "time (2026-12-02T15:00:00Z)",
+    )
+    begin.add_argument(
+        "--from-start", action="store_true", help="begin with the oldest decision kept"
+    )
+    decisions.add_argument(
+        "--no-follow",
+        dest="follow",
+        action="store_false",
+        help="stop once caught up instead of following new decisions (then the default "
+        "beginning is the oldest decision kept)",
+    )
+    decisions.add_argument("--json", action="store_true", help="one JSON object per line")
+    decisions.add_argument("--count", type=_positive(int), help="stop after N decisions")
+    decisions.set_defaults(run="decisions")
+
+
+def _spec_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--spec",
+        type=Path,
+        help="the TOML spec of a .npz dataset (default: the .toml beside it); see the README",
+    )
+
+
+def _replay_parser(commands: Any, env_url: str | None) -> None:
     replay = commands.add_parser(
-        "replay", help="replay a dataset (or a recording file) as live sensors"
+        "replay", help="replay a dataset (shipped, your .npz, or a recording file) as live sensors"
     )
     _bus_options(replay, url_default=env_url or DEFAULT_URL)
-    replay.add_argument("source", help="dataset name (basicmotions) or a recording file")
+    replay.add_argument(
+        "source",
+        help="a shipped dataset's name (basicmotions), your .npz dataset, or a recording file",
+    )
+    _spec_option(replay)
     replay.add_argument("--stream", default=None, help="stream id (default: the dataset name)")
     replay.add_argument("--streams", type=_positive(int), default=1, help="concurrent streams")
     replay.add_argument(
@@ -316,43 +393,65 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --frames: send each frame as a request and wait for the coordinator to accept it",
     )
+    replay.set_defaults(run="replay")
 
+
+def _record_parser(commands: Any, env_url: str | None) -> None:
     recorder = commands.add_parser("record", help="write recorded sensor traffic to a file")
     _bus_options(recorder, url_default=env_url or DEFAULT_URL)
     recorder.add_argument("--out", type=Path, required=True, help="recording file to write")
     recorder.add_argument(
         "--last-s", type=_positive(float), help="only the last N seconds (default: all kept)"
     )
+    recorder.set_defaults(run="record")
+
+
+def _eval_parser(commands: Any, env_url: str | None) -> None:
+    from agents.fusion.strategies import CLASSIFYING_STRATEGIES
 
     evaluate = commands.add_parser(
-        "eval", help="measure agents and fusion strategies on a TEST split"
+        "eval", help="measure agents and fusion strategies on a dataset's TEST split"
     )
     evaluate.add_argument(
         "--nats-url", default=env_url, help="NATS server; default: start an embedded one"
     )
-    evaluate.add_argument("--dataset", default="basicmotions")
+    evaluate.add_argument(
+        "--dataset", default="basicmotions", help="a shipped dataset's name or your .npz file"
+    )
+    _spec_option(evaluate)
     evaluate.add_argument(
         "--agents",
         default="accel,gyro,motion",
-        help="agent types (shipped models or registered agents)",
+        help="agents to fuse, comma-separated: shipped models' names, model files "
+        "(.tflite/.keras with their cards), or registered agents",
     )
     evaluate.add_argument(
-        "--strategies", default=",".join(DEFAULT_STRATEGIES), help="first one is the default"
+        "--strategies",
+        default=",".join(CLASSIFYING_STRATEGIES),
+        help="comma-separated; the first one draws the confusion matrix "
+        f"(default: {','.join(CLASSIFYING_STRATEGIES)})",
     )
     evaluate.add_argument("--rate", type=_positive(float), default=100.0, help="frames per second")
     evaluate.add_argument("--deadline-ms", type=_positive(float), default=500.0)
     evaluate.add_argument(
-        "--out", type=Path, default=Path("out/eval"), help="folder for eval.md and confusion.png"
+        "--out",
+        type=Path,
+        default=Path("out/eval"),
+        help="folder for eval.md, report.md and confusion.png",
     )
     evaluate.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), default="warning"
     )
     evaluate.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
+    evaluate.set_defaults(run="eval")
 
+
+def _train_parser(commands: Any, env_url: str | None) -> None:
+    del env_url  # training never touches the bus
     train = commands.add_parser("train", help="train the shipped models again (needs TensorFlow)")
     train.add_argument("--out", type=Path, default=None, help="output folder (default: models/)")
     train.add_argument("--seed", type=int, default=7)
-    return parser
+    train.set_defaults(run="train")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -368,12 +467,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(
         level=getattr(args, "log_level", "info"), fmt=getattr(args, "log_format", "auto")
     )
-    from fusebus.commands import run_command, train
+    from fusebus.commands import COMMANDS
 
     try:
-        if args.command == "train":
-            return train(args)
-        return asyncio.run(run_command(args))
+        return asyncio.run(COMMANDS[args.run](args))
     except FusebusError as exc:
         print(f"fusebus {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ agent never imports TensorFlow or matplotlib).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,189 +52,242 @@ def _resolve_model(text: str) -> Path:
     return models_dir() / f"{text}.tflite"
 
 
-async def run_command(args: argparse.Namespace) -> int:
-    """Run the long-running or one-shot command ``args.command``; returns the exit code."""
-    from bus import Subjects
+async def eval_command(args: argparse.Namespace) -> int:
+    """``fusebus eval``: every agent alone and fused, with each one missing; prints and writes
+    the table and the per-class reports."""
+    from fusebus.evaluate import EvalSettings, render_markdown, run_eval
 
-    if args.command == "eval":
-        from fusebus.evaluate import EvalSettings, render_markdown, run_eval
+    settings = EvalSettings(
+        dataset=args.dataset,
+        spec=args.spec,
+        agents=_names(args.agents),
+        strategies=_names(args.strategies),
+        rate_hz=args.rate,
+        deadline_ms=args.deadline_ms,
+        out_dir=args.out,
+        nats_url=args.nats_url,
+    )
+    report = await run_eval(settings)
+    print(render_markdown(report.rows, title="results"))
+    print(report.class_reports_text)
+    print(f"wrote {report.markdown}, {report.class_report} and {report.picture}")
+    return 0
 
-        eval_settings = EvalSettings(
-            dataset=args.dataset,
-            agents=_names(args.agents),
-            strategies=_names(args.strategies),
+
+async def up(args: argparse.Namespace) -> int:
+    """``fusebus up``: the whole system on one machine, fed with the shipped recording."""
+    from fusebus.up import UpSettings, run_up
+
+    return await run_up(
+        UpSettings(
+            nats_url=args.nats_url,
+            prefix=args.prefix,
+            frames=args.frames,
+            speed=args.speed,
             rate_hz=args.rate,
             deadline_ms=args.deadline_ms,
-            out_dir=args.out,
-            nats_url=args.nats_url,
+            agents=_names(args.agents),
+            log_dir=args.log_dir,
         )
-        rows, markdown, picture = await run_eval(eval_settings)
-        print(render_markdown(rows, title="results"))
-        print(f"wrote {markdown} and {picture}")
-        return 0
-    if args.command == "up":
-        from fusebus.up import UpSettings, run_up
+    )
 
-        agents = tuple(a.strip() for a in args.agents.split(",") if a.strip())
-        return await run_up(
-            UpSettings(
-                nats_url=args.nats_url,
-                prefix=args.prefix,
-                frames=args.frames,
-                speed=args.speed,
-                rate_hz=args.rate,
-                deadline_ms=args.deadline_ms,
-                agents=agents,
-                log_dir=args.log_dir,
-            )
+
+async def coordinator(args: argparse.Namespace) -> int:
+    """``fusebus coordinator``: windows, subtasks and task tracking, until stopped."""
+    from bus import Subjects
+    from coordinator import Coordinator, CoordinatorSettings, PlanBook
+    from coordinator.plan import BUILTIN_PLANS
+    from fusebus.components import serve
+    from fusebus.config import load_deployment
+
+    if args.config is not None:
+        plans = load_deployment(args.config).plans
+    else:
+        make_plan = BUILTIN_PLANS.get(args.plan)
+        if make_plan is None:
+            raise _usage(f"unknown plan {args.plan!r}; known: {', '.join(sorted(BUILTIN_PLANS))}")
+        plans = PlanBook(
+            default=make_plan(deadline_ms=args.deadline_ms, max_inflight=args.max_inflight)
         )
-
+    settings = CoordinatorSettings(
+        name=args.name,
+        drain_timeout_s=args.drain_s,
+        subtask_batch=args.subtask_batch,
+        durable_intake=args.durable_intake,
+    )
     bus = _bus_settings(args, args.nats_url)
-    subjects = Subjects(bus.prefix)
+    topology = _topology(args, record_sensors=args.record)
+    return await serve(
+        lambda nc: Coordinator(
+            nc, plans=plans, subjects=Subjects(bus.prefix), settings=settings, topology=topology
+        ).start(),
+        bus=bus,
+        name="coordinator",
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+    )
+
+
+async def agent(args: argparse.Namespace) -> int:
+    """``fusebus agent``: one replica serving one subtask type, until stopped."""
+    from agents import AgentRuntime, AgentSettings, ModelAgent
+    from agents.loading import load_agent
+    from bus import Subjects
     from fusebus.components import serve
 
-    if args.command == "coordinator":
-        from coordinator import Coordinator, CoordinatorSettings, PlanBook
-        from coordinator.plan import BUILTIN_PLANS
-        from fusebus.config import load_deployment
+    settings = AgentSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    if args.agent_spec:
+        params = dict(args.param)
+        if args.type_name:
+            params["type"] = args.type_name
+        model = load_agent(args.agent_spec, params)
+    else:
+        model = ModelAgent(_resolve_model(args.model), type_name=args.type_name)
+    bus = _bus_settings(args, args.nats_url)
+    return await serve(
+        lambda nc: AgentRuntime(
+            model, nc, subjects=Subjects(bus.prefix), settings=settings, topology=_topology(args)
+        ).start(),
+        bus=bus,
+        name=f"agent-{model.type}",
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+    )
 
-        if args.config is not None:
-            plans = load_deployment(args.config).plans
-        else:
-            make_plan = BUILTIN_PLANS.get(args.plan)
-            if make_plan is None:
-                raise _usage(
-                    f"unknown plan {args.plan!r}; known: {', '.join(sorted(BUILTIN_PLANS))}"
-                )
-            plans = PlanBook(
-                default=make_plan(deadline_ms=args.deadline_ms, max_inflight=args.max_inflight)
-            )
-        coordinator_settings = CoordinatorSettings(
+
+async def fusion(args: argparse.Namespace) -> int:
+    """``fusebus fusion``: one decision per window, until stopped."""
+    from agents.fusion import FusionAgent, FusionSpec
+    from bus import Subjects
+    from fusebus.components import serve
+    from fusebus.config import load_deployment
+
+    deployment = load_deployment(args.config) if args.config is not None else None
+    flags = FusionSpec(
+        strategy=args.strategy or "weighted_mean",
+        weights=dict(args.weight),
+        target=args.target,
+        threshold=args.threshold,
+        k=args.k,
+    )
+    default, by_stream_specs = fusion_precedence(
+        flags if args.strategy is not None else None, deployment, fallback=flags
+    )
+    by_stream = {s: spec.build() for s, spec in by_stream_specs.items()}
+    bus = _bus_settings(args, args.nats_url)
+    return await serve(
+        lambda nc: FusionAgent(
+            nc,
+            subjects=Subjects(bus.prefix),
+            strategy=default.build(),
+            strategies=by_stream,
             name=args.name,
-            drain_timeout_s=args.drain_s,
-            subtask_batch=args.subtask_batch,
-            durable_intake=args.durable_intake,
-        )
-        topology = _topology(args, record_sensors=args.record)
-        return await serve(
-            lambda nc: Coordinator(
-                nc, plans=plans, subjects=subjects, settings=coordinator_settings, topology=topology
-            ).start(),
-            bus=bus,
-            name="coordinator",
-            metrics_port=args.metrics_port,
-            metrics_host=args.metrics_host,
-        )
-    if args.command == "agent":
-        from agents import AgentRuntime, AgentSettings, ModelAgent
-        from agents.loading import load_agent
+            topology=_topology(args),
+        ).start(),
+        bus=bus,
+        name="fusion",
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+    )
 
-        settings = AgentSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
-        if args.agent_spec:
-            params = dict(args.param)
-            if args.type_name:
-                params["type"] = args.type_name
-            model = load_agent(args.agent_spec, params)
-        else:
-            model = ModelAgent(_resolve_model(args.model), type_name=args.type_name)
-        return await serve(
-            lambda nc: AgentRuntime(
-                model, nc, subjects=subjects, settings=settings, topology=_topology(args)
-            ).start(),
-            bus=bus,
-            name=f"agent-{model.type}",
-            metrics_port=args.metrics_port,
-            metrics_host=args.metrics_host,
-        )
-    if args.command == "status":
-        from bus import connect
-        from fusebus.status import watch_status
 
-        nc = await connect(bus, name="status")
-        try:
-            await watch_status(
-                nc,
-                prefix=bus.prefix,
-                timeout_s=args.timeout_s,
-                watch=args.watch,
-                interval_s=args.interval_s,
-                count=args.count,
-            )
-        finally:
-            await nc.drain()
-        return 0
-    if args.command == "fusion":
-        from agents.fusion import FusionAgent, FusionSpec
-        from fusebus.config import load_deployment
+async def status(args: argparse.Namespace) -> int:
+    """``fusebus status``: the running components and their counters, once or refreshed."""
+    from bus import connect
+    from fusebus.status import watch_status
 
-        deployment = load_deployment(args.config) if args.config is not None else None
-        flags = FusionSpec(
-            strategy=args.strategy or "weighted_mean",
-            weights=dict(args.weight),
-            target=args.target,
-            threshold=args.threshold,
-            k=args.k,
+    bus = _bus_settings(args, args.nats_url)
+    nc = await connect(bus, name="status")
+    try:
+        await watch_status(
+            nc,
+            prefix=bus.prefix,
+            timeout_s=args.timeout_s,
+            watch=args.watch,
+            interval_s=args.interval_s,
+            count=args.count,
         )
-        default, by_stream_specs = fusion_precedence(
-            flags if args.strategy is not None else None, deployment, fallback=flags
-        )
-        by_stream = {s: spec.build() for s, spec in by_stream_specs.items()}
-        return await serve(
-            lambda nc: FusionAgent(
-                nc,
-                subjects=subjects,
-                strategy=default.build(),
-                strategies=by_stream,
-                name=args.name,
-                topology=_topology(args),
-            ).start(),
-            bus=bus,
-            name="fusion",
-            metrics_port=args.metrics_port,
-            metrics_host=args.metrics_host,
-        )
-    if args.command == "replay":
-        from bus import connect
-        from fusebus.replay import Imperfections, ReplayRequest, is_recording, run_replay
+    finally:
+        await nc.drain()
+    return 0
 
-        is_recording(args.source)  # an unknown name fails here, before connecting
-        request = ReplayRequest(
-            source=args.source,
-            stream=args.stream,
-            streams=args.streams,
-            speed=args.speed,
-            chunk_ms=args.chunk_ms,
-            split=args.split,
-            limit=args.limit,
-            frames=args.frames,
-            rate_hz=args.rate,
-            wait=args.wait,
-            imperfections=Imperfections(
-                jitter_ms=args.jitter_ms,
-                reorder=args.reorder,
-                gap_rate=args.gap_rate,
-                dropout=args.dropout,
-                seed=args.seed,
-            ),
-        )
-        nc = await connect(bus, name="replay")
-        try:
-            print(await run_replay(nc, subjects, request))
-        finally:
-            await nc.drain()
-        return 0
-    if args.command == "record":
-        from bus import connect
-        from fusebus.recording import record
 
-        nc = await connect(bus, name="record")
-        try:
-            count = await record(nc, subjects, args.out, since_s=args.last_s)
-        finally:
-            await nc.drain()
-        print(f"recorded {count} messages to {args.out}")
-        return 0
-    raise _usage(f"unknown command {args.command!r}")
+async def decisions(args: argparse.Namespace) -> int:
+    """``fusebus decisions``: the stored decisions as a table or JSON lines, followed."""
+    import time
+
+    from bus import Subjects, check_token, connect
+    from fusebus.decisions import DecisionQuery, parse_since, show_decisions
+
+    if args.stream is not None:
+        check_token(args.stream, "stream")
+    query = DecisionQuery(
+        stream=args.stream,
+        since_ns=parse_since(args.since, now_ns=time.time_ns()) if args.since else None,
+        from_start=args.from_start,
+        follow=args.follow,
+        as_json=args.json,
+        limit=args.count,
+    )
+    bus = _bus_settings(args, args.nats_url)
+    nc = await connect(bus, name="decisions")
+    try:
+        await show_decisions(nc, Subjects(bus.prefix), query)
+    finally:
+        await nc.drain()
+    return 0
+
+
+async def replay(args: argparse.Namespace) -> int:
+    """``fusebus replay``: a dataset or a recording sent as live sensors."""
+    from bus import Subjects, connect
+    from fusebus.datasets import load_dataset
+    from fusebus.replay import Imperfections, ReplayRequest, is_recording, run_replay
+
+    if not is_recording(args.source):  # an unknown name or a bad dataset fails before connecting
+        load_dataset(args.source, spec=args.spec)
+    request = ReplayRequest(
+        source=args.source,
+        spec=args.spec,
+        stream=args.stream,
+        streams=args.streams,
+        speed=args.speed,
+        chunk_ms=args.chunk_ms,
+        split=args.split,
+        limit=args.limit,
+        frames=args.frames,
+        rate_hz=args.rate,
+        wait=args.wait,
+        imperfections=Imperfections(
+            jitter_ms=args.jitter_ms,
+            reorder=args.reorder,
+            gap_rate=args.gap_rate,
+            dropout=args.dropout,
+            seed=args.seed,
+        ),
+    )
+    bus = _bus_settings(args, args.nats_url)
+    nc = await connect(bus, name="replay")
+    try:
+        print(await run_replay(nc, Subjects(bus.prefix), request))
+    finally:
+        await nc.drain()
+    return 0
+
+
+async def record(args: argparse.Namespace) -> int:
+    """``fusebus record``: the recorded sensor traffic written to a file."""
+    from bus import Subjects, connect
+    from fusebus.recording import record as record_to_file
+
+    bus = _bus_settings(args, args.nats_url)
+    nc = await connect(bus, name="record")
+    try:
+        count = await record_to_file(nc, Subjects(bus.prefix), args.out, since_s=args.last_s)
+    finally:
+        await nc.drain()
+    print(f"recorded {count} messages to {args.out}")
+    return 0
 
 
 def fusion_precedence(
@@ -251,8 +305,8 @@ def fusion_precedence(
     return fallback, by_stream
 
 
-def train(args: argparse.Namespace) -> int:
-    """``fusebus train``: train the shipped models again."""
+async def train(args: argparse.Namespace) -> int:
+    """``fusebus train``: train the shipped models again (blocking: nothing else runs)."""
     from agents.training import TrainingSettings, train_sensor_model
     from fusebus.datasets import load_basicmotions
     from fusebus.paths import models_dir
@@ -273,6 +327,21 @@ def train(args: argparse.Namespace) -> int:
         )
         print(f"{sensor}: {card.metrics} -> {out}")
     return 0
+
+
+#: What runs each command, by the name its subparser gives (see :func:`fusebus.cli.build_parser`).
+COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
+    "up": up,
+    "coordinator": coordinator,
+    "agent": agent,
+    "fusion": fusion,
+    "status": status,
+    "decisions": decisions,
+    "replay": replay,
+    "record": record,
+    "eval": eval_command,
+    "train": train,
+}
 
 
 class _UsageError(FusebusError, ValueError):

@@ -1,30 +1,37 @@
 """``fusebus eval``: what fusion buys, measured through the live bus.
 
-For a dataset's TEST split the pipeline runs once with every agent and once with each agent
-missing (dropout). In each run a fusion agent per strategy decides every window, so all
-strategies see the same results. The table gives each agent alone (from its own results),
-each strategy with every agent, and each strategy with each agent missing: accuracy,
-macro-F1, complete/partial decisions and latency. It is printed, written as Markdown, and
-the default strategy's confusion matrix is drawn as a PNG.
+For a dataset's TEST split (a shipped dataset or the user's ``.npz``) the pipeline runs once
+with every agent and once with each agent missing (dropout). In each run a fusion agent per
+strategy decides every window, so all strategies see the same results. The table gives each
+agent alone (from its own results), each strategy with every agent, and each strategy with
+each agent missing: accuracy, macro-F1, complete/partial decisions and latency. Each
+strategy's decisions with every agent also get a per-class report (precision, recall, F1 and
+support per label, with accuracy and macro and weighted averages). Both are printed and
+written as Markdown, and the first strategy's confusion matrix is drawn as a PNG.
+
+A run that cannot finish says why: a frame the coordinator refuses stops it with the
+coordinator's reason, and decisions that do not all come within a bound stop it with how
+many each strategy got.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import structlog
 
 from agents import AgentRuntime, ModelAgent
 from agents.base import Agent
 from agents.fusion import FusionAgent, FusionSpec
+from agents.fusion.strategies import CLASSIFYING_STRATEGIES
 from agents.loading import load_agent
 from bus import (
     BusSettings,
@@ -40,19 +47,30 @@ from bus.types import Connection, Message
 from coordinator import Coordinator, Plan, PlanBook, SensorInput, SubtaskSpec
 from fusebus.datasets import SensorDataset, load_dataset
 from fusebus.paths import models_dir
-from fusebus.replay import replay_frames
-from schemas import CODEC, ConfigError, Decision, Result
+from fusebus.replay import replay_frames, replay_start_ns
+from schemas import CODEC, ConfigError, Decision, FusebusError, Result
 
-DEFAULT_STRATEGIES = ("weighted_mean", "mean", "majority_vote", "max_confidence")
+log = structlog.get_logger("fusebus.eval")
+
+DEFAULT_STRATEGIES = CLASSIFYING_STRATEGIES
 STREAM = "eval"
+#: How long a stopping component or connection may take before eval moves on without it.
+TEARDOWN_S = 10.0
+#: How long past the deadline eval waits for the last decisions of a run.
+DECISION_GRACE_S = 30.0
+
+
+class EvalError(FusebusError, RuntimeError):
+    """A run of ``fusebus eval`` could not finish; the message says what was missing."""
 
 
 @dataclass(frozen=True)
 class EvalSettings:
     """What ``fusebus eval`` measures."""
 
-    dataset: str = "basicmotions"
-    agents: tuple[str, ...] = ("accel", "gyro", "motion")
+    dataset: str = "basicmotions"  # a shipped dataset's name or a .npz file
+    spec: Path | None = None  # the .npz's spec, when not the .toml beside it
+    agents: tuple[str, ...] = ("accel", "gyro", "motion")  # names, model files or agent specs
     strategies: tuple[str, ...] = DEFAULT_STRATEGIES
     rate_hz: float = 100.0
     deadline_ms: float = 500.0
@@ -89,22 +107,152 @@ class Row:
 
 @dataclass
 class RunResult:
-    """What one live run collected."""
+    """What one live run collected: per strategy, one decision per window (by its start)."""
 
     missing: str | None
-    decisions: dict[str, list[Decision]] = field(default_factory=lambda: defaultdict(list))
+    decided: dict[str, dict[int, Decision]] = field(default_factory=lambda: defaultdict(dict))
     results: dict[str, list[Result]] = field(default_factory=lambda: defaultdict(list))
+
+    def decisions_of(self, strategy: str) -> list[Decision]:
+        """A strategy's decisions in window order."""
+        by_window = self.decided.get(strategy, {})
+        return [by_window[t] for t in sorted(by_window)]
+
+
+@dataclass(frozen=True)
+class ClassScores:
+    """Precision, recall and F1 of one label, and how many cases truly had it."""
+
+    label: str
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+@dataclass(frozen=True)
+class ClassReport:
+    """The per-class report people know from scikit-learn's ``classification_report``."""
+
+    classes: tuple[ClassScores, ...]
+    accuracy: float
+    macro: ClassScores  # unweighted mean over labels
+    weighted: ClassScores  # mean over labels weighted by support
+
+    @property
+    def total(self) -> int:
+        """Cases scored."""
+        return self.macro.support
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """Everything ``fusebus eval`` measured, and where it wrote it."""
+
+    rows: list[Row]
+    class_reports: dict[str, ClassReport]  # per strategy, with every agent
+    markdown: Path
+    class_report: Path
+    picture: Path
+
+    @property
+    def class_reports_text(self) -> str:
+        """The per-class reports as plain text, one block per strategy."""
+        return "\n".join(
+            render_class_report(report, title=f"{strategy}, all agents")
+            for strategy, report in self.class_reports.items()
+        )
 
 
 def macro_f1(truth: Sequence[str], predicted: Sequence[str], labels: Sequence[str]) -> float:
     """Mean over labels of F1 = 2TP / (2TP + FP + FN); a label never seen nor predicted counts 0."""
-    scores = []
+    return class_report(truth, predicted, labels).macro.f1
+
+
+def class_report(
+    truth: Sequence[str], predicted: Sequence[str], labels: Sequence[str]
+) -> ClassReport:
+    """Per label: precision TP/(TP+FP), recall TP/(TP+FN), F1 2TP/(2TP+FP+FN) and support
+    (cases truly of it); a ratio whose denominator is 0 counts 0, as scikit-learn's
+    ``zero_division=0`` does. Predictions outside ``labels`` count as wrong for the truth."""
+    truth_a = np.asarray(truth, dtype=object)
+    predicted_a = np.asarray(predicted, dtype=object)
+    if truth_a.shape != predicted_a.shape:
+        raise ValueError(f"{len(truth)} true labels against {len(predicted)} predictions")
+    classes = []
     for label in labels:
-        tp = sum(t == label and p == label for t, p in zip(truth, predicted, strict=True))
-        fp = sum(t != label and p == label for t, p in zip(truth, predicted, strict=True))
-        fn = sum(t == label and p != label for t, p in zip(truth, predicted, strict=True))
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return float(np.mean(scores))
+        is_true, is_predicted = truth_a == label, predicted_a == label
+        tp = int(np.sum(is_true & is_predicted))
+        fp = int(np.sum(~is_true & is_predicted))
+        fn = int(np.sum(is_true & ~is_predicted))
+        classes.append(
+            ClassScores(
+                label,
+                tp / (tp + fp) if tp + fp else 0.0,
+                tp / (tp + fn) if tp + fn else 0.0,
+                2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
+                int(np.sum(is_true)),
+            )
+        )
+    support = np.array([c.support for c in classes], dtype=np.float64)
+    total = int(support.sum())
+
+    def average(weights: np.ndarray, name: str) -> ClassScores:
+        def mean(values: list[float]) -> float:
+            return float(np.average(values, weights=weights)) if weights.sum() else 0.0
+
+        return ClassScores(
+            name,
+            mean([c.precision for c in classes]),
+            mean([c.recall for c in classes]),
+            mean([c.f1 for c in classes]),
+            total,
+        )
+
+    accuracy = float(np.mean(truth_a == predicted_a)) if len(truth_a) else 0.0
+    return ClassReport(
+        tuple(classes),
+        accuracy,
+        average(np.ones(len(classes)), "macro avg"),
+        average(support, "weighted avg"),
+    )
+
+
+def render_class_report(report: ClassReport, *, title: str) -> str:
+    """A report as plain text, laid out like scikit-learn's."""
+    width = max([len(c.label) for c in report.classes] + [len("weighted avg")])
+    lines = [title, f"{'':>{width}}  precision    recall  f1-score   support", ""]
+    for c in report.classes:
+        lines.append(
+            f"{c.label:>{width}}  {c.precision:9.3f} {c.recall:9.3f} {c.f1:9.3f} {c.support:9d}"
+        )
+    lines.append("")
+    lines.append(f"{'accuracy':>{width}}  {'':9} {'':9} {report.accuracy:9.3f} {report.total:9d}")
+    for c in (report.macro, report.weighted):
+        lines.append(
+            f"{c.label:>{width}}  {c.precision:9.3f} {c.recall:9.3f} {c.f1:9.3f} {c.support:9d}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def class_report_markdown(report: ClassReport, *, title: str) -> str:
+    """A report as a Markdown table."""
+    lines = [
+        f"## {title}",
+        "",
+        "| label | precision | recall | F1 | support |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for c in report.classes:
+        lines.append(
+            f"| {c.label} | {c.precision:.3f} | {c.recall:.3f} | {c.f1:.3f} | {c.support} |"
+        )
+    lines.append(f"| accuracy | | | {report.accuracy:.3f} | {report.total} |")
+    for c in (report.macro, report.weighted):
+        lines.append(
+            f"| {c.label} | {c.precision:.3f} | {c.recall:.3f} | {c.f1:.3f} | {c.support} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def confusion(truth: Sequence[str], predicted: Sequence[str], labels: Sequence[str]) -> np.ndarray:
@@ -118,11 +266,60 @@ def confusion(truth: Sequence[str], predicted: Sequence[str], labels: Sequence[s
 
 
 def build_agent(name: str) -> Agent:
-    """A shipped model by name, or else a registered agent class."""
+    """A model file (``.tflite``/``.keras`` with its card), a shipped model by name, or else
+    a registered agent class (``package.module:Class`` or an entry-point name)."""
+    if Path(name).suffix in (".tflite", ".keras"):
+        return ModelAgent(Path(name))
     model = models_dir() / f"{name}.tflite"
     if model.exists():
         return ModelAgent(model)
     return load_agent(name)
+
+
+def check_fit(dataset: SensorDataset, agents: dict[str, Agent]) -> None:
+    """Refuse, before anything runs, agents the dataset cannot feed or score.
+
+    Raises:
+        ConfigError: an agent reads a sensor the dataset lacks, another window length or
+            channel count, or names labels the dataset does not have.
+    """
+    samples = dataset.x_test.shape[1]
+    for type_name, agent in agents.items():
+        for spec in agent.inputs:
+            channels = dataset.sensors.get(spec.sensor)
+            if channels is None:
+                raise ConfigError(
+                    f"agent {type_name!r} reads sensor {spec.sensor!r}; dataset "
+                    f"{dataset.name!r} has {', '.join(dataset.sensors)}"
+                )
+            if spec.samples and spec.samples != samples:
+                raise ConfigError(
+                    f"agent {type_name!r} reads {spec.samples} samples of {spec.sensor!r}; the "
+                    f"cases of {dataset.name!r} are {samples} samples long"
+                )
+            if spec.channels and spec.channels != len(channels):
+                raise ConfigError(
+                    f"agent {type_name!r} reads {spec.channels} channels of {spec.sensor!r}; "
+                    f"dataset {dataset.name!r} gives it {len(channels)}"
+                )
+        unknown = [label for label in agent.labels if label not in dataset.labels]
+        if unknown:
+            raise ConfigError(
+                f"agent {type_name!r} answers labels {unknown[:5]} that dataset "
+                f"{dataset.name!r} does not have (its labels: {', '.join(dataset.labels)})"
+            )
+
+
+async def _stop_within(what: str, stop: Awaitable[Any]) -> None:
+    """Await a component's stop or a drain, but never longer than :data:`TEARDOWN_S`: a part
+    stuck in its shutdown must not hold the whole evaluation."""
+    try:
+        async with asyncio.timeout(TEARDOWN_S):
+            await stop
+    except TimeoutError:
+        log.warning("eval.stop_timeout", what=what, after_s=TEARDOWN_S)
+    except Exception as exc:  # a connection already closed, say: teardown goes on
+        log.debug("eval.stop_failed", what=what, error=str(exc))
 
 
 async def live_run(
@@ -177,8 +374,8 @@ async def live_run(
 
         async def on_decision(msg: Message) -> None:
             decision = CODEC.decode(msg.data, Decision)
-            run.decisions[decision.strategy].append(decision)
-            if all(len(run.decisions[s]) >= total for s in names):
+            run.decided[decision.strategy][decision.window.t_start_ns] = decision
+            if all(len(run.decided[s]) >= total for s in names):
                 done.set()
 
         async def on_result(msg: Message) -> None:
@@ -188,17 +385,44 @@ async def live_run(
         names = [FusionSpec(strategy=s).build().name for s in settings.strategies]
         await follow_stored(nc, subjects.decision(STREAM), on_decision)
         await nc.subscribe(subjects.result(STREAM), cb=on_result)
-        sent = await replay_frames(
-            Producer(nc, subjects), dataset, stream=STREAM, rate_hz=settings.rate_hz
+        # Each frame waits for the coordinator's answer, so a refused one stops the run
+        # with its reason instead of leaving a window that will never be decided.
+        start_ns = replay_start_ns(
+            now_ns=time.time_ns(),
+            grid_ns=dataset.case_ns,
+            span_ns=total * dataset.case_ns,
+            send_s=total / settings.rate_hz,
         )
-        async with asyncio.timeout(settings.deadline_ms / 1e3 + 30):
-            await done.wait()
+        sent = await replay_frames(
+            Producer(nc, subjects),
+            dataset,
+            stream=STREAM,
+            rate_hz=settings.rate_hz,
+            start_ns=start_ns,
+            wait_s=settings.deadline_ms / 1e3 + DECISION_GRACE_S,
+        )
+        refused = [w for w in sent if w.answer != b"accepted"]
+        if refused:
+            answer = (refused[0].answer or b"").decode(errors="replace")[:300]
+            raise EvalError(
+                f"the coordinator refused {len(refused)} of {len(sent)} frames of "
+                f"{dataset.name!r}, the first with: {answer}"
+            )
+        try:
+            async with asyncio.timeout(settings.deadline_ms / 1e3 + DECISION_GRACE_S):
+                await done.wait()
+        except TimeoutError:
+            got = ", ".join(f"{s} {len(run.decided[s])}" for s in names)
+            raise EvalError(
+                f"run with {missing or 'no'} agent missing: after "
+                f"{settings.deadline_ms / 1e3 + DECISION_GRACE_S:.0f} s, decisions of "
+                f"{total} windows: {got}"
+            ) from None
     finally:
         for component in reversed(components):
-            await component.stop()
+            await _stop_within(type(component).__name__, component.stop())
         for connection in connections:
-            with contextlib.suppress(Exception):
-                await connection.drain()
+            await _stop_within("connection", connection.drain())
     return run, {w.t_start_ns: w.label for w in sent}
 
 
@@ -234,7 +458,7 @@ def tabulate(
         )
     for strategy in strategies:
         for run, truth_by_window in runs:
-            decisions = run.decisions[strategy]
+            decisions = run.decisions_of(strategy)
             truth = [truth_by_window[d.window.t_start_ns] for d in decisions]
             predicted = [d.label for d in decisions]
             p50, p99 = _latencies([d.latency_ms for d in decisions])
@@ -296,20 +520,33 @@ def draw_confusion(matrix: np.ndarray, labels: Sequence[str], path: Path, *, tit
     plt.close(figure)
 
 
-async def run_eval(settings: EvalSettings) -> tuple[list[Row], Path, Path]:
-    """Run every scenario; returns the rows and the paths of the Markdown and the PNG."""
-    dataset = load_dataset(settings.dataset)
-    agents = {name: build_agent(name) for name in settings.agents}
-    for name, agent in agents.items():
-        if agent.type != name:
-            raise ConfigError(
-                f"agent {name!r} serves type {agent.type!r}; name agents by their type"
-            )
+def build_agents(dataset: SensorDataset, names: Sequence[str]) -> dict[str, Agent]:
+    """The agents to fuse, by the type each serves, checked against the dataset.
+
+    Raises:
+        ConfigError: an agent cannot be built, two serve one type, or the dataset cannot feed
+            or score one (see :func:`check_fit`).
+    """
+    agents: dict[str, Agent] = {}
+    for name in names:
+        agent = build_agent(name)
+        if agent.type in agents:
+            raise ConfigError(f"two agents serve type {agent.type!r}; eval fuses one per type")
+        agents[agent.type] = agent
+    check_fit(dataset, agents)
+    return agents
+
+
+async def run_eval(settings: EvalSettings) -> EvalReport:
+    """Run every scenario; returns what was measured and the paths of what was written."""
+    dataset = load_dataset(settings.dataset, spec=settings.spec)
+    dataset.split("test")  # a dataset without cases to score fails here, not mid-run
+    agents = build_agents(dataset, settings.agents)
     server = EmbeddedServer().start() if settings.nats_url is None else None
     url = server.url if server is not None else str(settings.nats_url)
     try:
         runs = []
-        for missing in (None, *settings.agents):
+        for missing in (None, *agents):
             started = time.perf_counter()
             runs.append(await live_run(url, dataset, agents, settings, missing))
             print(
@@ -322,17 +559,36 @@ async def run_eval(settings: EvalSettings) -> tuple[list[Row], Path, Path]:
     names = [FusionSpec(strategy=s).build().name for s in settings.strategies]
     rows = tabulate(runs, dataset.labels, names)
     settings.out_dir.mkdir(parents=True, exist_ok=True)
-    title = f"fusebus eval: {dataset.name} TEST ({len(dataset.y_test)} windows), agents {', '.join(settings.agents)}"
+    title = (
+        f"fusebus eval: {dataset.name} TEST ({len(dataset.y_test)} windows), "
+        f"agents {', '.join(agents)}"
+    )
     markdown = settings.out_dir / "eval.md"
     markdown.write_text(render_markdown(rows, title=title), encoding="utf-8")
-    default = FusionSpec(strategy=settings.strategies[0]).build().name
     full, truth = runs[0]
-    decisions = full.decisions[default]
+    reports = {
+        name: class_report(
+            [truth[d.window.t_start_ns] for d in full.decisions_of(name)],
+            [d.label for d in full.decisions_of(name)],
+            dataset.labels,
+        )
+        for name in names
+    }
+    report_path = settings.out_dir / "report.md"
+    report_path.write_text(
+        f"# Per-class report: {dataset.name} TEST, agents {', '.join(agents)}\n\n"
+        + "\n".join(
+            class_report_markdown(report, title=f"{name}, all agents")
+            for name, report in reports.items()
+        ),
+        encoding="utf-8",
+    )
+    default = names[0]
     matrix = confusion(
-        [truth[d.window.t_start_ns] for d in decisions],
-        [d.label for d in decisions],
+        [truth[d.window.t_start_ns] for d in full.decisions_of(default)],
+        [d.label for d in full.decisions_of(default)],
         dataset.labels,
     )
     picture = settings.out_dir / "confusion.png"
     draw_confusion(matrix, dataset.labels, picture, title=f"{dataset.name}: {default}, all agents")
-    return rows, markdown, picture
+    return EvalReport(rows, reports, markdown, report_path, picture)

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bus import Producer, Subjects
+from bus import Producer, Subjects, last_stored
+from bus.types import Connection
 from fusebus.datasets import SensorDataset
-from schemas import ConfigError, SensorChunk, SensorFrame
+from schemas import CODEC, ConfigError, Decision, FusebusError, SensorChunk, SensorFrame
 
 
 @dataclass(frozen=True)
@@ -45,13 +48,10 @@ async def replay_frames(
     """
     if rate_hz <= 0:
         raise ConfigError(f"rate must be > 0 frames/s, got {rate_hz}")
-    if split not in ("train", "test"):
-        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
-    x = dataset.x_test if split == "test" else dataset.x_train
-    y = dataset.y_test if split == "test" else dataset.y_train
+    x, y = dataset.split(split)
     count = len(x) if limit is None else min(limit, len(x))
     period_ns = dataset.period_ns
-    case_ns = x.shape[1] * period_ns
+    case_ns = dataset.case_ns
     t0 = time.time_ns() if start_ns is None else start_ns
     sent: list[ReplayedWindow] = []
     loop = asyncio.get_running_loop()
@@ -129,8 +129,7 @@ def chunk_schedule(
     """
     if speed <= 0 or chunk_ms <= 0:
         raise ConfigError("speed and chunk_ms must be > 0")
-    x = dataset.x_test if split == "test" else dataset.x_train
-    y = dataset.y_test if split == "test" else dataset.y_train
+    x, y = dataset.split(split)
     cases = len(x) if limit is None else min(limit, len(x))
     period_ns = dataset.period_ns
     per_chunk = max(1, round(chunk_ms * 1e6 / period_ns))
@@ -204,16 +203,82 @@ async def send_schedule(producer: Producer, schedule: list[ScheduledChunk]) -> i
 
 def aligned_start_ns(dataset: SensorDataset, *, after_ns: int | None = None) -> int:
     """The next instant, from now, on the grid of the dataset's case length (window hop)."""
-    case_ns = dataset.x_test.shape[1] * dataset.period_ns
+    case_ns = dataset.case_ns
     now = time.time_ns() if after_ns is None else after_ns
     return int(-(-now // case_ns) * case_ns)
+
+
+def replay_start_ns(
+    *, now_ns: int, grid_ns: int, span_ns: int, send_s: float, after_ns: int | None = None
+) -> int:
+    """Event time of a replay's first sample, on the ``grid_ns`` grid (the case length).
+
+    A replay sends ``span_ns`` of event time over ``send_s`` seconds. Faster than real time,
+    its event time would run ahead of the wall clock (and past the coordinator's one-hour
+    limit on future data), so it starts that far in the past: no sample is stamped later than
+    the moment it is sent. It never starts before ``after_ns``, the end of what the bus
+    already holds for its streams, so a second replay onto the same stream ids continues
+    them instead of sending windows that are already closed (which the coordinator would
+    drop as late, or answer as duplicates).
+    """
+    lead_ns = max(0, span_ns - round(send_s * 1e9))
+    start = now_ns - lead_ns
+    if after_ns is not None:
+        start = max(start, after_ns)
+    return int(-(-start // grid_ns) * grid_ns)
+
+
+async def stream_end_ns(
+    nc: Connection, subjects: Subjects, streams: Iterable[str], sensors: Iterable[str]
+) -> int | None:
+    """The end, in event time, of the newest data the bus holds for ``streams``: their last
+    decided window and the sensor data still waiting in the intake stream. None when it
+    holds nothing for them (new streams, or a server that has forgotten them)."""
+    js = nc.jetstream()
+    ends: list[int] = []
+    sensors = tuple(sensors)
+    for stream in streams:
+        data = await last_stored(js, subjects.decisions_stream, subjects.decision(stream))
+        if data is not None:
+            ends.extend(_end_of(data, Decision))
+        data = await last_stored(js, subjects.intake_stream, subjects.frame(stream))
+        if data is not None:
+            ends.extend(_end_of(data, SensorFrame))
+        for sensor in sensors:
+            data = await last_stored(js, subjects.intake_stream, subjects.sensor(stream, sensor))
+            if data is not None:
+                ends.extend(_end_of(data, SensorChunk))
+    return max(ends, default=None)
+
+
+def _end_of(data: bytes, kind: type[Decision] | type[SensorFrame] | type[SensorChunk]) -> list[int]:
+    """The event-time end of one stored message; nothing when it does not decode (someone
+    else's bytes: they say nothing about where the stream is)."""
+    try:
+        message = CODEC.decode(data, kind)
+    except FusebusError:
+        return []
+    match message:
+        case Decision():
+            return [message.window.t_end_ns]
+        case SensorFrame():
+            samples = next(iter(message.sensors.values())).shape[0]
+            return [message.t_ns + samples * message.period_ns]
+        case SensorChunk():
+            return [message.t0_ns + message.samples.shape[0] * message.period_ns]
+    return []
+
+
+def _utc(t_ns: int) -> str:
+    return datetime.fromtimestamp(t_ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 @dataclass(frozen=True)
 class ReplayRequest:
     """What ``fusebus replay`` was asked to send."""
 
-    source: str  # a dataset name or a recording file
+    source: str  # a shipped dataset's name, a user's .npz, or a recording file
+    spec: Path | None = None  # a .npz's spec, when not the .toml beside it
     stream: str | None = None
     streams: int = 1
     speed: float = 1.0
@@ -227,19 +292,20 @@ class ReplayRequest:
 
 
 def is_recording(source: str) -> bool:
-    """Whether ``source`` names a recording file rather than a shipped dataset.
+    """Whether ``source`` names a recording file rather than a dataset (shipped or ``.npz``).
 
     Raises:
         ConfigError: it is neither a known dataset nor something that looks like a file.
     """
-    from fusebus.datasets import DATASETS
+    from fusebus.datasets import DATASETS, is_dataset_file
 
-    if source in DATASETS:
+    if source in DATASETS or is_dataset_file(source):
         return False
     if "." in source or "/" in source:
         return True
     raise ConfigError(
-        f"unknown dataset {source!r}; known: {', '.join(sorted(DATASETS))}, or a recording file"
+        f"unknown dataset {source!r}; known: {', '.join(sorted(DATASETS))}, "
+        "a .npz dataset file, or a recording file"
     )
 
 
@@ -254,8 +320,23 @@ async def run_replay(nc: Any, subjects: Subjects, request: ReplayRequest) -> str
         await play(nc, subjects, entries, speed=request.speed)
         facts = describe(entries)
         return f"played {facts['messages']} messages of {facts['streams']} streams from {request.source}"
-    dataset = load_dataset(request.source)
+    dataset = load_dataset(request.source, spec=request.spec)
+    x, _ = dataset.split(request.split)
+    cases = len(x) if request.limit is None else min(request.limit, len(x))
     base = request.stream or dataset.name
+    names = [base] if request.frames else stream_names(base, request.streams)
+    after_ns = await stream_end_ns(nc, subjects, names, dataset.sensors)
+    span_ns = cases * dataset.case_ns
+    start_ns = replay_start_ns(
+        now_ns=time.time_ns(),
+        grid_ns=dataset.case_ns,
+        span_ns=span_ns,
+        send_s=cases / request.rate_hz if request.frames else span_ns / 1e9 / request.speed,
+        after_ns=after_ns,
+    )
+    anchor = f"event time from {_utc(start_ns)}" + (
+        f", after the {_utc(after_ns)} the stream(s) already reached" if after_ns else ""
+    )
     if request.frames:
         sent = await replay_frames(
             producer,
@@ -264,19 +345,20 @@ async def run_replay(nc: Any, subjects: Subjects, request: ReplayRequest) -> str
             rate_hz=request.rate_hz,
             split=request.split,
             limit=request.limit,
+            start_ns=start_ns,
             wait_s=30.0 if request.wait else None,
         )
         rejected = sum(1 for w in sent if w.answer and w.answer != b"accepted")
-        return f"replayed {len(sent)} frames of {dataset.name} on {subjects.frame(base)}" + (
-            f", {rejected} rejected" if rejected else ""
+        return (
+            f"replayed {len(sent)} frames of {dataset.name} on {subjects.frame(base)} ({anchor})"
+            + (f", {rejected} rejected" if rejected else "")
         )
-    names = stream_names(base, request.streams)
     schedule, truth = chunk_schedule(
         dataset,
         streams=names,
         speed=request.speed,
         chunk_ms=request.chunk_ms,
-        start_ns=aligned_start_ns(dataset),
+        start_ns=start_ns,
         split=request.split,
         limit=request.limit,
         imperfections=request.imperfections,
@@ -284,5 +366,6 @@ async def run_replay(nc: Any, subjects: Subjects, request: ReplayRequest) -> str
     count = await send_schedule(producer, schedule)
     windows = sum(len(w) for w in truth.values())
     return (
-        f"replayed {count} chunks ({windows} windows) of {dataset.name} on {len(names)} stream(s)"
+        f"replayed {count} chunks ({windows} windows) of {dataset.name} on {len(names)} "
+        f"stream(s) ({anchor})"
     )
