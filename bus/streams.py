@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -100,7 +101,7 @@ async def iter_stored(
     since_ns: int | None = None,
     batch: int = 256,
     timeout_s: float = 5.0,
-) -> AsyncIterator[StoredMessage]:
+) -> AsyncGenerator[StoredMessage, None]:
     """What ``stream`` holds on ``subject`` (wildcards allowed) now, oldest first: all of it,
     or what was stored from ``since_ns`` (Unix ns); ends once caught up. Raises
     :class:`BusError` if the stream does not exist."""
@@ -111,8 +112,9 @@ async def iter_stored(
         sub = await js.pull_subscribe(subject, stream=stream, config=config)
     except NotFoundError:
         raise BusError(f"stream {stream} does not exist") from None
+    info = await sub.consumer_info()
     try:
-        pending = (await sub.consumer_info()).num_pending
+        pending = info.num_pending
         while pending:
             try:
                 msgs = await sub.fetch(min(batch, pending), timeout=timeout_s)
@@ -124,9 +126,13 @@ async def iter_stored(
                 sequence = meta.sequence.stream if meta and meta.sequence else 0
                 pending = meta.num_pending if meta and meta.num_pending is not None else 0
                 await msg.ack()
+                if since_ns is not None and stamp * 1e9 < since_ns:
+                    continue  # a start time past the newest message starts at the oldest
                 yield StoredMessage(msg.subject, msg.data, sequence, int(stamp * 1e9))
     finally:
         await sub.unsubscribe()
+        with contextlib.suppress(NotFoundError):  # gone already: it was inactive too long
+            await js.delete_consumer(stream, info.name)
 
 
 async def last_stored(js: JetStreamContext, stream: str, subject: str) -> bytes | None:

@@ -26,7 +26,7 @@ import numpy as np
 
 from bus import check_token
 from fusebus.paths import data_dir
-from schemas import ConfigError, SchemaError
+from schemas import ConfigError, SubjectError
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def parse_spec(raw: dict[str, Any], *, where: str, default_name: str) -> Dataset
     name = raw.get("name", default_name)
     try:
         check_token(str(name), "dataset name (the default stream id)")
-    except SchemaError as exc:
+    except SubjectError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     rate = raw.get("rate_hz")
     if isinstance(rate, bool) or not isinstance(rate, int | float):
@@ -168,7 +168,7 @@ def parse_spec(raw: dict[str, Any], *, where: str, default_name: str) -> Dataset
     for sensor, indexes in sensors.items():
         try:
             check_token(sensor, "sensor")
-        except SchemaError as exc:
+        except SubjectError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         if (
             not isinstance(indexes, list)

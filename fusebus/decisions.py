@@ -8,6 +8,7 @@ or everything kept. It then follows new decisions until interrupted, or stops on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import sys
@@ -155,18 +156,22 @@ async def show_decisions(
     subject = subjects.decision(query.stream) if query.stream else subjects.all_decisions()
     printer = _Printer(query, out)
     if not query.follow:
-        js = nc.jetstream()
-        async for stored in iter_stored(
-            js, subjects.decisions_stream, subject, since_ns=query.since_ns
-        ):
-            printer.show(stored.data)
-            if printer.done:
-                break
+        stored = iter_stored(
+            nc.jetstream(), subjects.decisions_stream, subject, since_ns=query.since_ns
+        )
+        async with contextlib.aclosing(stored):  # a break still removes the consumer
+            async for message in stored:
+                printer.show(message.data)
+                if printer.done:
+                    break
         return _finish(printer)
 
     finished = asyncio.Event()
 
     async def on_decision(msg: Message) -> None:
+        stored = msg.metadata.timestamp if msg.metadata else None
+        if query.since_ns is not None and stored and stored.timestamp() * 1e9 < query.since_ns:
+            return  # the server starts at the oldest when the start time is past the newest
         printer.show(msg.data)
         if printer.done:
             finished.set()

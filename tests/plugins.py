@@ -37,3 +37,40 @@ class BrokenAgent(ConstantAgent):
     def predict(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """Fail."""
         raise RuntimeError("the model is broken")
+
+
+class LevelAgent:
+    """Tells ``high`` from ``low`` by the sign of one sensor's mean: the kind of model a user
+    brings for their own dataset (see ``tests/test_byo_data.py``)."""
+
+    runtime = "test"
+    sensor = "imu"
+    channels = 3
+    samples = 20
+
+    def __init__(self, *, type: str | None = None) -> None:
+        self.type = type or self.sensor
+        self.labels: tuple[str, ...] = ("high", "low")
+        self.inputs: tuple[InputSpec, ...] = (InputSpec(self.sensor, self.samples, self.channels),)
+        self.model = ModelRef(f"level-{self.sensor}", "1.0.0")
+        self.weight = 1.0
+
+    def warm_up(self) -> None:
+        """Nothing to load."""
+
+    def predict(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """``[p(high), p(low)]`` from a squashed mean, so fusion has scores to weigh."""
+        mean = batch[self.sensor].mean(axis=(1, 2))
+        high = 1.0 / (1.0 + np.exp(-4.0 * mean))
+        return np.stack([high, 1.0 - high], axis=1).astype(np.float32)
+
+
+class ImuLevelAgent(LevelAgent):
+    """:class:`LevelAgent` on the three-channel ``imu`` sensor."""
+
+
+class MicLevelAgent(LevelAgent):
+    """:class:`LevelAgent` on the one-channel ``mic`` sensor."""
+
+    sensor = "mic"
+    channels = 1

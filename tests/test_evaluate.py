@@ -44,7 +44,8 @@ async def test_eval_runs_every_scenario_through_the_bus(
         out_dir=tmp_path,
         nats_url=nats_server.url,
     )
-    rows, markdown, picture = await run_eval(settings)
+    report = await run_eval(settings)
+    rows, markdown, picture = report.rows, report.markdown, report.picture
     alone = [r for r in rows if r.what.endswith("alone")]
     fused = [r for r in rows if r.what == "fusion"]
     assert [r.what for r in alone] == ["accel alone", "motion alone"]
@@ -58,3 +59,9 @@ async def test_eval_runs_every_scenario_through_the_bus(
             assert row.p50_ms >= 300  # decided at the deadline
     assert "| fusion | weighted_mean | accel |" in markdown.read_text()
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(report.class_reports) == {"weighted_mean", "majority_vote"}
+    for strategy, per_class in report.class_reports.items():
+        full = next(r for r in fused if r.strategy == strategy and r.missing == "none")
+        assert per_class.accuracy == pytest.approx(full.accuracy)
+        assert per_class.macro.f1 == pytest.approx(full.macro_f1)
+        assert [c.support for c in per_class.classes] == [10, 10, 10, 10]
