@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
@@ -137,9 +139,16 @@ async def iter_stored(
 
 async def last_stored(js: JetStreamContext, stream: str, subject: str) -> bytes | None:
     """The data of the newest message ``stream`` holds on ``subject`` (a literal subject), or
-    None when it holds none or the stream does not exist."""
+    None when it holds none or the stream does not exist.
+
+    Raises:
+        BusError: the server did not answer (a user without the right to read the stream
+            gets no answer: the request times out after the context's timeout).
+    """
     try:
         msg = await js.get_last_msg(stream, subject)
     except NotFoundError:  # no such stream, or nothing stored on the subject
         return None
+    except (TimeoutError, NatsTimeoutError, NoRespondersError) as exc:
+        raise BusError(f"no answer reading {subject} from stream {stream}: {exc!r}") from None
     return bytes(msg.data) if msg.data is not None else None

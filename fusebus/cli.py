@@ -448,9 +448,22 @@ def _eval_parser(commands: Any, env_url: str | None) -> None:
 
 def _train_parser(commands: Any, env_url: str | None) -> None:
     del env_url  # training never touches the bus
-    train = commands.add_parser("train", help="train the shipped models again (needs TensorFlow)")
-    train.add_argument("--out", type=Path, default=None, help="output folder (default: models/)")
+    train = commands.add_parser(
+        "train", help="train one classifier per sensor of a dataset (needs TensorFlow)"
+    )
+    train.add_argument(
+        "--dataset",
+        default="basicmotions",
+        help="a shipped dataset's name or your .npz file with a train split (X_train, y_train)",
+    )
+    _spec_option(train)
+    train.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: the shipped models/)"
+    )
     train.add_argument("--seed", type=int, default=7)
+    train.add_argument(
+        "--epochs", type=_positive(int), default=120, help="training epochs (default: 120)"
+    )
     train.set_defaults(run="train")
 
 

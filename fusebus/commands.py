@@ -306,26 +306,40 @@ def fusion_precedence(
 
 
 async def train(args: argparse.Namespace) -> int:
-    """``fusebus train``: train the shipped models again (blocking: nothing else runs)."""
+    """``fusebus train``: one classifier per sensor of a dataset (the shipped one by default),
+    fitted on its train split and scored once on its TEST split (blocking: nothing else runs)."""
+    import numpy as np
+
     from agents.training import TrainingSettings, train_sensor_model
-    from fusebus.datasets import load_basicmotions
+    from fusebus.datasets import load_dataset
     from fusebus.paths import models_dir
 
-    dataset = load_basicmotions()
+    dataset = load_dataset(args.dataset, spec=args.spec)
+    x_train, y_train = dataset.split("train")
+    x_test, y_test = dataset.split("test")
     out = args.out or models_dir()
+    settings = TrainingSettings(seed=args.seed, epochs=args.epochs)
+    counts = np.bincount(y_train, minlength=len(dataset.labels))
+    for label, count in zip(dataset.labels, counts, strict=True):
+        if count <= settings.val_per_class:
+            raise _usage(
+                f"label {label!r} has {count} train case(s); training holds "
+                f"{settings.val_per_class} of each label out for validation, so it needs "
+                f"at least {settings.val_per_class + 1}"
+            )
     for sensor in dataset.sensors:
         card = train_sensor_model(
             type_name=sensor,
             sensor=sensor,
-            x_train=dataset.sensor_view(dataset.x_train, sensor),
-            y_train=dataset.y_train,
-            x_test=dataset.sensor_view(dataset.x_test, sensor),
-            y_test=dataset.y_test,
+            x_train=dataset.sensor_view(x_train, sensor),
+            y_train=y_train,
+            x_test=dataset.sensor_view(x_test, sensor),
+            y_test=y_test,
             labels=dataset.labels,
             out_dir=out,
-            settings=TrainingSettings(seed=args.seed),
+            settings=settings,
         )
-        print(f"{sensor}: {card.metrics} -> {out}")
+        print(f"{sensor}: {card.metrics} -> {out / sensor}.tflite")
     return 0
 
 

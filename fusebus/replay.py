@@ -16,7 +16,19 @@ import numpy as np
 from bus import Producer, Subjects, last_stored
 from bus.types import Connection
 from fusebus.datasets import SensorDataset
-from schemas import CODEC, ConfigError, Decision, FusebusError, SensorChunk, SensorFrame
+from schemas import (
+    CODEC,
+    BusError,
+    ConfigError,
+    Decision,
+    FusebusError,
+    SensorChunk,
+    SensorFrame,
+)
+
+#: How long one read of where a stream has reached may take, and how many go at once.
+ASK_TIMEOUT_S = 2.0
+ASKS_AT_ONCE = 64
 
 
 @dataclass(frozen=True)
@@ -233,21 +245,31 @@ async def stream_end_ns(
 ) -> int | None:
     """The end, in event time, of the newest data the bus holds for ``streams``: their last
     decided window and the sensor data still waiting in the intake stream. None when it
-    holds nothing for them (new streams, or a server that has forgotten them)."""
-    js = nc.jetstream()
-    ends: list[int] = []
+    holds nothing for them (new streams, or a server that has forgotten them).
+
+    Raises:
+        BusError: the server does not answer such reads (a sensor's user may lack the right
+            to read the streams); the first unanswered read stops the asking.
+    """
+    js = nc.jetstream(timeout=ASK_TIMEOUT_S)
     sensors = tuple(sensors)
+    asks: list[tuple[str, str, type[Decision] | type[SensorFrame] | type[SensorChunk]]] = []
     for stream in streams:
-        data = await last_stored(js, subjects.decisions_stream, subjects.decision(stream))
-        if data is not None:
-            ends.extend(_end_of(data, Decision))
-        data = await last_stored(js, subjects.intake_stream, subjects.frame(stream))
-        if data is not None:
-            ends.extend(_end_of(data, SensorFrame))
-        for sensor in sensors:
-            data = await last_stored(js, subjects.intake_stream, subjects.sensor(stream, sensor))
+        asks.append((subjects.decisions_stream, subjects.decision(stream), Decision))
+        asks.append((subjects.intake_stream, subjects.frame(stream), SensorFrame))
+        asks.extend(
+            (subjects.intake_stream, subjects.sensor(stream, sensor), SensorChunk)
+            for sensor in sensors
+        )
+    ends: list[int] = []
+    for first in range(0, len(asks), ASKS_AT_ONCE):
+        batch = asks[first : first + ASKS_AT_ONCE]
+        found = await asyncio.gather(
+            *(last_stored(js, name, subject) for name, subject, _ in batch)
+        )
+        for data, (_, _, kind) in zip(found, batch, strict=True):
             if data is not None:
-                ends.extend(_end_of(data, SensorChunk))
+                ends.extend(_end_of(data, kind))
     return max(ends, default=None)
 
 
@@ -325,7 +347,13 @@ async def run_replay(nc: Any, subjects: Subjects, request: ReplayRequest) -> str
     cases = len(x) if request.limit is None else min(request.limit, len(x))
     base = request.stream or dataset.name
     names = [base] if request.frames else stream_names(base, request.streams)
-    after_ns = await stream_end_ns(nc, subjects, names, dataset.sensors)
+    unasked = ""
+    try:
+        after_ns = await stream_end_ns(nc, subjects, names, dataset.sensors)
+    except BusError as exc:  # e.g. a sensor's user, who may publish but not read streams
+        after_ns = None
+        unasked = "; could not read where the stream(s) had reached, so a replay onto "
+        unasked += f"stream ids already used may be dropped as late ({exc})"
     span_ns = cases * dataset.case_ns
     start_ns = replay_start_ns(
         now_ns=time.time_ns(),
@@ -334,8 +362,10 @@ async def run_replay(nc: Any, subjects: Subjects, request: ReplayRequest) -> str
         send_s=cases / request.rate_hz if request.frames else span_ns / 1e9 / request.speed,
         after_ns=after_ns,
     )
-    anchor = f"event time from {_utc(start_ns)}" + (
-        f", after the {_utc(after_ns)} the stream(s) already reached" if after_ns else ""
+    anchor = (
+        f"event time from {_utc(start_ns)}"
+        + (f", after the {_utc(after_ns)} the stream(s) already reached" if after_ns else "")
+        + unasked
     )
     if request.frames:
         sent = await replay_frames(

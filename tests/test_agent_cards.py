@@ -19,7 +19,7 @@ from bus import Producer, Subjects, TopologySettings, discover_agents, ensure_st
 from bus.discovery import INFO, agent_info_from_metadata
 from fusebus.paths import models_dir
 from schemas import ConfigError, Result, Subtask, Window
-from tests.helpers import Collector
+from tests.helpers import Collector, wait_for_agents
 from tests.plugins import ConstantAgent
 
 Connect = Callable[[str], Awaitable[Client]]
@@ -123,6 +123,7 @@ async def test_validation_accuracy_weight_travels_in_metadata_and_results(
     results = await Collector(Result).start(nc, subjects.result("bm"))
     runtime = await AgentRuntime(agent, await connect_bus("agent"), subjects=subjects).start()
     try:
+        await wait_for_agents(nc, subjects.prefix, {"accel": 1})
         [(info, _)] = await discover_agents(nc, prefix=subjects.prefix)
         subtasks = [
             Subtask(

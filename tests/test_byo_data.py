@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import re
 import subprocess
 import sys
 import time
@@ -15,12 +16,12 @@ import numpy as np
 import pytest
 from nats.aio.client import Client
 
-from bus import EmbeddedServer
+from bus import EmbeddedServer, Subjects
 from fusebus.datasets import SensorDataset, load_dataset
 from fusebus.evaluate import EvalSettings, build_agents, class_report, run_eval
 from fusebus.replay import ReplayRequest, replay_start_ns, run_replay
 from schemas import ConfigError, Decision
-from tests.helpers import Collector, Pipeline
+from tests.helpers import Collector, Pipeline, wait_for_agents, wait_for_role
 
 ROOT = Path(__file__).resolve().parent.parent
 StartPipeline = Callable[..., Awaitable[Pipeline]]
@@ -302,3 +303,116 @@ async def test_replaying_a_dataset_twice_onto_one_stream_decides_both(
         d.label for d in sorted(decided.items, key=lambda d: d.window.t_start_ns)
     ][6:]
     assert parts.coordinator is not None and parts.coordinator.stats()["late_chunks"] == 0
+
+
+#: The plans file the README shows for a dataset of 1 s cases of ``imu`` and ``mic`` at 20 Hz.
+LEVEL_PLANS = """
+[default]
+deadline_ms = 2000
+
+[default.window]
+size_ms = 1000
+hop_ms = 1000
+rate_hz = 20
+lateness_ms = 500
+
+[default.sensors.imu]
+required = true
+
+[default.sensors.mic]
+required = false
+
+[default.subtasks.imu]
+sensors = ["imu"]
+
+[default.subtasks.mic]
+sensors = ["mic"]
+"""
+
+
+def fusebus_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fusebus", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+    )  # fmt: skip
+
+
+async def test_a_users_dataset_from_training_to_live_decisions(
+    nats_server: EmbeddedServer,
+    subjects: Subjects,
+    connect_bus: Callable[[str], Awaitable[Client]],
+    spawn: Callable[..., subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    """The README's path for a new dataset, through the CLI alone: `fusebus train` fits one
+    model per sensor on X_train, `fusebus eval` serves those model files, and a coordinator
+    with the README's plans file, the two agents and fusion decide every case that
+    `fusebus replay` sends as per-sensor chunks, which `fusebus decisions` then prints."""
+    path = level_dataset(tmp_path, cases=24, flipped_mic=0)
+    rng = np.random.default_rng(5)
+    y_train = np.array(["high", "low"] * 8)
+    x_train = np.where(y_train == "high", 1.0, -1.0)[:, None, None] + rng.normal(
+        0, 0.1, (16, 20, 4)
+    )
+    with np.load(path) as npz:
+        np.savez(path, X=npz["X"], y=npz["y"], X_train=x_train, y_train=y_train)
+    models = tmp_path / "models"
+    trained = await asyncio.to_thread(
+        fusebus_cli, "train", "--dataset", str(path), "--out", str(models), "--epochs", "6"
+    )
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert {p.name for p in models.glob("*.tflite")} == {"imu.tflite", "mic.tflite"}
+    evaluated = await asyncio.to_thread(
+        fusebus_cli, "eval", "--dataset", str(path), "--agents",
+        f"{models / 'imu.tflite'},{models / 'mic.tflite'}", "--strategies", "weighted_mean",
+        "--nats-url", nats_server.url, "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    alone = re.search(r"\| imu alone \| - \| - \| ([\d.]+) \|", evaluated.stdout)
+    assert alone is not None and float(alone[1]) >= 0.9, evaluated.stdout
+    assert "| high |" in (tmp_path / "out" / "report.md").read_text()
+
+    plans = tmp_path / "plans.toml"
+    plans.write_text(LEVEL_PLANS, encoding="utf-8")
+    bus_args = ("--nats-url", nats_server.url, "--prefix", subjects.prefix)
+    nc = await connect_bus("test")
+    spawn(sys.executable, "-m", "fusebus", "coordinator", "--config", str(plans), *bus_args)
+    for sensor in ("imu", "mic"):
+        spawn(
+            sys.executable,
+            "-m",
+            "fusebus",
+            "agent",
+            "--model",
+            str(models / f"{sensor}.tflite"),
+            *bus_args,
+        )
+    spawn(sys.executable, "-m", "fusebus", "fusion", *bus_args)
+    await wait_for_role(nc, subjects.prefix, "coordinator")
+    await wait_for_role(nc, subjects.prefix, "fusion")
+    await wait_for_agents(nc, subjects.prefix, {"imu": 1, "mic": 1})
+    decided = await Collector(Decision).start_stream(nc, subjects.decision("levels"))
+    replayed = await asyncio.to_thread(fusebus_cli, "replay", str(path), "--speed", "20", *bus_args)
+    assert replayed.returncode == 0, replayed.stderr[-2000:]
+    assert "(24 windows) of levels on 1 stream(s)" in replayed.stdout
+    await decided.wait_for(24)
+    assert {d.status for d in decided.items} == {"complete"}
+    assert sum(d.label == ("high" if i % 2 == 0 else "low") for i, d in enumerate(
+        sorted(decided.items, key=lambda d: d.window.t_start_ns))) >= 22  # fmt: skip
+    shown = await asyncio.to_thread(
+        fusebus_cli, "decisions", "--no-follow", "--stream", "levels", "--json", *bus_args
+    )
+    assert shown.returncode == 0 and len(shown.stdout.splitlines()) == 24, shown.stderr
+
+
+def test_training_needs_enough_cases_of_each_label(tmp_path: Path) -> None:
+    """Training holds cases out for validation; too few of a label is one line, exit 2."""
+    path = level_dataset(tmp_path)
+    with np.load(path) as npz:
+        np.savez(path, X=npz["X"], y=npz["y"], X_train=npz["X"][:6], y_train=npz["y"][:6])
+    done = subprocess.run(
+        [sys.executable, "-m", "fusebus", "train", "--dataset", str(path), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "label 'high' has 3 train case(s)" in done.stderr
