@@ -34,33 +34,9 @@ async def read_stored(
 ) -> list[StoredMessage]:
     """Every message ``stream`` holds now, oldest first; raises :class:`BusError` if it does
     not exist. Messages that expire while being read are simply not in the list."""
-    try:
-        total = (await js.stream_info(stream)).state.messages
-    except NotFoundError:
-        raise BusError(f"stream {stream} does not exist") from None
-    if not total:
-        return []
-    sub = await js.pull_subscribe(
-        "",
-        stream=stream,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0),
-    )
-    stored: list[StoredMessage] = []
-    try:
-        while len(stored) < total:
-            try:
-                msgs = await sub.fetch(min(1000, total - len(stored)), timeout=timeout_s)
-            except TimeoutError:  # the rest expired meanwhile
-                break
-            for msg in msgs:
-                meta = msg.metadata
-                stamp = meta.timestamp.timestamp() if meta and meta.timestamp else 0.0
-                sequence = meta.sequence.stream if meta and meta.sequence else 0
-                stored.append(StoredMessage(msg.subject, msg.data, sequence, int(stamp * 1e9)))
-                await msg.ack()
-    finally:
-        await sub.unsubscribe()
-    return stored
+    stored = iter_stored(js, stream, timeout_s=timeout_s, batch=1000)
+    async with contextlib.aclosing(stored):
+        return [message async for message in stored]
 
 
 def _start_at(*, from_now: bool = False, since_ns: int | None = None) -> ConsumerConfig:
@@ -98,20 +74,21 @@ async def follow_stored(
 async def iter_stored(
     js: JetStreamContext,
     stream: str,
-    subject: str,
+    subject: str | None = None,
     *,
     since_ns: int | None = None,
     batch: int = 256,
     timeout_s: float = 5.0,
 ) -> AsyncGenerator[StoredMessage, None]:
-    """What ``stream`` holds on ``subject`` (wildcards allowed) now, oldest first: all of it,
-    or what was stored from ``since_ns`` (Unix ns); ends once caught up. Raises
-    :class:`BusError` if the stream does not exist."""
+    """What ``stream`` holds now (on ``subject``, wildcards allowed, or on all its subjects),
+    oldest first: all of it, or what was stored from ``since_ns`` (Unix ns); ends once caught
+    up, and removes its consumer when closed. Raises :class:`BusError` if the stream does not
+    exist."""
     config = _start_at(since_ns=since_ns)
     config.filter_subject = subject
     config.inactive_threshold = 30.0
     try:
-        sub = await js.pull_subscribe(subject, stream=stream, config=config)
+        sub = await js.pull_subscribe(subject or "", stream=stream, config=config)
     except NotFoundError:
         raise BusError(f"stream {stream} does not exist") from None
     info = await sub.consumer_info()
