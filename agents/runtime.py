@@ -135,7 +135,7 @@ class AgentRuntime:
         self.inference_ms = 0.0
         self.inference_seconds = Histogram()  # one observation per model call
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{agent.type}")
-        self._row_seconds: float | None = None  # running mean of inference time per row
+        self._row_seconds: float | None = None  # estimated inference time per row
         self._puller: BatchPuller | None = None
         self._life = Lifecycle()
         self._reaper: ExhaustedReaper | None = None
@@ -452,10 +452,12 @@ class AgentRuntime:
         else:
             outputs, calls = await asyncio.get_running_loop().run_in_executor(self._executor, run)
         seconds = sum(s for _, s in calls)
+        # The model's own cost per row: waiting for the CPU or the GIL only ever adds to a
+        # measurement, so the estimate follows the fastest calls, drifting up by at most 10%
+        # a call when the model really does get slower.
+        per_row = seconds / rows
         self._row_seconds = (
-            seconds / rows
-            if self._row_seconds is None
-            else (0.8 * self._row_seconds + 0.2 * seconds / rows)
+            per_row if self._row_seconds is None else min(per_row, 1.1 * self._row_seconds)
         )
         for rows, seconds in calls:
             self.inference_seconds.observe(seconds)

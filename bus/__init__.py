@@ -19,18 +19,26 @@ from bus.lifecycle import Lifecycle
 from bus.loops import keep_running
 from bus.pagelog import PageLog
 from bus.producer import Producer
-from bus.server import EmbeddedServer, find_server_binary, free_port
+from bus.server import EmbeddedCluster, EmbeddedServer, find_server_binary, free_port
 from bus.stats import LATENCY_BUCKETS_S, Histogram
 from bus.streams import StoredMessage, follow_stored, iter_stored, last_stored, read_stored
 from bus.subjects import Subjects, check_token
 from bus.topology import (
+    ConsumerView,
+    ReplicaView,
+    StreamView,
     TopologySettings,
+    deployment_streams,
     ensure_reader_consumer,
+    ensure_stream,
     ensure_streams,
     ensure_task_consumer,
+    inspect_topology,
     intake_config,
+    reconcile,
     resume_consumer,
     stream_configs,
+    topology_problems,
 )
 from bus.types import Connection, Message, Subscription
 
@@ -40,7 +48,9 @@ __all__ = [
     "BusSettings",
     "Coalescer",
     "Connection",
+    "ConsumerView",
     "Delivery",
+    "EmbeddedCluster",
     "EmbeddedServer",
     "ExhaustedReaper",
     "Histogram",
@@ -49,7 +59,9 @@ __all__ = [
     "Message",
     "PageLog",
     "Producer",
+    "ReplicaView",
     "StoredMessage",
+    "StreamView",
     "Subjects",
     "Subscription",
     "TopologySettings",
@@ -57,23 +69,28 @@ __all__ = [
     "agent_info_metadata",
     "check_token",
     "connect",
+    "deployment_streams",
     "discover_agents",
     "discover_components",
     "ensure_reader_consumer",
+    "ensure_stream",
     "ensure_streams",
     "ensure_task_consumer",
     "find_server_binary",
     "follow_stored",
     "free_port",
     "gather",
+    "inspect_topology",
     "intake_config",
     "iter_stored",
     "keep_running",
     "last_stored",
     "max_deliveries_subject",
     "read_stored",
+    "reconcile",
     "register_service",
     "resume_consumer",
     "stream_configs",
     "ticket_key",
+    "topology_problems",
 ]

@@ -17,7 +17,7 @@ from nats.js.api import KeyValueConfig
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 
 from bus.subjects import Subjects
-from bus.topology import TopologySettings
+from bus.topology import TopologySettings, keep_replicas_up
 from schemas import BusError
 from schemas.tickets import KEY_BYTES
 
@@ -36,11 +36,17 @@ async def ticket_key(js: JetStreamContext, subjects: Subjects, topology: Topolog
     while True:
         try:
             kv = await js.key_value(subjects.keys_bucket)
+            if manage:
+                await keep_replicas_up(js, f"KV_{subjects.keys_bucket}", topology)
         except BucketNotFoundError:
             if manage:
                 kv = await js.create_key_value(
                     KeyValueConfig(
-                        bucket=subjects.keys_bucket, history=1, storage=topology.storage_type
+                        bucket=subjects.keys_bucket,
+                        history=1,
+                        storage=topology.storage_type,
+                        replicas=topology.replicas,
+                        placement=topology.placement,
                     )
                 )
             else:

@@ -7,13 +7,11 @@ on the server is a couple of operations per write rather than one or two per rec
 
 from __future__ import annotations
 
-import dataclasses
-
 from nats.aio.client import Client
-from nats.js.api import DiscardPolicy, StorageType, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.api import DiscardPolicy
 
 from bus.streams import StoredMessage, read_stored
+from bus.topology import TopologySettings, ensure_stream
 
 
 class PageLog:
@@ -28,7 +26,7 @@ class PageLog:
         stream_subjects: str,
         subject: str,
         max_age_s: float = 24 * 3600.0,
-        storage: StorageType = StorageType.FILE,
+        topology: TopologySettings | None = None,
     ) -> None:
         self._nc = nc
         self._js = nc.jetstream()
@@ -36,7 +34,7 @@ class PageLog:
         self.stream_subjects = stream_subjects
         self.subject = subject
         self.max_age_s = max_age_s
-        self.storage = storage
+        self.topology = topology or TopologySettings()
 
     def __repr__(self) -> str:
         return f"PageLog({self.stream}, {self.subject})"
@@ -47,25 +45,16 @@ class PageLog:
         return int(self._nc.max_payload)
 
     async def ensure(self) -> None:
-        """Create the stream if needed; a stream made for other subjects (an earlier layout
-        of the journal) is switched to ``stream_subjects``."""
-        try:
-            info = await self._js.stream_info(self.stream)
-        except NotFoundError:
-            await self._js.add_stream(
-                StreamConfig(
-                    name=self.stream,
-                    subjects=[self.stream_subjects],
-                    max_age=self.max_age_s,
-                    storage=self.storage,
-                    discard=DiscardPolicy.OLD,
-                )
-            )
-            return
-        if info.config.subjects != [self.stream_subjects]:
-            await self._js.update_stream(
-                dataclasses.replace(info.config, subjects=[self.stream_subjects])
-            )
+        """Create the stream (with the topology's storage, replicas and placement) or bring
+        it to the current layout; a stream made for other subjects (an earlier layout of the
+        journal) is switched to ``stream_subjects``."""
+        config = self.topology.stream_config(
+            name=self.stream,
+            subjects=[self.stream_subjects],
+            max_age=self.max_age_s,
+            discard=DiscardPolicy.OLD,
+        )
+        await ensure_stream(self._js, config, self.topology)
 
     async def append(self, page: bytes) -> int:
         """Store ``page`` after the others; returns its sequence in the stream."""

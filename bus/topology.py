@@ -16,7 +16,9 @@ the intake stream is the coordinator's (its only reader), so only the coordinato
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -24,6 +26,7 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    Placement,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -39,7 +42,14 @@ from schemas import BusError, ConfigError
 class TopologySettings:
     """Limits and timings of the streams and consumers."""
 
-    storage: str = "file"  # "file" survives a server restart; "memory" is faster
+    # "file" survives a server restart; "memory" is faster. None: file for what is created,
+    # and whatever an existing stream has is kept.
+    storage: str | None = None
+    # Copies of every stream, bucket and (inherited) consumer: 1, or 3 or 5 on a cluster. An
+    # existing stream with more is never brought down.
+    replicas: int = 1
+    placement_cluster: str | None = None  # the NATS cluster streams are placed in
+    placement_tags: tuple[str, ...] = ()  # server tags a stream's servers must all have
     dedup_window_s: float = 120.0  # a re-published subtask or decision within it is dropped
     task_max_age_s: float = 3600.0
     results_max_age_s: float = 900.0
@@ -66,8 +76,12 @@ class TopologySettings:
     sensors_max_age_s: float = 3600.0
 
     def __post_init__(self) -> None:
-        if self.storage not in ("file", "memory"):
+        if self.storage not in (None, "file", "memory"):
             raise ConfigError(f"storage must be 'file' or 'memory', got {self.storage!r}")
+        if isinstance(self.replicas, bool) or self.replicas not in range(1, MAX_REPLICAS + 1):
+            raise ConfigError(
+                f"replicas must be 1 to {MAX_REPLICAS} (JetStream's limit), got {self.replicas!r}"
+            )
         for name in ("dedup_window_s", "task_ack_wait_s", "reader_ack_wait_s", "intake_ack_wait_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")
@@ -77,45 +91,107 @@ class TopologySettings:
 
     @property
     def storage_type(self) -> StorageType:
-        """The JetStream storage type."""
-        return StorageType.FILE if self.storage == "file" else StorageType.MEMORY
+        """The JetStream storage type of what is created."""
+        return StorageType.MEMORY if self.storage == "memory" else StorageType.FILE
+
+    @property
+    def placement(self) -> Placement | None:
+        """Where streams go in a super-cluster or a tagged cluster; None leaves it to the server."""
+        if self.placement_cluster is None and not self.placement_tags:
+            return None
+        return Placement(cluster=self.placement_cluster, tags=list(self.placement_tags) or None)
+
+    def stream_config(self, **fields: Any) -> StreamConfig:
+        """A stream configuration with this topology's storage, replicas and placement."""
+        return StreamConfig(
+            storage=self.storage_type,
+            num_replicas=self.replicas,
+            placement=self.placement,
+            **fields,
+        )
+
+
+#: JetStream keeps at most this many copies of a stream.
+MAX_REPLICAS = 5
+
+
+def reconcile(
+    existing: StreamConfig, wanted: StreamConfig, settings: TopologySettings
+) -> StreamConfig:
+    """The configuration to update an existing stream to: ``wanted``, but keeping what is
+    there where the settings leave it open (replicas above the wanted count, storage and
+    placement when not asked for), so a stream an operator made R3 is never brought down.
+
+    Raises:
+        BusError: the stream differs in a way that cannot change in place (storage asked
+            for explicitly, or retention), naming the stream and the difference.
+    """
+    name = existing.name
+    if existing.retention != wanted.retention:
+        raise BusError(
+            f"stream {name} has retention {_value(existing.retention)}, fusebus needs "
+            f"{_value(wanted.retention)}: delete it or use another --prefix"
+        )
+    storage = existing.storage or StorageType.FILE
+    if settings.storage is not None and storage != wanted.storage:
+        raise BusError(
+            f"stream {name} is stored in {_value(storage)}, the settings ask for "
+            f"{_value(wanted.storage)}; JetStream cannot change a stream's storage: keep "
+            f"--storage {_value(storage)}, or move the stream's data and recreate it"
+        )
+    return dataclasses.replace(
+        wanted,
+        storage=storage,
+        num_replicas=max(existing.num_replicas or 1, wanted.num_replicas or 1),
+        placement=wanted.placement if wanted.placement is not None else existing.placement,
+    )
+
+
+async def keep_replicas_up(js: JetStreamContext, stream: str, settings: TopologySettings) -> None:
+    """Raise an existing stream made by someone else's config (a KV bucket's) to the
+    settings' replica count; more replicas than asked are kept, and nothing else changes."""
+    config = (await js.stream_info(stream)).config
+    if (config.num_replicas or 1) < settings.replicas:
+        try:
+            await js.update_stream(dataclasses.replace(config, num_replicas=settings.replicas))
+        except JetStreamError as exc:
+            raise BusError(f"cannot raise {stream} to {settings.replicas} replicas: {exc}") from exc
+
+
+def _value(setting: object) -> str:
+    return str(getattr(setting, "value", setting))
 
 
 def stream_configs(subjects: Subjects, settings: TopologySettings) -> list[StreamConfig]:
     """The configuration of every fusebus stream."""
-    storage = settings.storage_type
     return [
-        StreamConfig(
+        settings.stream_config(
             name=subjects.tasks_stream,
             subjects=[subjects.all_tasks()],
             retention=RetentionPolicy.WORK_QUEUE,
-            storage=storage,
             max_age=settings.task_max_age_s,
             duplicate_window=settings.dedup_window_s,
         ),
-        StreamConfig(
+        settings.stream_config(
             name=subjects.results_stream,
             subjects=[subjects.all_results(), subjects.all_statuses()],
             retention=RetentionPolicy.LIMITS,
-            storage=storage,
             max_age=settings.results_max_age_s,
             duplicate_window=settings.dedup_window_s,
         ),
-        StreamConfig(
+        settings.stream_config(
             name=subjects.decisions_stream,
             subjects=[subjects.all_decisions(), subjects.all_sensor_statuses()],
             retention=RetentionPolicy.LIMITS,
-            storage=storage,
             max_age=settings.decisions_max_age_s,
             max_msgs=settings.decisions_max_msgs,
             discard=DiscardPolicy.OLD,
             duplicate_window=settings.dedup_window_s,
         ),
-        StreamConfig(
+        settings.stream_config(
             name=subjects.dlq_stream,
             subjects=[subjects.all_dlq()],
             retention=RetentionPolicy.LIMITS,
-            storage=storage,
             max_age=settings.dlq_max_age_s,
             max_bytes=settings.dlq_max_bytes,
             max_msgs=settings.dlq_max_msgs,
@@ -123,11 +199,10 @@ def stream_configs(subjects: Subjects, settings: TopologySettings) -> list[Strea
         ),
         *(
             [
-                StreamConfig(
+                settings.stream_config(
                     name=subjects.sensors_stream,
                     subjects=[subjects.all_recorded()],
                     retention=RetentionPolicy.LIMITS,
-                    storage=storage,
                     max_age=settings.sensors_max_age_s,
                 )
             ]
@@ -139,11 +214,10 @@ def stream_configs(subjects: Subjects, settings: TopologySettings) -> list[Strea
 
 def intake_config(subjects: Subjects, settings: TopologySettings) -> StreamConfig:
     """The intake stream: sensor chunks and frames kept until the coordinator acks them."""
-    return StreamConfig(
+    return settings.stream_config(
         name=subjects.intake_stream,
         subjects=[subjects.all_sensors(), subjects.all_frames()],
         retention=RetentionPolicy.WORK_QUEUE,
-        storage=settings.storage_type,
         max_age=settings.intake_max_age_s,
         max_bytes=settings.intake_max_bytes,
         discard=DiscardPolicy.OLD,
@@ -166,22 +240,34 @@ async def ensure_streams(
     configs = stream_configs(subjects, settings)
     for config in [*configs, *([intake_config(subjects, settings)] if intake else [])]:
         assert config.name is not None
+        await ensure_stream(js, config, settings)
+
+
+async def ensure_stream(
+    js: JetStreamContext, config: StreamConfig, settings: TopologySettings
+) -> None:
+    """Create one stream, or bring an existing one to ``config`` as :func:`reconcile` allows.
+
+    Raises:
+        BusError: it cannot be created, or exists in a form that cannot be changed in place.
+    """
+    assert config.name is not None
+    try:
+        existing = (await js.stream_info(config.name)).config
+    except NotFoundError:
         try:
-            await js.stream_info(config.name)
-        except NotFoundError:
-            try:
-                await js.add_stream(config)
-            except BadRequestError as exc:
-                # Another component created it between our look-up and our add.
-                if "already in use" not in str(exc):
-                    raise BusError(f"cannot create stream {config.name}: {exc}") from exc
-            continue
-        try:
-            await js.update_stream(config)
+            await js.add_stream(config)
+            return
         except BadRequestError as exc:
-            raise BusError(
-                f"stream {config.name} exists with an incompatible setup: {exc}"
-            ) from exc
+            # Another component created it between our look-up and our add.
+            if "already in use" not in str(exc):
+                raise BusError(f"cannot create stream {config.name}: {exc}") from exc
+            existing = (await js.stream_info(config.name)).config
+    merged = reconcile(existing, config, settings)
+    try:
+        await js.update_stream(merged)
+    except (BadRequestError, JetStreamError) as exc:
+        raise BusError(f"stream {config.name} exists with an incompatible setup: {exc}") from exc
 
 
 async def _wait_for_streams(
@@ -306,3 +392,151 @@ async def _add_or_update_consumer(
         await js.add_consumer(stream, config)
     except BadRequestError as exc:
         raise BusError(f"cannot create consumer {config.name} on {stream}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    """One follower of a stream or consumer, as its leader sees it."""
+
+    server: str
+    current: bool
+    offline: bool
+    lag: int
+
+
+@dataclass(frozen=True)
+class ConsumerView:
+    """A durable consumer's replicas and backlog."""
+
+    name: str
+    replicas: int  # its own count, or the stream's when it inherits (configured 0)
+    leader: str | None
+    followers: tuple[ReplicaView, ...]
+    pending: int  # not yet delivered
+    ack_pending: int  # delivered, not yet acked
+    redelivered: int
+
+
+@dataclass(frozen=True)
+class StreamView:
+    """What the server says about one fusebus stream (``exists`` False when it has none)."""
+
+    name: str
+    exists: bool
+    storage: str = ""
+    replicas: int = 0
+    placement_tags: tuple[str, ...] = ()
+    placement_cluster: str | None = None
+    leader: str | None = None
+    followers: tuple[ReplicaView, ...] = ()
+    messages: int = 0
+    bytes: int = 0
+    consumers: tuple[ConsumerView, ...] = ()
+
+
+def _followers(cluster: Any) -> tuple[ReplicaView, ...]:
+    peers = (cluster.replicas if cluster is not None else None) or []
+    return tuple(
+        ReplicaView(p.name or "?", bool(p.current), bool(p.offline), int(p.lag or 0)) for p in peers
+    )
+
+
+def deployment_streams(subjects: Subjects) -> list[str]:
+    """The streams (and the KV bucket's stream) a deployment under ``subjects`` may have;
+    the sensors stream only exists when a coordinator records."""
+    return [
+        subjects.tasks_stream,
+        subjects.results_stream,
+        subjects.decisions_stream,
+        subjects.dlq_stream,
+        subjects.intake_stream,
+        subjects.journal_stream,
+        f"KV_{subjects.keys_bucket}",
+        subjects.sensors_stream,
+    ]
+
+
+async def inspect_topology(js: JetStreamContext, subjects: Subjects) -> list[StreamView]:
+    """Every stream of the deployment with its replicas, leader, followers' lag, size and
+    consumers, in :func:`deployment_streams` order."""
+    views = []
+    for name in deployment_streams(subjects):
+        try:
+            info = await js.stream_info(name)
+        except NotFoundError:
+            views.append(StreamView(name, exists=False))
+            continue
+        config = info.config
+        replicas = config.num_replicas or 1
+        consumers = []
+        for consumer in await js.consumers_info(name):
+            own = consumer.config.num_replicas or 0
+            consumers.append(
+                ConsumerView(
+                    name=consumer.name,
+                    replicas=own or replicas,
+                    leader=consumer.cluster.leader if consumer.cluster else None,
+                    followers=_followers(consumer.cluster),
+                    pending=int(consumer.num_pending or 0),
+                    ack_pending=int(consumer.num_ack_pending or 0),
+                    redelivered=int(consumer.num_redelivered or 0),
+                )
+            )
+        placement = config.placement
+        views.append(
+            StreamView(
+                name=name,
+                exists=True,
+                storage=_value(config.storage or StorageType.FILE),
+                replicas=replicas,
+                placement_tags=tuple(placement.tags or ()) if placement else (),
+                placement_cluster=placement.cluster if placement else None,
+                leader=info.cluster.leader if info.cluster else None,
+                followers=_followers(info.cluster),
+                messages=int(info.state.messages or 0),
+                bytes=int(info.state.bytes or 0),
+                consumers=tuple(sorted(consumers, key=lambda c: c.name)),
+            )
+        )
+    return views
+
+
+def topology_problems(
+    views: list[StreamView], settings: TopologySettings, *, required: set[str]
+) -> list[str]:
+    """Where the deployment does not match ``settings``: a ``required`` stream missing, or
+    any stream or consumer with fewer replicas, another storage or other placement than
+    asked. One sentence each; empty when all match."""
+    problems = []
+    for view in views:
+        if not view.exists:
+            if view.name in required:
+                problems.append(f"stream {view.name} does not exist")
+            continue
+        if view.replicas < settings.replicas:
+            problems.append(
+                f"stream {view.name} has {view.replicas} replica(s), the settings ask for "
+                f"{settings.replicas}"
+            )
+        if settings.storage is not None and view.storage != settings.storage:
+            problems.append(
+                f"stream {view.name} is stored in {view.storage}, the settings ask for "
+                f"{settings.storage}"
+            )
+        if settings.placement_tags and not set(settings.placement_tags) <= set(view.placement_tags):
+            problems.append(
+                f"stream {view.name} is placed by tags {list(view.placement_tags)}, the settings "
+                f"ask for {list(settings.placement_tags)}"
+            )
+        if settings.placement_cluster and view.placement_cluster != settings.placement_cluster:
+            problems.append(
+                f"stream {view.name} is placed in cluster {view.placement_cluster}, the settings "
+                f"ask for {settings.placement_cluster}"
+            )
+        for consumer in view.consumers:
+            if consumer.replicas < settings.replicas:
+                problems.append(
+                    f"consumer {consumer.name} on {view.name} has {consumer.replicas} "
+                    f"replica(s), the settings ask for {settings.replicas}"
+                )
+    return problems

@@ -212,7 +212,7 @@ class Coordinator:
                 stream=self.subjects.journal_stream,
                 stream_subjects=self.subjects.all_journals(),
                 subject=self.subjects.journal(self.settings.name),
-                storage=self.topology.storage_type,
+                topology=self.topology,
             )
             await pages.ensure()
             self.journal = TaskJournal(pages)

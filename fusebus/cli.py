@@ -94,6 +94,32 @@ def _env_seconds(name: str, *, default: float) -> float:
     return seconds
 
 
+def _env_replicas(name: str) -> int | None:
+    """A replica count from the environment (1 to 5); raises :class:`ConfigError` naming the
+    variable when it is not one."""
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return None
+    if not text.strip().isdigit() or not 1 <= int(text) <= 5:
+        raise ConfigError(f"{name}={text[:40]!r}: expected a replica count from 1 to 5")
+    return int(text)
+
+
+def _env_choice(name: str, choices: tuple[str, ...]) -> str | None:
+    """One of ``choices`` from the environment; raises :class:`ConfigError` naming the
+    variable otherwise."""
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return None
+    if text.strip() not in choices:
+        raise ConfigError(f"{name}={text[:40]!r}: expected one of {', '.join(choices)}")
+    return text.strip()
+
+
+def _tags(text: str) -> tuple[str, ...]:
+    return tuple(tag.strip() for tag in text.split(",") if tag.strip())
+
+
 def _bus_options(parser: argparse.ArgumentParser, *, url_default: str | None) -> None:
     group = parser.add_argument_group("bus")
     group.add_argument(
@@ -128,6 +154,34 @@ def _bus_options(parser: argparse.ArgumentParser, *, url_default: str | None) ->
         default=_env_seconds("FUSEBUS_CONNECT_WAIT_S", default=5.0),
         help="how long to wait for the server at start (default: 5)",
     )
+    streams = parser.add_argument_group(
+        "streams (flags win over FUSEBUS_* variables, which win over a config's [topology])"
+    )
+    streams.add_argument(
+        "--replicas",
+        type=_positive(int),
+        default=_env_replicas("FUSEBUS_REPLICAS"),
+        help="copies of every stream, bucket and consumer on a NATS cluster (1-5; default 1); "
+        "an existing stream with more keeps them",
+    )
+    streams.add_argument(
+        "--storage",
+        choices=("file", "memory"),
+        default=_env_choice("FUSEBUS_STORAGE", ("file", "memory")),
+        help="storage of the streams created (default: file; existing streams keep theirs)",
+    )
+    streams.add_argument(
+        "--placement-tags",
+        type=_tags,
+        default=_tags(os.environ.get("FUSEBUS_PLACEMENT_TAGS") or "") or None,
+        metavar="TAG,TAG",
+        help="place streams only on servers with all these tags",
+    )
+    streams.add_argument(
+        "--placement-cluster",
+        default=os.environ.get("FUSEBUS_PLACEMENT_CLUSTER") or None,
+        help="place streams in this NATS cluster (of a super-cluster)",
+    )
     group.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port"
     )
@@ -156,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         _fusion_parser,
         _status_parser,
         _decisions_parser,
+        _topology_parser,
         _replay_parser,
         _record_parser,
         _eval_parser,
@@ -342,6 +397,20 @@ def _decisions_parser(commands: Any, env_url: str | None) -> None:
     decisions.add_argument("--json", action="store_true", help="one JSON object per line")
     decisions.add_argument("--count", type=_positive(int), help="stop after N decisions")
     decisions.set_defaults(run="decisions")
+
+
+def _topology_parser(commands: Any, env_url: str | None) -> None:
+    topology = commands.add_parser(
+        "topology", help="list the streams and consumers with replicas, leader and lag"
+    )
+    _bus_options(topology, url_default=env_url or DEFAULT_URL)
+    topology.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 when a stream or consumer does not match --replicas, --storage or the "
+        "placement (or a core stream is missing)",
+    )
+    topology.set_defaults(run="topology")
 
 
 def _spec_option(parser: argparse.ArgumentParser) -> None:

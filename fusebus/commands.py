@@ -33,10 +33,23 @@ def _bus_settings(args: argparse.Namespace, url: str) -> Any:
     )
 
 
-def _topology(args: argparse.Namespace, **overrides: Any) -> Any:
+def _topology(
+    args: argparse.Namespace, deployment: Deployment | None = None, **overrides: Any
+) -> Any:
+    """The topology settings: each of replicas, storage and placement from its flag (or
+    FUSEBUS_* variable, the flag's default), else the config's ``[topology]``, else the
+    default."""
     from bus import TopologySettings
 
-    return TopologySettings(manage=args.manage_topology, **overrides)
+    flags = {
+        "replicas": args.replicas,
+        "storage": args.storage,
+        "placement_tags": args.placement_tags,
+        "placement_cluster": args.placement_cluster,
+    }
+    chosen = dict(deployment.topology) if deployment is not None else {}
+    chosen.update({key: value for key, value in flags.items() if value is not None})
+    return TopologySettings(manage=args.manage_topology, **chosen, **overrides)
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -100,8 +113,9 @@ async def coordinator(args: argparse.Namespace) -> int:
     from fusebus.components import serve
     from fusebus.config import load_deployment
 
-    if args.config is not None:
-        plans = load_deployment(args.config).plans
+    deployment = load_deployment(args.config) if args.config is not None else None
+    if deployment is not None:
+        plans = deployment.plans
     else:
         make_plan = BUILTIN_PLANS.get(args.plan)
         if make_plan is None:
@@ -116,7 +130,7 @@ async def coordinator(args: argparse.Namespace) -> int:
         durable_intake=args.durable_intake,
     )
     bus = _bus_settings(args, args.nats_url)
-    topology = _topology(args, record_sensors=args.record)
+    topology = _topology(args, deployment, record_sensors=args.record)
     return await serve(
         lambda nc: Coordinator(
             nc, plans=plans, subjects=Subjects(bus.prefix), settings=settings, topology=topology
@@ -182,7 +196,7 @@ async def fusion(args: argparse.Namespace) -> int:
             strategy=default.build(),
             strategies=by_stream,
             name=args.name,
-            topology=_topology(args),
+            topology=_topology(args, deployment),
         ).start(),
         bus=bus,
         name="fusion",
@@ -236,6 +250,20 @@ async def decisions(args: argparse.Namespace) -> int:
     finally:
         await nc.drain()
     return 0
+
+
+async def topology(args: argparse.Namespace) -> int:
+    """``fusebus topology``: the streams and consumers, and with ``--check`` whether they
+    match the settings."""
+    from bus import Subjects, connect
+    from fusebus.topology import show_topology
+
+    bus = _bus_settings(args, args.nats_url)
+    nc = await connect(bus, name="topology")
+    try:
+        return await show_topology(nc, Subjects(bus.prefix), _topology(args), check=args.check)
+    finally:
+        await nc.drain()
 
 
 async def replay(args: argparse.Namespace) -> int:
@@ -351,6 +379,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = 
     "fusion": fusion,
     "status": status,
     "decisions": decisions,
+    "topology": topology,
     "replay": replay,
     "record": record,
     "eval": eval_command,

@@ -32,6 +32,12 @@
     [streams.watch-7]                 # a stream's own plan: its keys replace the default's
     deadline_ms = 500
 
+    [topology]                        # how the streams are kept (flags and FUSEBUS_* win)
+    replicas = 3                      # copies of every stream and bucket, on a NATS cluster
+    storage = "file"                  # or "memory"
+    placement_tags = ["ssd"]          # servers a stream may be placed on
+    placement_cluster = "east"
+
 Only entry points read this file; the coordinator and the fusion agent get the validated
 :class:`~coordinator.Plan` and :class:`~agents.fusion.FusionSpec` objects. Every problem is
 one :class:`~schemas.ConfigError` naming the file, the key and what is wrong.
@@ -67,6 +73,7 @@ WINDOW_KEYS = {"size_ms", "hop_ms", "rate_hz", "lateness_ms", "max_gap_ms"}
 SENSOR_KEYS = {"required", "max_silence_ms"}
 SUBTASK_KEYS = {"sensors"}
 FUSION_KEYS = {"strategy", "weights", "target", "threshold", "k"}
+TOPOLOGY_KEYS = {"replicas", "storage", "placement_tags", "placement_cluster"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,8 @@ class Deployment:
     plans: PlanBook
     fusion_default: FusionSpec = field(default_factory=FusionSpec)
     fusion_by_stream: dict[str, FusionSpec] = field(default_factory=dict)
+    # [topology]: TopologySettings fields the file sets (replicas, storage, placement).
+    topology: dict[str, Any] = field(default_factory=dict)
 
 
 def load_deployment(path: Path) -> Deployment:
@@ -91,7 +100,7 @@ def load_deployment(path: Path) -> Deployment:
 
 def parse_deployment(raw: dict[str, Any], *, source: str = "config") -> Deployment:
     """Validate a parsed plans document (see the module docs for its layout)."""
-    _no_unknown(raw, {"default", "streams"}, source)
+    _no_unknown(raw, {"default", "streams", "topology"}, source)
     default_raw = _table(raw.get("default", {}), f"{source}: default")
     streams_raw = _table(raw.get("streams", {}), f"{source}: streams")
     default_plan = _plan(default_raw, f"{source}: default") if default_raw else None
@@ -111,7 +120,37 @@ def parse_deployment(raw: dict[str, Any], *, source: str = "config") -> Deployme
         plans=book,
         fusion_default=_fusion(default_raw.get("fusion", {}), f"{source}: default.fusion"),
         fusion_by_stream=fusion,
+        topology=_topology(_table(raw.get("topology", {}), f"{source}: topology"), source),
     )
+
+
+def _topology(body: dict[str, Any], source: str) -> dict[str, Any]:
+    """The ``[topology]`` table, checked; the keys are TopologySettings fields."""
+    where = f"{source}: topology"
+    _no_unknown(body, TOPOLOGY_KEYS, where)
+    found: dict[str, Any] = {}
+    if "replicas" in body:
+        replicas = body["replicas"]
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= 5:
+            raise ConfigError(f"{where}.replicas: must be an integer 1 to 5, got {replicas!r}")
+        found["replicas"] = replicas
+    if "storage" in body:
+        if body["storage"] not in ("file", "memory"):
+            raise ConfigError(
+                f'{where}.storage: must be "file" or "memory", got {body["storage"]!r}'
+            )
+        found["storage"] = body["storage"]
+    if "placement_tags" in body:
+        tags = body["placement_tags"]
+        if not isinstance(tags, list) or not all(isinstance(t, str) and t for t in tags):
+            raise ConfigError(f"{where}.placement_tags: must be a list of non-empty strings")
+        found["placement_tags"] = tuple(tags)
+    if "placement_cluster" in body:
+        cluster = body["placement_cluster"]
+        if not isinstance(cluster, str) or not cluster:
+            raise ConfigError(f"{where}.placement_cluster: must be a non-empty string")
+        found["placement_cluster"] = cluster
+    return found
 
 
 def _plan(body: dict[str, Any], where: str) -> Plan:
