@@ -26,6 +26,9 @@ log = structlog.get_logger("fusebus.bus")
 
 _STATUS = "Status"
 _HEARTBEAT = "100"
+#: After a refused pull request, the next waits this long, doubling up to the most.
+REFUSED_FIRST_DELAY_S = 0.05
+REFUSED_MAX_DELAY_S = 1.0
 _PENDING = "Nats-Pending-Messages"
 
 
@@ -69,6 +72,8 @@ class BatchPuller:
         self._sub: Subscription | None = None
         self._inbox = ""
         self._watchdog: asyncio.Task[None] | None = None
+        self._retry: asyncio.Task[None] | None = None  # a request put off after a refusal
+        self._refused_delay_s = 0.0  # grows while requests are refused, reset by a message
         self.requests = 0
 
     def __repr__(self) -> str:
@@ -88,9 +93,10 @@ class BatchPuller:
     async def stop(self) -> None:
         """Stop pulling, and hand back what is buffered but not handed out (a negative ack
         redelivers it at once to another puller, instead of after the ack wait)."""
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
+        for task in (self._watchdog, self._retry):
+            if task is not None:
+                task.cancel()
+        self._watchdog = self._retry = None
         if self._sub is not None:
             sub, self._sub = self._sub, None
             returned = 0
@@ -169,6 +175,7 @@ class BatchPuller:
     async def _on_msg(self, msg: Msg) -> None:
         status = msg.headers.get(_STATUS) if msg.headers else None
         if status is None:
+            self._refused_delay_s = 0.0
             self._buffer.append(msg)
             self._credits = max(0, self._credits - 1)
             self._arrived.set()
@@ -187,8 +194,20 @@ class BatchPuller:
                 description=msg.headers.get("Description") if msg.headers else None,
             )
         self._credits = 0
-        if status == "409":
-            await asyncio.sleep(0.1)  # do not spin against a consumer that refuses requests
+        if status in ("409", "503"):
+            # A consumer that refuses requests (409), or has no leader while its servers
+            # elect one (503, no responders): ask again later, backing off, not at once.
+            self._refused_delay_s = min(
+                REFUSED_MAX_DELAY_S, max(REFUSED_FIRST_DELAY_S, 2 * self._refused_delay_s)
+            )
+            if self._retry is None or self._retry.done():
+                self._retry = asyncio.create_task(self._request_after(self._refused_delay_s))
+            return
+        if len(self._buffer) < self._low_water:
+            await self._request()
+
+    async def _request_after(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
         if len(self._buffer) < self._low_water:
             await self._request()
 

@@ -275,11 +275,31 @@ class EmbeddedCluster:
         return ",".join(node.url for node in self.nodes)
 
     def start(self, *, timeout_s: float = 30.0) -> EmbeddedCluster:
-        """Start every node that is not running and wait for a JetStream meta leader."""
+        """Start every node that is not running, and wait until each says it is healthy
+        (JetStream current: ``/healthz``) and the nodes have a meta leader."""
         for node in self.nodes:
             node.start()
-        self.wait_for_meta_leader(timeout_s=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while not all(self.healthy(i) for i in range(len(self.nodes))):
+            if time.monotonic() > deadline:
+                raise BusError(f"{self!r} was not healthy within {timeout_s}s")
+            time.sleep(0.05)
+        self.wait_for_meta_leader(timeout_s=max(0.1, deadline - time.monotonic()))
         return self
+
+    def healthy(self, index: int) -> bool:
+        """Whether node ``index`` runs and its monitoring endpoint reports it healthy."""
+        import urllib.error
+        import urllib.request
+
+        if not self.nodes[index].running:
+            return False
+        url = f"http://{HOST}:{self.monitor_ports[index]}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as reply:
+                return bool(reply.status == 200)
+        except (OSError, urllib.error.URLError):
+            return False
 
     def meta_leader(self) -> str | None:
         """The server name of the JetStream meta leader, as the running nodes report it."""

@@ -409,6 +409,7 @@ class ConsumerView:
     """A durable consumer's replicas and backlog."""
 
     name: str
+    durable: bool  # an ephemeral one (a reader following a stream) is R1 by design
     replicas: int  # its own count, or the stream's when it inherits (configured 0)
     leader: str | None
     followers: tuple[ReplicaView, ...]
@@ -474,6 +475,7 @@ async def inspect_topology(js: JetStreamContext, subjects: Subjects) -> list[Str
             consumers.append(
                 ConsumerView(
                     name=consumer.name,
+                    durable=bool(consumer.config.durable_name),
                     replicas=own or replicas,
                     leader=consumer.cluster.leader if consumer.cluster else None,
                     followers=_followers(consumer.cluster),
@@ -505,8 +507,8 @@ def topology_problems(
     views: list[StreamView], settings: TopologySettings, *, required: set[str]
 ) -> list[str]:
     """Where the deployment does not match ``settings``: a ``required`` stream missing, or
-    any stream or consumer with fewer replicas, another storage or other placement than
-    asked. One sentence each; empty when all match."""
+    any stream or durable consumer with fewer replicas, another storage or other placement
+    than asked. One sentence each; empty when all match."""
     problems = []
     for view in views:
         if not view.exists:
@@ -534,7 +536,7 @@ def topology_problems(
                 f"ask for {settings.placement_cluster}"
             )
         for consumer in view.consumers:
-            if consumer.replicas < settings.replicas:
+            if consumer.durable and consumer.replicas < settings.replicas:
                 problems.append(
                     f"consumer {consumer.name} on {view.name} has {consumer.replicas} "
                     f"replica(s), the settings ask for {settings.replicas}"

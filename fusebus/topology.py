@@ -54,8 +54,9 @@ def render_topology(views: list[StreamView]) -> str:
         )
         for consumer in view.consumers:
             lag = _followers(consumer.followers)
+            kind = "consumer" if consumer.durable else "reader  "
             lines.append(
-                f"  consumer {consumer.name:<28} R{consumer.replicas} leader "
+                f"  {kind} {consumer.name:<28} R{consumer.replicas} leader "
                 f"{consumer.leader or '-':<12} pending {consumer.pending} · ack pending "
                 f"{consumer.ack_pending} · redelivered {consumer.redelivered}"
                 + (f" · {lag}" if lag else "")

@@ -15,11 +15,20 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.errors import NotFoundError
 
-from agents import AgentRuntime
+from agents import AgentRuntime, AgentSettings, ModelAgent
 from agents.fusion import FusionAgent
-from bus import Subjects, discover_agents, discover_components, follow_stored
+from bus import (
+    BusSettings,
+    Subjects,
+    TopologySettings,
+    connect,
+    discover_agents,
+    discover_components,
+    follow_stored,
+)
 from bus.discovery import ROLE
-from coordinator import Coordinator
+from coordinator import Coordinator, CoordinatorSettings, Plan, PlanBook, basicmotions_plan
+from fusebus.paths import models_dir
 from schemas import BATCH_OF, CODEC
 
 M = TypeVar("M")
@@ -233,3 +242,87 @@ async def wait_for_role(nc: Client, prefix: str, role: str, *, timeout_s: float 
         return any((r.get("metadata") or {}).get(ROLE) == role for r in replies)
 
     await eventually(registered, what=f"a {role} registered", timeout_s=timeout_s)
+
+
+async def stream_names(nc: Client) -> set[str]:
+    """The names of every JetStream stream on the server (the listing comes in pages)."""
+    names: set[str] = set()
+    while page := await nc.jetstream().streams_info(offset=len(names)):
+        names.update(info.config.name for info in page if info.config.name is not None)
+    return names
+
+
+def bus_connector(
+    url: str, subjects: Subjects
+) -> tuple[Callable[[str], Awaitable[Client]], Callable[[], Awaitable[None]]]:
+    """Open named connections to the server(s) at ``url`` under ``subjects``' prefix, and a
+    cleanup that closes them and deletes the streams created since the first connection:
+    each reserves its ``max_bytes`` of the server's storage, and a session's worth would
+    exhaust it."""
+    opened: list[Client] = []
+    before: set[str] | None = None
+
+    async def open_one(name: str) -> Client:
+        nonlocal before
+        if before is None:
+            admin = await connect(BusSettings(url=url), name="test-streams")
+            before = await stream_names(admin)
+            await admin.close()
+        nc = await connect(BusSettings(url=url, prefix=subjects.prefix), name=name)
+        opened.append(nc)
+        return nc
+
+    async def cleanup() -> None:
+        for nc in opened:
+            with contextlib.suppress(Exception):
+                await nc.close()
+        if before is None:
+            return
+        admin = await connect(BusSettings(url=url), name="test-streams")
+        for name in await stream_names(admin) - before:
+            with contextlib.suppress(Exception):
+                await admin.jetstream().delete_stream(name)
+        await admin.close()
+
+    return open_one, cleanup
+
+
+async def start_pipeline(
+    connect_bus: Callable[[str], Awaitable[Client]],
+    subjects: Subjects,
+    *,
+    agents: tuple[str, ...] = ("accel", "gyro"),
+    plan: Plan | None = None,
+    agent_settings: AgentSettings | None = None,
+    coordinator_settings: CoordinatorSettings | None = None,
+    topology: TopologySettings | None = None,
+    started: list[Pipeline] | None = None,
+) -> Pipeline:
+    """A coordinator, model agents and a fusion agent in this process, each on its own
+    connection (from ``connect_bus``); the caller stops them. The pipeline is added to
+    ``started`` before its first component starts, so a start that fails midway still
+    leaves the caller what to stop."""
+    parts = Pipeline(subjects=subjects, nc=await connect_bus("test-client"))
+    if started is not None:
+        started.append(parts)
+    parts.fusion = await FusionAgent(
+        await connect_bus("fusion"), subjects=subjects, topology=topology
+    ).start()
+    for type_name in agents:
+        agent = ModelAgent(models_dir() / f"{type_name}.tflite")
+        runtime = AgentRuntime(
+            agent,
+            await connect_bus(f"agent-{type_name}"),
+            subjects=subjects,
+            settings=agent_settings,
+            topology=topology,
+        )
+        parts.agents.append(await runtime.start())
+    parts.coordinator = await Coordinator(
+        await connect_bus("coordinator"),
+        plans=PlanBook(default=plan or basicmotions_plan()),
+        subjects=subjects,
+        settings=coordinator_settings,
+        topology=topology,
+    ).start()
+    return parts
