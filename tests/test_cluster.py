@@ -202,10 +202,12 @@ async def test_a_leader_killed_mid_run_leaves_every_window_one_decision(
     for i in range(10):
         await send_until_accepted(producer, frame(basicmotions, i))
     await decided.wait_for(10)
+    server: str | None
     if victim == "meta leader":
         server = healthy.wait_for_meta_leader()
     else:
-        server = (await parts.nc.jetstream().stream_info(subjects.tasks_stream)).cluster.leader  # type: ignore[union-attr]
+        tasks = await parts.nc.jetstream().stream_info(subjects.tasks_stream)
+        server = tasks.cluster.leader if tasks.cluster else None
     assert server is not None
     killed_at = time.monotonic()
     healthy.node(server).kill()
