@@ -36,7 +36,9 @@ def _bus_settings(args: argparse.Namespace, url: str) -> Any:
 def _topology(args: argparse.Namespace, **overrides: Any) -> Any:
     from bus import TopologySettings
 
-    return TopologySettings(manage=args.manage_topology, **overrides)
+    return TopologySettings(
+        manage=args.manage_topology, partitions=getattr(args, "partitions", 1), **overrides
+    )
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -114,6 +116,7 @@ async def coordinator(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_s,
         subtask_batch=args.subtask_batch,
         durable_intake=args.durable_intake,
+        lease_ttl_s=args.lease_ttl_s,
     )
     bus = _bus_settings(args, args.nats_url)
     topology = _topology(args, record_sensors=args.record)
@@ -157,7 +160,7 @@ async def agent(args: argparse.Namespace) -> int:
 
 async def fusion(args: argparse.Namespace) -> int:
     """``fusebus fusion``: one decision per window, until stopped."""
-    from agents.fusion import FusionAgent, FusionSpec
+    from agents.fusion import FusionAgent, FusionSettings, FusionSpec
     from bus import Subjects
     from fusebus.components import serve
     from fusebus.config import load_deployment
@@ -183,6 +186,7 @@ async def fusion(args: argparse.Namespace) -> int:
             strategies=by_stream,
             name=args.name,
             topology=_topology(args),
+            settings=FusionSettings(lease_ttl_s=args.lease_ttl_s),
         ).start(),
         bus=bus,
         name="fusion",
