@@ -225,6 +225,11 @@ class Coordinator:
         }
 
     @property
+    def owned_partitions(self) -> tuple[int, ...]:
+        """The partitions this coordinator works on now (with partitions > 1)."""
+        return tuple(sorted(self._owned))
+
+    @property
     def partitioned(self) -> bool:
         """Whether the deployment's stream ids are split into partitions (leased)."""
         return self.topology.partitions > 1

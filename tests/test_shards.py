@@ -34,6 +34,7 @@ from bus.shares import settled
 from coordinator import Coordinator, CoordinatorSettings, PlanBook, basicmotions_plan
 from fusebus.datasets import SensorDataset
 from fusebus.paths import models_dir
+from fusebus.status import BusStatus, partition_lines, render_summary
 from schemas import CODEC, ConfigError, Decision, Subtask
 from tests.helpers import Collector, FrameFeeder, eventually, wait_for_agents
 
@@ -101,6 +102,26 @@ def test_subjects_map_stored_partitioned_subjects_back_to_what_producers_publish
     assert s.as_published("fb.result.2.bm") == "fb.result.bm"
     assert s.as_published("fb.sensor.7.accel") == "fb.sensor.7.accel"  # stream "7", unsplit
     assert s.partition_of("fb.status.1.x") == 1 and s.partition_of("fb.status.x") is None
+
+
+def test_status_shows_a_line_per_owner_with_its_partitions() -> None:
+    """``fusebus status`` says which coordinator and which fusion agent owns what."""
+    status = BusStatus(
+        agents={},
+        components=[
+            ("coordinator", {"member": "c0-ab", "partitions": [0, 2], "partitions_total": 4}),
+            ("coordinator", {"member": "c1-cd", "partitions": [1, 3], "partitions_total": 4}),
+            ("fusion", {"name": "fusion", "member": "fusion-ef", "partitions": [0, 1, 2, 3],
+                        "partitions_total": 4}),
+            ("coordinator", {"open_tasks": 3}),  # a coordinator of an unpartitioned deployment
+        ],
+    )  # fmt: skip
+    assert partition_lines(status) == [
+        "coordinator c0-ab: partitions 0, 2 (of 4)",
+        "coordinator c1-cd: partitions 1, 3 (of 4)",
+        "fusion fusion-ef: partitions 0, 1, 2, 3 (of 4)",
+    ]
+    assert "coordinator c1-cd: partitions 1, 3 (of 4)" in render_summary(status, None, 1.0)
 
 
 # Across the server -----------------------------------------------------------------------
@@ -259,7 +280,11 @@ async def test_a_third_coordinator_joining_gets_a_share(
         for i in (1, 2):
             started.append(await coordinator(await connect_bus(f"c{i}"), subjects, f"c{i}").start())
             await settled_among(nc, subjects, "coordinator", i + 1)
-        assert sorted(len(c._owned) for c in started) == [1, 1, 2]
+        await eventually(
+            lambda: sorted(len(c.owned_partitions) for c in started) == [1, 1, 2],
+            what="shares of 2, 1 and 1 at work",
+            state=lambda: [c.owned_partitions for c in started],
+        )
         third = started.pop()
         await third.stop()
         await settled_among(nc, subjects, "coordinator", 2, timeout_s=TTL_S * 3)
