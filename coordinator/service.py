@@ -190,6 +190,9 @@ class Coordinator:
         self._owned: dict[int, Lifecycle] = {}
         self._partition_of: dict[str, int] = {}
         self.member_id = f"{self.settings.name}-{self.instance_id}"
+        # A partition given back makes its own durability point while the loop's may be
+        # under way: journals are written by one of them at a time.
+        self._durable_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         counts = " ".join(f"{k}={v}" for k, v in self.counts.items() if v)
@@ -809,6 +812,10 @@ class Coordinator:
         """Ack what was handled once what it led to is stored: its subtasks and statuses
         acknowledged by the server, its tasks and the streams' cursors in the journal.
         What cannot be made durable now waits for the next point."""
+        async with self._durable_lock:
+            await self._make_durable()
+
+    async def _make_durable(self) -> None:
         ready, self._done = self._done, []
         try:
             await self.outbox.flush()
