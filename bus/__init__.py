@@ -15,11 +15,13 @@ from bus.discovery import (
 )
 from bus.inbound import Delivery, Inbound
 from bus.keys import ticket_key
+from bus.leases import LeaseKeeper, LeaseSettings, LeaseView, lease_bucket, read_leases
 from bus.lifecycle import Lifecycle
 from bus.loops import keep_running
 from bus.pagelog import PageLog
 from bus.producer import Producer
 from bus.server import EmbeddedCluster, EmbeddedServer, find_server_binary, free_port
+from bus.shares import Moves, fair_share, plan_moves
 from bus.stats import LATENCY_BUCKETS_S, Histogram
 from bus.streams import StoredMessage, follow_stored, iter_stored, last_stored, read_stored
 from bus.subjects import Subjects, check_token
@@ -55,8 +57,12 @@ __all__ = [
     "ExhaustedReaper",
     "Histogram",
     "Inbound",
+    "LeaseKeeper",
+    "LeaseSettings",
+    "LeaseView",
     "Lifecycle",
     "Message",
+    "Moves",
     "PageLog",
     "Producer",
     "ReplicaView",
@@ -76,6 +82,7 @@ __all__ = [
     "ensure_stream",
     "ensure_streams",
     "ensure_task_consumer",
+    "fair_share",
     "find_server_binary",
     "follow_stored",
     "free_port",
@@ -85,7 +92,10 @@ __all__ = [
     "iter_stored",
     "keep_running",
     "last_stored",
+    "lease_bucket",
     "max_deliveries_subject",
+    "plan_moves",
+    "read_leases",
     "read_stored",
     "reconcile",
     "register_service",

@@ -8,7 +8,7 @@ on the server is a couple of operations per write rather than one or two per rec
 from __future__ import annotations
 
 from nats.aio.client import Client
-from nats.js.api import DiscardPolicy
+from nats.js.api import DiscardPolicy, RetentionPolicy
 
 from bus.streams import StoredMessage, read_stored
 from bus.topology import TopologySettings, ensure_stream
@@ -52,6 +52,7 @@ class PageLog:
             name=self.stream,
             subjects=[self.stream_subjects],
             max_age=self.max_age_s,
+            retention=RetentionPolicy.LIMITS,
             discard=DiscardPolicy.OLD,
         )
         await ensure_stream(self._js, config, self.topology)

@@ -40,6 +40,8 @@ class Subjects:
         self.journal_stream = f"{stem}_OPEN_TASKS"
         self.intake_stream = f"{stem}_INTAKE"
         self.keys_bucket = f"{stem}_KEYS"
+        self.frames_stream = f"{stem}_FRAMES"  # frames' own intake, with partitions > 1
+        self.leases_bucket = f"{stem}_LEASES"
 
     def __repr__(self) -> str:
         return f"Subjects(prefix={self.prefix!r})"
@@ -158,3 +160,101 @@ class Subjects:
         if len(parts) < 3 or parts[0] != self.prefix:
             raise SubjectError(f"subject {subject!r} is not under prefix {self.prefix!r}")
         return parts[2]
+
+    # Partitions (a deployment with partitions > 1) ---------------------------------------
+    # The server decides a stream id's partition: stream subject transforms store
+    # ``P.sensor.<stream>.<sensor>`` as ``P.sensor.<p>.<stream>.<sensor>`` (likewise frames,
+    # results and statuses), with ``p`` = NATS's ``partition()`` hash of the stream id.
+    # Producers publish to the subjects above; only readers of the streams see these.
+    def sensor_transform(self, partitions: int) -> tuple[str, str]:
+        """The intake stream's subject transform (source, destination) for sensor chunks."""
+        return (
+            self.all_sensors(),
+            f"{self.prefix}.sensor.{{{{partition({partitions},1)}}}}"
+            ".{{wildcard(1)}}.{{wildcard(2)}}",
+        )
+
+    def frame_transform(self, partitions: int) -> tuple[str, str]:
+        """The frames stream's subject transform (source, destination)."""
+        return (
+            self.all_frames(),
+            f"{self.prefix}.frame.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}",
+        )
+
+    def results_transform(self, partitions: int) -> tuple[str, str]:
+        """The results stream's one transform, for results and statuses alike (both are
+        ``P.<kind>.<stream>``; a stream allows a single transform)."""
+        return (
+            f"{self.prefix}.*.*",
+            f"{self.prefix}.{{{{wildcard(1)}}}}.{{{{partition({partitions},2)}}}}"
+            ".{{wildcard(2)}}",
+        )
+
+    def sensors_in(self, partition: int) -> str:
+        """Stored sensor chunks of one partition."""
+        return f"{self.prefix}.sensor.{_partition(partition)}.*.*"
+
+    def frames_in(self, partition: int) -> str:
+        """Stored frames of one partition."""
+        return f"{self.prefix}.frame.{_partition(partition)}.*"
+
+    def results_in(self, partition: int) -> str:
+        """Stored results of one partition."""
+        return f"{self.prefix}.result.{_partition(partition)}.*"
+
+    def statuses_in(self, partition: int) -> str:
+        """Stored task statuses of one partition."""
+        return f"{self.prefix}.status.{_partition(partition)}.*"
+
+    def partition_of(self, subject: str) -> int | None:
+        """The partition token of a stored (transformed) subject; ``None`` for a subject as
+        producers publish it."""
+        parts = subject.split(".")
+        kind_tokens = {"sensor": 5, "frame": 4, "result": 4, "status": 4}
+        if len(parts) < 4 or parts[0] != self.prefix:
+            return None
+        if kind_tokens.get(parts[1]) != len(parts) or not parts[2].isdigit():
+            return None
+        return int(parts[2])
+
+    def as_published(self, subject: str) -> str:
+        """``subject`` as its producer published it (a stored subject without its partition
+        token; any other subject unchanged)."""
+        if self.partition_of(subject) is None:
+            return subject
+        parts = subject.split(".")
+        return ".".join(parts[:2] + parts[3:])
+
+    def partition_journal(self, partition: int) -> str:
+        """The open-task journal of one partition, written by whichever coordinator owns it."""
+        return f"{self.prefix}.open.partition-{_partition(partition)}"
+
+    def intake_partition_consumer(self, partition: int) -> str:
+        """The durable consumer of one partition's sensor chunks (its owner pulls from it)."""
+        return f"intake-partition-{_partition(partition)}"
+
+    def frames_partition_consumer(self, partition: int) -> str:
+        """The durable consumer of one partition's frames."""
+        return f"frames-partition-{_partition(partition)}"
+
+    def coordinator_partition_consumer(self, partition: int) -> str:
+        """The coordinators' durable consumer on one partition's results."""
+        return f"coordinator-partition-{_partition(partition)}"
+
+    def fusion_partition_consumer(self, fusion: str, partition: int) -> str:
+        """A fusion name's durable consumer on one partition's results and statuses."""
+        return f"{check_token(fusion, 'fusion name')}-partition-{_partition(partition)}"
+
+    def lease_key(self, group: str, partition: int) -> str:
+        """The lease key of one partition in a lease group (``coordinator``, ``fusion-<name>``)."""
+        return f"lease.{check_token(group, 'lease group')}.{_partition(partition)}"
+
+    def member_key(self, group: str, member: str) -> str:
+        """The registry key of one live member of a lease group."""
+        return f"member.{check_token(group, 'lease group')}.{check_token(member, 'member id')}"
+
+
+def _partition(partition: int) -> int:
+    if partition < 0:
+        raise SubjectError(f"partition must be >= 0, got {partition}")
+    return partition

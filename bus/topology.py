@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,8 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    StreamInfo,
+    SubjectTransform,
 )
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.errors import Error as JetStreamError
@@ -74,8 +77,12 @@ class TopologySettings:
     wait_for_streams_s: float = 60.0  # without ``manage``, how long to wait for them to appear
     record_sensors: bool = False  # also keep sensor chunks and frames in <P>_SENSORS
     sensors_max_age_s: float = 3600.0
+    # Partitions of the deployment's stream ids (see :func:`partitioned`); 1: none, as before.
+    partitions: int = 1
 
     def __post_init__(self) -> None:
+        if self.partitions < 1:
+            raise ConfigError(f"partitions must be >= 1, got {self.partitions}")
         if self.storage not in (None, "file", "memory"):
             raise ConfigError(f"storage must be 'file' or 'memory', got {self.storage!r}")
         if isinstance(self.replicas, bool) or self.replicas not in range(1, MAX_REPLICAS + 1):
@@ -127,10 +134,12 @@ def reconcile(
             for explicitly, or retention), naming the stream and the difference.
     """
     name = existing.name
-    if existing.retention != wanted.retention:
+    has = existing.retention or RetentionPolicy.LIMITS  # the server's default
+    needs = wanted.retention or RetentionPolicy.LIMITS
+    if has != needs:
         raise BusError(
-            f"stream {name} has retention {_value(existing.retention)}, fusebus needs "
-            f"{_value(wanted.retention)}: delete it or use another --prefix"
+            f"stream {name} has retention {_value(has)}, fusebus needs {_value(needs)}: "
+            "delete it or use another --prefix"
         )
     storage = existing.storage or StorageType.FILE
     if settings.storage is not None and storage != wanted.storage:
@@ -238,7 +247,8 @@ async def ensure_streams(
         await _wait_for_streams(js, subjects, settings, intake=intake)
         return
     configs = stream_configs(subjects, settings)
-    for config in [*configs, *([intake_config(subjects, settings)] if intake else [])]:
+    wanted = [*configs, *([intake_config(subjects, settings)] if intake else [])]
+    for config in partitioned(wanted, subjects, settings):
         assert config.name is not None
         await ensure_stream(js, config, settings)
 
@@ -246,14 +256,16 @@ async def ensure_streams(
 async def ensure_stream(
     js: JetStreamContext, config: StreamConfig, settings: TopologySettings
 ) -> None:
-    """Create one stream, or bring an existing one to ``config`` as :func:`reconcile` allows.
+    """Create one stream, or bring an existing one to ``config`` as :func:`reconcile` allows
+    (its partition count never changes: see :func:`check_partitions`).
 
     Raises:
         BusError: it cannot be created, or exists in a form that cannot be changed in place.
+        ConfigError: it exists with another partition count.
     """
     assert config.name is not None
     try:
-        existing = (await js.stream_info(config.name)).config
+        info = await js.stream_info(config.name)
     except NotFoundError:
         try:
             await js.add_stream(config)
@@ -262,12 +274,81 @@ async def ensure_stream(
             # Another component created it between our look-up and our add.
             if "already in use" not in str(exc):
                 raise BusError(f"cannot create stream {config.name}: {exc}") from exc
-            existing = (await js.stream_info(config.name)).config
-    merged = reconcile(existing, config, settings)
+            info = await js.stream_info(config.name)
+    check_partitions(info, config, settings)
+    merged = reconcile(info.config, config, settings)
     try:
         await js.update_stream(merged)
     except (BadRequestError, JetStreamError) as exc:
         raise BusError(f"stream {config.name} exists with an incompatible setup: {exc}") from exc
+
+
+def partitioned(
+    configs: list[StreamConfig], subjects: Subjects, settings: TopologySettings
+) -> list[StreamConfig]:
+    """``configs`` laid out for ``settings.partitions`` partitions (unchanged for one).
+
+    The server decides each stream id's partition with a subject transform (NATS's
+    ``partition()`` hash of the stream token), so producers publish as before and each
+    partition's data is stored under ``P.<kind>.<p>.<stream>...``: the results stream gets
+    one transform for results and statuses. A stream takes a single transform, so frames,
+    whose subjects have one token fewer than sensor chunks, move from the intake stream to
+    their own work queue ``<P>_FRAMES``.
+    """
+    if settings.partitions == 1:
+        return configs
+    count = settings.partitions
+    laid_out = []
+    for config in configs:
+        if config.name == subjects.results_stream:
+            src, dest = subjects.results_transform(count)
+            config = dataclasses.replace(config, subject_transform=SubjectTransform(src, dest))
+        elif config.name == subjects.intake_stream:
+            frames_src, frames_dest = subjects.frame_transform(count)
+            laid_out.append(
+                dataclasses.replace(
+                    config,
+                    name=subjects.frames_stream,
+                    subjects=[subjects.all_frames()],
+                    subject_transform=SubjectTransform(frames_src, frames_dest),
+                )
+            )
+            src, dest = subjects.sensor_transform(count)
+            config = dataclasses.replace(
+                config,
+                subjects=[subjects.all_sensors()],
+                subject_transform=SubjectTransform(src, dest),
+            )
+        laid_out.append(config)
+    return laid_out
+
+
+def partitions_of(info: StreamInfo) -> int:
+    """How many partitions a stored stream is split into (1 without a partition transform)."""
+    transform = info.config.subject_transform
+    found = re.search(r"partition\((\d+),", transform.dest) if transform else None
+    return int(found.group(1)) if found else 1
+
+
+def check_partitions(info: StreamInfo, wanted: StreamConfig, settings: TopologySettings) -> None:
+    """Refuse to change the partition count of an existing stream.
+
+    The server would take the new transform, but what it stores already stays under the old
+    partitions (or none), where no owner of the new ones reads it: data would be stranded
+    and tasks decided by two owners. Raises :class:`ConfigError` with one line.
+    """
+    has = partitions_of(info)
+    if has != settings.partitions and (wanted.subject_transform or has != 1):
+        raise _partition_change(str(info.config.name), has, settings)
+
+
+def _partition_change(stream: str, has: int, settings: TopologySettings) -> ConfigError:
+    return ConfigError(
+        f"stream {stream} is split into {has} partition(s), not "
+        f"{settings.partitions} (--partitions / FUSEBUS_PARTITIONS): the partition count "
+        "of a deployment cannot change while its streams exist; give every component the "
+        "same count, or stop them all and delete the streams (or use another --prefix)"
+    )
 
 
 async def _wait_for_streams(
@@ -279,12 +360,16 @@ async def _wait_for_streams(
         subjects.decisions_stream,
         subjects.dlq_stream,
         *([subjects.intake_stream] if intake else []),
+        *([subjects.frames_stream] if intake and settings.partitions > 1 else []),
     ]
     deadline = asyncio.get_running_loop().time() + settings.wait_for_streams_s
     for name in names:
         while True:
             try:
-                await js.stream_info(name)
+                info = await js.stream_info(name)
+                has = partitions_of(info)
+                if name == subjects.results_stream and has != settings.partitions:
+                    raise _partition_change(name, has, settings)
                 break
             except NotFoundError:
                 if asyncio.get_running_loop().time() > deadline:

@@ -125,6 +125,19 @@ class SensorIntake:
         self._cursors_changed.update(moved)
         self._forgotten.update(forgotten)
 
+    def hand_over(self, streams: set[str]) -> None:
+        """Forget ``streams`` without flushing or consuming anything: another coordinator
+        took their partition over, and what was not acked here is delivered to it again."""
+        for stream in streams:
+            self._windowers.pop(stream, None)
+            self._frame_streams.pop(stream, None)
+            self._waiting.pop(stream, None)
+            self._resume_at.pop(stream, None)
+            self._cursors_changed.discard(stream)
+            self._forgotten.discard(stream)
+            self._watched.discard(stream)
+            self.liveness.forget(stream)
+
     # Deliveries -------------------------------------------------------------------------
     async def take(self, message: SensorChunk | SensorFrame, delivery: Delivery) -> None:
         """Take one decoded frame or chunk.
@@ -161,7 +174,7 @@ class SensorIntake:
                 overlaps the stream's previous frame without being the same window.
         """
         self.counts["frames"] += 1
-        plan = self._plan_for(frame.stream, delivery.subject)
+        plan = self._plan_for(frame.stream, self.subjects.as_published(delivery.subject))
         absent = check_frame(frame, plan, self.readers, time.time_ns())
         samples = next(iter(frame.sensors.values())).shape[0]
         window = Window(frame.t_ns, frame.t_ns + samples * frame.period_ns)
@@ -180,9 +193,11 @@ class SensorIntake:
     async def _take_chunk(self, chunk: SensorChunk, delivery: Delivery) -> None:
         """Buffer a chunk and pass on every window it completes."""
         self.counts["chunks"] += 1
-        plan = self._plan_for(chunk.stream, delivery.subject)
-        if delivery.subject != self.subjects.sensor(chunk.stream, chunk.sensor):
-            raise SchemaError("stream_mismatch", f"chunk of {chunk.sensor!r} on {delivery.subject}")
+        # Stored under its partition with partitions > 1: check it as the producer sent it.
+        subject = self.subjects.as_published(delivery.subject)
+        plan = self._plan_for(chunk.stream, subject)
+        if subject != self.subjects.sensor(chunk.stream, chunk.sensor):
+            raise SchemaError("stream_mismatch", f"chunk of {chunk.sensor!r} on {subject}")
         check_chunk(chunk, plan, self.readers, time.time_ns())
         windower = self._windower(chunk.stream, plan)
         late_before = windower.counts["late_chunks"]

@@ -75,3 +75,8 @@ class SensorLiveness:
         for stream in gone:
             del self._last[stream], self._allowance[stream], self._down[stream]
         return gone
+
+    def forget(self, stream: str) -> None:
+        """Stop watching ``stream`` (another coordinator now reads it)."""
+        for table in (self._last, self._allowance, self._down):
+            table.pop(stream, None)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import secrets
 import time
 from collections import deque
@@ -33,6 +34,8 @@ from bus import (
     Delivery,
     ExhaustedReaper,
     Inbound,
+    LeaseKeeper,
+    LeaseSettings,
     Lifecycle,
     PageLog,
     Producer,
@@ -104,6 +107,9 @@ class CoordinatorSettings:
     forget_stream_after_s: float = 300.0  # a stream silent this long is forgotten
     confirm_timeout_s: float = 2.0  # longest wait at a durability point for subtask acks
     remember_ended_tasks: int = 20_000  # ended task ids kept to spot late results and repeats
+    # With partitions > 1 (TopologySettings.partitions): a dead coordinator's partitions are
+    # taken over about this long after its last lease renewal (renewed every third of it).
+    lease_ttl_s: float = 6.0
 
     def __post_init__(self) -> None:
         if not self.journal_interval_ms > 0:
@@ -176,6 +182,17 @@ class Coordinator:
         self._all_ended = asyncio.Event()  # set whenever no task is open
         self._puller: BatchPuller | None = None
         self._life = Lifecycle()
+        # With partitions > 1: the partitions this coordinator owns, each with its journal
+        # and its own pullers and loops; which partition each stream id is in (the server
+        # decides; learned from the subjects data is stored under, and from journals).
+        self.leases: LeaseKeeper | None = None
+        self.journals: dict[int, TaskJournal] = {}
+        self._owned: dict[int, Lifecycle] = {}
+        self._partition_of: dict[str, int] = {}
+        self.member_id = f"{self.settings.name}-{self.instance_id}"
+        # A partition given back makes its own durability point while the loop's may be
+        # under way: journals are written by one of them at a time.
+        self._durable_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         counts = " ".join(f"{k}={v}" for k, v in self.counts.items() if v)
@@ -198,14 +215,38 @@ class Coordinator:
             "agent_types": sorted(self.directory.types),
             "unserved_types": sorted(self.unserved),
             **self.tracker.counts,
+            **self._partition_stats(),
         }
+
+    def _partition_stats(self) -> dict[str, Any]:
+        if self.topology.partitions == 1:
+            return {}
+        return {
+            "member": self.member_id,
+            "partitions_total": self.topology.partitions,
+            "partitions": sorted(self._owned),
+        }
+
+    @property
+    def owned_partitions(self) -> tuple[int, ...]:
+        """The partitions this coordinator works on now (with partitions > 1)."""
+        return tuple(sorted(self._owned))
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether the deployment's stream ids are split into partitions (leased)."""
+        return self.topology.partitions > 1
 
     async def start(self) -> Coordinator:
         """Set up streams, finish what a previous run left open, then take data and results."""
         js = self.nc.jetstream()
         intake = self.settings.durable_intake
+        if self.partitioned and not intake:
+            raise ConfigError("partitions > 1 need durable intake: a partition is a consumer")
         await ensure_streams(js, self.subjects, self.topology, intake=intake)
         self._key = await ticket_key(js, self.subjects, self.topology)
+        if self.partitioned:
+            return await self._start_partitioned()
         if self.settings.durable:
             pages = PageLog(
                 self.nc,
@@ -216,7 +257,7 @@ class Coordinator:
             )
             await pages.ensure()
             self.journal = TaskJournal(pages)
-            await self._restore()
+            await self._restore(self.journal)
         self._life.run(self._durability_step, name="coordinator-durability")
         # What a previous run had not acked comes again at once, in order.
         await resume_consumer(
@@ -253,6 +294,155 @@ class Coordinator:
         )
         log.info("coordinator.started", prefix=self.subjects.prefix, plans=repr(self.plans))
         return self
+
+    async def _start_partitioned(self) -> Coordinator:
+        """Start the shared loops, then take a fair share of the partitions through leases;
+        each partition brings its journal, intake and results (see :meth:`_take_partition`)."""
+        self._life.run(self._durability_step, name="coordinator-durability")
+        self._life.run(self._deadline_step, name="coordinator-deadlines")
+        await self._discover()
+        self._life.run(self._discovery_step, name="coordinator-discovery")
+        self._life.run(self._liveness_step, name="coordinator-liveness")
+        self._life.run(self._keep_alive_step, name="coordinator-keep-alive")
+        self.leases = await LeaseKeeper(
+            self.nc,
+            subjects=self.subjects,
+            group=COMPONENT,
+            member=self.member_id,
+            partitions=self.topology.partitions,
+            on_acquire=self._take_partition,
+            on_release=self._give_partition,
+            settings=LeaseSettings(ttl_s=self.settings.lease_ttl_s),
+            topology=self.topology,
+        ).start()
+        await self._register()
+        log.info(
+            "coordinator.started",
+            prefix=self.subjects.prefix,
+            plans=repr(self.plans),
+            member=self.member_id,
+            partitions=sorted(self._owned),
+        )
+        return self
+
+    async def _register(self) -> None:
+        await self._life.register(
+            self.nc,
+            name="fusebus-coordinator",
+            description="fusebus coordinator: windows, subtasks, completion tracking",
+            metadata={ROLE: COMPONENT, PREFIX: self.subjects.prefix},
+            status_subject=self.subjects.control(COMPONENT, self.instance_id),
+            stats=self.stats,
+        )
+
+    async def _take_partition(self, partition: int) -> None:
+        """This coordinator now holds ``partition``'s lease: finish what its journal holds
+        open, then pull its sensor data and results, delivering at once what the previous
+        owner had not acked."""
+        js = self.nc.jetstream()
+        work = Lifecycle()
+        if self.settings.durable:
+            pages = PageLog(
+                self.nc,
+                stream=self.subjects.journal_stream,
+                stream_subjects=self.subjects.all_journals(),
+                subject=self.subjects.partition_journal(partition),
+                topology=self.topology,
+            )
+            await pages.ensure()
+            journal = self.journals[partition] = TaskJournal(pages)
+            await self._restore(journal, partition)
+        sources = (
+            (
+                self.subjects.results_stream,
+                self.subjects.coordinator_partition_consumer(partition),
+                [self.subjects.results_in(partition)],
+            ),
+            (
+                self.subjects.intake_stream,
+                self.subjects.intake_partition_consumer(partition),
+                [self.subjects.sensors_in(partition)],
+            ),
+            (
+                self.subjects.frames_stream,
+                self.subjects.frames_partition_consumer(partition),
+                [self.subjects.frames_in(partition)],
+            ),
+        )
+        for stream, consumer, filters in sources:
+            results = stream == self.subjects.results_stream
+            await resume_consumer(
+                js,
+                stream,
+                consumer,
+                filters,
+                ack_wait_s=self.topology.reader_ack_wait_s
+                if results
+                else self.topology.intake_ack_wait_s,
+                max_deliver=self.topology.reader_max_deliver
+                if results
+                else self.topology.intake_max_deliver,
+                max_ack_pending=50_000 if results else self.topology.intake_max_ack_pending,
+                work_queue=not results,
+            )
+            puller = await work.pull(
+                self.nc,
+                stream=stream,
+                consumer=consumer,
+                prefetch=self.settings.results_batch if results else self.settings.intake_batch,
+            )
+            reaper = ExhaustedReaper(
+                self.producer,
+                stream=stream,
+                consumer=consumer,
+                component=COMPONENT,
+                delete=not results,
+            )
+            work.adopt(await reaper.start(self.nc))
+            if results:
+                work.run(functools.partial(self._take_results, puller), name=f"results-{partition}")
+            else:
+                step = functools.partial(self._take_intake, puller, partition)
+                work.run(step, name=f"intake-{partition}")
+        self._owned[partition] = work
+
+    async def _give_partition(self, partition: int) -> None:
+        """Stop working on ``partition`` before its lease is given back: stop pulling, make
+        what was handled durable (journal, acks), then forget its streams and open tasks,
+        which the next owner restores from the partition's journal."""
+        work = self._owned.pop(partition, None)
+        if work is None:
+            return
+        await work.close()  # buffered, unhandled messages are nak'd for the next owner
+        with contextlib.suppress(Exception):  # if the bus is gone, the next owner redoes it
+            await self._durability_point()
+        streams = {s for s, p in self._partition_of.items() if p == partition}
+        handed = 0
+        for stream in streams:
+            handed += len(self.tracker.hand_over(stream))
+            self._held.pop(stream, None)
+            del self._partition_of[stream]
+        self.intake.hand_over(streams)
+        self.journals.pop(partition, None)
+        log.info("partition.handed_over", partition=partition, streams=len(streams), tasks=handed)
+        if not len(self.tracker):
+            self._all_ended.set()
+
+    async def _take_intake(self, puller: BatchPuller, partition: int) -> None:
+        """Take a batch of one partition's sensor data."""
+        msgs = await puller.next_batch(self.settings.intake_batch, idle_timeout_s=1.0)
+        inbound = self.sensor_inbound
+        for delivery, message in await inbound.take(msgs):
+            self._partition_of[message.stream] = partition
+            await inbound.run((delivery,), self._take_sensor_data(message, delivery))
+
+    def _journal_for(self, stream: str) -> TaskJournal | None:
+        """The journal a stream's tasks are written to: the coordinator's own, or with
+        partitions that of the stream's partition."""
+        if not self.partitioned:
+            return self.journal
+        partition = self._partition_of.get(stream)
+        return self.journals.get(partition) if partition is not None else None
 
     async def _start_intake(self) -> None:
         """Take sensor data from the intake stream (or, without durable intake, core NATS)."""
@@ -299,6 +489,11 @@ class Coordinator:
         in the intake stream for it."""
         if drain_timeout_s is None:
             drain_timeout_s = self.settings.drain_timeout_s
+        if self.leases is not None:
+            # Each partition is made durable and handed over: the others take it at once.
+            leases, self.leases = self.leases, None
+            with contextlib.suppress(Exception):
+                await leases.stop()
         for sub in (self._frames_sub, self._sensors_sub):
             if sub is not None:
                 with contextlib.suppress(Exception):
@@ -340,7 +535,8 @@ class Coordinator:
         self, message: SensorChunk | SensorFrame, delivery: Delivery
     ) -> None:
         if self.topology.record_sensors:
-            await self.nc.publish(self.subjects.recorded(delivery.subject), delivery.data)
+            published = self.subjects.as_published(delivery.subject)
+            await self.nc.publish(self.subjects.recorded(published), delivery.data)
         await self.intake.take(message, delivery)
 
     async def _keep_alive_step(self) -> None:
@@ -460,8 +656,9 @@ class Coordinator:
             max_inflight=plan.max_inflight if plan.overflow == "drop_oldest" else None,
         )
         entry = self.tracker.get(task_id)
-        if entry is not None and self.journal is not None:
-            self.journal.changed(entry)
+        journal = self._journal_for(cut.stream)
+        if entry is not None and journal is not None:
+            journal.changed(entry)
         return opening, ended
 
     def _specs_for(self, plan: Plan, sensors: dict[str, np.ndarray]) -> list[SubtaskSpec]:
@@ -501,7 +698,11 @@ class Coordinator:
     # Results -> completion ------------------------------------------------------------------
     async def _results_step(self) -> None:
         assert self._puller is not None
-        msgs = await self._puller.next_batch(self.settings.results_batch, idle_timeout_s=1.0)
+        await self._take_results(self._puller)
+
+    async def _take_results(self, puller: BatchPuller) -> None:
+        """Take a batch of results: each marks its type done in its task."""
+        msgs = await puller.next_batch(self.settings.results_batch, idle_timeout_s=1.0)
         ended: list[Ended] = []
         for delivery, message in await self.result_inbound.take(msgs):
             match message:
@@ -517,11 +718,12 @@ class Coordinator:
                 seen, closed = self.tracker.record(task_id, type_name, error=error)
                 if closed is not None:
                     ended.append(closed)
-                elif seen is Seen.NEW and self.journal is not None:
+                elif seen is Seen.NEW:
                     entry = self.tracker.get(task_id)
-                    if entry is not None:
-                        self.journal.changed(entry)
-                elif seen is not Seen.NEW:
+                    journal = self._journal_for(entry.task.stream) if entry is not None else None
+                    if entry is not None and journal is not None:
+                        journal.changed(entry)
+                else:
                     log.debug("result.ignored", task_id=task_id, type=type_name, outcome=seen.value)
             self._done.append(delivery)
         await self._publish_ended(ended)
@@ -538,8 +740,9 @@ class Coordinator:
         for end in ended:
             task = end.task
             streams.add(task.stream)
-            if self.journal is not None:
-                self.journal.ended(task.task_id)
+            journal = self._journal_for(task.stream)
+            if journal is not None:
+                journal.ended(task.task_id)
             if end.state == "complete":
                 log.debug("task.complete", task_id=task.task_id, stream=task.stream)
                 continue
@@ -568,9 +771,12 @@ class Coordinator:
             self._all_ended.set()
 
     # Durability -----------------------------------------------------------------------------
-    async def _restore(self) -> None:
-        assert self.journal is not None
-        records, cursors = await self.journal.load()
+    async def _restore(self, journal: TaskJournal, partition: int | None = None) -> None:
+        """Finish what ``journal`` (the coordinator's, or a ``partition``'s) left open."""
+        records, cursors = await journal.load()
+        if partition is not None:
+            for stream in [*cursors, *(record.stream for record in records)]:
+                self._partition_of[stream] = partition
         self.intake.resume(cursors)
         ended: list[Ended] = []
         for record in records:
@@ -582,24 +788,42 @@ class Coordinator:
                 tasks=len(records),
                 still_open=len(self.tracker),
                 streams=len(cursors),
+                **({"partition": partition} if partition is not None else {}),
             )
 
     async def _durability_step(self) -> None:
         await asyncio.sleep(self.settings.journal_interval_ms / 1e3)
         await self._durability_point()
 
+    async def _flush_journals(self, cursors: dict[str, int], forgotten: tuple[str, ...]) -> None:
+        """Write the journal (with partitions, each owned partition's) with its streams'
+        moved ``cursors`` and ``forgotten`` streams."""
+        if self.journal is not None:
+            await self.journal.flush(cursors, forgotten)
+            return
+        for partition, journal in list(self.journals.items()):
+            mine = {s for s, p in self._partition_of.items() if p == partition}
+            await journal.flush(
+                {s: c for s, c in cursors.items() if s in mine},
+                tuple(s for s in forgotten if s in mine),
+            )
+
     async def _durability_point(self) -> None:
         """Ack what was handled once what it led to is stored: its subtasks and statuses
         acknowledged by the server, its tasks and the streams' cursors in the journal.
         What cannot be made durable now waits for the next point."""
+        async with self._durable_lock:
+            await self._make_durable()
+
+    async def _make_durable(self) -> None:
         ready, self._done = self._done, []
         try:
             await self.outbox.flush()
             serial = self.producer.last_serial
-            if self.journal is not None:
+            if self.journal is not None or self.journals:
                 cursors, forgotten = self.intake.take_cursors()
                 try:
-                    await self.journal.flush(cursors, forgotten)
+                    await self._flush_journals(cursors, forgotten)
                 except BaseException:
                     self.intake.give_back_cursors(cursors, forgotten)
                     raise

@@ -223,6 +223,14 @@ class TaskTracker:
                 ended.append(self._end(entry, reason="deadline"))
         return ended
 
+    def hand_over(self, stream: str) -> list[OpenTask]:
+        """Forget ``stream``'s open tasks without ending them: another coordinator took the
+        stream's partition over and ends them from the journal. Returns them."""
+        given = [self._open.pop(task_id) for task_id in self._by_stream.pop(stream, {})]
+        for entry in given:
+            self._windows.pop((stream, entry.task.window.t_start_ns), None)
+        return given
+
     def _end(self, entry: OpenTask, *, reason: str) -> Ended:
         task, missing = entry.task, entry.missing
         answered = entry.seen - entry.errored

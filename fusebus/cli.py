@@ -120,6 +120,21 @@ def _tags(text: str) -> tuple[str, ...]:
     return tuple(tag.strip() for tag in text.split(",") if tag.strip())
 
 
+def _env_count(name: str, *, default: int) -> int:
+    """A whole number >= 1 from the environment; raises :class:`ConfigError` naming the
+    variable when it is not one."""
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        count = int(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text[:40]!r}: expected a whole number >= 1") from None
+    if count < 1:
+        raise ConfigError(f"{name}={text[:40]!r}: expected a whole number >= 1")
+    return count
+
+
 def _bus_options(parser: argparse.ArgumentParser, *, url_default: str | None) -> None:
     group = parser.add_argument_group("bus")
     group.add_argument(
@@ -181,6 +196,13 @@ def _bus_options(parser: argparse.ArgumentParser, *, url_default: str | None) ->
         "--placement-cluster",
         default=os.environ.get("FUSEBUS_PLACEMENT_CLUSTER") or None,
         help="place streams in this NATS cluster (of a super-cluster)",
+    )
+    group.add_argument(
+        "--partitions",
+        type=_positive(int),
+        default=_env_count("FUSEBUS_PARTITIONS", default=1),
+        help="partitions of the deployment's stream ids, shared by coordinators and by fusion "
+        "agents of one name through leases; the same for every component (default: 1, none)",
     )
     group.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port"
@@ -262,7 +284,13 @@ def _coordinator_parser(commands: Any, env_url: str | None) -> None:
     )
     coordinator.add_argument("--deadline-ms", type=_positive(float), default=2000.0)
     coordinator.add_argument("--max-inflight", type=_positive(int), default=1000)
-    coordinator.add_argument("--name", default="main", help="journal name (one per coordinator)")
+    coordinator.add_argument(
+        "--name",
+        default="main",
+        help="journal name (one per coordinator); with --partitions > 1 journals are per "
+        "partition and the name only labels this coordinator",
+    )
+    _lease_option(coordinator)
     coordinator.add_argument(
         "--record",
         action="store_true",
@@ -290,6 +318,16 @@ def _coordinator_parser(commands: Any, env_url: str | None) -> None:
         "arrives while the coordinator is down, or before it has made a window durable, is lost",
     )
     coordinator.set_defaults(run="coordinator")
+
+
+def _lease_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lease-ttl-s",
+        type=_positive(float),
+        default=_env_seconds("FUSEBUS_LEASE_TTL_S", default=6.0) or 6.0,
+        help="with --partitions > 1: a dead member's partitions are taken over about this long "
+        "after its last lease renewal (default: 6)",
+    )
 
 
 def _agent_parser(commands: Any, env_url: str | None) -> None:
@@ -348,6 +386,7 @@ def _fusion_parser(commands: Any, env_url: str | None) -> None:
     fusion.add_argument(
         "--name", default="fusion", help="consumer and dedup name of this fusion agent"
     )
+    _lease_option(fusion)
     fusion.add_argument(
         "--weight",
         type=_weight,

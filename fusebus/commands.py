@@ -49,7 +49,9 @@ def _topology(
     }
     chosen = dict(deployment.topology) if deployment is not None else {}
     chosen.update({key: value for key, value in flags.items() if value is not None})
-    return TopologySettings(manage=args.manage_topology, **chosen, **overrides)
+    return TopologySettings(
+        manage=args.manage_topology, partitions=args.partitions, **chosen, **overrides
+    )
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -128,6 +130,7 @@ async def coordinator(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_s,
         subtask_batch=args.subtask_batch,
         durable_intake=args.durable_intake,
+        lease_ttl_s=args.lease_ttl_s,
     )
     bus = _bus_settings(args, args.nats_url)
     topology = _topology(args, deployment, record_sensors=args.record)
@@ -171,7 +174,7 @@ async def agent(args: argparse.Namespace) -> int:
 
 async def fusion(args: argparse.Namespace) -> int:
     """``fusebus fusion``: one decision per window, until stopped."""
-    from agents.fusion import FusionAgent, FusionSpec
+    from agents.fusion import FusionAgent, FusionSettings, FusionSpec
     from bus import Subjects
     from fusebus.components import serve
     from fusebus.config import load_deployment
@@ -197,6 +200,7 @@ async def fusion(args: argparse.Namespace) -> int:
             strategies=by_stream,
             name=args.name,
             topology=_topology(args, deployment),
+            settings=FusionSettings(lease_ttl_s=args.lease_ttl_s),
         ).start(),
         bus=bus,
         name="fusion",

@@ -91,6 +91,22 @@ def unserved_types(status: BusStatus) -> list[str]:
     return sorted(found - set(status.agents))
 
 
+def partition_lines(status: BusStatus) -> list[str]:
+    """With partitions > 1, one line per coordinator and fusion agent: which partitions it
+    owns now (its leases), coordinators first."""
+    lines = []
+    for role, counters in status.components:
+        if not counters.get("partitions_total"):
+            continue
+        owned = counters.get("partitions") or []
+        shown = ", ".join(str(p) for p in owned) if owned else "none"
+        lines.append(
+            f"{role} {counters.get('member', '?')}: partitions {shown}"
+            f" (of {counters['partitions_total']})"
+        )
+    return lines
+
+
 def render_summary(status: BusStatus, previous: BusStatus | None, interval_s: float) -> str:
     """Streams and open tasks, then one line per fusion name: decisions/s (against the
     previous look), outcomes and latency."""
@@ -100,6 +116,7 @@ def render_summary(status: BusStatus, previous: BusStatus | None, interval_s: fl
         f" · shed {_total(status, 'coordinator', 'shed'):.0f}"
         f" · unserved subtasks {_total(status, 'coordinator', 'unserved'):.0f}"
     ]
+    lines += partition_lines(status)
     before = fusion_groups(previous) if previous is not None else {}
     for name, group in fusion_groups(status).items():
         decided = sum(group[f"decisions_{o}"] for o in OUTCOMES)

@@ -135,6 +135,11 @@ def test_reconcile_keeps_replicas_and_refuses_what_cannot_change() -> None:
             wanted,
             TopologySettings(),
         )
+    unset = StreamConfig(name="FB_OPEN_TASKS")  # retention left to the server: limits
+    limits = TopologySettings().stream_config(
+        name="FB_OPEN_TASKS", retention=RetentionPolicy.LIMITS
+    )
+    assert reconcile(unset, limits, TopologySettings()).retention == RetentionPolicy.LIMITS
     with pytest.raises(Exception, match="replicas must be 1 to 5"):
         TopologySettings(replicas=7)
 

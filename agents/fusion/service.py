@@ -14,6 +14,8 @@ status must carry the task's ticket (:mod:`schemas.tickets`); others are dead-le
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import secrets
 import time
 from collections import Counter, OrderedDict, deque
@@ -30,6 +32,8 @@ from bus import (
     ExhaustedReaper,
     Histogram,
     Inbound,
+    LeaseKeeper,
+    LeaseSettings,
     Lifecycle,
     Producer,
     Subjects,
@@ -76,6 +80,9 @@ class FusionSettings:
     remember_types_s: float = 300.0
     remember_streams: int = 10_000
     require_tickets: bool = True  # decide only tasks whose results carry the coordinator's seal
+    # With partitions > 1: fusion agents of one name share the partitions by leases; a dead
+    # one's are taken over about this long after its last renewal.
+    lease_ttl_s: float = 6.0
 
 
 def decode_fusion_input(data: bytes) -> Result | ResultBatch | TaskStatus:
@@ -152,6 +159,12 @@ class FusionAgent:
         self.recent_latency_ms: deque[float] = deque(maxlen=2048)  # for p50/p99 in status
         self._puller: BatchPuller | None = None
         self._life = Lifecycle()
+        # With partitions > 1: the partitions this agent owns (each with its puller and
+        # loop), and the partition of each stream id it has read.
+        self.leases: LeaseKeeper | None = None
+        self._owned: dict[int, Lifecycle] = {}
+        self._partition_of: dict[str, int] = {}
+        self.member_id = f"{self.name}-{self.instance_id}"
 
     def __repr__(self) -> str:
         counts = " ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
@@ -172,6 +185,15 @@ class FusionAgent:
             else None,
             **self.counts,
             **self.inbound.stats(),
+            **(
+                {
+                    "member": self.member_id,
+                    "partitions_total": self.topology.partitions,
+                    "partitions": sorted(self._owned),
+                }
+                if self.topology.partitions > 1
+                else {}
+            ),
         }
 
     async def start(self) -> FusionAgent:
@@ -180,6 +202,21 @@ class FusionAgent:
         await ensure_streams(js, self.subjects, self.topology)
         if self.settings.require_tickets:
             self._key = await ticket_key(js, self.subjects, self.topology)
+        if self.topology.partitions > 1:
+            self._life.run(self._expire_step, name="fusion-expiry")
+            self.leases = await LeaseKeeper(
+                self.nc,
+                subjects=self.subjects,
+                group=f"{COMPONENT}-{self.name}",
+                member=self.member_id,
+                partitions=self.topology.partitions,
+                on_acquire=self._take_partition,
+                on_release=self._give_partition,
+                settings=LeaseSettings(ttl_s=self.settings.lease_ttl_s),
+                topology=self.topology,
+            ).start()
+            await self._register()
+            return self
         # What a previous run had not acked comes again at once, not after the ack wait.
         await resume_consumer(
             js,
@@ -206,6 +243,10 @@ class FusionAgent:
         self._life.adopt(await reaper.start(self.nc))
         self._life.run(self._step, name="fusion")
         self._life.run(self._expire_step, name="fusion-expiry")
+        await self._register()
+        return self
+
+    async def _register(self) -> None:
         await self._life.register(
             self.nc,
             name="fusebus-fusion",
@@ -215,10 +256,51 @@ class FusionAgent:
             stats=self.stats,
         )
         log.info("fusion.started", strategy=self.strategy.name, prefix=self.subjects.prefix)
-        return self
+
+    async def _take_partition(self, partition: int) -> None:
+        """This agent now holds ``partition``'s lease: read its results and statuses,
+        delivering at once what the previous owner had not acked (it had not decided)."""
+        consumer = self.subjects.fusion_partition_consumer(self.name, partition)
+        stream = self.subjects.results_stream
+        await resume_consumer(
+            self.nc.jetstream(),
+            stream,
+            consumer,
+            [self.subjects.results_in(partition), self.subjects.statuses_in(partition)],
+            ack_wait_s=self.topology.reader_ack_wait_s,
+            max_deliver=self.topology.reader_max_deliver,
+            max_ack_pending=50_000,
+        )
+        work = Lifecycle()
+        puller = await work.pull(
+            self.nc, stream=stream, consumer=consumer, prefetch=self.settings.batch
+        )
+        reaper = ExhaustedReaper(
+            self.producer, stream=stream, consumer=consumer, component=COMPONENT, delete=False
+        )
+        work.adopt(await reaper.start(self.nc))
+        work.run(functools.partial(self._step_from, puller, partition), name=f"fusion-{partition}")
+        self._owned[partition] = work
+
+    async def _give_partition(self, partition: int) -> None:
+        """Stop reading ``partition`` before its lease is given back and forget its pending
+        tasks: their results are unacked, so its next owner is given them again."""
+        work = self._owned.pop(partition, None)
+        if work is None:
+            return
+        await work.close()
+        streams = {s for s, p in self._partition_of.items() if p == partition}
+        for task_id in [t for t, p in self.pending.items() if p.task.stream in streams]:
+            del self.pending[task_id]
+        for stream in streams:
+            del self._partition_of[stream]
 
     async def stop(self) -> None:
         """Stop deciding; undecided results stay unacked for the next fusion agent."""
+        if self.leases is not None:
+            leases, self.leases = self.leases, None
+            with contextlib.suppress(Exception):  # the bus may be gone: leases run out
+                await leases.stop()
         await self._life.close()
         await self.producer.close()
         log.info("fusion.stopped", **self.stats())
@@ -234,6 +316,13 @@ class FusionAgent:
         assert self._puller is not None
         msgs = await self._puller.next_batch(self.settings.batch, idle_timeout_s=1.0)
         for delivery, message in await self.inbound.take(msgs):
+            await self.inbound.run((delivery,), self._take(message, delivery))
+
+    async def _step_from(self, puller: BatchPuller, partition: int) -> None:
+        """Take a batch of one partition's results and statuses."""
+        msgs = await puller.next_batch(self.settings.batch, idle_timeout_s=1.0)
+        for delivery, message in await self.inbound.take(msgs):
+            self._partition_of[message.stream] = partition
             await self.inbound.run((delivery,), self._take(message, delivery))
 
     async def _take(self, message: Result | ResultBatch | TaskStatus, delivery: Delivery) -> None:
