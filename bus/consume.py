@@ -26,6 +26,8 @@ log = structlog.get_logger("fusebus.bus")
 
 _STATUS = "Status"
 _HEARTBEAT = "100"
+#: How often a puller checks that its pull request is still open.
+WATCH_EVERY_S = 0.1
 #: After a refused pull request, the next waits this long, doubling up to the most.
 REFUSED_FIRST_DELAY_S = 0.05
 REFUSED_MAX_DELAY_S = 1.0
@@ -212,9 +214,18 @@ class BatchPuller:
             await self._request()
 
     async def _watch_requests(self) -> None:
-        """Re-open the pull request when it was lost (a reconnect drops it silently)."""
+        """Re-open the pull request when it was lost: a reconnect drops it silently (the
+        server it was open on may be gone), so after one it is asked for again at once;
+        otherwise once its expiry has passed without an answer."""
+        reconnects = self._reconnects()
         while True:
-            await asyncio.sleep(0.5)
-            if time.monotonic() > self._request_deadline and len(self._buffer) < self._low_water:
+            await asyncio.sleep(WATCH_EVERY_S)
+            now_reconnects = self._reconnects()
+            lost = now_reconnects != reconnects or time.monotonic() > self._request_deadline
+            reconnects = now_reconnects
+            if lost and self._nc.is_connected and len(self._buffer) < self._low_water:
                 self._credits = 0
                 await self._request()
+
+    def _reconnects(self) -> int:
+        return int(self._nc.stats.get("reconnects", 0))
