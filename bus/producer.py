@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import nats.errors
 import numpy as np
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.errors import ServiceUnavailableError
 
 from bus.subjects import Subjects
 from schemas import (
@@ -90,6 +93,7 @@ class Producer:
         self.js: JetStreamContext = nc.jetstream(timeout=publish_timeout_s)
         self.subjects = subjects
         self.ack_timeout_s = ack_timeout_s
+        self.publish_timeout_s = publish_timeout_s
         self.retry_delays_s = retry_delays_s
         self.give_up_s = give_up_s  # for publishes without a deadline of their own
         self.dead_letters = 0
@@ -338,10 +342,36 @@ class Producer:
                 messages.append((batch.stream, encode(part)))
         await asyncio.gather(
             *(
-                self.js.publish(self.subjects.result(stream), self._fits(data, "result"))
+                self._publish_stored(self.subjects.result(stream), self._fits(data, "result"))
                 for stream, data in messages
             )
         )
+
+    async def _publish_stored(self, subject: str, data: bytes) -> None:
+        """Publish and wait until the stream has stored it. A publish not answered within
+        ``ack_timeout_s`` (its server died, or its stream is electing a leader) or refused as
+        unavailable is sent again, with the retry delays, until ``publish_timeout_s`` has
+        passed; then the last error is raised (the caller's input is redelivered). A repeat
+        stored twice is told apart by its readers, as after any redelivery."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.publish_timeout_s
+        for attempt in itertools.count():
+            remaining = give_up - loop.time()
+            try:
+                await self.js.publish(
+                    subject, data, timeout=max(0.05, min(self.ack_timeout_s, remaining))
+                )
+                return
+            except (
+                nats.errors.TimeoutError,
+                nats.errors.NoRespondersError,
+                ServiceUnavailableError,
+            ):
+                delay = self.retry_delays_s[min(attempt, len(self.retry_delays_s) - 1)]
+                if loop.time() + delay >= give_up:
+                    raise
+                self.retries += 1
+                await asyncio.sleep(delay)
 
     async def status(self, status: TaskStatus) -> None:
         """Send a task's final status without waiting, deduplicated by task id and sent again

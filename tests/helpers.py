@@ -202,14 +202,17 @@ async def eventually(
     discovery finds, a consumer's state). For conditions no event announces (a counter of
     another component); where an event exists, wait on the event.
     """
+    limit = asyncio.timeout(timeout_s)
     try:
-        async with asyncio.timeout(timeout_s):
+        async with limit:
             while True:
                 answer = ready()
                 if await answer if inspect.isawaitable(answer) else answer:
                     return
                 await asyncio.sleep(every_s)  # there is no event to wait on
     except TimeoutError:
+        if not limit.expired():
+            raise  # a timeout of ready()'s own (a request), not of the wait
         seen = f"; last seen: {state()!r}" if state is not None else ""
         raise AssertionError(f"not true within {timeout_s}s: {what}{seen}") from None
 

@@ -56,9 +56,11 @@ def healthy(cluster: EmbeddedCluster) -> EmbeddedCluster:
 
 @pytest.fixture
 async def cluster_bus(healthy: EmbeddedCluster, subjects: Subjects) -> AsyncIterator[Connect]:
-    """Connections to every node's URL; the streams the test made are deleted after it."""
+    """Connections to every node's URL; the streams the test made are deleted after it, once
+    any node the test killed is back (a cluster electing leaders may not answer at once)."""
     open_one, cleanup = bus_connector(healthy.url, subjects)
     yield open_one
+    await asyncio.to_thread(healthy.start)
     await cleanup()
 
 
@@ -117,7 +119,11 @@ async def all_led(nc: Client, subjects: Subjects, *, timeout_s: float = 60.0) ->
 
     async def led() -> bool:
         nonlocal views
-        found = [v for v in await inspect_topology(nc.jetstream(), subjects) if v.exists]
+        try:
+            found = [v for v in await inspect_topology(nc.jetstream(), subjects) if v.exists]
+        except Exception as exc:  # the JetStream API may not answer during an election
+            views = [exc]
+            return False
         views = list(found)
         return all(v.leader and all(c.leader for c in v.consumers if c.durable) for v in found)
 
@@ -271,8 +277,8 @@ async def test_a_component_whose_node_dies_goes_on_on_another(
     healthy: EmbeddedCluster,
     cluster_pipeline: Callable[..., Awaitable[Pipeline]],
 ) -> None:
-    """The node an agent is connected to is killed: the agent reconnects to another node
-    within seconds and serves the next windows."""
+    """The node an agent is connected to is killed: once the streams that had leaders there
+    have new ones, the agent, reconnected to another node, serves every next window."""
     parts = await cluster_pipeline()
     decided = await Collector(Decision).start_stream(parts.nc, subjects.decision("bm"))
     producer = Producer(parts.nc, subjects)
@@ -285,16 +291,20 @@ async def test_a_component_whose_node_dies_goes_on_on_another(
     node = next(n for n in healthy.nodes if n.port == url.port)
     began = time.monotonic()
     node.kill()
+    await all_led(parts.nc, subjects)
+    elected = time.monotonic() - began
+    before = agent.counts["processed"]
     for i in range(4, 12):
         await send_until_accepted(producer, frame(basicmotions, i))
     await decided.wait_for(12, timeout_s=60)
     moved = agent.nc.connected_url
     assert moved is not None and moved.port != url.port
-    assert agent.counts["processed"] >= 12 - 4
-    later = sorted(decided.items, key=lambda d: d.window.t_start_ns)[-4:]
+    assert agent.counts["processed"] - before == 8
+    later = sorted(decided.items, key=lambda d: d.window.t_start_ns)[-8:]
     assert {d.status for d in later} == {"complete"}
     print(
-        f"agent moved from :{url.port} to :{moved.port}; 8 more windows decided in {time.monotonic() - began:.2f} s"
+        f"agent moved from :{url.port} to :{moved.port}; leaders again {elected:.2f} s after "
+        f"the kill, 8 more windows decided {time.monotonic() - began:.2f} s after it"
     )
 
 
