@@ -151,6 +151,8 @@ def test_bad_plans_file_is_one_line_naming_the_key(tmp_path: Path) -> None:
         ),
         ("FUSEBUS_CONNECT_WAIT_S", "-3", "FUSEBUS_CONNECT_WAIT_S='-3': expected a finite number"),
         ("FUSEBUS_MANAGE_TOPOLOGY", "maybe", "FUSEBUS_MANAGE_TOPOLOGY='maybe': expected 1/0"),
+        ("FUSEBUS_REPLICAS", "7", "FUSEBUS_REPLICAS='7': expected a replica count from 1 to 5"),
+        ("FUSEBUS_STORAGE", "disk", "FUSEBUS_STORAGE='disk': expected one of file, memory"),
     ],
 )
 def test_a_bad_environment_value_is_one_line_naming_the_variable(

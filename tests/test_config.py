@@ -159,3 +159,38 @@ def test_fusion_precedence_is_stream_table_then_flag_then_config_default() -> No
     assert default.strategy == "mean" and streams["s1"].strategy == "max_confidence"
     default, streams = fusion_precedence(None, None, fallback=fallback)
     assert default.strategy == "weighted_mean" and streams == {}
+
+
+def test_topology_table_and_its_precedence_under_flags_and_variables(tmp_path: Path) -> None:
+    """[topology] sets replicas, storage and placement; a flag (or the FUSEBUS_* variable
+    that is its default) wins over the file; bad values name the key."""
+    import argparse
+
+    from fusebus.commands import _topology
+
+    doc = {"default": {"subtasks": {"accel": {"sensors": ["accel"]}}}}
+    deployment = parse_deployment(
+        {**doc, "topology": {"replicas": 3, "storage": "memory", "placement_tags": ["ssd"]}}
+    )
+    assert deployment.topology == {"replicas": 3, "storage": "memory", "placement_tags": ("ssd",)}
+    args = argparse.Namespace(
+        manage_topology=True, partitions=1, replicas=None, storage=None,
+        placement_tags=None, placement_cluster=None,
+    )  # fmt: skip
+    from_file = _topology(args, deployment)
+    assert (from_file.replicas, from_file.storage, from_file.placement_tags) == (
+        3,
+        "memory",
+        ("ssd",),
+    )
+    flagged = _topology(argparse.Namespace(**{**vars(args), "replicas": 5}), deployment)
+    assert flagged.replicas == 5 and flagged.storage == "memory"
+    assert _topology(args).replicas == 1 and _topology(args).storage is None
+    for table, message in (
+        ({"replicas": 0}, "topology.replicas: must be an integer 1 to 5"),
+        ({"storage": "disk"}, 'topology.storage: must be "file" or "memory"'),
+        ({"placement_tags": "ssd"}, "topology.placement_tags: must be a list"),
+        ({"copies": 3}, "copies"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            parse_deployment({**doc, "topology": table})
