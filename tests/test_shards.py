@@ -20,6 +20,7 @@ from nats.aio.msg import Msg
 from agents import AgentRuntime, ModelAgent
 from agents.fusion import FusionAgent, FusionSettings
 from bus import (
+    EmbeddedCluster,
     EmbeddedServer,
     LeaseView,
     Subjects,
@@ -214,13 +215,15 @@ async def stop_components(*components: Coordinator | FusionAgent | AgentRuntime)
         await component.stop()
 
 
-async def agents(connect_bus: Connect, subjects: Subjects, *types: str) -> list[AgentRuntime]:
+async def agents(
+    connect_bus: Connect, subjects: Subjects, *types: str, topology: TopologySettings = TOPOLOGY
+) -> list[AgentRuntime]:
     return [
         await AgentRuntime(
             ModelAgent(models_dir() / f"{t}.tflite"),
             await connect_bus(t),
             subjects=subjects,
-            topology=TOPOLOGY,
+            topology=topology,
         ).start()
         for t in types
     ]
@@ -308,14 +311,45 @@ async def test_killed_coordinator_partitions_are_taken_over_and_every_window_dec
     Only accel agents run, so every task waits for its deadline status: tasks open at the
     kill can end only through the survivor's takeover of the journal.
     """
+    await killed_coordinator_taken_over(
+        nats_server.url, connect_bus, subjects, spawn, basicmotions, replicas=1
+    )
+
+
+async def test_on_a_cluster_a_killed_coordinator_is_taken_over_with_r3_streams(
+    healthy_cluster: EmbeddedCluster,
+    cluster_bus: Connect,
+    subjects: Subjects,
+    spawn: Spawn,
+    basicmotions: SensorDataset,
+) -> None:
+    """The same takeover on a 3-node cluster with every stream, journal and bucket R3."""
+    await killed_coordinator_taken_over(
+        healthy_cluster.url, cluster_bus, subjects, spawn, basicmotions, replicas=3
+    )
+
+
+async def killed_coordinator_taken_over(
+    url: str,
+    connect_bus: Connect,
+    subjects: Subjects,
+    spawn: Spawn,
+    basicmotions: SensorDataset,
+    *,
+    replicas: int,
+) -> None:
+    """Two coordinator processes, one SIGKILLed mid-run; see the tests above."""
+    topology = TopologySettings(partitions=P, replicas=replicas)
+    replicas_flag = str(replicas)
     nc = await connect_bus("test")
-    bus = ("--nats-url", nats_server.url, "--prefix", subjects.prefix, "--log-level", "warning")
-    shard = ("--partitions", str(P), "--lease-ttl-s", str(TTL_S), "--deadline-ms", "1500")
-    running = await agents(connect_bus, subjects, "accel")
+    bus = ("--nats-url", url, "--prefix", subjects.prefix, "--log-level", "warning")
+    shard = ("--partitions", str(P), "--lease-ttl-s", str(TTL_S), "--deadline-ms", "1500",
+             "--replicas", replicas_flag)  # fmt: skip
+    running = await agents(connect_bus, subjects, "accel", topology=topology)
     fusion = await FusionAgent(
         await connect_bus("fusion"),
         subjects=subjects,
-        topology=TOPOLOGY,
+        topology=topology,
         settings=FusionSettings(lease_ttl_s=TTL_S),  # the first to make the bucket sets its TTL
     ).start()
     decisions = await Collector(Decision).start_stream(nc, f"{subjects.prefix}.decision.*")
