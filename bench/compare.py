@@ -35,6 +35,9 @@ from schemas import SensorFrame, encode
 
 ROOT = Path(__file__).resolve().parent.parent
 RATES = (30, 200, 1000)
+# Frame i of one stream starts at i * FRAME_STRIDE_NS (1 ns samples): frames of one stream
+# must not overlap (the coordinator refuses an overlapping frame), and 1,000 > any window.
+FRAME_STRIDE_NS = 1000
 
 
 @dataclass
@@ -179,7 +182,9 @@ class Fusebus(System):
                 return
 
     def encode(self, index: int, sensors: dict[str, np.ndarray]) -> tuple[str, bytes]:
-        frame = SensorFrame(stream="bench", t_ns=index, period_ns=1, sensors=sensors)
+        frame = SensorFrame(
+            stream="bench", t_ns=index * FRAME_STRIDE_NS, period_ns=1, sensors=sensors
+        )
         return self.subjects.frame("bench"), encode(frame)
 
     def decision_subject(self) -> str:
@@ -188,7 +193,7 @@ class Fusebus(System):
     def decided_index(self, data: bytes) -> int:
         from schemas import Decision, decode
 
-        return decode(data, Decision).window.t_start_ns
+        return decode(data, Decision).window.t_start_ns // FRAME_STRIDE_NS
 
 
 class FusebusBasicMotions(Fusebus):
@@ -234,7 +239,10 @@ class FusebusBasicMotions(Fusebus):
 
     def encode(self, index: int, sensors: dict[str, np.ndarray]) -> tuple[str, bytes]:
         frame = SensorFrame(
-            stream="bench", t_ns=index, period_ns=1, sensors=self.cases[index % len(self.cases)]
+            stream="bench",
+            t_ns=index * FRAME_STRIDE_NS,
+            period_ns=1,
+            sensors=self.cases[index % len(self.cases)],
         )
         return self.subjects.frame("bench"), encode(frame)
 
