@@ -29,6 +29,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bench.procstat import cpu_seconds, memory_mb
+from bench.shards import SHARDS, ShardMeasured, describe, measure_shards, render_shards
 from bench.workload import SENSORS, TYPES, build_models, frames, plans_toml
 from bus import BusSettings, EmbeddedServer, Subjects, connect, discover_agents, discover_components
 from schemas import SensorFrame, encode
@@ -506,6 +507,19 @@ async def main_async(args: argparse.Namespace) -> None:
             flush=True,
         )
     results += list(measured.values())
+    sharded: list[ShardMeasured] = []
+    for shards in SHARDS:
+        if only is not None and f"shards{shards}" not in only:
+            continue
+        sharded.append(
+            await measure_shards(
+                shards,
+                windows=args.frames,
+                repeats=args.repeats,
+                inflight=args.inflight,
+                rate=args.shard_rate,
+            )
+        )
     raw_batched = next((r for r in results if "batched up to 64" in r.name), None)
     fusebus_default = next(
         (r for r in results if r.name.startswith("fusebus default") and "1 replica/" in r.name),
@@ -522,9 +536,15 @@ async def main_async(args: argparse.Namespace) -> None:
                 f"durable intake / core intake: {fusebus_default.frames_per_s / core.frames_per_s:.2f}x "
                 f"frames/s, {fusebus_default.cpu_ms_per_frame / core.cpu_ms_per_frame:.2f}x CPU-ms/frame"
             )
+        for m in sharded:
+            print(describe(m))
+        if sharded:
+            print("\n" + render_shards(sharded, args.repeats))
         return
     assert raw_batched is not None and fusebus_default is not None
     table = render(results, raw_batched, fusebus_default, core)
+    if sharded:
+        table += "\n" + render_shards(sharded, args.repeats)
     print(table)
     docs = ROOT / "docs"
     (docs / "benchmarks.md").write_text(table, encoding="utf-8")
@@ -543,7 +563,14 @@ def main() -> None:
         "--only",
         default="",
         help="comma-separated systems to measure (limit, raw1, raw64, fusebus1, fusebus1-core, "
-        "fusebus2, fusebus4, basicmotions); a partial run prints its figures and leaves docs/ alone",
+        "fusebus2, fusebus4, basicmotions, shards1, shards2, shards4); a partial run prints its "
+        "figures and leaves docs/ alone",
+    )
+    parser.add_argument(
+        "--shard-rate",
+        type=float,
+        default=500.0,
+        help="windows/s of the sharded scenarios' fixed-rate phase (at most half their max)",
     )
     asyncio.run(main_async(parser.parse_args()))
 
