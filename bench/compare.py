@@ -29,7 +29,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bench.procstat import cpu_seconds, memory_mb
-from bench.shards import SHARDS, ShardMeasured, describe, measure_shards, render_shards
+from bench.shards import SCENARIOS, ShardMeasured, describe, measure_shards, render_shards
 from bench.workload import SENSORS, TYPES, build_models, frames, plans_toml
 from bus import BusSettings, EmbeddedServer, Subjects, connect, discover_agents, discover_components
 from schemas import SensorFrame, encode
@@ -508,12 +508,13 @@ async def main_async(args: argparse.Namespace) -> None:
         )
     results += list(measured.values())
     sharded: list[ShardMeasured] = []
-    for shards in SHARDS:
-        if only is not None and f"shards{shards}" not in only:
+    for key, (shards, replicas) in SCENARIOS.items():
+        if only is not None and key not in only:
             continue
         sharded.append(
             await measure_shards(
                 shards,
+                replicas=replicas,
                 windows=args.frames,
                 repeats=args.repeats,
                 inflight=args.inflight,
@@ -563,14 +564,14 @@ def main() -> None:
         "--only",
         default="",
         help="comma-separated systems to measure (limit, raw1, raw64, fusebus1, fusebus1-core, "
-        "fusebus2, fusebus4, basicmotions, shards1, shards2, shards4); a partial run prints its "
-        "figures and leaves docs/ alone",
+        "fusebus2, fusebus4, basicmotions, shards1, shards2, shards4, shards2-r3); a partial run "
+        "prints its figures and leaves docs/ alone",
     )
     parser.add_argument(
         "--shard-rate",
         type=float,
-        default=500.0,
-        help="windows/s of the sharded scenarios' fixed-rate phase (at most half their max)",
+        default=300.0,
+        help="windows/s of the sharded scenarios' fixed-rate phase (at most 80%% of their max)",
     )
     asyncio.run(main_async(parser.parse_args()))
 

@@ -4,12 +4,15 @@ One deployment with ``--partitions`` (8) and leases: 1, 2 or 4 coordinator proce
 many fusion agents of one name share the partitions, with one agent replica per type (the
 benchmark workload's three LiteRT agents). Frames of 64 stream ids (spread over the
 partitions by the server's ``partition()`` hash) are sent at maximum rate, at most
-``--inflight`` windows in flight, and then at a fixed rate (``--shard-rate``). Measured per
+``--inflight`` windows in flight, and then at a fixed rate (``--shard-rate``, the same for
+every shard count, capped at 80% of the maximum). Measured per
 window: CPU-ms of each component (the coordinators together, the fusion agents together,
 each agent type, nats-server), the server's messages and bytes in and out (``/varz``
 deltas: the driver's frames and its decision subscription included), and each agent type's
 subtasks per model call. On 2 cores throughput cannot grow with shards; what the figures
-say is what each shard and each hop costs.
+say is what each shard and each hop costs. ``shards2-r3`` runs two shards on a 3-node
+cluster (every node on this machine) with every stream, bucket and consumer at R3: the
+server figures are summed over the nodes, to show what replication multiplies.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +33,17 @@ from nats.aio.msg import Msg
 
 from bench.procstat import cpu_seconds, memory_mb
 from bench.workload import TYPES, build_models, frames, plans_toml
-from bus import BusSettings, EmbeddedServer, Subjects, connect, free_port
+from bus import (
+    BusSettings,
+    EmbeddedCluster,
+    EmbeddedServer,
+    Subjects,
+    TopologySettings,
+    connect,
+    ensure_streams,
+    free_port,
+    lease_bucket,
+)
 from fusebus.status import BusStatus, collect_status
 from schemas import Decision, SensorFrame, decode, encode
 
@@ -38,7 +52,8 @@ PARTITIONS = 8
 STREAMS = tuple(f"sh{i}" for i in range(64))
 STRIDE_NS = 1000  # a stream's k-th frame starts at k * STRIDE_NS (1 ns samples: no overlap)
 COUNTERS = ("in_msgs", "out_msgs", "in_bytes", "out_bytes")
-SHARDS = (1, 2, 4)
+LEASE_TTL_S = 6.0  # the components' default
+SCENARIOS = {"shards1": (1, 1), "shards2": (2, 1), "shards4": (4, 1), "shards2-r3": (2, 3)}
 
 
 @dataclass
@@ -73,6 +88,7 @@ class ShardMeasured:
     """Everything measured with one shard count."""
 
     shards: int
+    replicas: int = 1
     partitions: int = PARTITIONS
     max_rate: list[Phase] = field(default_factory=list)  # one per repeat
     fixed_rate: Phase | None = None
@@ -81,7 +97,8 @@ class ShardMeasured:
 
     @property
     def name(self) -> str:
-        return f"{self.shards} coordinator shard{'s' if self.shards > 1 else ''}"
+        name = f"{self.shards} coordinator shard{'s' if self.shards > 1 else ''}"
+        return name if self.replicas == 1 else f"{name}, R{self.replicas} on {self.replicas} nodes"
 
     def median(self, value: str, component: str = "") -> float:
         """Median over the max-rate repeats of ``windows_per_s``, a component's CPU-ms per
@@ -106,9 +123,10 @@ def _value(phase: Phase, value: str, component: str) -> float:
 class ShardedDeployment:
     """The processes of one sharded deployment, grouped by component for CPU accounting."""
 
-    def __init__(self, shards: int, url: str) -> None:
+    def __init__(self, shards: int, url: str, *, replicas: int = 1) -> None:
         self.shards = shards
         self.url = url
+        self.replicas = replicas
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     def component(self, role: str) -> str:
@@ -134,6 +152,7 @@ class ShardedDeployment:
             "warning",
             "--partitions",
             str(PARTITIONS),
+            *(("--replicas", str(self.replicas)) if self.replicas > 1 else ()),
         )
         for i in range(self.shards):
             self.spawn(
@@ -242,10 +261,16 @@ async def agent_batches(nc: Client) -> dict[str, tuple[float, float]]:
     return {t: (s.total("processed"), s.total("batches")) for t, s in status.agents.items()}
 
 
+def server_counters(nodes: Sequence[EmbeddedServer]) -> dict[str, float]:
+    """``/varz`` counters summed over the nodes (a routed message counts on each it crosses)."""
+    replies = [node.varz() for node in nodes]
+    return {k: sum(float(r[k]) for r in replies) for k in COUNTERS}
+
+
 async def phase(
     driver: Driver,
     deployment: ShardedDeployment,
-    server: EmbeddedServer,
+    nodes: Sequence[EmbeddedServer],
     count: int,
     *,
     inflight: int,
@@ -253,21 +278,27 @@ async def phase(
 ) -> Phase:
     """Measure one interval of ``count`` windows."""
     nc = driver.nc
-    server_pid = server.pid or 0
+
+    def cpu_s() -> dict[str, float]:
+        return {
+            **deployment.cpu_s(),
+            "nats-server": sum(cpu_seconds(node.pid or 0) for node in nodes),
+        }
+
     batches0 = await agent_batches(nc)
-    cpu0 = {**deployment.cpu_s(), "nats-server": cpu_seconds(server_pid)}
-    varz0 = server.varz()
+    cpu0 = cpu_s()
+    varz0 = server_counters(nodes)
     began = time.perf_counter()
     await driver.send(count, inflight=inflight, rate=rate)
     seconds = time.perf_counter() - began
-    varz1 = server.varz()
-    cpu1 = {**deployment.cpu_s(), "nats-server": cpu_seconds(server_pid)}
+    varz1 = server_counters(nodes)
+    cpu1 = cpu_s()
     batches1 = await agent_batches(nc)
     return Phase(
         windows=count,
         seconds=seconds,
         cpu_s={k: cpu1[k] - cpu0[k] for k in cpu1},
-        server={k: float(varz1[k]) - float(varz0[k]) for k in COUNTERS},
+        server={k: varz1[k] - varz0[k] for k in COUNTERS},
         batches={
             t: (
                 batches1[t][0] - batches0.get(t, (0, 0))[0],
@@ -279,13 +310,26 @@ async def phase(
 
 
 async def measure_shards(
-    shards: int, *, windows: int, repeats: int, inflight: int, rate: float
+    shards: int, *, replicas: int = 1, windows: int, repeats: int, inflight: int, rate: float
 ) -> ShardMeasured:
-    """Start a deployment with ``shards`` coordinators and fusion agents, and measure it."""
-    result = ShardMeasured(shards)
-    with EmbeddedServer(monitor_port=free_port()) as server:
-        deployment = ShardedDeployment(shards, server.url)
-        nc = await connect(BusSettings(url=server.url), name="bench-driver")
+    """Start a deployment with ``shards`` coordinators and fusion agents (on a cluster of
+    ``replicas`` nodes, everything at that replica count, when above 1), and measure it."""
+    result = ShardMeasured(shards, replicas)
+    with ExitStack() as stack:
+        if replicas > 1:
+            cluster = stack.enter_context(EmbeddedCluster(replicas))
+            nodes, url = cluster.nodes, cluster.url
+        else:
+            server = stack.enter_context(EmbeddedServer(monitor_port=free_port()))
+            nodes, url = [server], server.url
+        deployment = ShardedDeployment(shards, url, replicas=replicas)
+        nc = await connect(BusSettings(url=url), name="bench-driver")
+        if replicas > 1:
+            # On a fresh cluster on a busy 2-core machine, R3 streams take longer to create
+            # than a component's JetStream API timeout: make them first, with time to spare.
+            topology = TopologySettings(partitions=PARTITIONS, replicas=replicas)
+            await ensure_streams(nc.jetstream(timeout=60), Subjects("fb"), topology, intake=True)
+            await lease_bucket(nc, Subjects("fb"), ttl_s=LEASE_TTL_S, topology=topology)
         driver = Driver(nc)
         await driver.listen()
         deployment.start()
@@ -296,20 +340,22 @@ async def measure_shards(
             await driver.send(512, inflight=inflight)  # warm-up: every consumer and journal
             for _ in range(repeats):
                 result.max_rate.append(
-                    await phase(driver, deployment, server, windows, inflight=inflight)
+                    await phase(driver, deployment, nodes, windows, inflight=inflight)
                 )
-            result.offered_per_s = min(rate, 0.5 * result.median("windows_per_s"))
+            # The same offered rate for every shard count (below capacity: at most 80% of it).
+            result.offered_per_s = min(rate, 0.8 * result.median("windows_per_s"))
             result.fixed_rate = await phase(
                 driver,
                 deployment,
-                server,
+                nodes,
                 max(200, int(result.offered_per_s * 4)),
                 inflight=inflight,
                 rate=result.offered_per_s,
             )
             for role, process in deployment.processes.items():
                 result.rss_mb[role] = memory_mb(process.pid)[0]
-            result.rss_mb["nats-server"] = memory_mb(server.pid or 0)[0]
+            for index, node in enumerate(nodes):
+                result.rss_mb[f"nats-server-{index}"] = memory_mb(node.pid or 0)[0]
         finally:
             deployment.stop()
             await nc.drain()
@@ -357,6 +403,10 @@ def _range(m: ShardMeasured, value: str, component: str = "", digits: int = 3) -
     return f"{m.median(value, component):,.{digits}f} ({low:,.{digits}f}-{high:,.{digits}f})"
 
 
+def _label(m: ShardMeasured) -> str:
+    return str(m.shards) if m.replicas == 1 else f"{m.shards}, R{m.replicas} ({m.replicas} nodes)"
+
+
 def render_shards(results: Sequence[ShardMeasured], repeats: int) -> str:
     """The sharded-coordinators section of ``docs/benchmarks.md``."""
     if not results:
@@ -367,8 +417,10 @@ def render_shards(results: Sequence[ShardMeasured], repeats: int) -> str:
         "",
         f"One deployment with `--partitions {PARTITIONS}` and leases: N coordinator processes and "
         "N fusion agents of one name share the partitions, one LiteRT agent replica per type; "
-        f"frames of {len(STREAMS)} stream ids at maximum rate (`--only shards1,shards2,shards4`). "
-        f"Median of {repeats} repeats in one run (min-max in brackets). On 2 cores more shards "
+        f"frames of {len(STREAMS)} stream ids at maximum rate (`--only shards1,shards2,shards4,shards2-r3`). "
+        f"Median of {repeats} repeats in one run (min-max in brackets); the R3 row runs on a "
+        "3-node cluster on the same machine, its server figures summed over the nodes. On 2 "
+        "cores more shards "
         "cannot add throughput; CPU-ms per window per component is the figure that carries to "
         "a larger deployment. See [scaling.md](scaling.md) for what it means at scale.",
         "",
@@ -380,7 +432,7 @@ def render_shards(results: Sequence[ShardMeasured], repeats: int) -> str:
     for m in results:
         cpu = " | ".join(_range(m, "cpu", c) for c in COMPONENTS)
         lines.append(
-            f"| {m.shards} | {_range(m, 'windows_per_s', digits=0)} | "
+            f"| {_label(m)} | {_range(m, 'windows_per_s', digits=0)} | "
             f"{m.median('windows_per_s') / base.median('windows_per_s'):.2f} | {cpu} |"
         )
     lines += [
@@ -404,7 +456,7 @@ def render_shards(results: Sequence[ShardMeasured], repeats: int) -> str:
             else "- | - | -"
         )
         lines.append(
-            f"| {m.shards} | {_range(m, 'in_msgs', digits=1)} / {_range(m, 'out_msgs', digits=1)} | "
+            f"| {_label(m)} | {_range(m, 'in_msgs', digits=1)} / {_range(m, 'out_msgs', digits=1)} | "
             f"{m.median('in_bytes') / 1e3:.1f} / {m.median('out_bytes') / 1e3:.1f} | {batch} | {fixed} |"
         )
     return "\n".join(lines) + "\n"
