@@ -18,6 +18,7 @@ server figures are summed over the nodes, to show what replication multiplies.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import statistics
 import subprocess
 import sys
@@ -128,22 +129,31 @@ class ShardedDeployment:
         self.url = url
         self.replicas = replicas
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.folder = Path(tempfile.mkdtemp(prefix="fusebus-bench-shards-"))  # plans, logs
 
     def component(self, role: str) -> str:
         """The component a process counts under (coordinators and fusion agents together)."""
         return role.rsplit("-", 1)[0] if role.startswith(("coordinator", "fusion")) else role
 
     def spawn(self, role: str, *argv: str) -> None:
-        self.processes[role] = subprocess.Popen(
-            [sys.executable, "-m", "fusebus", *argv],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        with (self.folder / f"{role}.log").open("wb") as log:
+            self.processes[role] = subprocess.Popen(
+                [sys.executable, "-m", "fusebus", *argv],
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+
+    def check_running(self) -> None:
+        """Raises RuntimeError naming a process that has exited, with the end of its log."""
+        for role, process in self.processes.items():
+            if process.poll() is not None:
+                tail = (self.folder / f"{role}.log").read_text(errors="replace")[-1500:]
+                raise RuntimeError(f"{role} exited with {process.returncode}:\n{tail}")
 
     def start(self) -> None:
         models = build_models()
-        plans = Path(tempfile.mkdtemp(prefix="fusebus-bench-shards-")) / "plans.toml"
+        plans = self.folder / "plans.toml"
         plans.write_text(plans_toml())
         common = (
             "--nats-url",
@@ -336,7 +346,7 @@ async def measure_shards(
         try:
             async with asyncio.timeout(120):  # each status round waits 0.3 s for replies
                 while not settled(await collect_status(nc, prefix="fb", timeout_s=0.3), shards):
-                    pass
+                    deployment.check_running()
             await driver.send(512, inflight=inflight)  # warm-up: every consumer and journal
             for _ in range(repeats):
                 result.max_rate.append(
@@ -359,6 +369,7 @@ async def measure_shards(
         finally:
             deployment.stop()
             await nc.drain()
+            shutil.rmtree(deployment.folder, ignore_errors=True)
     print(f"    {describe(result)}", file=sys.stderr, flush=True)
     return result
 
