@@ -6,7 +6,9 @@ For each system: frames/s at maximum rate (median of ``--repeats``, at most ``--
 frames in flight), latency p50/p99 from each frame's scheduled send time to its decision at
 30, 200 and 1,000 frames/s (rates above 80% of capacity are skipped), CPU-ms per frame
 summed over every process (nats-server included), RSS per process, and the time from
-start to first decision. Writes ``docs/benchmarks.md`` and ``docs/benchmarks-latency.png``.
+start to first decision. Then sharded coordinators (:mod:`bench.shards`): windows/s and
+CPU-ms per window per component with 1, 2 and 4 shards, and 2 shards at R3. Writes
+``docs/benchmarks.md`` and ``docs/benchmarks-latency.png``.
 """
 
 from __future__ import annotations
