@@ -6,7 +6,9 @@ For each system: frames/s at maximum rate (median of ``--repeats``, at most ``--
 frames in flight), latency p50/p99 from each frame's scheduled send time to its decision at
 30, 200 and 1,000 frames/s (rates above 80% of capacity are skipped), CPU-ms per frame
 summed over every process (nats-server included), RSS per process, and the time from
-start to first decision. Writes ``docs/benchmarks.md`` and ``docs/benchmarks-latency.png``.
+start to first decision. Then sharded coordinators (:mod:`bench.shards`): windows/s and
+CPU-ms per window per component with 1, 2 and 4 shards, and 2 shards at R3. Writes
+``docs/benchmarks.md`` and ``docs/benchmarks-latency.png``.
 """
 
 from __future__ import annotations
@@ -29,12 +31,16 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bench.procstat import cpu_seconds, memory_mb
+from bench.shards import SCENARIOS, ShardMeasured, describe, measure_shards, render_shards
 from bench.workload import SENSORS, TYPES, build_models, frames, plans_toml
 from bus import BusSettings, EmbeddedServer, Subjects, connect, discover_agents, discover_components
 from schemas import SensorFrame, encode
 
 ROOT = Path(__file__).resolve().parent.parent
 RATES = (30, 200, 1000)
+# Frame i of one stream starts at i * FRAME_STRIDE_NS (1 ns samples): frames of one stream
+# must not overlap (the coordinator refuses an overlapping frame), and 1,000 > any window.
+FRAME_STRIDE_NS = 1000
 
 
 @dataclass
@@ -179,7 +185,9 @@ class Fusebus(System):
                 return
 
     def encode(self, index: int, sensors: dict[str, np.ndarray]) -> tuple[str, bytes]:
-        frame = SensorFrame(stream="bench", t_ns=index, period_ns=1, sensors=sensors)
+        frame = SensorFrame(
+            stream="bench", t_ns=index * FRAME_STRIDE_NS, period_ns=1, sensors=sensors
+        )
         return self.subjects.frame("bench"), encode(frame)
 
     def decision_subject(self) -> str:
@@ -188,7 +196,7 @@ class Fusebus(System):
     def decided_index(self, data: bytes) -> int:
         from schemas import Decision, decode
 
-        return decode(data, Decision).window.t_start_ns
+        return decode(data, Decision).window.t_start_ns // FRAME_STRIDE_NS
 
 
 class FusebusBasicMotions(Fusebus):
@@ -234,7 +242,10 @@ class FusebusBasicMotions(Fusebus):
 
     def encode(self, index: int, sensors: dict[str, np.ndarray]) -> tuple[str, bytes]:
         frame = SensorFrame(
-            stream="bench", t_ns=index, period_ns=1, sensors=self.cases[index % len(self.cases)]
+            stream="bench",
+            t_ns=index * FRAME_STRIDE_NS,
+            period_ns=1,
+            sensors=self.cases[index % len(self.cases)],
         )
         return self.subjects.frame("bench"), encode(frame)
 
@@ -498,6 +509,20 @@ async def main_async(args: argparse.Namespace) -> None:
             flush=True,
         )
     results += list(measured.values())
+    sharded: list[ShardMeasured] = []
+    for key, (shards, replicas) in SCENARIOS.items():
+        if only is not None and key not in only:
+            continue
+        sharded.append(
+            await measure_shards(
+                shards,
+                replicas=replicas,
+                windows=args.frames,
+                repeats=args.repeats,
+                inflight=args.inflight,
+                rate=args.shard_rate,
+            )
+        )
     raw_batched = next((r for r in results if "batched up to 64" in r.name), None)
     fusebus_default = next(
         (r for r in results if r.name.startswith("fusebus default") and "1 replica/" in r.name),
@@ -514,9 +539,15 @@ async def main_async(args: argparse.Namespace) -> None:
                 f"durable intake / core intake: {fusebus_default.frames_per_s / core.frames_per_s:.2f}x "
                 f"frames/s, {fusebus_default.cpu_ms_per_frame / core.cpu_ms_per_frame:.2f}x CPU-ms/frame"
             )
+        for m in sharded:
+            print(describe(m))
+        if sharded:
+            print("\n" + render_shards(sharded, args.repeats))
         return
     assert raw_batched is not None and fusebus_default is not None
     table = render(results, raw_batched, fusebus_default, core)
+    if sharded:
+        table += "\n" + render_shards(sharded, args.repeats)
     print(table)
     docs = ROOT / "docs"
     (docs / "benchmarks.md").write_text(table, encoding="utf-8")
@@ -535,7 +566,14 @@ def main() -> None:
         "--only",
         default="",
         help="comma-separated systems to measure (limit, raw1, raw64, fusebus1, fusebus1-core, "
-        "fusebus2, fusebus4, basicmotions); a partial run prints its figures and leaves docs/ alone",
+        "fusebus2, fusebus4, basicmotions, shards1, shards2, shards4, shards2-r3); a partial run "
+        "prints its figures and leaves docs/ alone",
+    )
+    parser.add_argument(
+        "--shard-rate",
+        type=float,
+        default=300.0,
+        help="windows/s of the sharded scenarios' fixed-rate phase (at most 80%% of their max)",
     )
     asyncio.run(main_async(parser.parse_args()))
 

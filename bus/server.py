@@ -7,6 +7,7 @@ only, on a free port, with JetStream storing into a temporary (or given) folder.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import shutil
 import signal
@@ -15,9 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from types import TracebackType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from schemas import BusError
 
@@ -58,7 +60,9 @@ class EmbeddedServer:
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`. ``store_dir`` keeps
     JetStream data across restarts (a fault test restarts the server on the same folder and
-    port); without it a temporary folder is used and removed at :meth:`stop`.
+    port); without it a temporary folder is used and removed at :meth:`stop`. With
+    ``monitor_port`` the server also serves its HTTP monitoring endpoints (``/varz``,
+    ``/jsz``, ...) on that loopback port; :meth:`varz` reads its counters.
     """
 
     def __init__(
@@ -68,9 +72,11 @@ class EmbeddedServer:
         store_dir: Path | None = None,
         config_file: Path | None = None,
         env: dict[str, str] | None = None,
+        monitor_port: int | None = None,
         start_timeout_s: float = 10.0,
     ) -> None:
         self.port = port or free_port()
+        self.monitor_port = monitor_port
         self._owned_dir = store_dir is None
         self.store_dir = store_dir or Path(tempfile.mkdtemp(prefix="fusebus-nats-"))
         self.config_file = config_file
@@ -123,6 +129,8 @@ class EmbeddedServer:
             "-l",
             str(self._log_path),
         ]
+        if self.monitor_port is not None:
+            command += ["-m", str(self.monitor_port)]
         if self.config_file is not None:
             command += ["-c", str(self.config_file)]
         # A restart on the same folder appends to the log: only what this run writes counts.
@@ -149,6 +157,24 @@ class EmbeddedServer:
         self._fail(
             f"nats-server did not accept clients on {self.url} within {self.start_timeout_s}s"
         )
+
+    def varz(self, *, timeout_s: float = 2.0) -> dict[str, Any]:
+        """The server's ``/varz`` counters (``in_msgs``, ``out_msgs``, ``in_bytes``, ...).
+
+        Raises:
+            BusError: the server was started without ``monitor_port``, or did not answer.
+        """
+        if self.monitor_port is None:
+            raise BusError(f"{self!r} has no monitoring port (start it with monitor_port)")
+        url = f"http://{HOST}:{self.monitor_port}/varz"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as reply:
+                body = json.load(reply)
+        except (OSError, ValueError) as exc:
+            raise BusError(f"no /varz from {url}: {exc}") from exc
+        if not isinstance(body, dict):
+            raise BusError(f"/varz from {url} is not a JSON object")
+        return body
 
     def _fail(self, what: str) -> NoReturn:
         """Stop the server and raise :class:`BusError` with ``what``, the problem the server
@@ -248,12 +274,15 @@ class EmbeddedCluster:
             config = folder / "node.conf"
             config.write_text(
                 f'server_name: "{self.server_name(index)}"\n'
-                f"http: {HOST}:{self.monitor_ports[index]}\n"
                 f'cluster {{\n  name: "{name}"\n  listen: {HOST}:{self.route_ports[index]}\n'
                 f"  routes: [{routes}]\n}}\n",
                 encoding="utf-8",
             )
-            self.nodes.append(EmbeddedServer(store_dir=folder, config_file=config))
+            self.nodes.append(
+                EmbeddedServer(
+                    store_dir=folder, config_file=config, monitor_port=self.monitor_ports[index]
+                )
+            )
 
     def __repr__(self) -> str:
         return f"EmbeddedCluster({self.name}, {[n.url for n in self.nodes]})"

@@ -35,3 +35,33 @@ def test_in_process_limit_runs_and_decides_every_frame(tmp_path: Path) -> None:
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["decisions"] == 128 and figures["frames_per_s"] > 0
     assert {p.name for p in tmp_path.iterdir()} >= {"t0.tflite", "t0.keras", "t0.json"}
+
+
+def test_sharded_scenario_runs_and_prints_its_tables() -> None:
+    """`python -m bench --only shards2` runs two coordinators and two fusion agents over the
+    partitions, and prints windows/s and CPU-ms per window per component without touching
+    docs/."""
+    docs = (ROOT / "docs" / "benchmarks.md").read_text()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--only",
+            "shards2",
+            "--frames",
+            "200",
+            "--repeats",
+            "1",
+            "--shard-rate",
+            "100",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "2 coordinator shards: windows/s" in done.stdout
+    assert "CPU-ms/window nats-server" in done.stdout and "server msgs in / out" in done.stdout
+    assert (ROOT / "docs" / "benchmarks.md").read_text() == docs

@@ -20,6 +20,7 @@ from bus import (
     ensure_reader_consumer,
     ensure_streams,
     ensure_task_consumer,
+    free_port,
     register_service,
 )
 from bus.discovery import PREFIX, ROLE
@@ -38,6 +39,23 @@ def test_embedded_server_starts_on_loopback_and_stops(tmp_path: Path) -> None:
     assert not server.running and pid is not None
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
     assert tmp_path.exists()  # a given store folder is kept
+
+
+async def test_a_monitoring_port_serves_the_servers_message_counters(tmp_path: Path) -> None:
+    """With ``monitor_port`` the server's ``/varz`` counts what clients publish; without it
+    ``varz()`` says the server has no monitoring port."""
+    with EmbeddedServer(store_dir=tmp_path, monitor_port=free_port()) as server:
+        before = server.varz()
+        nc = await connect(BusSettings(url=server.url), name="test")
+        for _ in range(5):
+            await nc.publish("monitor.test", b"x" * 100)
+        await nc.flush()
+        await nc.drain()
+        after = server.varz()
+        assert after["in_msgs"] - before["in_msgs"] >= 5
+        assert after["in_bytes"] - before["in_bytes"] >= 500
+    with pytest.raises(BusError, match="no monitoring port"):
+        EmbeddedServer(store_dir=tmp_path / "plain").varz()
 
 
 def test_a_bad_config_file_fails_the_start_with_the_parse_error(tmp_path: Path) -> None:
