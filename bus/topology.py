@@ -21,6 +21,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -34,11 +37,13 @@ from nats.js.api import (
     StreamInfo,
     SubjectTransform,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 from nats.js.errors import Error as JetStreamError
 
 from bus.subjects import Subjects
 from schemas import BusError, ConfigError
+
+log = structlog.get_logger("fusebus.bus")
 
 
 @dataclass(frozen=True)
@@ -259,10 +264,35 @@ async def ensure_stream(
     """Create one stream, or bring an existing one to ``config`` as :func:`reconcile` allows
     (its partition count never changes: see :func:`check_partitions`).
 
+    A JetStream API that does not answer yet (a cluster still placing its first R3 streams
+    on a busy machine, or electing a meta leader) is asked again, backing off, for up to
+    ``settings.wait_for_streams_s``.
+
     Raises:
         BusError: it cannot be created, or exists in a form that cannot be changed in place.
         ConfigError: it exists with another partition count.
     """
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + settings.wait_for_streams_s
+    delay = 0.1
+    while True:
+        try:
+            await _ensure_stream_once(js, config, settings)
+            return
+        except (NatsTimeoutError, NoRespondersError, ServiceUnavailableError) as exc:
+            if loop.time() + delay > give_up:
+                raise BusError(
+                    f"the server did not answer for stream {config.name} within "
+                    f"{settings.wait_for_streams_s:.0f} s: {exc!r}"
+                ) from None
+            log.info("topology.retry", stream=config.name, error=repr(exc), in_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(2.0, delay * 2)
+
+
+async def _ensure_stream_once(
+    js: JetStreamContext, config: StreamConfig, settings: TopologySettings
+) -> None:
     assert config.name is not None
     try:
         info = await js.stream_info(config.name)
