@@ -28,15 +28,20 @@ from dataclasses import dataclass
 import structlog
 from nats.aio.client import Client
 from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+)
 from nats.js.errors import Error as JetStreamError
 from nats.js.kv import KeyValue
 
 from bus.loops import keep_running
 from bus.shares import plan_moves
 from bus.subjects import Subjects
-from bus.topology import TopologySettings, keep_replicas_up
-from schemas import ConfigError
+from bus.topology import TopologySettings, keep_replicas_up, wait_for_leader
+from schemas import BusError, ConfigError
 
 log = structlog.get_logger("fusebus.bus")
 
@@ -71,21 +76,33 @@ async def lease_bucket(
     topology's storage, replicas and placement) if missing."""
     topology = topology or TopologySettings()
     js = nc.jetstream()
-    try:
-        kv = await js.key_value(subjects.leases_bucket)
-    except BucketNotFoundError:
-        return await js.create_key_value(
-            KeyValueConfig(
-                bucket=subjects.leases_bucket,
-                ttl=ttl_s,
-                history=1,
-                storage=topology.storage_type,
-                replicas=topology.replicas,
-                placement=topology.placement,
+    deadline = asyncio.get_running_loop().time() + topology.wait_for_streams_s
+    while True:
+        try:
+            try:
+                kv = await js.key_value(subjects.leases_bucket)
+                await keep_replicas_up(js, f"KV_{subjects.leases_bucket}", topology)
+            except BucketNotFoundError:
+                kv = await js.create_key_value(
+                    KeyValueConfig(
+                        bucket=subjects.leases_bucket,
+                        ttl=ttl_s,
+                        history=1,
+                        storage=topology.storage_type,
+                        replicas=topology.replicas,
+                        placement=topology.placement,
+                    )
+                )
+            await wait_for_leader(
+                js, f"KV_{subjects.leases_bucket}", timeout_s=topology.wait_for_streams_s
             )
-        )
-    await keep_replicas_up(js, f"KV_{subjects.leases_bucket}", topology)
-    return kv
+            return kv
+        except (TimeoutError, NotFoundError):
+            # On a cluster, a bucket just made (by us or another member) may be unknown to
+            # our node for a moment, or electing its leader (no answer). Each step is
+            # idempotent, so ask again.
+            if asyncio.get_running_loop().time() > deadline:
+                raise BusError(f"no answer about bucket {subjects.leases_bucket}") from None
 
 
 async def read_leases(kv: KeyValue, group: str) -> LeaseView:

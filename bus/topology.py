@@ -161,6 +161,40 @@ def reconcile(
     )
 
 
+def changes(existing: StreamConfig, wanted: StreamConfig) -> bool:
+    """Whether updating ``existing`` to ``wanted`` would change anything; a field that
+    ``wanted`` leaves unset is the server's to fill and does not count (nor does a
+    duplicate window of 0, which the server reads as its default)."""
+    for field in dataclasses.fields(wanted):
+        value = getattr(wanted, field.name)
+        if value is None or (field.name == "duplicate_window" and not value):
+            continue
+        if getattr(existing, field.name) != value:
+            return True
+    return False
+
+
+async def wait_for_leader(js: JetStreamContext, stream: str, *, timeout_s: float) -> None:
+    """Return once ``stream`` has a leader (at once on a single server). On a cluster a
+    stream or bucket just made elects one first, and until then requests to it go
+    unanswered and publishes find no stream: components starting together would fail.
+
+    Raises:
+        BusError: no leader within ``timeout_s``.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            info = await js.stream_info(stream)
+            if info.cluster is None or info.cluster.leader:
+                return
+        except (NotFoundError, TimeoutError):  # not known to our node yet, or no answer
+            pass
+        if asyncio.get_running_loop().time() > deadline:
+            raise BusError(f"stream {stream} has no leader after {timeout_s}s")
+        await asyncio.sleep(0.05)
+
+
 async def keep_replicas_up(js: JetStreamContext, stream: str, settings: TopologySettings) -> None:
     """Raise an existing stream made by someone else's config (a KV bucket's) to the
     settings' replica count; more replicas than asked are kept, and nothing else changes."""
@@ -265,8 +299,10 @@ async def ensure_stream(
     (its partition count never changes: see :func:`check_partitions`).
 
     A JetStream API that does not answer yet (a cluster still placing its first R3 streams
-    on a busy machine, or electing a meta leader) is asked again, backing off, for up to
-    ``settings.wait_for_streams_s``.
+    on a busy machine, electing a meta leader, or a stream another component created a
+    moment ago electing its leader) is asked again, backing off, for up to
+    ``settings.wait_for_streams_s``; each step is idempotent. It returns once the stream has
+    a leader, so that what the component publishes next finds it.
 
     Raises:
         BusError: it cannot be created, or exists in a form that cannot be changed in place.
@@ -278,8 +314,9 @@ async def ensure_stream(
     while True:
         try:
             await _ensure_stream_once(js, config, settings)
+            await wait_for_leader(js, str(config.name), timeout_s=settings.wait_for_streams_s)
             return
-        except (NatsTimeoutError, NoRespondersError, ServiceUnavailableError) as exc:
+        except (TimeoutError, NatsTimeoutError, NoRespondersError, ServiceUnavailableError) as exc:
             if loop.time() + delay > give_up:
                 raise BusError(
                     f"the server did not answer for stream {config.name} within "
@@ -307,6 +344,10 @@ async def _ensure_stream_once(
             info = await js.stream_info(config.name)
     check_partitions(info, config, settings)
     merged = reconcile(info.config, config, settings)
+    if not changes(info.config, merged):
+        # Nothing to change: no update either. On a cluster an update racing the create of
+        # another component starting at the same moment leaves both requests unanswered.
+        return
     try:
         await js.update_stream(merged)
     except (BadRequestError, JetStreamError) as exc:
@@ -400,8 +441,9 @@ async def _wait_for_streams(
                 has = partitions_of(info)
                 if name == subjects.results_stream and has != settings.partitions:
                     raise _partition_change(name, has, settings)
+                await wait_for_leader(js, name, timeout_s=settings.wait_for_streams_s)
                 break
-            except NotFoundError:
+            except (NotFoundError, TimeoutError):  # no answer yet: a leader being elected
                 if asyncio.get_running_loop().time() > deadline:
                     raise BusError(
                         f"stream {name} does not exist; start a component that manages the topology"

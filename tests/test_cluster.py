@@ -4,6 +4,7 @@ component whose node dies, pre-created streams left as they are, and `fusebus to
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from bus import (
     read_stored,
     reconcile,
 )
+from bus.topology import changes
 from fusebus.datasets import SensorDataset
 from schemas import CODEC, BusError, Decision, SensorFrame
 from tests.helpers import (
@@ -111,6 +113,39 @@ async def all_led(nc: Client, subjects: Subjects, *, timeout_s: float = 60.0) ->
 
     await eventually(led, what="a leader for every stream and consumer", timeout_s=timeout_s,
                      state=lambda: views)  # fmt: skip
+
+
+def test_an_update_that_changes_nothing_is_not_sent() -> None:
+    """A stream as the server reports it (defaults filled in) needs no update for the
+    config fusebus asked for; another max age, subject or replica count does."""
+    wanted = R3.stream_config(name="FB_DLQ", subjects=["fb.dlq.*"], max_age=60.0)
+    stored = dataclasses.replace(
+        wanted, duplicate_window=120.0, max_msgs=-1, allow_direct=True, sealed=False
+    )
+    if wanted.duplicate_window is None:
+        wanted = dataclasses.replace(wanted, duplicate_window=0)  # the server's default
+    assert not changes(stored, wanted)
+    assert changes(stored, dataclasses.replace(wanted, max_age=30.0))
+    assert changes(stored, dataclasses.replace(wanted, subjects=["fb.dlq.>"]))
+    assert changes(stored, dataclasses.replace(wanted, num_replicas=5))
+
+
+async def test_components_starting_together_on_a_fresh_cluster_all_start(
+    cluster_bus: Connect, subjects: Subjects
+) -> None:
+    """Four components making the same R3 streams at the same moment (on connections to
+    any of the nodes) all succeed, and every stream has a leader when they return: an
+    update racing another's create, or a request to a stream still electing its leader,
+    used to go unanswered (about every other run with two components)."""
+    clients = [await cluster_bus(f"starter-{i}") for i in range(4)]
+    shards = TopologySettings(replicas=3, partitions=4)
+    await asyncio.gather(
+        *(ensure_streams(nc.jetstream(), subjects, shards, intake=True) for nc in clients)
+    )
+    js = clients[0].jetstream()
+    for name in (subjects.tasks_stream, subjects.results_stream, subjects.intake_stream):
+        info = await js.stream_info(name)
+        assert info.cluster is not None and info.cluster.leader, name
 
 
 def test_reconcile_keeps_replicas_and_refuses_what_cannot_change() -> None:

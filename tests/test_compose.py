@@ -12,32 +12,42 @@ import socket
 import subprocess
 import sys
 import tomllib
+from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import pytest
 import yaml
+from nats.js.kv import KeyValue
 
 from bus import (
     BusSettings,
     EmbeddedServer,
+    LeaseView,
+    Subjects,
     connect,
     discover_agents,
     find_server_binary,
     free_port,
+    lease_bucket,
+    read_leases,
 )
+from bus.shares import settled
 from schemas import Decision
 from tests.compose_env import START_SCRIPT, nats_conf_env
-from tests.helpers import Collector, eventually, wait_for_agents, wait_for_role
+from tests.helpers import Collector, eventually, stream_names, wait_for_agents, wait_for_role
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose" / "docker-compose.yml"
+CLUSTER = ROOT / "compose" / "docker-compose.cluster.yml"
 EXAMPLE_ENV = ROOT / "compose" / ".env.example"
 Spawn = Callable[..., subprocess.Popen[bytes]]
 
 
-COMPOSE_FILES = [COMPOSE, ROOT / "compose" / "docker-compose.metrics.yml"]
+COMPOSE_FILES = [COMPOSE, ROOT / "compose" / "docker-compose.metrics.yml", CLUSTER]
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ${NAME?error}, and $$ for "$".
 _VARIABLE = re.compile(r"\$\$|\$\{(\w+)(?:(:?)([-?])([^}]*))?\}")
 
@@ -107,12 +117,13 @@ def test_compose_files_follow_the_compose_specification(path: Path, tmp_path: Pa
     assert refused.returncode != 0
 
 
-def test_credentials_come_only_from_the_environment() -> None:
+@pytest.mark.parametrize("path", [COMPOSE, CLUSTER], ids=lambda p: p.name)
+def test_credentials_come_only_from_the_environment(path: Path) -> None:
     """Without the passwords set, filling in the file fails naming the variable: nothing
     secret is baked in."""
     with pytest.raises(MissingVariableError, match="FUSEBUS_"):
-        interpolate(COMPOSE.read_text(), {})
-    assert "change-me" not in COMPOSE.read_text()
+        interpolate(path.read_text(), {})
+    assert "change-me" not in path.read_text()
 
 
 def test_interpolation_follows_compose_rules() -> None:
@@ -124,10 +135,10 @@ def test_interpolation_follows_compose_rules() -> None:
     assert interpolate("${EMPTY?say so}", env) == ""
 
 
-def stop_order() -> list[str]:
+def stop_order(path: Path = COMPOSE) -> list[str]:
     """Services in the order compose stops them: the reverse of a start order in which
     every service starts after what it depends on."""
-    graph = {name: set(body.get("depends_on") or ()) for name, body in services().items()}
+    graph = {name: set(body.get("depends_on") or ()) for name, body in services(path).items()}
     started: list[str] = []
     while len(started) < len(graph):
         ready = sorted(n for n, deps in graph.items() if n not in started and deps <= set(started))
@@ -221,18 +232,25 @@ def test_serving_image_requirements_follow_pyproject() -> None:
     assert not any(re.match(r"tensorflow", line) for line in serve)
 
 
-def services() -> dict[str, Any]:
-    return yaml.safe_load(COMPOSE.read_text())["services"]  # type: ignore[no-any-return]
+def services(path: Path = COMPOSE) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())["services"]  # type: ignore[no-any-return]
 
 
-def service_env(name: str, url: str) -> dict[str, str]:
+def compose_values(
+    name: str, *, path: Path = COMPOSE, values: dict[str, str] | None = None
+) -> dict[str, str]:
+    """A service's own environment entries as compose fills them in (from ``values``, by
+    default the example passwords)."""
+    given = values or example_env()
+    return {
+        key: re.sub(r"\$\{(\w+):\?[^}]*\}", lambda m: given[m.group(1)], str(value))
+        for key, value in services(path)[name]["environment"].items()
+    }
+
+
+def service_env(name: str, url: str, *, path: Path = COMPOSE) -> dict[str, str]:
     """A service's environment as compose gives it, pointed at ``url``."""
-    values = example_env()
-    env = {}
-    for key, value in services()[name]["environment"].items():
-        env[key] = re.sub(r"\$\{(\w+):\?[^}]*\}", lambda m: values[m.group(1)], str(value))
-    env["FUSEBUS_NATS_URL"] = url
-    return {**os.environ, **env}
+    return {**os.environ, **compose_values(name, path=path), "FUSEBUS_NATS_URL": url}
 
 
 @pytest.fixture(scope="module")
@@ -300,3 +318,283 @@ async def test_services_started_as_compose_starts_them_share_the_work(
         assert len(per_replica) == 3 and sum(per_replica) == 20 and min(per_replica) > 0
     finally:
         await reader.close()
+
+
+# The cluster variant (compose/docker-compose.cluster.yml) ---------------------------------
+NODES = ("nats-1", "nats-2", "nats-3")
+CLIENT_PORT, ROUTE_PORT = 4222, 6222
+# What a route password may hold and still log the nodes in: the URL's own characters too.
+ROUTE_PASSWORD = "r@u:t/e%?#q\"uo\\te it's 20k"
+
+
+def fusebus_services() -> dict[str, Any]:
+    """The cluster file's services that run fusebus (everything but the NATS nodes)."""
+    return {n: body for n, body in services(CLUSTER).items() if n not in NODES}
+
+
+def depends_on_all(name: str, on: str) -> bool:
+    """Whether ``name`` is started after ``on``, directly or through what it depends on."""
+    direct = set(services(CLUSTER)[name].get("depends_on") or ())
+    return on in direct or any(depends_on_all(d, on) for d in direct)
+
+
+def test_cluster_nodes_form_one_cluster_and_every_component_reaches_all_three() -> None:
+    """Every fusebus service of the cluster file is given all three nodes' URLs, R3 and the
+    same partition count (more than one), starts after every node is healthy, and every
+    node runs the cluster config through the start script and stops on SIGINT."""
+    urls = {f"nats://{node}:{CLIENT_PORT}" for node in NODES}
+    partitions = set()
+    for name, body in fusebus_services().items():
+        env = body["environment"]
+        assert set(env["FUSEBUS_NATS_URL"].split(",")) == urls, name
+        assert env["FUSEBUS_REPLICAS"] == "3", name
+        partitions.add(env["FUSEBUS_PARTITIONS"])
+        assert all(depends_on_all(name, node) for node in NODES), name
+    assert len(partitions) == 1 and int(partitions.pop()) > 1
+    names = set()
+    for node in NODES:
+        body = services(CLUSTER)[node]
+        assert body["entrypoint"] == ["/bin/sh", "/etc/nats/nats-start.sh"]
+        assert body["command"][:2] == ["--config", "/etc/nats/nats-cluster.conf"]
+        assert body["stop_signal"] == "SIGINT"
+        assert "healthz" in " ".join(body["healthcheck"]["test"])
+        names.add(body["environment"]["FUSEBUS_NATS_SERVER_NAME"])
+    assert names == set(NODES)
+
+
+def test_cluster_stopping_lets_windows_in_flight_finish() -> None:
+    """compose stops the replay, then both coordinators (each drains its windows in flight),
+    then the fusion agents and the agents, and only then the three nodes; the replay starts
+    only once both coordinators are healthy (the streams exist)."""
+    order = stop_order(CLUSTER)
+    position = {name: i for i, name in enumerate(order)}
+    coordinators = ("coordinator-1", "coordinator-2")
+    for coordinator in coordinators:
+        assert position["replay"] < position[coordinator]
+        assert "--drain-s" in services(CLUSTER)[coordinator]["command"]
+        assert services(CLUSTER)["replay"]["depends_on"][coordinator] == {
+            "condition": "service_healthy"
+        }
+        for name in ("fusion-1", "fusion-2", "agent-accel", "agent-gyro"):
+            for node in NODES:
+                assert position[coordinator] < position[name] < position[node], order
+
+
+def node_routes(node: str, env: dict[str, str]) -> list[str]:
+    """The route URLs compose/nats-start.sh gives ``node``, from its compose environment."""
+    given = {**compose_values(node, path=CLUSTER, values=example_env()), **env}
+    routes = nats_conf_env(given)["FUSEBUS_NATS_ROUTES"]
+    return re.findall(r'"([^"]+)"', routes)
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_each_node_routes_to_the_other_two_with_the_route_password(node: str) -> None:
+    """The start script gives each node one route to each of the other two nodes, logging in
+    as the route user with the route password, whatever characters it holds."""
+    routes = [
+        urlsplit(url) for url in node_routes(node, {"FUSEBUS_ROUTE_PASSWORD": ROUTE_PASSWORD})
+    ]
+    assert sorted(r.hostname or "" for r in routes) == sorted(set(NODES) - {node})
+    assert {r.port for r in routes} == {ROUTE_PORT}
+    assert {(r.scheme, r.username) for r in routes} == {("nats-route", "route")}
+    assert {unquote(r.password or "") for r in routes} == {ROUTE_PASSWORD}
+
+
+def mounted(body: dict[str, Any], target: str) -> Path:
+    """The file of compose/ that a service's volume mounts at ``target``."""
+    volume: str
+    for volume in body["volumes"]:
+        source, _, rest = volume.partition(":")
+        if rest.split(":")[0] == target:
+            return (CLUSTER.parent / source).resolve()
+    raise AssertionError(f"nothing is mounted at {target}")
+
+
+@dataclass
+class LoopbackCluster:
+    """The cluster file's three nodes running on loopback: ``addresses`` maps each compose
+    ``host:port`` (``nats-2:6222``) to where that node listens here."""
+
+    addresses: dict[str, str]
+    nodes: dict[str, EmbeddedServer]
+    monitor_ports: dict[str, str]
+
+    def on_loopback(self, text: str) -> str:
+        """``text`` (a URL list, a peer list) with each node's compose address replaced."""
+        for compose_address, here in self.addresses.items():
+            text = text.replace(compose_address, here)
+        return text
+
+    @property
+    def url(self) -> str:
+        return self.on_loopback(
+            fusebus_services()["coordinator-1"]["environment"]["FUSEBUS_NATS_URL"]
+        )
+
+    def env(self, name: str) -> dict[str, str]:
+        """A service's environment as compose gives it, its node addresses on loopback."""
+        values = compose_values(name, path=CLUSTER)
+        return {**os.environ, **{k: self.on_loopback(v) for k, v in values.items()}}
+
+    def healthy(self, node: str) -> bool:
+        """What the node's compose healthcheck asks (its /healthz answering 200)."""
+        import urllib.request
+
+        url = services(CLUSTER)[node]["healthcheck"]["test"][-1]
+        url = url.replace("localhost:8222", f"127.0.0.1:{self.monitor_ports[node]}")
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as reply:
+                return bool(reply.status == 200)
+        except OSError:
+            return False
+
+
+@pytest.fixture
+def loopback_cluster(tmp_path: Path) -> Iterator[LoopbackCluster]:
+    """nats-1, nats-2 and nats-3 started as the cluster file starts them: each with its
+    compose environment (a route password with URL characters in it), compose/nats-start.sh's
+    variables and the config its command names, on free loopback client and route ports."""
+    addresses = {}
+    for node in NODES:
+        addresses[f"{node}:{CLIENT_PORT}"] = f"127.0.0.1:{free_port()}"
+        addresses[f"{node}:{ROUTE_PORT}"] = f"127.0.0.1:{free_port()}"
+    cluster = LoopbackCluster(addresses=addresses, nodes={}, monitor_ports={})
+    values = {**example_env(), "FUSEBUS_ROUTE_PASSWORD": ROUTE_PASSWORD}
+    try:
+        for node in NODES:
+            body = services(CLUSTER)[node]
+            env = {
+                k: cluster.on_loopback(v)
+                for k, v in compose_values(node, path=CLUSTER, values=values).items()
+            }
+            route = addresses[f"{node}:{ROUTE_PORT}"]
+            env |= {"FUSEBUS_NATS_CLUSTER_HOST": "127.0.0.1",
+                    "FUSEBUS_NATS_CLUSTER_PORT": route.rsplit(":", 1)[1]}  # fmt: skip
+            server_env = nats_conf_env(env)
+            cluster.monitor_ports[node] = server_env["FUSEBUS_NATS_MONITOR_PORT"]
+            server = EmbeddedServer(
+                port=int(addresses[f"{node}:{CLIENT_PORT}"].rsplit(":", 1)[1]),
+                config_file=mounted(body, body["command"][body["command"].index("--config") + 1]),
+                env=server_env,
+                store_dir=tmp_path / node,
+            )
+            cluster.nodes[node] = server
+            server.start()
+        yield cluster
+    finally:
+        for server in cluster.nodes.values():
+            server.stop()
+
+
+def served_command(name: str) -> tuple[list[str], int]:
+    """A cluster service's command with its metrics on a free loopback port, and the port."""
+    port = free_port()
+    command = [
+        {"9100": str(port), "0.0.0.0": "127.0.0.1"}.get(a, a)
+        for a in services(CLUSTER)[name]["command"]
+    ]
+    return command, port
+
+
+async def shared_by(kv: KeyValue, group: str, *, members: int, partitions: int) -> None:
+    """Wait until ``members`` members of a lease group hold fair shares of every partition."""
+    view = LeaseView((), {})
+
+    async def shared() -> bool:
+        nonlocal view
+        view = await read_leases(kv, group)
+        return len(view.members) == members and settled(
+            partitions=partitions, members=view.members, owners=view.owners
+        )
+
+    await eventually(
+        shared,
+        what=f"{members} members sharing {group}",
+        timeout_s=30,
+        state=lambda: view,
+        every_s=0.5,  # each look is a consumer on the bucket: a cluster removes them lazily
+    )
+
+
+async def test_cluster_services_started_as_compose_starts_them_decide_each_window_once(
+    loopback_cluster: LoopbackCluster, spawn: Spawn
+) -> None:
+    """The three nodes as the cluster file starts them form one JetStream cluster; its two
+    coordinators, two fusion agents, two agent-accel replicas, agent-gyro and replay, each
+    with the file's command and environment, share the partitions (two each), every window
+    is decided exactly once, and every stream and bucket has three current replicas."""
+    cluster = loopback_cluster
+    await eventually(
+        lambda: all(cluster.healthy(n) for n in NODES),
+        what="every node healthy by its compose healthcheck",
+        timeout_s=30,
+    )
+    env = example_env()
+    reader = await connect(
+        BusSettings(url=cluster.url, user="reader", password=env["FUSEBUS_READER_PASSWORD"]),
+        name="reader",
+    )
+    admin = await connect(
+        BusSettings(
+            url=cluster.url, user="coordinator", password=env["FUSEBUS_COORDINATOR_PASSWORD"]
+        ),
+        name="test-admin",
+    )
+
+    def start(name: str) -> int:
+        command, port = served_command(name)
+        spawn(sys.executable, "-m", "fusebus", *command, env=cluster.env(name))
+        return port
+
+    def coordinator_healthy(name: str, port: int) -> bool:
+        _, python, flag, script = services(CLUSTER)[name]["healthcheck"]["test"]
+        assert (python, flag) == ("python", "-c")
+        check = [sys.executable, "-c", script.replace("9100", str(port))]
+        return subprocess.run(check, capture_output=True, timeout=10).returncode == 0
+
+    try:
+        for name in ("fusion-1", "fusion-2", "agent-accel", "agent-accel", "agent-gyro"):
+            start(name)
+        metrics = {name: start(name) for name in ("coordinator-1", "coordinator-2")}
+        for name, port in metrics.items():
+            await eventually(
+                functools.partial(asyncio.to_thread, coordinator_healthy, name, port),
+                what=f"{name} healthy by its compose healthcheck",
+                timeout_s=30,
+                every_s=0.2,
+            )
+        await wait_for_agents(reader, "fb", {"accel": 2, "gyro": 1})
+        partitions = int(fusebus_services()["replay"]["environment"]["FUSEBUS_PARTITIONS"])
+        leases = await lease_bucket(admin, Subjects("fb"), ttl_s=6.0)
+        for group in ("coordinator", "fusion-fusion"):
+            await shared_by(leases, group, members=2, partitions=partitions)
+        decisions = await Collector(Decision).start_stream(reader, "fb.decision.*")
+        fast = [*services(CLUSTER)["replay"]["command"], "--limit", "3"]
+        fast[fast.index("--speed") + 1] = "200"  # the demo's pace, sped up for the test
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "fusebus", *fast],
+            env=cluster.env("replay"),
+            cwd=ROOT,
+            capture_output=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        await decisions.wait_for(12, timeout_s=30)  # 4 streams x 3 windows
+        await decisions.settle(1.0)
+        per_task = Counter(d.task_id for d in decisions.items)
+        assert len(per_task) == 12 and set(per_task.values()) == {1}, per_task
+        assert {d.status for d in decisions.items} == {"complete"}
+        js = admin.jetstream()
+        names = await stream_names(admin)
+        assert {"FB_TASKS", "FB_RESULTS", "FB_DECISIONS", "FB_INTAKE", "KV_FB_LEASES"} <= names
+        for name in names:
+            info = await js.stream_info(name)
+            assert info.config.num_replicas == 3, name
+            assert info.cluster is not None and info.cluster.leader in NODES, name
+            peers = [info.cluster.leader, *(p.name for p in info.cluster.replicas or [])]
+            assert sorted(str(p) for p in peers) == list(NODES), name
+            assert all(p.current for p in info.cluster.replicas or []), name
+    finally:
+        await reader.close()
+        await admin.close()
