@@ -211,8 +211,11 @@ class LeaseKeeper:
         return self.ttl_s / 3
 
     async def _renew_step(self) -> None:
-        await asyncio.sleep(self.renew_every_s)
+        # Every third of the TTL from the start of the last round, not from its end: on a
+        # busy machine a round's own requests would otherwise stretch the gap past the TTL.
+        began = time.monotonic()
         await self.renew()
+        await asyncio.sleep(max(0.0, self.renew_every_s - (time.monotonic() - began)))
 
     async def _rebalance_step(self) -> None:
         await asyncio.sleep(self.renew_every_s)
@@ -258,11 +261,19 @@ class LeaseKeeper:
 
     async def _acquire(self, partition: int) -> None:
         key = self.subjects.lease_key(self.group, partition)
+        held = partition in self.owned
         try:
             async with self._lock:
                 self.owned[partition] = await self._bucket().create(key, self.member.encode())
         except KeyWrongLastSequenceError:
-            return  # another member was quicker
+            return  # another member was quicker (a lease of ours that ran out: renew finds it)
+        if held:
+            # Our lease ran out before its renewal (a stalled process) and nobody took it:
+            # taken again, the work on the partition simply goes on.
+            log.warning(
+                "lease.renewed_late", group=self.group, member=self.member, partition=partition
+            )
+            return
         started = time.perf_counter()
         try:
             await self._on_acquire(partition)

@@ -39,7 +39,7 @@ async def test_eval_runs_every_scenario_through_the_bus(
     settings = EvalSettings(
         agents=("accel", "motion"),
         strategies=("weighted_mean", "majority_vote"),
-        deadline_ms=300,
+        deadline_ms=1000,  # room for every agent to answer on a loaded machine
         rate_hz=200,
         out_dir=tmp_path,
         nats_url=nats_server.url,
@@ -56,7 +56,7 @@ async def test_eval_runs_every_scenario_through_the_bus(
         assert (row.complete, row.partial) == ((40, 0) if row.missing == "none" else (0, 40))
         assert row.accuracy >= 0.9
         if row.missing != "none":
-            assert row.p50_ms >= 300  # decided at the deadline
+            assert row.p50_ms >= 1000  # decided at the deadline
     assert "| fusion | weighted_mean | accel |" in markdown.read_text()
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(report.class_reports) == {"weighted_mean", "majority_vote"}

@@ -422,3 +422,48 @@ async def test_killed_fusion_agent_partitions_are_taken_over_by_its_peer(
         await stop_all(feeding)
         await stop_components(*coordinators, *running)
     one_each(decisions.items, tasks)
+
+
+async def test_a_lease_that_ran_out_unnoticed_is_taken_again_without_restarting_the_work(
+    connect_bus: Connect, subjects: Subjects
+) -> None:
+    """A member whose lease expired before its renewal (a stalled process) and that nobody
+    else took finds the partition free in its next round: it takes the lease again and the
+    work on the partition goes on, instead of being started a second time beside itself."""
+    from bus import LeaseKeeper, LeaseSettings
+
+    started: list[int] = []
+    stopped: list[int] = []
+
+    async def on_acquire(partition: int) -> None:
+        started.append(partition)
+
+    async def on_release(partition: int) -> None:
+        stopped.append(partition)
+
+    nc = await connect_bus("keeper")
+    keeper = LeaseKeeper(
+        nc,
+        subjects=subjects,
+        group="test",
+        member="m0",
+        partitions=2,
+        on_acquire=on_acquire,
+        on_release=on_release,
+        settings=LeaseSettings(ttl_s=30.0),
+    )
+    await keeper.start()
+    try:
+        assert sorted(started) == [0, 1]
+        kv = await lease_bucket(nc, subjects, ttl_s=30.0)
+        await kv.delete(subjects.lease_key("test", 1))  # as if it had run out
+        view = await keeper.rebalance()
+        assert 1 not in view.owners  # the round saw it free...
+        assert sorted(started) == [0, 1] and stopped == []  # ...and did not restart it
+        again = await read_leases(kv, "test")
+        assert again.owners == {0: "m0", 1: "m0"}
+        await keeper.renew()  # the new revision renews
+        assert sorted(keeper.owned) == [0, 1] and keeper.counts["lost"] == 0
+    finally:
+        await keeper.stop()
+    assert sorted(stopped) == [0, 1]
