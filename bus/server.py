@@ -314,7 +314,32 @@ class EmbeddedCluster:
                 raise BusError(f"{self!r} was not healthy within {timeout_s}s")
             time.sleep(0.05)
         self.wait_for_meta_leader(timeout_s=max(0.1, deadline - time.monotonic()))
+        # A node just restarted is healthy before the meta leader counts it online again;
+        # until then a new R3 stream finds "no suitable peers".
+        while not self.peers_online():
+            if time.monotonic() > deadline:
+                raise BusError(f"{self!r}: the meta leader does not see every peer online")
+            time.sleep(0.05)
         return self
+
+    def peers_online(self) -> bool:
+        """Whether the meta leader reports every other node as a current, online peer."""
+        import json
+        import urllib.request
+
+        leader = self.meta_leader()
+        if leader is None:
+            return False
+        index = next(i for i in range(len(self.nodes)) if self.server_name(i) == leader)
+        url = f"http://{HOST}:{self.monitor_ports[index]}/jsz"
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as reply:
+                peers = (json.load(reply).get("meta_cluster") or {}).get("replicas") or []
+        except (OSError, ValueError):
+            return False
+        return len(peers) == len(self.nodes) - 1 and all(
+            p.get("current") and not p.get("offline") for p in peers
+        )
 
     def healthy(self, index: int) -> bool:
         """Whether node ``index`` runs and its monitoring endpoint reports it healthy."""
