@@ -39,6 +39,13 @@ async def read_stored(
         return [message async for message in stored]
 
 
+#: Heartbeat of a follower's ordered consumer. The consumer lives on one server (R1, in
+#: memory); when that server dies, the client notices after two missed heartbeats and makes
+#: it again elsewhere, so this bounds the pause a reader sees: nats-py's default of 5 s
+#: made it 10-20 s.
+FOLLOW_HEARTBEAT_S = 1.0
+
+
 def _start_at(*, from_now: bool = False, since_ns: int | None = None) -> ConsumerConfig:
     """Where a reading consumer starts: new messages only, those stored since a time, or all."""
     if since_ns is not None:
@@ -67,6 +74,7 @@ async def follow_stored(
         subject,
         cb=cb,
         ordered_consumer=True,
+        idle_heartbeat=FOLLOW_HEARTBEAT_S,
         config=_start_at(from_now=from_now, since_ns=since_ns),
     )
 
