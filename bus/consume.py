@@ -221,8 +221,14 @@ class BatchPuller:
         while True:
             await asyncio.sleep(WATCH_EVERY_S)
             now_reconnects = self._reconnects()
-            lost = now_reconnects != reconnects or time.monotonic() > self._request_deadline
-            reconnects = now_reconnects
+            if now_reconnects != reconnects:
+                # The open request died with its connection: count it as expired, so it is
+                # asked for again as soon as the client is connected (the counter moves a
+                # little before the client says so).
+                reconnects = now_reconnects
+                self._credits = 0
+                self._request_deadline = 0.0
+            lost = time.monotonic() > self._request_deadline
             if lost and self._nc.is_connected and len(self._buffer) < self._low_water:
                 self._credits = 0
                 await self._request()

@@ -168,6 +168,7 @@ class LeaseKeeper:
         self.ttl_s = self.settings.ttl_s
         self._kv: KeyValue | None = None
         self._lock = asyncio.Lock()  # one KV operation on our keys at a time
+        self._releasing: set[int] = set()  # partitions whose lost lease's work is stopping
         self._loops: list[asyncio.Task[None]] = []
         self.counts = dict.fromkeys(("acquired", "released", "lost", "rounds"), 0)
 
@@ -240,9 +241,13 @@ class LeaseKeeper:
                     continue
                 except (KeyWrongLastSequenceError, KeyNotFoundError):
                     del self.owned[partition]
+                    self._releasing.add(partition)  # no _acquire until its work has stopped
             self.counts["lost"] += 1
             log.warning("lease.lost", group=self.group, member=self.member, partition=partition)
-            await self._on_release(partition)
+            try:
+                await self._on_release(partition)
+            finally:
+                self._releasing.discard(partition)
 
     async def rebalance(self) -> LeaseView:
         """One round: read the group's members and owners, give back what is above this
@@ -261,9 +266,11 @@ class LeaseKeeper:
 
     async def _acquire(self, partition: int) -> None:
         key = self.subjects.lease_key(self.group, partition)
-        held = partition in self.owned
         try:
             async with self._lock:
+                if partition in self._releasing:
+                    return  # its lost lease's work is still being stopped: a later round
+                held = partition in self.owned  # read under the lock: renew may drop it
                 self.owned[partition] = await self._bucket().create(key, self.member.encode())
         except KeyWrongLastSequenceError:
             return  # another member was quicker (a lease of ours that ran out: renew finds it)

@@ -350,6 +350,8 @@ async def _ensure_stream_once(
         return
     try:
         await js.update_stream(merged)
+    except ServiceUnavailableError:
+        raise  # a cluster electing a leader: ensure_stream asks again
     except (BadRequestError, JetStreamError) as exc:
         raise BusError(f"stream {config.name} exists with an incompatible setup: {exc}") from exc
 

@@ -15,7 +15,6 @@ sample rate, which channels of ``X`` each sensor owns and, for integer ``y``, th
 
 from __future__ import annotations
 
-import math
 import tomllib
 import zipfile
 from dataclasses import dataclass
@@ -119,6 +118,12 @@ def load_dataset(source: str, *, spec: Path | None = None) -> SensorDataset:
     return loader()
 
 
+#: A sample period must be at least a microsecond: event times are integer nanoseconds.
+MAX_RATE_HZ = 1e6
+#: The arrays of a dataset file that are read; anything else in it is left unread.
+DATASET_ARRAYS = ("X", "y", "X_train", "y_train")
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """What a user's spec file says about the arrays of its ``.npz``."""
@@ -156,8 +161,8 @@ def parse_spec(raw: dict[str, Any], *, where: str, default_name: str) -> Dataset
     rate = raw.get("rate_hz")
     if isinstance(rate, bool) or not isinstance(rate, int | float):
         raise ConfigError(f"{where}: rate_hz (samples per second) must be a number")
-    if not (rate > 0 and math.isfinite(rate)):
-        raise ConfigError(f"{where}: rate_hz must be > 0, got {rate}")
+    if not (0 < rate <= MAX_RATE_HZ):
+        raise ConfigError(f"{where}: rate_hz must be > 0 and at most {MAX_RATE_HZ:.0e}, got {rate}")
     sensors = raw.get("sensors")
     if not isinstance(sensors, dict) or not sensors:
         raise ConfigError(
@@ -213,14 +218,17 @@ def load_npz_dataset(path: Path, *, spec: Path | None = None) -> SensorDataset:
     described = read_spec(spec_path, default_name=path.stem)
     try:
         with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
+            present = list(npz.files)
+            arrays = {key: npz[key] for key in DATASET_ARRAYS if key in present}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         # allow_pickle=False: object arrays (and anything else needing pickle) are refused
         raise ConfigError(f"{path} is not a readable .npz of plain arrays: {exc}") from None
+    except MemoryError:  # a header declaring a shape far larger than the file, say
+        raise ConfigError(f"{path}: an array is too large to load into memory") from None
     for key in ("X", "y"):
         if key not in arrays:
             raise ConfigError(
-                f"{path} has no {key!r} array (it has: {', '.join(sorted(arrays)) or 'none'})"
+                f"{path} has no {key!r} array (it has: {', '.join(sorted(present)) or 'none'})"
             )
     x_test, y_test, labels = _split(arrays, "X", "y", path, described, labels=described.labels)
     if "X_train" in arrays or "y_train" in arrays:
@@ -260,9 +268,12 @@ def _split(
         )
     if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
         raise ConfigError(f"{path}: {x_key} must hold real numbers, got dtype {x.dtype}")
+    with np.errstate(over="ignore"):  # an overflow becomes inf, reported just below
+        x = x.astype(np.float32)  # checked after the cast: 1e300 becomes inf in float32
     if not np.isfinite(x).all():
         raise ConfigError(
-            f"{path}: {x_key} holds {int(np.size(x) - np.isfinite(x).sum())} NaN or infinite values"
+            f"{path}: {x_key} holds {int(np.size(x) - np.isfinite(x).sum())} NaN or infinite "
+            "values (as float32)"
         )
     if y.ndim != 1 or len(y) != len(x):
         raise ConfigError(

@@ -34,7 +34,10 @@ def parse_since(text: str, *, now_ns: int) -> int:
     text = text.strip()
     duration = _DURATION.match(text)
     if duration:
-        return now_ns - round(float(duration[1]) * _UNIT_S[duration[2]] * 1e9)
+        since = now_ns - round(float(duration[1]) * _UNIT_S[duration[2]] * 1e9)
+        if since < 0:
+            raise ConfigError(f"--since {text[:40]!r} reaches back before 1970")
+        return since
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -44,7 +47,10 @@ def parse_since(text: str, *, now_ns: int) -> int:
         ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return round(moment.timestamp() * 1e9)
+    since = round(moment.timestamp() * 1e9)
+    if since < 0:
+        raise ConfigError(f"--since {text[:40]!r} is before 1970")
+    return since
 
 
 @dataclass(frozen=True)

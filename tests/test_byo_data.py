@@ -99,6 +99,16 @@ def test_a_users_npz_loads_with_its_spec(tmp_path: Path) -> None:
         ),
         (
             {"X": np.ones((2, 20, 4)), "y": np.array(["a", "b"])},
+            "rate_hz = 3e9\n[sensors]\na=[0]\n",
+            "at most 1e.06",
+        ),
+        (
+            {"X": np.full((2, 20, 4), 1e300), "y": np.array(["a", "b"])},
+            SPEC,
+            "160 NaN or infinite values .as float32.",
+        ),
+        (
+            {"X": np.ones((2, 20, 4)), "y": np.array(["a", "b"])},
             "rate_hz = 5\n",
             r"a \[sensors\] table",
         ),

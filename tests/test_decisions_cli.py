@@ -62,6 +62,10 @@ def test_since_takes_durations_and_iso_times() -> None:
     assert parse_since("1970-01-02T02:00:00+02:00", now_ns=now) == 86400 * SECOND
     with pytest.raises(ConfigError, match="expected a duration such as 90s"):
         parse_since("yesterday", now_ns=now)
+    with pytest.raises(ConfigError, match="reaches back before 1970"):
+        parse_since("99999999d", now_ns=now)
+    with pytest.raises(ConfigError, match="is before 1970"):
+        parse_since("1969-12-31T00:00:00Z", now_ns=now)
 
 
 def test_a_decision_reads_as_a_row_and_as_json() -> None:
