@@ -42,7 +42,7 @@ from bus.topology import (
     stream_configs,
     topology_problems,
 )
-from bus.types import Connection, Message, Subscription
+from bus.types import Connection, Message, Subscription, TransportError
 
 __all__ = [
     "LATENCY_BUCKETS_S",
@@ -71,6 +71,7 @@ __all__ = [
     "Subjects",
     "Subscription",
     "TopologySettings",
+    "TransportError",
     "agent_info_from_metadata",
     "agent_info_metadata",
     "check_token",

@@ -3,5 +3,6 @@
 from nats.aio.client import Client as Connection
 from nats.aio.msg import Msg as Message
 from nats.aio.subscription import Subscription
+from nats.errors import Error as TransportError
 
-__all__ = ["Connection", "Message", "Subscription"]
+__all__ = ["Connection", "Message", "Subscription", "TransportError"]

@@ -588,6 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(
         level=getattr(args, "log_level", "info"), fmt=getattr(args, "log_format", "auto")
     )
+    from bus import TransportError
     from fusebus.commands import COMMANDS
 
     try:
@@ -595,5 +596,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FusebusError as exc:
         print(f"fusebus {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except TransportError as exc:  # the server refused or did not answer a request
+        print(f"fusebus {args.command}: error: NATS: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
