@@ -30,7 +30,7 @@ import numpy as np
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bench.procstat import cpu_seconds, memory_mb
+from bench.procstat import cpu_seconds, memory_mb, stop_processes
 from bench.shards import SCENARIOS, ShardMeasured, describe, measure_shards, render_shards
 from bench.workload import SENSORS, TYPES, build_models, frames, plans_toml
 from bus import BusSettings, EmbeddedServer, Subjects, connect, discover_agents, discover_components
@@ -84,13 +84,7 @@ class System:
         raise NotImplementedError
 
     def stop(self) -> None:
-        for process in self.processes.values():
-            process.terminate()
-        for process in self.processes.values():
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(self.processes.values())
 
 
 class RawPipeline(System):

@@ -32,7 +32,7 @@ from pathlib import Path
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bench.procstat import cpu_seconds, memory_mb
+from bench.procstat import cpu_seconds, memory_mb, stop_processes
 from bench.workload import TYPES, build_models, frames, plans_toml
 from bus import (
     BusSettings,
@@ -186,13 +186,7 @@ class ShardedDeployment:
         return out
 
     def stop(self) -> None:
-        for process in self.processes.values():
-            process.terminate()
-        for process in self.processes.values():
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(self.processes.values())
 
 
 def settled(status: BusStatus, shards: int) -> bool:

@@ -284,14 +284,7 @@ class Coordinator:
         self._life.run(self._discovery_step, name="coordinator-discovery")
         self._life.run(self._liveness_step, name="coordinator-liveness")
         await self._start_intake()
-        await self._life.register(
-            self.nc,
-            name="fusebus-coordinator",
-            description="fusebus coordinator: windows, subtasks, completion tracking",
-            metadata={ROLE: COMPONENT, PREFIX: self.subjects.prefix},
-            status_subject=self.subjects.control(COMPONENT, self.instance_id),
-            stats=self.stats,
-        )
+        await self._register()
         log.info("coordinator.started", prefix=self.subjects.prefix, plans=repr(self.plans))
         return self
 
