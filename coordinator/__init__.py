@@ -8,9 +8,11 @@ from coordinator.plan import (
     Plan,
     PlanBook,
     SensorInput,
+    StageInput,
     SubtaskSpec,
     auto_plan,
     basicmotions_plan,
+    fused_types,
 )
 from coordinator.tracker import Ended, OpenTask, Seen, TaskTracker
 
@@ -29,10 +31,12 @@ __all__ = [
     "PlanBook",
     "Seen",
     "SensorInput",
+    "StageInput",
     "SubtaskSpec",
     "TaskTracker",
     "auto_plan",
     "basicmotions_plan",
+    "fused_types",
 ]
 
 

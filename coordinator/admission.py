@@ -73,7 +73,7 @@ def check_chunk(
         if known is None:
             continue
         for given in spec.inputs:
-            card = next((i for i in known.inputs if i.sensor == given.sensor), None)
+            card = next((i for i in known.inputs if i.sensor == given.sensor and not i.stage), None)
             if given.sensor != chunk.sensor or card is None or not card.channels:
                 continue
             width = len(given.channels) if given.channels is not None else channels
@@ -112,7 +112,7 @@ def _check_readable(
         return
     for given in spec.inputs:
         array = sensors.get(given.sensor)
-        card = next((i for i in known.inputs if i.sensor == given.sensor), None)
+        card = next((i for i in known.inputs if i.sensor == given.sensor and not i.stage), None)
         if array is None or card is None:
             continue
         try:

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from coordinator.plan import SensorInput, SubtaskSpec
+from coordinator.plan import SensorInput, StageInput, SubtaskSpec
 from schemas import AgentInfo, InputSpec
 
 
@@ -24,8 +24,11 @@ class KnownType:
     last_seen: float
 
     def can_feed(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
-        """Whether sensors of these ``(samples, channels)`` shapes satisfy every input."""
+        """Whether sensors of these ``(samples, channels)`` shapes satisfy every sensor
+        input (inputs that are other types' answers are not sensors)."""
         for spec in self.inputs:
+            if spec.stage:
+                continue
             shape = shapes.get(spec.sensor)
             if shape is None or len(shape) != 2:
                 return False
@@ -34,6 +37,19 @@ class KnownType:
             ):
                 return False
         return True
+
+    @property
+    def upstream(self) -> tuple[str, ...]:
+        """The types whose answers this type reads."""
+        return tuple(spec.sensor for spec in self.inputs if spec.stage)
+
+    def spec(self) -> SubtaskSpec:
+        """This type as a plan's subtask: its sensors, and the types it reads after."""
+        return SubtaskSpec(
+            self.type,
+            tuple(SensorInput(spec.sensor) for spec in self.inputs if not spec.stage),
+            tuple(StageInput(name) for name in self.upstream),
+        )
 
 
 class AgentDirectory:
@@ -72,10 +88,21 @@ class AgentDirectory:
             del self._types[type_name]
         return sorted(appeared), sorted(gone)
 
-    def feedable(self, shapes: Mapping[str, tuple[int, ...]]) -> list[SubtaskSpec]:
-        """A subtask spec for every known type that sensors of these shapes can feed, by name."""
-        return [
-            SubtaskSpec(known.type, tuple(SensorInput(spec.sensor) for spec in known.inputs))
-            for known in sorted(self._types.values(), key=lambda k: k.type)
-            if known.can_feed(shapes)
-        ]
+    def feedable(
+        self, shapes: Mapping[str, tuple[int, ...]], *, also: Iterable[str] = ()
+    ) -> list[SubtaskSpec]:
+        """A subtask spec for every known type that sensors of these shapes can feed, by
+        name: one that reads other types' answers is included when each of those is fed,
+        here or by the ``also`` types (a plan's listed ones)."""
+        candidates = sorted(
+            (k for k in self._types.values() if k.can_feed(shapes)), key=lambda k: k.type
+        )
+        fed = set(also) | {k.type for k in candidates if not k.upstream}
+        grew = True
+        while grew:
+            grew = False
+            for known in candidates:
+                if known.type not in fed and all(u in fed for u in known.upstream):
+                    fed.add(known.type)
+                    grew = True
+        return [known.spec() for known in candidates if known.type in fed]

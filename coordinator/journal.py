@@ -21,7 +21,7 @@ import structlog
 
 from bus import PageLog
 from coordinator.tracker import OpenTask
-from schemas import CODEC, OpenTaskPage, OpenTaskRecord, SchemaError, encode
+from schemas import CODEC, OpenTaskPage, OpenTaskRecord, PendingStage, SchemaError, encode
 
 log = structlog.get_logger("fusebus.coordinator")
 
@@ -40,6 +40,12 @@ def to_record(entry: OpenTask) -> OpenTaskRecord:
         unavailable=tuple(sorted(entry.unavailable)),
         missing_sensors=entry.missing_sensors,
         errored=tuple(sorted(entry.errored)),
+        stages=tuple(sorted(entry.stages)),
+        pending=tuple(
+            PendingStage(type=name, after=w.after, optional=w.optional, inputs=w.inputs)
+            for name, w in entry.waiting.items()
+        ),
+        blocked=dict(entry.blocked),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,21 +82,100 @@ class SensorInput:
 
 
 @dataclass(frozen=True)
-class SubtaskSpec:
-    """One subtask type of a plan and the inputs it is given."""
+class StageInput:
+    """The answer of another subtask type of the same window that a subtask type reads.
+
+    An ``optional`` one is waited for only while it can still come: when it cannot (its
+    sensors are missing, its own upstream failed, it answered with an error, or no replica
+    serves it when the window opens) the reader runs on the inputs that did arrive.
+    """
 
     type: str
-    inputs: tuple[SensorInput, ...]
+    optional: bool = False
 
     def __post_init__(self) -> None:
         check_name(self.type, "type")
-        if not self.inputs:
-            raise ConfigError(f"subtask {self.type!r} reads no sensor")
+
+
+@dataclass(frozen=True)
+class SubtaskSpec:
+    """One subtask type of a plan: the sensor data it is given, and the other types of the
+    window whose answers it reads (``after``), which makes the plan a small DAG of stages."""
+
+    type: str
+    inputs: tuple[SensorInput, ...] = ()
+    after: tuple[StageInput, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_name(self.type, "type")
+        if not self.inputs and not self.after:
+            raise ConfigError(f"subtask {self.type!r} reads no sensor and no other type")
+        names = [*self.sensors, *self.upstream]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(
+                f"subtask {self.type!r} names the input {twice[0]!r} twice (as a sensor or a "
+                "type it reads after): each input needs its own name"
+            )
+        if self.type in self.upstream:
+            raise ConfigError(f"subtask {self.type!r} reads its own answers")
 
     @property
     def sensors(self) -> tuple[str, ...]:
         """The sensors this subtask reads."""
         return tuple(i.sensor for i in self.inputs)
+
+    @property
+    def upstream(self) -> tuple[str, ...]:
+        """The subtask types whose answers this one reads, required and optional."""
+        return tuple(a.type for a in self.after)
+
+    @property
+    def required_upstream(self) -> tuple[str, ...]:
+        """The upstream types this one cannot run without."""
+        return tuple(a.type for a in self.after if not a.optional)
+
+    @property
+    def optional_upstream(self) -> tuple[str, ...]:
+        """The upstream types this one runs without when they cannot come."""
+        return tuple(a.type for a in self.after if a.optional)
+
+
+def fused_types(specs: Sequence[SubtaskSpec], fuse: Sequence[str] = ()) -> tuple[str, ...]:
+    """The types of ``specs`` whose answers are fused, in order: the ``fuse`` ones, and every
+    type no other type of ``specs`` reads."""
+    read = {u for spec in specs for u in spec.upstream}
+    wanted = set(fuse)
+    return tuple(s.type for s in specs if s.type in wanted or s.type not in read)
+
+
+def stage_cycle(specs: Sequence[SubtaskSpec]) -> tuple[str, ...]:
+    """A cycle among the ``after`` links of ``specs`` (``a, b, a``: a reads b, b reads a),
+    or ``()`` when they form a DAG. Links to types not in ``specs`` are ignored."""
+    after = {s.type: s.upstream for s in specs}
+    state: dict[str, int] = {}  # 1: on the current path, 2: finished
+    path: list[str] = []
+
+    def visit(node: str) -> tuple[str, ...]:
+        state[node] = 1
+        path.append(node)
+        for up in after.get(node, ()):
+            if state.get(up) == 1:
+                return (*path[path.index(up) :], up)
+            if up in after and up not in state:
+                found = visit(up)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return ()
+
+    for spec in specs:
+        if spec.type not in state:
+            found = visit(spec.type)
+            if found:
+                return found
+    return ()
 
 
 @dataclass(frozen=True)
@@ -118,6 +198,7 @@ class Plan:
     overflow: str = "drop_oldest"
     window: WindowSpec | None = None  # None: each frame is one window
     sensors: tuple[SensorSpec, ...] = ()
+    fuse: tuple[str, ...] = ()  # types fused although others read them (see fused_types)
 
     def __post_init__(self) -> None:
         if not self.subtasks and not self.auto:
@@ -141,11 +222,41 @@ class Plan:
                     raise ConfigError(
                         f"subtask {spec.type!r} reads undeclared sensors {sorted(unknown)}"
                     )
+        self._check_stages(set(types))
+
+    def _check_stages(self, types: set[str]) -> None:
+        """The ``after`` links form a DAG of listed types (any type, with ``auto``), and
+        what is fused is listed."""
+        if not self.auto:
+            for spec in self.subtasks:
+                for up in spec.upstream:
+                    if up not in types:
+                        raise ConfigError(
+                            f"subtask {spec.type!r} reads the answers of {up!r}, which the plan "
+                            f"does not list (it lists {', '.join(sorted(types))})"
+                        )
+        cycle = stage_cycle(self.subtasks)
+        if cycle:
+            raise ConfigError(f"the plan's stages form a cycle: {' -> '.join(cycle)}")
+        for name in self.fuse:
+            check_name(name, "fused type")
+            if name not in types and not self.auto:
+                raise ConfigError(f"fuse names {name!r}, which the plan does not list")
 
     @property
     def types(self) -> tuple[str, ...]:
         """Every subtask type, in plan order."""
         return tuple(s.type for s in self.subtasks)
+
+    @property
+    def fused(self) -> tuple[str, ...]:
+        """The listed types whose answers the fusion agent fuses, in plan order."""
+        return fused_types(self.subtasks, self.fuse)
+
+    @property
+    def chained(self) -> bool:
+        """Whether some listed type reads the answers of another."""
+        return any(spec.after for spec in self.subtasks)
 
 
 def basicmotions_plan(
@@ -189,6 +300,11 @@ class PlanBook:
     def any_auto(self) -> bool:
         """Whether any plan learns its types from discovery."""
         return any(p.auto for p in (*self.plans.values(), self.default) if p is not None)
+
+    @property
+    def any_chained(self) -> bool:
+        """Whether any plan has stages that read other types' answers."""
+        return any(p.chained for p in (*self.plans.values(), self.default) if p is not None)
 
     @property
     def listed_types(self) -> tuple[str, ...]:

@@ -48,7 +48,7 @@ from bus import (
 )
 from bus.discovery import PREFIX, ROLE
 from bus.types import Connection, Subscription
-from coordinator.decompose import Opening, decompose, task_id_for
+from coordinator.decompose import Opening, decompose, stage_subtask, task_id_for
 from coordinator.directory import AgentDirectory
 from coordinator.intake import SensorIntake
 from coordinator.journal import TaskJournal
@@ -162,7 +162,16 @@ class Coordinator:
         self.instance_id = secrets.token_hex(4)
         self._key = b""  # the deployment's ticket key, read at start
         self.counts: dict[str, int] = dict.fromkeys(
-            ("unserved", "windows_unserved", "held", "rejected", "windows_refused", "acked"), 0
+            (
+                "unserved",
+                "windows_unserved",
+                "held",
+                "rejected",
+                "windows_refused",
+                "acked",
+                "stages_published",
+            ),
+            0,
         )
         self.unserved: set[str] = set()  # listed types with no replica running
         self.intake = SensorIntake(
@@ -608,6 +617,7 @@ class Coordinator:
             if subtask.type in self.unserved:
                 self.counts["unserved"] += 1
             await self.outbox.add(subtask.type, subtask)
+        await self._publish_ready()
         if frame is not None:
             await frame.answer(ACCEPTED)
             self._consumed([frame])
@@ -641,12 +651,16 @@ class Coordinator:
             deadline_ms=plan.deadline_ms,
             now_ns=time.time_ns(),
             key=self._key,
+            fuse=plan.fuse,
+            not_awaited=frozenset(self.unserved),
         )
         ended = self.tracker.open(
             opening.task,
             unavailable=opening.unavailable,
             missing_sensors=cut.missing,
             max_inflight=plan.max_inflight if plan.overflow == "drop_oldest" else None,
+            stages=opening.stages,
+            waiting=opening.waiting,
         )
         entry = self.tracker.get(task_id)
         journal = self._journal_for(cut.stream)
@@ -659,7 +673,9 @@ class Coordinator:
         if plan.auto:
             listed = set(plan.types)
             shapes = {name: array.shape for name, array in sensors.items()}
-            specs += [s for s in self.directory.feedable(shapes) if s.type not in listed]
+            specs += [
+                s for s in self.directory.feedable(shapes, also=listed) if s.type not in listed
+            ]
         return specs
 
     # Discovery ------------------------------------------------------------------------------
@@ -700,15 +716,18 @@ class Coordinator:
         for delivery, message in await self.result_inbound.take(msgs):
             match message:
                 case ResultBatch():
-                    answered = [(task_id, message.type) for task_id in message.task_ids]
+                    outputs: Any = message.outputs  # one row per task
+                    answered = list(zip(message.task_ids, outputs, strict=True))
                     error = False
                 case Result():
-                    answered = [(message.task_id, message.type)]
-                    error = message.error is not None or message.output is None
+                    output = message.output
+                    error = message.error is not None or output is None or output.ndim < 1
+                    answered = [(message.task_id, None if error else output)]
                 case _:
                     assert_never(message)
-            for task_id, type_name in answered:
-                seen, closed = self.tracker.record(task_id, type_name, error=error)
+            for task_id, output in answered:
+                type_name = message.type
+                seen, closed = self.tracker.record(task_id, type_name, error=error, output=output)
                 if closed is not None:
                     ended.append(closed)
                 elif seen is Seen.NEW:
@@ -719,7 +738,20 @@ class Coordinator:
                 else:
                     log.debug("result.ignored", task_id=task_id, type=type_name, outcome=seen.value)
             self._done.append(delivery)
+        await self._publish_ready()
         await self._publish_ended(ended)
+
+    async def _publish_ready(self) -> None:
+        """Publish the stages whose upstream answers are all in (batched by type in the
+        outbox like any subtask), sealed like the rest of their task."""
+        for ready in self.tracker.take_ready():
+            if ready.type in self.unserved:
+                self.counts["unserved"] += 1
+            self.counts["stages_published"] += 1
+            ticket = seal(self._key, ready.task)
+            await self.outbox.add(
+                ready.type, stage_subtask(ready.task, ready.type, ready.inputs, ticket)
+            )
 
     async def _deadline_step(self) -> None:
         nap_s = self.settings.max_deadline_sleep_ms / 1e3
@@ -747,6 +779,7 @@ class Coordinator:
                     reason=end.reason,
                     missing_sensors=end.missing_sensors,
                     ticket=seal(self._key, task),  # sealed like its subtasks
+                    missing_reasons=end.missing_reasons,
                 )
             )
             log.info(
@@ -757,6 +790,7 @@ class Coordinator:
                 missing=list(end.missing),
                 missing_sensors=list(end.missing_sensors),
                 reason=end.reason,
+                why=end.missing_reasons,
             )
         for stream in streams & set(self._held):
             await self._release(stream)
@@ -774,6 +808,7 @@ class Coordinator:
         ended: list[Ended] = []
         for record in records:
             ended += self.tracker.restore(record)
+        await self._publish_ready()
         await self._publish_ended(ended)
         if records or cursors:
             log.info(

@@ -3,16 +3,26 @@
 No asyncio, no NATS: the service feeds it events (open, result seen, time passes) and
 publishes what it returns. Every task it opens ends exactly once, as ``complete`` (every
 expected type answered), ``partial`` (some answered by the deadline) or ``failed`` (none).
+
+A task's types may form a chain (see :class:`~coordinator.plan.StageInput`): the *expected*
+types are the fused ones, and *stages* are types other types read. A type that reads others
+waits, with its inputs so far, until every upstream it needs has answered; then it is
+*ready* (:meth:`TaskTracker.take_ready`) and the service publishes it. One whose required
+upstream cannot answer is never published: it is *blocked*, missing with the reason
+``upstream: <type>``.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from schemas import OpenTaskRecord, Task, TaskState
+import numpy as np
+
+from schemas import OpenTaskRecord, PendingStage, Task, TaskState
 
 
 class Seen(Enum):
@@ -25,6 +35,28 @@ class Seen(Enum):
 
 
 @dataclass
+class Waiting:
+    """A type of an open task that waits for upstream answers, with its inputs so far."""
+
+    after: tuple[str, ...]  # upstream types it needs
+    optional: tuple[str, ...]  # upstream types it takes when they come
+    inputs: dict[str, np.ndarray]  # sensor slices, then upstream outputs by type
+
+    def reads(self, type_name: str) -> bool:
+        """Whether this stage takes ``type_name``'s answer."""
+        return type_name in self.after or type_name in self.optional
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A stage whose inputs are complete: the service publishes it as a subtask."""
+
+    task: Task
+    type: str
+    inputs: dict[str, np.ndarray]
+
+
+@dataclass
 class OpenTask:
     """A task still waiting for results."""
 
@@ -33,6 +65,9 @@ class OpenTask:
     unavailable: frozenset[str] = frozenset()  # types that were never published (no input)
     missing_sensors: tuple[str, ...] = ()
     errored: set[str] = field(default_factory=set)  # answered, with an error: no vote
+    stages: frozenset[str] = frozenset()  # types read by other types, not fused
+    waiting: dict[str, Waiting] = field(default_factory=dict)  # not yet published
+    blocked: dict[str, str] = field(default_factory=dict)  # never published, and why
 
     @property
     def missing(self) -> tuple[str, ...]:
@@ -42,7 +77,72 @@ class OpenTask:
     @property
     def settled(self) -> bool:
         """Every type that could answer has answered."""
-        return all(t in self.seen or t in self.unavailable for t in self.task.expected)
+        return all(
+            t in self.seen or t in self.unavailable or t in self.blocked for t in self.task.expected
+        )
+
+    def has_type(self, type_name: str) -> bool:
+        """Whether ``type_name`` is one of the task's types, fused or a stage."""
+        return type_name in self.stages or type_name in self.task.expected
+
+    def cannot_answer(self, type_name: str) -> bool:
+        """Whether ``type_name`` has no usable answer for this task and never will."""
+        return (
+            type_name in self.errored
+            or type_name in self.unavailable
+            or type_name in self.blocked
+            or not self.has_type(type_name)
+        )
+
+    def missing_reasons(self, end_reason: str) -> dict[str, str]:
+        """Why each type (fused or a stage) with no usable answer has none."""
+        reasons = {}
+        for t in (*self.task.expected, *sorted(self.stages)):
+            if t in self.seen and t not in self.errored:
+                continue
+            if t in self.blocked:
+                reasons[t] = self.blocked[t]
+            elif t in self.unavailable:
+                reasons[t] = "no input: " + (",".join(self.missing_sensors) or "sensor data")
+            elif t in self.errored:
+                reasons[t] = "error"
+            else:
+                reasons[t] = end_reason or "no answer"
+        return reasons
+
+    def advance(self) -> list[Ready]:
+        """Settle every waiting stage that can be: blocked when an upstream it needs cannot
+        answer, ready when every upstream it needs has answered and every optional one has
+        answered or cannot. Returns the ready ones, which are no longer waiting."""
+        ready: list[Ready] = []
+        changed = True
+        while changed:
+            changed = False
+            for name, stage in list(self.waiting.items()):
+                failed = next((u for u in stage.after if self.cannot_answer(u)), None)
+                if failed is None and all(u in stage.inputs for u in stage.after):
+                    pending = [u for u in stage.optional if u not in stage.inputs]
+                    if any(not self.cannot_answer(u) for u in pending):
+                        continue  # an optional upstream may still come
+                    if stage.inputs:
+                        del self.waiting[name]
+                        ready.append(Ready(self.task, name, stage.inputs))
+                        continue
+                    failed = ",".join(pending)
+                elif failed is None:
+                    continue
+                del self.waiting[name]
+                self.blocked[name] = f"upstream: {failed}"
+                changed = True  # a blocked stage may block the stages that read it
+        return ready
+
+    def take_answer(self, type_name: str, output: np.ndarray | None) -> None:
+        """Give ``type_name``'s output to every waiting stage that reads it."""
+        if output is None:
+            return
+        for stage in self.waiting.values():
+            if stage.reads(type_name):
+                stage.inputs[type_name] = output
 
 
 @dataclass(frozen=True)
@@ -54,6 +154,7 @@ class Ended:
     missing: tuple[str, ...]
     reason: str
     missing_sensors: tuple[str, ...] = ()
+    missing_reasons: dict[str, str] = field(default_factory=dict)
 
 
 class TaskTracker:
@@ -75,8 +176,10 @@ class TaskTracker:
         self._deadlines: list[tuple[int, str]] = []
         self._ended: OrderedDict[str, str] = OrderedDict()
         self._remember_ended = remember_ended
-        self._orphans: OrderedDict[str, set[str]] = OrderedDict()
+        # task id -> type -> (answered with an error, its output)
+        self._orphans: OrderedDict[str, dict[str, tuple[bool, np.ndarray | None]]] = OrderedDict()
         self._remember_orphans = remember_orphans
+        self._ready: list[Ready] = []
         self.counts: dict[str, int] = dict.fromkeys(
             (
                 "opened",
@@ -120,6 +223,11 @@ class TaskTracker:
         """Whether a task for this window of this stream is open."""
         return (stream, t_start_ns) in self._windows
 
+    def take_ready(self) -> list[Ready]:
+        """The stages that became ready since the last call, to publish now."""
+        ready, self._ready = self._ready, []
+        return ready
+
     def next_deadline_ns(self) -> int | None:
         """The earliest deadline among open tasks."""
         while self._deadlines and self._deadlines[0][1] not in self._open:
@@ -134,8 +242,15 @@ class TaskTracker:
         unavailable: frozenset[str] = frozenset(),
         missing_sensors: tuple[str, ...] = (),
         max_inflight: int | None = None,
+        stages: frozenset[str] = frozenset(),
+        waiting: Iterable[PendingStage] = (),
+        blocked: dict[str, str] | None = None,
     ) -> list[Ended]:
         """Open a task; returns the tasks this ends (shed ones, or itself if nothing can answer).
+
+        ``stages`` are its types that other types read rather than fusion, and ``waiting``
+        the types that wait for upstream answers, with their sensor inputs; those that can
+        run at once are ready (:meth:`take_ready`).
 
         Raises:
             ValueError: the id is already open, or the task expects no type.
@@ -151,10 +266,21 @@ class TaskTracker:
                 oldest = next(iter(self._by_stream[stream]))
                 self.counts["shed"] += 1
                 ended.append(self._end(self._open[oldest], reason="shed: over max_inflight"))
-        entry = OpenTask(task, unavailable=unavailable, missing_sensors=missing_sensors)
-        orphaned = self._orphans.pop(task_id, None)
-        if orphaned:
-            entry.seen.update(t for t in orphaned if t in task.expected)
+        entry = OpenTask(
+            task,
+            unavailable=unavailable,
+            missing_sensors=missing_sensors,
+            stages=stages,
+            waiting={p.type: Waiting(p.after, p.optional, dict(p.inputs)) for p in waiting},
+            blocked=dict(blocked or {}),
+        )
+        for type_name, (error, output) in self._orphans.pop(task_id, {}).items():
+            if entry.has_type(type_name):
+                entry.seen.add(type_name)
+                if error:
+                    entry.errored.add(type_name)
+                entry.take_answer(type_name, output)
+        self._ready += entry.advance()
         self._open[task_id] = entry
         self._by_stream.setdefault(stream, OrderedDict())[task_id] = None
         self._windows[(stream, task.window.t_start_ns)] = task_id
@@ -177,38 +303,54 @@ class TaskTracker:
             record.task,
             unavailable=frozenset(record.unavailable),
             missing_sensors=record.missing_sensors,
+            stages=frozenset(record.stages),
+            waiting=record.pending,
+            blocked=record.blocked,
         )
         self.counts["opened"] -= 1
         self.counts["restored"] += 1
         entry = self._open.get(record.task_id)
         if entry is not None:
-            entry.seen.update(t for t in record.seen if t in record.expected)
+            entry.seen.update(t for t in record.seen if entry.has_type(t))
             entry.errored.update(t for t in record.errored if t in entry.seen)
+            self._ready += entry.advance()
             if entry.settled:
                 ended.append(self._end(entry, reason="restored complete"))
         return ended
 
     def record(
-        self, task_id: str, type_name: str, *, error: bool = False
+        self,
+        task_id: str,
+        type_name: str,
+        *,
+        error: bool = False,
+        output: np.ndarray | None = None,
     ) -> tuple[Seen, Ended | None]:
         """Note that ``type_name`` answered ``task_id`` (``error``: it could not, which ends
-        its wait but leaves it missing); returns the task if that ended it."""
+        its wait but leaves it missing) with ``output``, which the stages reading it are
+        given; returns the task if that ended it. Stages it makes ready are queued for
+        :meth:`take_ready`."""
         entry = self._open.get(task_id)
         if entry is None:
             seen = Seen.LATE if task_id in self._ended else Seen.UNKNOWN
             self.counts[seen.value] += 1
             if seen is Seen.UNKNOWN:
-                self._orphans.setdefault(task_id, set()).add(type_name)
+                answers = self._orphans.setdefault(task_id, {})
+                answers.setdefault(type_name, (error, None if error else output))
                 self._orphans.move_to_end(task_id)
                 if len(self._orphans) > self._remember_orphans:
                     self._orphans.popitem(last=False)
             return seen, None
-        if type_name in entry.seen or type_name not in entry.task.expected:
+        if type_name in entry.seen or not entry.has_type(type_name):
             self.counts["repeat"] += 1
             return Seen.REPEAT, None
         entry.seen.add(type_name)
         if error:
             entry.errored.add(type_name)
+        else:
+            entry.take_answer(type_name, output)
+        if entry.waiting:
+            self._ready += entry.advance()
         if entry.settled:
             return Seen.NEW, self._end(entry, reason="")
         return Seen.NEW, None
@@ -245,4 +387,6 @@ class TaskTracker:
         if len(self._ended) > self._remember_ended:
             self._ended.popitem(last=False)
         self.counts[state] += 1
-        return Ended(task, state, missing, reason, entry.missing_sensors)
+        return Ended(
+            task, state, missing, reason, entry.missing_sensors, entry.missing_reasons(reason)
+        )

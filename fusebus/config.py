@@ -22,6 +22,10 @@
     [default.subtasks.accel]
     sensors = ["accel"]               # or [{ sensor = "watch", channels = [0, 1, 2] }]
 
+    [default.subtasks.head]           # a stage: reads other types' answers of the window
+    after = ["enc_accel", { type = "enc_gyro", optional = true }]
+    # fuse = ["head", "accel"]        # in [default]: fused types (default: those none reads)
+
     [default.fusion]
     strategy = "weighted_mean"        # mean, majority_vote, max_confidence, threshold, k_of_n
     weights = { accel = 0.9 }
@@ -53,7 +57,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agents.fusion import FusionSpec
-from coordinator import Plan, PlanBook, SensorInput, SubtaskSpec
+from coordinator import Plan, PlanBook, SensorInput, StageInput, SubtaskSpec
 from coordinator.plan import SensorSpec, WindowSpec
 from schemas import ConfigError, FusebusError
 
@@ -68,10 +72,11 @@ PLAN_KEYS = {
     "sensors",
     "subtasks",
     "fusion",
+    "fuse",
 }
 WINDOW_KEYS = {"size_ms", "hop_ms", "rate_hz", "lateness_ms", "max_gap_ms"}
 SENSOR_KEYS = {"required", "max_silence_ms"}
-SUBTASK_KEYS = {"sensors"}
+SUBTASK_KEYS = {"sensors", "after"}
 FUSION_KEYS = {"strategy", "weights", "target", "threshold", "k"}
 TOPOLOGY_KEYS = {"replicas", "storage", "placement_tags", "placement_cluster"}
 
@@ -173,11 +178,25 @@ def _plan(body: dict[str, Any], where: str) -> Plan:
         s = _table(spec, f"{where}.subtasks.{type_name}")
         _no_unknown(s, SUBTASK_KEYS, f"{where}.subtasks.{type_name}")
         inputs = tuple(
-            _input(i, f"{where}.subtasks.{type_name}.sensors") for i in s.get("sensors", [])
+            _input(i, f"{where}.subtasks.{type_name}.sensors")
+            for i in _list(s.get("sensors", []), f"{where}.subtasks.{type_name}.sensors")
+        )
+        after = tuple(
+            _after(i, f"{where}.subtasks.{type_name}.after")
+            for i in _list(s.get("after", []), f"{where}.subtasks.{type_name}.after")
         )
         subtasks.append(
-            _build(SubtaskSpec, f"{where}.subtasks.{type_name}", type=type_name, inputs=inputs)
+            _build(
+                SubtaskSpec,
+                f"{where}.subtasks.{type_name}",
+                type=type_name,
+                inputs=inputs,
+                after=after,
+            )
         )
+    fuse = _list(body.get("fuse", []), f"{where}.fuse")
+    if not all(isinstance(t, str) for t in fuse):
+        raise ConfigError(f"{where}.fuse: must be a list of type names, got {fuse!r}")
     settings = {k: body[k] for k in ("deadline_ms", "max_inflight", "overflow") if k in body}
     for key in ("deadline_ms", "max_inflight"):
         if key in settings and (
@@ -191,6 +210,7 @@ def _plan(body: dict[str, Any], where: str) -> Plan:
         auto=types == "auto",
         window=window,
         sensors=tuple(sensors),
+        fuse=tuple(fuse),
         **settings,
     )
 
@@ -211,6 +231,23 @@ def _input(value: Any, where: str) -> SensorInput:
         sensor=item.get("sensor", ""),
         channels=tuple(channels) if channels else None,
     )
+
+
+def _after(value: Any, where: str) -> StageInput:
+    if isinstance(value, str):
+        return _build(StageInput, where, type=value)
+    item = _table(value, where)
+    _no_unknown(item, {"type", "optional"}, where)
+    optional = item.get("optional", False)
+    if not isinstance(optional, bool):
+        raise ConfigError(f"{where}: optional must be true or false, got {optional!r}")
+    return _build(StageInput, where, type=item.get("type", ""), optional=optional)
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: must be a list, got {type(value).__name__}")
+    return value
 
 
 def _fusion(value: Any, where: str) -> FusionSpec:

@@ -71,11 +71,26 @@ class ErrorInfo:
 
 @dataclass(frozen=True, slots=True)
 class InputSpec:
-    """One input an agent reads: ``samples`` x ``channels`` from ``sensor`` (0 = any)."""
+    """One input an agent reads, by name: ``samples`` x ``channels`` from the sensor
+    ``sensor`` (0 = any), or, with ``stage``, the output of the subtask type ``sensor`` for
+    the same window, of per-row ``shape`` (a 0 axis is any size; ``()`` is any shape)."""
 
     sensor: Name
     samples: int = 0
     channels: int = 0
+    stage: bool = False
+    shape: tuple[int, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """The input's name: the sensor's, or the upstream subtask type's."""
+        return self.sensor
+
+
+#: What a subtask type answers: class ``scores`` (one per label, fusable) or ``features``
+#: (an array of a declared shape, read by other subtask types of the window).
+OutputKind = Literal["scores", "features"]
+OUTPUT_KINDS: tuple[OutputKind, ...] = get_args(OutputKind)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)  # arrays have no plain ==
@@ -139,7 +154,8 @@ class Subtask:
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)  # arrays have no plain ==
 class Result:
-    """An agent's answer to one subtask: class probabilities (or scores), or an error."""
+    """An agent's answer to one subtask: class scores (one per label), features (an array
+    of the agent's declared shape, with no labels), or an error."""
 
     KIND: ClassVar[str] = "result"
     VERSION: ClassVar[int] = 1
@@ -353,7 +369,7 @@ class ResultBatch:
     weight: float
     latency_ms: float
     task_ids: tuple[TaskId, ...]
-    outputs: np.ndarray  # float32 [n, len(labels)]
+    outputs: np.ndarray  # float32 [n, len(labels)], or features: [n, *shape]
     windows: np.ndarray  # int64 [n, 2]
     expected: tuple[tuple[Name, ...], ...]
     ingest_ns: np.ndarray  # int64 [n]
@@ -368,7 +384,7 @@ class ResultBatch:
             expected=len(self.expected) == n,
             tickets=len(self.tickets) in (0, n),
             deadline_ns=self.deadline_ns is None or self.deadline_ns.shape == (n,),
-            outputs=self.outputs.ndim == 2 and self.outputs.shape[0] == n,
+            outputs=self.outputs.ndim >= 2 and self.outputs.shape[0] == n,
             windows=self.windows.shape == (n, 2),
             ingest_ns=self.ingest_ns.shape == (n,),
         )
@@ -488,6 +504,9 @@ class TaskStatus:
     missing_sensors: tuple[Name, ...] = ()  # sensors with no usable data in the window
     deadline_ns: int = 0
     ticket: bytes = b""  # the coordinator's seal on the task
+    # Why each type of the task with no usable answer has none (fused or not): "deadline",
+    # "no input: <sensors>", "upstream: <type>" (a stage it reads did not answer), "error".
+    missing_reasons: dict[Name, Label] = field(default_factory=dict)
 
     @classmethod
     def of(
@@ -499,6 +518,7 @@ class TaskStatus:
         reason: str,
         missing_sensors: tuple[str, ...] = (),
         ticket: bytes = b"",
+        missing_reasons: dict[str, str] | None = None,
     ) -> TaskStatus:
         """The status of ``task``, ended in ``state``."""
         return cls(
@@ -513,6 +533,7 @@ class TaskStatus:
             missing_sensors=missing_sensors,
             deadline_ns=task.deadline_ns,
             ticket=ticket,
+            missing_reasons=dict(missing_reasons or {}),
         )
 
     @property
@@ -547,6 +568,8 @@ class Decision:
     # With ``auto`` plans: types planned, or seen lately, that this window's task did not
     # expect because no replica was running when it opened.
     absent: tuple[Name, ...] = ()
+    # Why each type with no usable answer has none, as in ``TaskStatus.missing_reasons``.
+    missing_reasons: dict[Name, Label] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -581,6 +604,20 @@ class AgentInfo:
     inputs: tuple[InputSpec, ...]
     labels: tuple[Label, ...]
     weight: float = 1.0
+    output: OutputKind = "scores"
+    output_shape: tuple[int, ...] = ()  # per-row shape of ``features`` (0 = any size)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)  # arrays have no plain ==
+class PendingStage:
+    """A subtask type of an open task that waits for the answers of other types (its
+    ``after``, and ``optional`` ones it runs without when they cannot come), with the
+    inputs it has so far: sensor slices, and upstream outputs by type."""
+
+    type: Name
+    after: tuple[Name, ...] = ()
+    optional: tuple[Name, ...] = ()
+    inputs: dict[Name, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -597,6 +634,11 @@ class OpenTaskRecord:
     unavailable: tuple[Name, ...] = ()
     missing_sensors: tuple[Name, ...] = ()
     errored: tuple[Name, ...] = ()  # of ``seen``, the types that answered with an error
+    # Model chains: the task's types that are read by other types rather than fused, the
+    # stages not yet published, and the types never published because an upstream failed.
+    stages: tuple[Name, ...] = ()
+    pending: tuple[PendingStage, ...] = ()
+    blocked: dict[Name, Label] = field(default_factory=dict)
 
     @property
     def task(self) -> Task:

@@ -117,8 +117,17 @@ class PendingTask:
     task: Task
     answers: dict[str, Vote | None] = field(default_factory=dict)  # by type; None: an error
     missing_sensors: tuple[str, ...] = ()
+    missing_reasons: dict[str, str] = field(default_factory=dict)  # from the task's status
     held: list[Held] = field(default_factory=list)  # settled once it is decided
     decide_by: float = 0.0  # monotonic: decided then at the latest, with what it has
+
+
+def is_fused(message: Result | ResultBatch) -> bool:
+    """Whether fusion fuses the answer: its type is one its task expects (a task that
+    names none, from an older coordinator, fuses every answer)."""
+    if isinstance(message, ResultBatch):
+        return all(not expected or message.type in expected for expected in message.expected)
+    return not message.expected or message.type in message.expected
 
 
 class FusionAgent:
@@ -331,6 +340,11 @@ class FusionAgent:
         Raises:
             UnknownTaskError: a row's ticket does not match (nothing of the message is used).
         """
+        if not isinstance(message, TaskStatus) and not is_fused(message):
+            # A stage of a model chain: other types read its answers, fusion does not.
+            self.counts["not_fused"] += len(message) if isinstance(message, ResultBatch) else 1
+            await delivery.ack()
+            return
         if isinstance(message, ResultBatch):
             await self._take_batch(message, Held(delivery, len(message)))
             return
@@ -341,6 +355,7 @@ class FusionAgent:
         match message:
             case TaskStatus():
                 pending.missing_sensors = message.missing_sensors
+                pending.missing_reasons = dict(message.missing_reasons)
                 await self._decide(pending, reason=message.reason or message.state)
             case Result(error=None, output=np.ndarray() as output):
                 vote = Vote(message.type, message.labels, output, message.weight)
@@ -422,6 +437,10 @@ class FusionAgent:
         contributors = tuple(v.type for v in votes)
         expected = task.expected or contributors
         missing = tuple(t for t in expected if t not in contributors)
+        reasons = dict(pending.missing_reasons)
+        for t in missing:
+            if t not in reasons:
+                reasons[t] = "error" if t in pending.answers else (reason or "no answer")
         absent = self._absent(task, contributors)
         strategy = self.strategies.get(task.stream, self.strategy)
         alarm = False
@@ -448,6 +467,7 @@ class FusionAgent:
             missing_sensors=pending.missing_sensors,
             fusion=self.name,
             absent=absent,
+            missing_reasons=reasons,
         )
         held = pending.held
 
