@@ -8,7 +8,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from schemas import ConfigError, InputSpec, ModelRef
+from schemas import OUTPUT_KINDS, ConfigError, InputSpec, ModelRef, OutputKind
 
 
 @runtime_checkable
@@ -16,9 +16,15 @@ class Agent(Protocol):
     """An agent serving one subtask type.
 
     ``inputs`` names the sensors it reads (with their expected samples and channels, 0 for
-    any); ``labels`` names its outputs in order; ``weight`` is its default fusion weight
-    (finite and > 0). An agent may also give ``input_dtypes``, the dtype each input is cast
-    to; inputs that cannot be cast to it are answered with an ``input_mismatch`` error.
+    any), and the other subtask types whose outputs it reads (``InputSpec(type, stage=True,
+    shape=...)``); ``labels`` names its outputs in order; ``weight`` is its default fusion
+    weight (finite and > 0). An agent may also give ``input_dtypes``, the dtype each input
+    is cast to; inputs that cannot be cast to it are answered with an ``input_mismatch``
+    error.
+
+    An agent that answers features rather than class scores (a stage of a model chain,
+    read by other types) sets ``output = "features"``, ``output_shape`` to its per-row
+    shape and ``labels = ()``; see :func:`output_of`.
     """
 
     type: str
@@ -33,8 +39,34 @@ class Agent(Protocol):
         ...
 
     def predict(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        """Map ``{sensor: [batch, samples, channels]}`` to ``[batch, len(labels)]`` scores."""
+        """Map ``{input: [batch, ...]}`` (a sensor's ``[batch, samples, channels]``, an
+        upstream type's ``[batch, *its output shape]``) to ``[batch, len(labels)]`` scores,
+        or ``[batch, *output_shape]`` features."""
         ...
+
+
+def output_of(agent: Agent) -> tuple[OutputKind, tuple[int, ...]]:
+    """What ``agent`` answers and its per-row shape: ``("scores", (len(labels),))`` unless
+    it declares ``output = "features"`` with an ``output_shape``.
+
+    Raises:
+        ConfigError: the declaration is not one fusebus can carry.
+    """
+    kind = getattr(agent, "output", "scores")
+    if kind == "scores":
+        if not agent.labels:
+            raise ConfigError(f"agent {agent.type!r}: a scores agent needs labels")
+        return "scores", (len(agent.labels),)
+    if kind != "features":
+        raise ConfigError(
+            f"agent {agent.type!r}: output must be one of {OUTPUT_KINDS}, got {kind!r}"
+        )
+    shape = tuple(getattr(agent, "output_shape", ()))
+    if not shape or not all(isinstance(n, int) and n >= 1 for n in shape):
+        raise ConfigError(
+            f"agent {agent.type!r}: a features agent needs output_shape (sizes >= 1), got {shape!r}"
+        )
+    return "features", shape
 
 
 def check_weight(weight: object, *, owner: str) -> float:

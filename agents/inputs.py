@@ -66,11 +66,17 @@ def input_mismatch(
             others = ", ".join(_describe(n, a) for n, a in sorted(arrays.items())) or "nothing"
             return InputMismatch(spec.sensor, expected, f"no such input ({others})")
         shape = tuple(array.shape[1:])
-        fits_shape = (
-            len(shape) == 2
-            and (spec.samples == 0 or shape[0] == spec.samples)
-            and (spec.channels == 0 or shape[1] == spec.channels)
-        )
+        if spec.stage:
+            fits_shape = not spec.shape or (
+                len(shape) == len(spec.shape)
+                and all(w in (0, g) for w, g in zip(spec.shape, shape, strict=True))
+            )
+        else:
+            fits_shape = (
+                len(shape) == 2
+                and (spec.samples == 0 or shape[0] == spec.samples)
+                and (spec.channels == 0 or shape[1] == spec.channels)
+            )
         if want_dtype is not None:
             fits_dtype = bool(np.can_cast(array.dtype, want_dtype, casting="same_kind"))
         else:
@@ -81,9 +87,16 @@ def input_mismatch(
 
 
 def _describe_spec(spec: InputSpec, dtype: np.dtype | None) -> str:
+    if spec.stage:
+        shape = "any shape" if not spec.shape else f"per-row shape {_axes(spec.shape)}"
+        return f"{spec.sensor!r}'s output of {shape}" + (f" {dtype.name}" if dtype else "")
     samples = str(spec.samples) if spec.samples else "any"
     channels = str(spec.channels) if spec.channels else "any"
     return f"{samples} samples x {channels} channels" + (f" {dtype.name}" if dtype else "")
+
+
+def _axes(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(n) if n else "any" for n in shape) + ")"
 
 
 def _describe_array(array: np.ndarray) -> str:

@@ -35,6 +35,8 @@ class ModelAgent:
         self.inputs: tuple[InputSpec, ...] = self.card.inputs
         self.labels = self.card.labels
         self.weight = self.card.weight
+        self.output = self.card.output
+        self.output_shape = self.card.output_shape
         self._runtime: ModelRuntime = load_runtime(model_path, buckets=buckets)
         self.runtime = self._runtime.name
         check_card_fits_model(self.card, self._runtime, model_path)
@@ -49,12 +51,14 @@ class ModelAgent:
         self._runtime.warm_up()
 
     def predict(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        """Run the model; checks it answers one score per label per row."""
+        """Run the model; checks it answers one score per label per row (or, for a
+        features model, the card's output shape per row)."""
         rows = len(next(iter(batch.values())))
         output = self._runtime.predict([batch[spec.sensor] for spec in self.inputs])
-        if output.shape != (rows, len(self.labels)):
+        per_row = self.output_shape if self.output == "features" else (len(self.labels),)
+        if output.shape != (rows, *per_row):
             raise ModelError(
-                f"{self.model.name} returned shape {output.shape}, expected ({rows}, {len(self.labels)})"
+                f"{self.model.name} returned shape {output.shape}, expected {(rows, *per_row)}"
             )
         return output
 
@@ -75,11 +79,22 @@ def check_card_fits_model(card: ModelCard, runtime: ModelRuntime, model_path: Pa
             f"{len(shapes)}"
         )
     for spec, shape in zip(card.inputs, shapes, strict=True):
+        if spec.stage:
+            if spec.shape and (
+                len(spec.shape) != len(shape)
+                or any(c and m > 0 and c != m for c, m in zip(spec.shape, shape, strict=True))
+            ):
+                raise ConfigError(
+                    f"model {model_path}: its card says input {spec.sensor!r} has per-row shape "
+                    f"{list(spec.shape)}, the model takes {list(shape)}"
+                )
+            continue
         model_dims = tuple(shape) if len(shape) == 2 else None
         if model_dims is None:
             raise ConfigError(
                 f"model {model_path}: input {spec.sensor!r} has per-row shape {tuple(shape)}; "
-                "fusebus feeds [samples, channels]"
+                "fusebus feeds a sensor as [samples, channels] (an input that is another type's "
+                'output says so in the card: {"stage": <type>, "shape": [...]})'
             )
         for what, card_size, model_size in zip(
             ("samples", "channels"), (spec.samples, spec.channels), model_dims, strict=True

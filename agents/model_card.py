@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from agents.base import check_weight
-from schemas import ConfigError, InputSpec
+from schemas import OUTPUT_KINDS, ConfigError, FusebusError, InputSpec, OutputKind
+from schemas.limits import check_name
 
 #: The metric a trained model's card reports, whose value is its default fusion weight.
 WEIGHT_METRIC = "val_accuracy"
@@ -31,13 +32,26 @@ class ModelCard:
     weight: float = 1.0
     metrics: dict[str, float] = field(default_factory=dict)
     notes: str = ""
+    output: OutputKind = "scores"  # or "features": an array of ``output_shape`` per row
+    output_shape: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.labels:
-            raise ConfigError(f"model card {self.name!r}: labels must not be empty")
+        owner = f"model card {self.name!r}"
+        if self.output not in OUTPUT_KINDS:
+            raise ConfigError(f"{owner}: output must be one of {OUTPUT_KINDS}, got {self.output!r}")
+        if self.output == "scores" and not self.labels:
+            raise ConfigError(f"{owner}: labels must not be empty")
+        if self.output == "features":
+            if self.labels:
+                raise ConfigError(f"{owner}: a features model has no labels")
+            if not self.output_shape or any(n < 1 for n in self.output_shape):
+                raise ConfigError(
+                    f"{owner}: a features model needs its output shape (sizes >= 1), "
+                    f"got {list(self.output_shape)}"
+                )
         if not self.inputs:
-            raise ConfigError(f"model card {self.name!r}: inputs must not be empty")
-        check_weight(self.weight, owner=f"model card {self.name!r}")
+            raise ConfigError(f"{owner}: inputs must not be empty")
+        check_weight(self.weight, owner=owner)
 
     @classmethod
     def for_model(cls, model_path: Path) -> ModelCard:
@@ -57,32 +71,58 @@ class ModelCard:
             raise ConfigError(f"model card {path}: expected a JSON object")
         try:
             metrics = {str(k): float(v) for k, v in raw.get("metrics", {}).items()}
+            output = raw.get("output", "scores")
+            if isinstance(output, dict):
+                kind, shape = output.get("kind", "scores"), output.get("shape", [])
+            else:
+                kind, shape = output, []
             return cls(
                 type=str(raw["type"]),
                 name=str(raw["name"]),
                 version=str(raw.get("version", "0.0.0")),
-                labels=tuple(str(label) for label in raw["labels"]),
-                inputs=tuple(
-                    InputSpec(str(i["sensor"]), int(i.get("samples", 0)), int(i.get("channels", 0)))
-                    for i in raw["inputs"]
-                ),
+                labels=tuple(str(label) for label in raw.get("labels", ())),
+                inputs=tuple(_input(i) for i in raw["inputs"]),
                 weight=card_weight(raw.get("weight"), metrics, owner=f"model card {path}"),
                 metrics=metrics,
                 notes=str(raw.get("notes", "")),
+                output=kind,
+                output_shape=tuple(int(n) for n in shape),
             )
         except ConfigError:
             raise  # already names the card and the problem
+        except FusebusError as exc:
+            raise ConfigError(f"model card {path}: {exc}") from None
         except KeyError as exc:
             raise ConfigError(f"model card {path}: missing key {exc}") from None
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"model card {path}: {exc}") from None
 
     def to_json(self) -> str:
-        """The card as pretty JSON."""
+        """The card as pretty JSON (in the layout :meth:`from_file` reads)."""
         data: dict[str, Any] = asdict(self)
         data["labels"] = list(self.labels)
-        data["inputs"] = [asdict(spec) for spec in self.inputs]
+        data["inputs"] = [
+            {"stage": spec.sensor, "shape": list(spec.shape)}
+            if spec.stage
+            else {"sensor": spec.sensor, "samples": spec.samples, "channels": spec.channels}
+            for spec in self.inputs
+        ]
+        del data["output_shape"]
+        if self.output == "features":
+            data["output"] = {"kind": "features", "shape": list(self.output_shape)}
         return json.dumps(data, indent=2) + "\n"
+
+
+def _input(raw: dict[str, Any]) -> InputSpec:
+    """One card input: ``{"sensor", "samples", "channels"}``, or ``{"stage", "shape"}`` for
+    the output of another subtask type."""
+    if "stage" in raw:
+        return InputSpec(
+            check_name(str(raw["stage"]), "stage"),
+            stage=True,
+            shape=tuple(int(n) for n in raw.get("shape", ())),
+        )
+    return InputSpec(str(raw["sensor"]), int(raw.get("samples", 0)), int(raw.get("channels", 0)))
 
 
 def card_weight(explicit: object, metrics: dict[str, float], *, owner: str) -> float:

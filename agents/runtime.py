@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from agents.base import Agent, check_weight
+from agents.base import Agent, check_weight, output_of
 from agents.inputs import INPUT_MISMATCH, InputMismatch, InputShape, input_mismatch, input_shape
 from bus import (
     BatchPuller,
@@ -43,6 +43,7 @@ from schemas import (
     AgentInfo,
     ConfigError,
     ErrorInfo,
+    ModelError,
     Result,
     ResultBatch,
     SchemaError,
@@ -115,6 +116,7 @@ class AgentRuntime:
         # Every result carries the weight, and fusion multiplies by it: refuse a bad one here,
         # whatever kind of agent declared it.
         check_weight(agent.weight, owner=f"agent {agent.type!r}")
+        self.output, self.output_shape = output_of(agent)
         self.agent = agent
         self.nc = nc
         self.subjects = subjects
@@ -164,6 +166,8 @@ class AgentRuntime:
             inputs=a.inputs,
             labels=a.labels,
             weight=a.weight,
+            output=self.output,
+            output_shape=self.output_shape if self.output == "features" else (),
         )
 
     def stats(self) -> dict[str, Any]:
@@ -443,7 +447,13 @@ class AgentRuntime:
                     began = time.perf_counter()
                     parts.append(self.agent.predict(inputs))
                     calls.append((len(parts[-1]), time.perf_counter() - began))
-                outputs.append(parts[0] if len(parts) == 1 else np.concatenate(parts))
+                output = parts[0] if len(parts) == 1 else np.concatenate(parts)
+                if output.shape != (len(batch), *self.output_shape):
+                    raise ModelError(
+                        f"agent {self.agent.type!r} answered {len(batch)} rows with shape "
+                        f"{output.shape}, expected {(len(batch), *self.output_shape)}"
+                    )
+                outputs.append(output)
             return outputs, calls
 
         rows = sum(map(len, served))
