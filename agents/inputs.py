@@ -62,6 +62,8 @@ def input_mismatch(
         want_dtype = np.dtype(dtypes[i]) if dtypes is not None else None
         expected = _describe_spec(spec, want_dtype)
         array = arrays.get(spec.sensor)
+        if array is None and spec.optional:
+            continue
         if array is None:
             others = ", ".join(_describe(n, a) for n, a in sorted(arrays.items())) or "nothing"
             return InputMismatch(spec.sensor, expected, f"no such input ({others})")

@@ -54,13 +54,20 @@ class ModelAgent:
         """Run the model; checks it answers one score per label per row (or, for a
         features model, the card's output shape per row)."""
         rows = len(next(iter(batch.values())))
-        output = self._runtime.predict([batch[spec.sensor] for spec in self.inputs])
+        output = self._runtime.predict([self._input(batch, spec, rows) for spec in self.inputs])
         per_row = self.output_shape if self.output == "features" else (len(self.labels),)
         if output.shape != (rows, *per_row):
             raise ModelError(
                 f"{self.model.name} returned shape {output.shape}, expected {(rows, *per_row)}"
             )
         return output
+
+    def _input(self, batch: dict[str, np.ndarray], spec: InputSpec, rows: int) -> np.ndarray:
+        """The batch's input for ``spec``: zeros for an optional one that did not come,
+        which is what a model trained with that input dropped out learnt to read."""
+        if spec.sensor in batch or not spec.optional:
+            return batch[spec.sensor]
+        return np.zeros((rows, *spec.shape), np.float32)
 
 
 def check_card_fits_model(card: ModelCard, runtime: ModelRuntime, model_path: Path) -> None:

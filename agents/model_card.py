@@ -102,7 +102,7 @@ class ModelCard:
         data: dict[str, Any] = asdict(self)
         data["labels"] = list(self.labels)
         data["inputs"] = [
-            {"stage": spec.sensor, "shape": list(spec.shape)}
+            {"stage": spec.sensor, "shape": list(spec.shape), "optional": spec.optional}
             if spec.stage
             else {"sensor": spec.sensor, "samples": spec.samples, "channels": spec.channels}
             for spec in self.inputs
@@ -117,10 +117,17 @@ def _input(raw: dict[str, Any]) -> InputSpec:
     """One card input: ``{"sensor", "samples", "channels"}``, or ``{"stage", "shape"}`` for
     the output of another subtask type."""
     if "stage" in raw:
+        optional = raw.get("optional", False)
+        if not isinstance(optional, bool):
+            raise ConfigError(f"input {raw['stage']!r}: optional must be true or false")
+        shape = tuple(int(n) for n in raw.get("shape", ()))
+        if optional and (not shape or 0 in shape):
+            raise ConfigError(
+                f"input {raw['stage']!r}: an optional input needs a fixed shape (it is given "
+                "as zeros when absent)"
+            )
         return InputSpec(
-            check_name(str(raw["stage"]), "stage"),
-            stage=True,
-            shape=tuple(int(n) for n in raw.get("shape", ())),
+            check_name(str(raw["stage"]), "stage"), stage=True, shape=shape, optional=optional
         )
     return InputSpec(str(raw["sensor"]), int(raw.get("samples", 0)), int(raw.get("channels", 0)))
 

@@ -443,7 +443,11 @@ class AgentRuntime:
             for batch in served:
                 parts = []
                 for start in range(0, len(batch), size):
-                    inputs = {k: batch.inputs[k][start : start + size] for k in sensors}
+                    inputs = {
+                        k: batch.inputs[k][start : start + size]
+                        for k in sensors
+                        if k in batch.inputs  # an optional stage input may be absent
+                    }
                     began = time.perf_counter()
                     parts.append(self.agent.predict(inputs))
                     calls.append((len(parts[-1]), time.perf_counter() - began))

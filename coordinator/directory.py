@@ -40,15 +40,15 @@ class KnownType:
 
     @property
     def upstream(self) -> tuple[str, ...]:
-        """The types whose answers this type reads."""
-        return tuple(spec.sensor for spec in self.inputs if spec.stage)
+        """The types whose answers this type needs (its optional ones it can do without)."""
+        return tuple(spec.sensor for spec in self.inputs if spec.stage and not spec.optional)
 
     def spec(self) -> SubtaskSpec:
         """This type as a plan's subtask: its sensors, and the types it reads after."""
         return SubtaskSpec(
             self.type,
             tuple(SensorInput(spec.sensor) for spec in self.inputs if not spec.stage),
-            tuple(StageInput(name) for name in self.upstream),
+            tuple(StageInput(i.sensor, i.optional) for i in self.inputs if i.stage),
         )
 
 

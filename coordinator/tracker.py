@@ -102,6 +102,10 @@ class OpenTask:
                 continue
             if t in self.blocked:
                 reasons[t] = self.blocked[t]
+            elif t in self.waiting:  # never published: what it waited for did not come
+                stage = self.waiting[t]
+                absent = [u for u in (*stage.after, *stage.optional) if u not in stage.inputs]
+                reasons[t] = "upstream: " + ",".join(absent)
             elif t in self.unavailable:
                 reasons[t] = "no input: " + (",".join(self.missing_sensors) or "sensor data")
             elif t in self.errored:

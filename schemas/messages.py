@@ -73,13 +73,16 @@ class ErrorInfo:
 class InputSpec:
     """One input an agent reads, by name: ``samples`` x ``channels`` from the sensor
     ``sensor`` (0 = any), or, with ``stage``, the output of the subtask type ``sensor`` for
-    the same window, of per-row ``shape`` (a 0 axis is any size; ``()`` is any shape)."""
+    the same window, of per-row ``shape`` (a 0 axis is any size; ``()`` is any shape).
+    An ``optional`` stage input may be absent: the agent runs without it (with ``auto``
+    plans, the coordinator does not wait for it when it cannot come)."""
 
     sensor: Name
     samples: int = 0
     channels: int = 0
     stage: bool = False
     shape: tuple[int, ...] = ()
+    optional: bool = False
 
     @property
     def name(self) -> str:

@@ -58,8 +58,6 @@ class MotionEnergyAgent:
         self.labels = tuple(self.bands)
         self.inputs: tuple[InputSpec, ...] = (InputSpec(sensor, 0, 3),)
         self.model = ModelRef("motion-energy-rules", "1.0.0")
-        self._low = np.array([b[0] for b in self.bands.values()])
-        self._high = np.array([b[1] for b in self.bands.values()])
 
     def __repr__(self) -> str:
         return f"MotionEnergyAgent(type={self.type!r}, bands={self.bands})"
@@ -75,7 +73,17 @@ class MotionEnergyAgent:
     def predict(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """Scores per label, summing to one per row."""
         energy = self.energy(batch[self.inputs[0].sensor])[:, None]
-        outside = np.maximum(self._low - energy, 0) + np.maximum(energy - self._high, 0)
-        scores = np.exp(-outside / self.softness)
-        normalised: np.ndarray = scores / scores.sum(axis=1, keepdims=True)
-        return normalised.astype(np.float32)
+        return band_scores(energy, self.bands, self.softness)
+
+
+def band_scores(
+    energy: np.ndarray, bands: dict[str, tuple[float, float]], softness: float
+) -> np.ndarray:
+    """Scores per label (summing to one per row) for ``[rows, 1]`` motion energies: 1 inside
+    a label's band, falling as ``exp(-distance / softness)`` outside it."""
+    low = np.array([b[0] for b in bands.values()])
+    high = np.array([b[1] for b in bands.values()])
+    outside = np.maximum(low - energy, 0) + np.maximum(energy - high, 0)
+    scores = np.exp(-outside / softness)
+    normalised: np.ndarray = scores / scores.sum(axis=1, keepdims=True)
+    return normalised.astype(np.float32)
