@@ -5,17 +5,22 @@ rest, and kept across kills and restarts."""
 from __future__ import annotations
 
 import dataclasses
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from nats.aio.client import Client
 
 from agents import AgentRuntime, ModelAgent
-from agents.builtin import EnergyBandsHead, WindowStatsStage
+from agents.builtin import EnergyBandsHead, SmoothingStage, WindowStatsStage
 from agents.fusion import FusionAgent
-from bus import Producer, Subjects
+from bus import EmbeddedServer, Producer, Subjects
 from coordinator import (
     Coordinator,
     Plan,
@@ -28,10 +33,13 @@ from coordinator import (
 from fusebus.datasets import SensorDataset
 from fusebus.paths import models_dir
 from fusebus.replay import replay_frames
-from schemas import Decision
-from tests.helpers import Collector
+from schemas import Decision, InputSpec, ModelRef, SensorFrame
+from tests.helpers import Collector, FrameFeeder, eventually, wait_for_agents, wait_for_role
+from tests.test_faults import bus_args, intake_done
 
 Connect = Callable[[str], Awaitable[Client]]
+Spawn = Callable[..., subprocess.Popen[bytes]]
+FUSEBUS = (sys.executable, "-m", "fusebus")
 
 ACCEL = SubtaskSpec("accel", (SensorInput("accel"),))
 GYRO = SubtaskSpec("gyro", (SensorInput("gyro"),))
@@ -76,8 +84,10 @@ async def run_chain(
         await decisions.wait_for(len(sent), timeout_s=30)
         await decisions.settle()
     finally:
-        for part in (coordinator, fusion, *runtimes):
-            await part.stop()
+        await coordinator.stop()
+        await fusion.stop()
+        for runtime in runtimes:
+            await runtime.stop()
     assert Counter(d.task_id for d in decisions.items).most_common(1)[0][1] == 1
     truth = {w.t_start_ns: w.label for w in sent}
     return ChainRun(decisions.items, truth, coordinator, fusion, runtimes)
@@ -121,3 +131,311 @@ async def test_a_two_stage_chain_is_fused_with_the_per_sensor_models(
     assert run.fusion.counts["not_fused"] == 40  # every stats answer, skipped by fusion
     assert run.processed == {"accel": 40, "gyro": 40, "stats": 40, "energy": 40}
     assert run.accuracy >= 0.9
+
+
+async def test_a_three_stage_chain_runs_each_stage_once_per_window(
+    connect_bus: Connect, subjects: Subjects, basicmotions: SensorDataset
+) -> None:
+    """``smooth`` (a numpy moving average) -> ``stats`` (reading smooth's output, not a
+    sensor) -> ``energy``: each stage runs once per window and every decision is complete."""
+    plan = chain_plan(
+        SubtaskSpec("smooth", (SensorInput("accel"),)),
+        SubtaskSpec("stats", after=(StageInput("smooth"),)),
+        ENERGY,
+    )
+    assert plan.fused == ("energy",)
+    agents = [
+        SmoothingStage(width=3),
+        WindowStatsStage(source="smooth", stage=True),
+        EnergyBandsHead(),
+    ]
+    run = await run_chain(connect_bus, subjects, basicmotions, plan, agents, count=20)
+    assert len(run.decisions) == 20
+    assert all(d.status == "complete" and d.contributors == ("energy",) for d in run.decisions)
+    assert run.processed == {"smooth": 20, "stats": 20, "energy": 20}
+    assert run.coordinator.counts["stages_published"] == 40  # stats and energy, per window
+    assert run.fusion.counts["not_fused"] == 40  # smooth and stats answers
+
+
+class FanInHead:
+    """A head reading two stats stages: scores from the accelerometer's motion energy, and
+    what it was given, kept for the test to check."""
+
+    runtime = "test"
+    weight = 1.0
+    model = ModelRef("fan-in", "1")
+
+    def __init__(self, *, optional_gyro: bool = False) -> None:
+        self.type = "head"
+        self.inputs = (
+            InputSpec("stats_accel", stage=True, shape=(13,)),
+            InputSpec("stats_gyro", stage=True, shape=(13,), optional=optional_gyro),
+        )
+        self.bands = EnergyBandsHead(stage="stats_accel")
+        self.labels = self.bands.labels
+        self.given: list[tuple[str, ...]] = []
+
+    def warm_up(self) -> None:
+        """Nothing to load."""
+
+    def predict(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        rows = len(batch["stats_accel"])
+        self.given += [tuple(sorted(batch))] * rows
+        return self.bands.predict(batch)
+
+
+FAN_IN = (
+    SubtaskSpec("stats_accel", (SensorInput("accel"),)),
+    SubtaskSpec("stats_gyro", (SensorInput("gyro"),)),
+)
+
+
+def stats_of(sensor: str) -> WindowStatsStage:
+    return WindowStatsStage(type=f"stats_{sensor}", source=sensor)
+
+
+async def test_two_stages_fan_in_to_one_head(
+    connect_bus: Connect, subjects: Subjects, basicmotions: SensorDataset
+) -> None:
+    """The head is published once both stats stages answered, with both outputs as inputs."""
+    plan = chain_plan(
+        *FAN_IN, SubtaskSpec("head", after=(StageInput("stats_accel"), StageInput("stats_gyro")))
+    )
+    head = FanInHead()
+    run = await run_chain(
+        connect_bus,
+        subjects,
+        basicmotions,
+        plan,
+        [stats_of("accel"), stats_of("gyro"), head],
+        count=20,
+    )
+    assert all(d.status == "complete" and d.contributors == ("head",) for d in run.decisions)
+    assert head.given == [("stats_accel", "stats_gyro")] * 20
+    assert run.coordinator.counts["stages_published"] == 20
+    assert run.accuracy >= 0.9
+
+
+async def test_with_no_upstream_agent_the_head_is_never_published_and_says_why(
+    connect_bus: Connect, subjects: Subjects, basicmotions: SensorDataset
+) -> None:
+    """No stats agent runs: energy is never published, every decision is partial (accel
+    answered) and names the reason: energy waited for stats, which had no answer."""
+    plan = chain_plan(ACCEL, STATS, ENERGY, deadline_ms=500)
+    energy = EnergyBandsHead()
+    run = await run_chain(
+        connect_bus,
+        subjects,
+        basicmotions,
+        plan,
+        [ModelAgent(models_dir() / "accel.tflite"), energy],
+        count=10,
+    )
+    assert len(run.decisions) == 10
+    for d in run.decisions:
+        assert d.status == "partial" and d.contributors == ("accel",)
+        assert d.missing == ("energy",)
+        assert d.missing_reasons == {"energy": "upstream: stats", "stats": "deadline"}
+        assert d.latency_ms >= 500
+    assert run.processed["energy"] == 0
+    assert run.coordinator.counts["stages_published"] == 0
+
+
+async def test_with_no_downstream_agent_the_head_is_missing_at_the_deadline(
+    connect_bus: Connect, subjects: Subjects, basicmotions: SensorDataset
+) -> None:
+    """No energy agent runs: stats answers, energy is published and waits out the deadline;
+    decisions are partial with energy missing for want of an answer, stats not missing."""
+    plan = chain_plan(ACCEL, STATS, ENERGY, deadline_ms=500)
+    run = await run_chain(
+        connect_bus,
+        subjects,
+        basicmotions,
+        plan,
+        [ModelAgent(models_dir() / "accel.tflite"), WindowStatsStage()],
+        count=10,
+    )
+    for d in run.decisions:
+        assert d.status == "partial" and d.contributors == ("accel",)
+        assert d.missing_reasons == {"energy": "deadline"}
+    assert run.processed["stats"] == 10
+    assert run.coordinator.counts["stages_published"] == 10
+
+
+async def test_an_optional_upstream_that_cannot_come_is_not_waited_for(
+    connect_bus: Connect, subjects: Subjects, basicmotions: SensorDataset
+) -> None:
+    """With gyro frames missing, stats_gyro has no input: the head, for which it is
+    optional, runs at once on stats_accel alone and every decision is complete."""
+    plan = chain_plan(
+        *FAN_IN,
+        SubtaskSpec(
+            "head", after=(StageInput("stats_accel"), StageInput("stats_gyro", optional=True))
+        ),
+    )
+    head = FanInHead(optional_gyro=True)
+    nc = await connect_bus("test")
+    runtimes = [
+        await serve(connect_bus, subjects, agent)
+        for agent in (stats_of("accel"), stats_of("gyro"), head)
+    ]
+    fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
+    coordinator = await Coordinator(
+        await connect_bus("coordinator"), plans=PlanBook(default=plan), subjects=subjects
+    ).start()
+    decisions = await Collector(Decision).start(nc, subjects.decision("bm"))
+    producer = Producer(nc, subjects)
+    try:
+        for i, case in enumerate(basicmotions.x_test[:10]):
+            accel = basicmotions.sensor_view(case, "accel")
+            await producer.frame(
+                SensorFrame(
+                    stream="bm",
+                    t_ns=(i + 1) * 10**10,
+                    period_ns=basicmotions.period_ns,
+                    sensors={"accel": accel},  # the gyroscope is silent
+                )
+            )
+        await decisions.wait_for(10)
+        await decisions.settle()
+    finally:
+        await coordinator.stop()
+        await fusion.stop()
+        for runtime in runtimes:
+            await runtime.stop()
+    assert len(decisions.items) == 10
+    assert all(d.status == "complete" and d.contributors == ("head",) for d in decisions.items)
+    assert all(d.latency_ms < 2000 for d in decisions.items)  # not held to the deadline
+    assert head.given == [("stats_accel",)] * 10
+
+
+CHAIN_PLANS = """
+[default]
+deadline_ms = {deadline_ms}
+
+[default.window]
+size_ms = 10000
+hop_ms = 10000
+rate_hz = 10
+lateness_ms = 2000
+
+[default.sensors.accel]
+required = true
+
+[default.sensors.gyro]
+required = false
+
+[default.subtasks.accel]
+sensors = ["accel"]
+
+[default.subtasks.stats]
+sensors = ["accel"]
+
+[default.subtasks.energy]
+after = ["stats"]
+"""
+
+
+async def test_a_stage_replica_killed_mid_run_leaves_one_decision_per_window(
+    nats_server: EmbeddedServer,
+    subjects: Subjects,
+    connect_bus: Connect,
+    spawn: Spawn,
+    basicmotions: SensorDataset,
+) -> None:
+    """Two ``stats`` replicas as processes share the stage; SIGKILL one mid-stream: every
+    window still gets exactly one decision, and windows after the kill complete through the
+    other replica."""
+    nc = await connect_bus("test")
+    args = bus_args(nats_server, subjects)
+    replicas = [spawn(*FUSEBUS, "agent", "--agent", "stats", *args) for _ in range(2)]
+    await wait_for_agents(nc, subjects.prefix, {"stats": 2})
+    runtimes = [
+        await serve(connect_bus, subjects, agent)
+        for agent in (ModelAgent(models_dir() / "accel.tflite"), EnergyBandsHead())
+    ]
+    fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
+    plan = chain_plan(ACCEL, STATS, ENERGY, deadline_ms=1000)
+    coordinator = await Coordinator(
+        await connect_bus("coordinator"), plans=PlanBook(default=plan), subjects=subjects
+    ).start()
+    decisions = await Collector(Decision).start_stream(nc, subjects.decision("bm"))
+    feeder = FrameFeeder(nc, subjects, basicmotions, every_s=0.02).start()
+    try:
+        await decisions.wait_for(20)
+        replicas[0].send_signal(signal.SIGKILL)
+        killed_ns = time.time_ns()
+        await decisions.wait_until(
+            lambda d: d.status == "complete" and d.decided_ns > killed_ns + 2 * 10**9
+        )
+        sent = await feeder.stop()
+        await decisions.wait_for(sent, timeout_s=30)
+        await decisions.settle(1.0)
+    finally:
+        await feeder.stop()
+        await coordinator.stop()
+        await fusion.stop()
+        for runtime in runtimes:
+            await runtime.stop()
+    per_window = Counter(d.task_id for d in decisions.items)
+    assert len(per_window) == sent and max(per_window.values()) == 1
+    assert sum(d.status == "complete" for d in decisions.items) > sent / 2
+    for d in decisions.items:
+        if d.status != "complete":  # a window whose stats subtask died with the replica
+            assert d.missing == ("energy",), d
+            assert d.missing_reasons["energy"] == "upstream: stats"
+
+
+async def test_a_coordinator_restarted_mid_chain_publishes_the_waiting_stages(
+    nats_server: EmbeddedServer,
+    subjects: Subjects,
+    connect_bus: Connect,
+    spawn: Spawn,
+    basicmotions: SensorDataset,
+    tmp_path: Path,
+) -> None:
+    """The coordinator opens windows whose ``stats`` stage has no replica yet, journals their
+    waiting ``energy`` stages, and is SIGKILLed. Stats then answers while no coordinator
+    runs; the restarted coordinator restores the waiting stages from its journal, gives
+    them those answers and publishes them: every window ends complete, energy included."""
+    plans = tmp_path / "chain.toml"
+    plans.write_text(CHAIN_PLANS.format(deadline_ms=60_000), encoding="utf-8")
+    nc = await connect_bus("test")
+    command = (*FUSEBUS, "coordinator", "--config", str(plans), *bus_args(nats_server, subjects))
+    runtimes = [
+        await serve(connect_bus, subjects, agent)
+        for agent in (ModelAgent(models_dir() / "accel.tflite"), EnergyBandsHead())
+    ]
+    fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
+    decisions = await Collector(Decision).start_stream(nc, subjects.decision("bm"))
+    coordinator = spawn(*command)
+    await wait_for_role(nc, subjects.prefix, "coordinator")
+    producer = Producer(nc, subjects)
+    try:
+        sent = await replay_frames(producer, basicmotions, stream="bm", rate_hz=100, limit=10)
+        # Frames are acked once the tasks they opened (with their waiting stages) are
+        # in the journal.
+        await eventually(
+            lambda: intake_done(nc, subjects, len(sent)), what="every frame acked (journalled)"
+        )
+        assert decisions.items == []  # energy waits for stats, which nobody serves yet
+        coordinator.send_signal(signal.SIGKILL)
+        coordinator.wait(timeout=10)
+        runtimes.append(await serve(connect_bus, subjects, WindowStatsStage()))
+        await eventually(
+            lambda: runtimes[-1].counts["processed"] == len(sent),
+            what="stats answered every window while no coordinator ran",
+        )
+        spawn(*command)
+        await decisions.wait_for(len(sent), timeout_s=30)
+        await decisions.settle(1.0)
+    finally:
+        await fusion.stop()
+        for runtime in runtimes:
+            await runtime.stop()
+    assert len(decisions.items) == len(sent)
+    assert len({d.task_id for d in decisions.items}) == len(sent)
+    for d in decisions.items:
+        assert d.status == "complete", d
+        assert set(d.contributors) == {"accel", "energy"}
+    assert runtimes[1].counts["processed"] == len(sent)  # energy: once per window

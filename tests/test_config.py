@@ -115,6 +115,57 @@ def test_channel_selection_and_auto_types() -> None:
             },
             "default.window: missing key 'rate_hz'",
         ),
+        (
+            {"default": {"subtasks": {"a": {"sensors": ["x"]}, "b": {"after": ["c"]}}}},
+            "subtask 'b' reads the answers of 'c', which the plan does not list",
+        ),
+        (
+            {
+                "default": {
+                    "subtasks": {
+                        "a": {"sensors": ["x"]},
+                        "b": {"after": ["a", "c"]},
+                        "c": {"after": ["b"]},
+                    }
+                }
+            },
+            "the plan's stages form a cycle: b -> c -> b",
+        ),
+        (
+            {"default": {"subtasks": {"a": {"sensors": ["x"], "after": ["a"]}}}},
+            "subtask 'a' reads its own answers",
+        ),
+        (
+            {
+                "default": {
+                    "subtasks": {"x": {"sensors": ["s"]}, "b": {"sensors": ["x"], "after": ["x"]}}
+                }
+            },
+            "subtask 'b' names the input 'x' twice",
+        ),
+        (
+            {"default": {"subtasks": {"a": {"sensors": ["x"]}}, "fuse": ["z"]}},
+            "default: fuse names 'z', which the plan does not list",
+        ),
+        (
+            {"default": {"subtasks": {"a": {"sensors": ["x"]}, "b": {"after": "a"}}}},
+            "default.subtasks.b.after: must be a list",
+        ),
+        (
+            {
+                "default": {
+                    "subtasks": {
+                        "a": {"sensors": ["x"]},
+                        "b": {"after": [{"type": "a", "optional": "yes"}]},
+                    }
+                }
+            },
+            "default.subtasks.b.after: optional must be true or false",
+        ),
+        (
+            {"default": {"subtasks": {"a": {"sensors": ["x"]}, "b": {"after": [{"kind": "a"}]}}}},
+            "default.subtasks.b.after: unknown key 'kind'",
+        ),
     ],
 )
 def test_bad_plans_name_the_key_and_the_problem(doc: dict[str, object], message: str) -> None:
@@ -194,3 +245,25 @@ def test_topology_table_and_its_precedence_under_flags_and_variables(tmp_path: P
     ):
         with pytest.raises(ConfigError, match=message):
             parse_deployment({**doc, "topology": table})
+
+
+def test_a_chain_plan_reads_its_stages_and_what_it_fuses() -> None:
+    """``after`` entries become required or optional upstream types; by default the fused
+    types are those no other type reads, and ``fuse`` adds read ones."""
+    doc = {
+        "default": {
+            "subtasks": {
+                "enc": {"sensors": ["accel"]},
+                "stats": {"sensors": ["accel"]},
+                "head": {"after": ["enc", {"type": "stats", "optional": True}]},
+            }
+        }
+    }
+    plan = parse_deployment(doc).plans.default
+    assert plan is not None and plan.chained
+    head = plan.subtasks[2]
+    assert (head.required_upstream, head.optional_upstream) == (("enc",), ("stats",))
+    assert plan.fused == ("head",)
+    doc["default"]["fuse"] = ["stats"]  # type: ignore[index]
+    fused = parse_deployment(doc).plans.default
+    assert fused is not None and fused.fused == ("stats", "head")

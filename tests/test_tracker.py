@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from coordinator import Ended, Seen, TaskTracker
-from schemas import Task, Window
+from coordinator.journal import to_record
+from schemas import CODEC, OpenTaskPage, PendingStage, Task, Window, encode
 
 MS = 1_000_000
 
@@ -179,3 +181,127 @@ def test_an_error_answer_ends_the_wait_but_leaves_the_type_missing() -> None:
     tracker.record("t2", "accel", error=True)
     _, ended = tracker.record("t2", "gyro", error=True)
     assert ended is not None and (ended.state, ended.missing) == ("failed", ("accel", "gyro"))
+
+
+# Chains ------------------------------------------------------------------------------------
+FEATURES = np.arange(4, dtype=np.float32)
+
+
+def open_chain(
+    tracker: TaskTracker,
+    *waiting: PendingStage,
+    expected: tuple[str, ...] = ("head",),
+    stages: frozenset[str] = frozenset({"enc_a", "enc_b"}),
+    unavailable: frozenset[str] = frozenset(),
+) -> list[Ended]:
+    task = Task("t1", "s", Window(0, 10), expected, 0, 100 * MS)
+    return tracker.open(task, unavailable=unavailable, stages=stages, waiting=waiting)
+
+
+HEAD = PendingStage(type="head", after=("enc_a", "enc_b"))
+
+
+def test_a_stage_is_ready_once_every_upstream_answered_with_their_outputs() -> None:
+    """The head waits for both encoders; the second answer makes it ready with both
+    outputs as inputs; its own answer completes the task."""
+    tracker = TaskTracker()
+    assert open_chain(tracker, HEAD) == []
+    assert tracker.take_ready() == []
+    assert tracker.record("t1", "enc_a", output=FEATURES) == (Seen.NEW, None)
+    assert tracker.take_ready() == []
+    tracker.record("t1", "enc_b", output=FEATURES * 2)
+    (ready,) = tracker.take_ready()
+    assert ready.type == "head" and sorted(ready.inputs) == ["enc_a", "enc_b"]
+    assert np.array_equal(ready.inputs["enc_b"], FEATURES * 2)
+    _, ended = tracker.record("t1", "head")
+    assert ended is not None and (ended.state, ended.missing) == ("complete", ())
+
+
+def test_an_upstream_error_blocks_its_readers_down_the_chain() -> None:
+    """enc_a errors: head, which needs it, is blocked, and so is top, which reads head;
+    the task ends at once, failed, each with its reason."""
+    tracker = TaskTracker()
+    top = PendingStage(type="top", after=("head",))
+    open_chain(tracker, HEAD, top, expected=("top",), stages=frozenset({"enc_a", "enc_b", "head"}))
+    _, ended = tracker.record("t1", "enc_a", error=True)
+    assert tracker.take_ready() == []
+    assert ended is not None and ended.state == "failed" and ended.missing == ("top",)
+    assert ended.missing_reasons == {
+        "top": "upstream: head",
+        "enc_a": "error",
+        "enc_b": "no answer",  # still due when the task ended
+        "head": "upstream: enc_a",
+    }
+
+
+def test_an_optional_upstream_with_no_input_is_not_waited_for() -> None:
+    """enc_b has no sensor data: the head, for which it is optional, is ready as soon as
+    enc_a answers, without enc_b's input."""
+    tracker = TaskTracker()
+    head = PendingStage(type="head", after=("enc_a",), optional=("enc_b",))
+    open_chain(tracker, head, unavailable=frozenset({"enc_b"}))
+    tracker.record("t1", "enc_a", output=FEATURES)
+    (ready,) = tracker.take_ready()
+    assert list(ready.inputs) == ["enc_a"]
+
+
+def test_an_optional_upstream_that_may_still_come_is_waited_for() -> None:
+    """Both encoders may answer: the head waits for the optional one too, and takes it."""
+    tracker = TaskTracker()
+    head = PendingStage(type="head", after=("enc_a",), optional=("enc_b",))
+    open_chain(tracker, head)
+    tracker.record("t1", "enc_a", output=FEATURES)
+    assert tracker.take_ready() == []
+    tracker.record("t1", "enc_b", output=FEATURES)
+    (ready,) = tracker.take_ready()
+    assert sorted(ready.inputs) == ["enc_a", "enc_b"]
+
+
+def test_a_stage_with_only_optional_upstreams_and_none_arriving_is_blocked() -> None:
+    """Nothing to run on: the head is blocked, naming the upstreams that did not come."""
+    tracker = TaskTracker()
+    head = PendingStage(type="head", optional=("enc_a", "enc_b"))
+    (ended,) = open_chain(tracker, head, unavailable=frozenset({"enc_a", "enc_b"}))
+    assert ended.state == "failed"
+    assert ended.missing_reasons["head"] == "upstream: enc_a,enc_b"
+    assert tracker.take_ready() == []
+
+
+def test_at_the_deadline_a_waiting_stage_is_missing_with_its_upstream_named() -> None:
+    """enc_b never answers: at the deadline the head was never published, and says why."""
+    tracker = TaskTracker()
+    open_chain(tracker, HEAD, expected=("head", "solo"))
+    tracker.record("t1", "enc_a", output=FEATURES)
+    tracker.record("t1", "solo")
+    (ended,) = tracker.expire(100 * MS)
+    assert ended.state == "partial" and ended.missing == ("head",)
+    assert ended.missing_reasons == {"head": "upstream: enc_b", "enc_b": "deadline"}
+
+
+def test_answers_that_come_before_the_task_feed_its_stages_when_it_opens() -> None:
+    """After a restart an encoder's result may come before the data that reopens its
+    task: its output is kept and given to the head when the task opens."""
+    tracker = TaskTracker()
+    assert tracker.record("t1", "enc_a", output=FEATURES)[0] is Seen.UNKNOWN
+    tracker.record("t1", "enc_b", output=FEATURES)
+    open_chain(tracker, HEAD)
+    (ready,) = tracker.take_ready()
+    assert np.array_equal(ready.inputs["enc_a"], FEATURES)
+
+
+def test_a_restored_chain_keeps_its_waiting_stages_and_their_inputs() -> None:
+    """The journal record of a half-done chain restores it: the waiting head still has
+    enc_a's output, and enc_b's answer after the restart makes it ready."""
+    before = TaskTracker()
+    open_chain(before, HEAD)
+    before.record("t1", "enc_a", output=FEATURES)
+    entry = before.get("t1")
+    assert entry is not None
+    record = CODEC.decode(encode(OpenTaskPage(records=(to_record(entry),))), OpenTaskPage)
+    after = TaskTracker()
+    assert after.restore(record.records[0]) == []
+    assert after.take_ready() == []
+    after.record("t1", "enc_b", output=FEATURES)
+    (ready,) = after.take_ready()
+    assert np.array_equal(ready.inputs["enc_a"], FEATURES)
+    assert after.record("t1", "enc_a") == (Seen.REPEAT, None)  # answered before the restart
