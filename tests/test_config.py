@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -250,7 +251,7 @@ def test_topology_table_and_its_precedence_under_flags_and_variables(tmp_path: P
 def test_a_chain_plan_reads_its_stages_and_what_it_fuses() -> None:
     """``after`` entries become required or optional upstream types; by default the fused
     types are those no other type reads, and ``fuse`` adds read ones."""
-    doc = {
+    doc: dict[str, Any] = {
         "default": {
             "subtasks": {
                 "enc": {"sensors": ["accel"]},
@@ -264,6 +265,6 @@ def test_a_chain_plan_reads_its_stages_and_what_it_fuses() -> None:
     head = plan.subtasks[2]
     assert (head.required_upstream, head.optional_upstream) == (("enc",), ("stats",))
     assert plan.fused == ("head",)
-    doc["default"]["fuse"] = ["stats"]  # type: ignore[index]
+    doc["default"]["fuse"] = ["stats"]
     fused = parse_deployment(doc).plans.default
     assert fused is not None and fused.fused == ("stats", "head")
