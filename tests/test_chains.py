@@ -439,3 +439,50 @@ async def test_a_coordinator_restarted_mid_chain_publishes_the_waiting_stages(
         assert d.status == "complete", d
         assert set(d.contributors) == {"accel", "energy"}
     assert runtimes[1].counts["processed"] == len(sent)  # energy: once per window
+
+
+async def test_an_auto_plan_includes_a_stage_once_its_upstream_is_served(
+    connect_bus: Connect, subjects: Subjects, basicmotions: SensorDataset
+) -> None:
+    """With ``auto``, discovery learns from energy's card that it reads stats: while no
+    stats replica runs, windows do not expect energy (and complete without it); once
+    stats runs, energy is part of every window's chain and is fused."""
+    plan = dataclasses.replace(basicmotions_plan(), subtasks=(), auto=True)
+    nc = await connect_bus("test")
+    runtimes = [
+        await serve(connect_bus, subjects, agent)
+        for agent in (ModelAgent(models_dir() / "accel.tflite"), EnergyBandsHead())
+    ]
+    fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
+    coordinator = await Coordinator(
+        await connect_bus("coordinator"), plans=PlanBook(default=plan), subjects=subjects
+    ).start()
+    decisions = await Collector(Decision).start(nc, subjects.decision("bm"))
+    producer = Producer(nc, subjects)
+    try:
+        await eventually(
+            lambda: "energy" in coordinator.directory, what="the coordinator saw energy"
+        )
+        first = await replay_frames(producer, basicmotions, stream="bm", rate_hz=100, limit=5)
+        await decisions.wait_for(5)
+        runtimes.append(await serve(connect_bus, subjects, WindowStatsStage()))
+        await eventually(lambda: "stats" in coordinator.directory, what="the coordinator saw stats")
+        await replay_frames(
+            producer,
+            basicmotions,
+            stream="bm",
+            rate_hz=100,
+            limit=5,
+            start_ns=first[-1].t_start_ns + 10**10,
+        )
+        await decisions.wait_for(10)
+        await decisions.settle()
+    finally:
+        await coordinator.stop()
+        await fusion.stop()
+        for runtime in runtimes:
+            await runtime.stop()
+    before, after = decisions.items[:5], decisions.items[5:]
+    assert all(d.status == "complete" and d.contributors == ("accel",) for d in before)
+    assert all(d.status == "complete" for d in after)
+    assert all(set(d.contributors) == {"accel", "energy"} for d in after)
