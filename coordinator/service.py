@@ -156,7 +156,12 @@ class Coordinator:
             decode=decode_answers,
             max_deliver=self.topology.reader_max_deliver,
         )
-        self.tracker = TaskTracker(remember_ended=self.settings.remember_ended_tasks)
+        # A stage gathers other agents' answers: its subtask, and its journal record with
+        # the rest of its task, must each fit in one message.
+        self.tracker = TaskTracker(
+            remember_ended=self.settings.remember_ended_tasks,
+            max_stage_bytes=nc.max_payload // 4,
+        )
         self.directory = AgentDirectory(forget_after_s=self.settings.forget_type_after_s)
         self.journal: TaskJournal | None = None
         self.instance_id = secrets.token_hex(4)

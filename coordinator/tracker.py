@@ -114,15 +114,23 @@ class OpenTask:
                 reasons[t] = end_reason or "no answer"
         return reasons
 
-    def advance(self) -> list[Ready]:
+    def advance(self, max_stage_bytes: int | None = None) -> list[Ready]:
         """Settle every waiting stage that can be: blocked when an upstream it needs cannot
-        answer, ready when every upstream it needs has answered and every optional one has
-        answered or cannot. Returns the ready ones, which are no longer waiting."""
+        answer or its inputs outgrow ``max_stage_bytes``, ready when every upstream it needs
+        has answered and every optional one has answered or cannot. Returns the ready ones,
+        which are no longer waiting."""
         ready: list[Ready] = []
         changed = True
         while changed:
             changed = False
             for name, stage in list(self.waiting.items()):
+                size = sum(a.nbytes for a in stage.inputs.values())
+                if max_stage_bytes is not None and size > max_stage_bytes:
+                    # Other agents' answers: more than one message (or journal page) holds.
+                    del self.waiting[name]
+                    self.blocked[name] = f"too_large: {size} bytes of inputs"
+                    changed = True
+                    continue
                 failed = next((u for u in stage.after if self.cannot_answer(u)), None)
                 if failed is None and all(u in stage.inputs for u in stage.after):
                     pending = [u for u in stage.optional if u not in stage.inputs]
@@ -171,9 +179,18 @@ class TaskTracker:
         remember_orphans: how many tasks to remember answers for that arrive before their
             task is opened (after a restart, results may be redelivered before the sensor
             data that reopens their task).
+        max_stage_bytes: the most input bytes a waiting stage may gather (its subtask and
+            its journal record must each fit in one message); past it, it is blocked.
     """
 
-    def __init__(self, *, remember_ended: int = 100_000, remember_orphans: int = 10_000) -> None:
+    def __init__(
+        self,
+        *,
+        remember_ended: int = 100_000,
+        remember_orphans: int = 10_000,
+        max_stage_bytes: int | None = None,
+    ) -> None:
+        self._max_stage_bytes = max_stage_bytes
         self._open: dict[str, OpenTask] = {}
         self._by_stream: dict[str, OrderedDict[str, None]] = {}
         self._windows: dict[tuple[str, int], str] = {}
@@ -284,7 +301,7 @@ class TaskTracker:
                 if error:
                     entry.errored.add(type_name)
                 entry.take_answer(type_name, output)
-        self._ready += entry.advance()
+        self._ready += entry.advance(self._max_stage_bytes)
         self._open[task_id] = entry
         self._by_stream.setdefault(stream, OrderedDict())[task_id] = None
         self._windows[(stream, task.window.t_start_ns)] = task_id
@@ -317,7 +334,7 @@ class TaskTracker:
         if entry is not None:
             entry.seen.update(t for t in record.seen if entry.has_type(t))
             entry.errored.update(t for t in record.errored if t in entry.seen)
-            self._ready += entry.advance()
+            self._ready += entry.advance(self._max_stage_bytes)
             if entry.settled:
                 ended.append(self._end(entry, reason="restored complete"))
         return ended
@@ -354,7 +371,7 @@ class TaskTracker:
         else:
             entry.take_answer(type_name, output)
         if entry.waiting:
-            self._ready += entry.advance()
+            self._ready += entry.advance(self._max_stage_bytes)
         if entry.settled:
             return Seen.NEW, self._end(entry, reason="")
         return Seen.NEW, None
@@ -379,7 +396,8 @@ class TaskTracker:
 
     def _end(self, entry: OpenTask, *, reason: str) -> Ended:
         task, missing = entry.task, entry.missing
-        answered = entry.seen - entry.errored
+        # Only fused answers make a task partial: a stage's features are no decision.
+        answered = (entry.seen - entry.errored).intersection(task.expected)
         state: TaskState = "complete" if not missing else ("partial" if answered else "failed")
         del self._open[task.task_id]
         stream_tasks = self._by_stream[task.stream]

@@ -305,3 +305,15 @@ def test_a_restored_chain_keeps_its_waiting_stages_and_their_inputs() -> None:
     (ready,) = after.take_ready()
     assert np.array_equal(ready.inputs["enc_a"], FEATURES)
     assert after.record("t1", "enc_a") == (Seen.REPEAT, None)  # answered before the restart
+
+
+def test_a_stage_whose_inputs_outgrow_one_message_is_blocked_with_the_reason() -> None:
+    """Upstream answers too large to travel (or be journalled) together block the stage
+    rather than sink the batch it would join."""
+    tracker = TaskTracker(max_stage_bytes=1000)
+    open_chain(tracker, HEAD)
+    tracker.record("t1", "enc_a", output=np.zeros(200, np.float32))  # 800 bytes: fits
+    _, ended = tracker.record("t1", "enc_b", output=np.zeros(200, np.float32))
+    assert tracker.take_ready() == []
+    assert ended is not None and ended.state == "failed"
+    assert ended.missing_reasons["head"] == "too_large: 1600 bytes of inputs"
