@@ -24,6 +24,9 @@ import numpy as np
 
 from schemas import OpenTaskRecord, PendingStage, Task, TaskState
 
+#: The most bytes of stage outputs kept for answers that came before their task opened.
+ORPHAN_OUTPUT_BYTES = 64 << 20
+
 
 class Seen(Enum):
     """What a result meant to the tracker."""
@@ -200,6 +203,7 @@ class TaskTracker:
         # task id -> type -> (answered with an error, its output)
         self._orphans: OrderedDict[str, dict[str, tuple[bool, np.ndarray | None]]] = OrderedDict()
         self._remember_orphans = remember_orphans
+        self._orphan_bytes = 0  # of the outputs kept with them, at most ORPHAN_OUTPUT_BYTES
         self._ready: list[Ready] = []
         self.counts: dict[str, int] = dict.fromkeys(
             (
@@ -295,7 +299,7 @@ class TaskTracker:
             waiting={p.type: Waiting(p.after, p.optional, dict(p.inputs)) for p in waiting},
             blocked=dict(blocked or {}),
         )
-        for type_name, (error, output) in self._orphans.pop(task_id, {}).items():
+        for type_name, (error, output) in self._forget_orphan(task_id).items():
             if entry.has_type(type_name):
                 entry.seen.add(type_name)
                 if error:
@@ -356,11 +360,7 @@ class TaskTracker:
             seen = Seen.LATE if task_id in self._ended else Seen.UNKNOWN
             self.counts[seen.value] += 1
             if seen is Seen.UNKNOWN:
-                answers = self._orphans.setdefault(task_id, {})
-                answers.setdefault(type_name, (error, None if error else output))
-                self._orphans.move_to_end(task_id)
-                if len(self._orphans) > self._remember_orphans:
-                    self._orphans.popitem(last=False)
+                self._keep_orphan(task_id, type_name, error, None if error else output)
             return seen, None
         if type_name in entry.seen or not entry.has_type(type_name):
             self.counts["repeat"] += 1
@@ -375,6 +375,26 @@ class TaskTracker:
         if entry.settled:
             return Seen.NEW, self._end(entry, reason="")
         return Seen.NEW, None
+
+    def _keep_orphan(
+        self, task_id: str, type_name: str, error: bool, output: np.ndarray | None
+    ) -> None:
+        """Remember an answer to a task not open here, with its output while the outputs
+        kept stay within :data:`ORPHAN_OUTPUT_BYTES` (past it, the answer alone)."""
+        answers = self._orphans.setdefault(task_id, {})
+        self._orphans.move_to_end(task_id)
+        if type_name not in answers:
+            if output is not None and self._orphan_bytes + output.nbytes > ORPHAN_OUTPUT_BYTES:
+                output = None
+            self._orphan_bytes += output.nbytes if output is not None else 0
+            answers[type_name] = (error, output)
+        while len(self._orphans) > self._remember_orphans:
+            self._forget_orphan(next(iter(self._orphans)))
+
+    def _forget_orphan(self, task_id: str) -> dict[str, tuple[bool, np.ndarray | None]]:
+        answers = self._orphans.pop(task_id, {})
+        self._orphan_bytes -= sum(o.nbytes for _, o in answers.values() if o is not None)
+        return answers
 
     def expire(self, now_ns: int) -> list[Ended]:
         """End every task whose deadline is at or before ``now_ns``."""

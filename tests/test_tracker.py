@@ -317,3 +317,23 @@ def test_a_stage_whose_inputs_outgrow_one_message_is_blocked_with_the_reason() -
     assert tracker.take_ready() == []
     assert ended is not None and ended.state == "failed"
     assert ended.missing_reasons["head"] == "too_large: 1600 bytes of inputs"
+
+
+def test_outputs_kept_for_tasks_not_yet_open_are_bounded_in_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past the budget an early answer is remembered without its output, so answers for
+    tasks that never open cannot grow memory; forgetting them gives the budget back."""
+    monkeypatch.setattr("coordinator.tracker.ORPHAN_OUTPUT_BYTES", 1000)
+    tracker = TaskTracker(remember_orphans=2)
+    tracker.record("t1", "enc_a", output=np.zeros(200, np.float32))  # 800 bytes: kept
+    tracker.record("t1", "enc_b", output=np.zeros(200, np.float32))  # over: answer only
+    open_chain(tracker, HEAD)
+    entry = tracker.get("t1")
+    assert entry is not None and entry.seen == {"enc_a", "enc_b"}
+    assert list(entry.waiting["head"].inputs) == ["enc_a"]
+    for i in range(3):  # x0 is kept with its output, x1 and x2 without; x0 is forgotten
+        tracker.record(f"x{i}", "enc_a", output=np.zeros(200, np.float32))
+    assert tracker._orphan_bytes == 0
+    tracker.record("x3", "enc_a", output=np.zeros(200, np.float32))  # the budget is back
+    assert tracker._orphan_bytes == 800
