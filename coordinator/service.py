@@ -813,6 +813,9 @@ class Coordinator:
         ended: list[Ended] = []
         for record in records:
             ended += self.tracker.restore(record)
+            entry = self.tracker.get(record.task_id)
+            if record.pending and entry is not None:
+                journal.changed(entry)  # stages it publishes now are no longer waiting
         await self._publish_ready()
         await self._publish_ended(ended)
         if records or cursors:
