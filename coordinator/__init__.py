@@ -2,7 +2,7 @@
 
 from typing import TYPE_CHECKING, Any
 
-from coordinator.directory import AgentDirectory, KnownType
+from coordinator.directory import AgentDirectory, KnownType, chain_problems
 from coordinator.plan import (
     BUILTIN_PLANS,
     Plan,
@@ -36,6 +36,7 @@ __all__ = [
     "TaskTracker",
     "auto_plan",
     "basicmotions_plan",
+    "chain_problems",
     "fused_types",
 ]
 

@@ -6,12 +6,12 @@ first sighting and forgotten when no replica of it has been seen for ``forget_af
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
 from coordinator.plan import SensorInput, StageInput, SubtaskSpec
-from schemas import AgentInfo, InputSpec
+from schemas import AgentInfo, InputSpec, OutputKind
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,14 @@ class KnownType:
     inputs: tuple[InputSpec, ...]
     replicas: int
     last_seen: float
+    output: OutputKind = "scores"
+    output_shape: tuple[int, ...] = ()  # per row; for scores, one per label
+
+    @classmethod
+    def of(cls, info: AgentInfo, replicas: int, now: float) -> KnownType:
+        """What a replica's discovery metadata says of its type."""
+        shape = info.output_shape if info.output == "features" else (len(info.labels),)
+        return cls(info.type, info.inputs, replicas, now, info.output, shape)
 
     def can_feed(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
         """Whether sensors of these ``(samples, channels)`` shapes satisfy every sensor
@@ -80,7 +88,7 @@ class AgentDirectory:
             replicas.setdefault(info.type, []).append(info)
         appeared = [t for t in replicas if t not in self._types]
         for type_name, infos in replicas.items():
-            self._types[type_name] = KnownType(type_name, infos[0].inputs, len(infos), now)
+            self._types[type_name] = KnownType.of(infos[0], len(infos), now)
         gone = [
             t for t, known in self._types.items() if now - known.last_seen > self.forget_after_s
         ]
@@ -106,3 +114,43 @@ class AgentDirectory:
                     fed.add(known.type)
                     grew = True
         return [known.spec() for known in candidates if known.type in fed]
+
+
+def chain_problems(
+    specs: Sequence[SubtaskSpec], fused: Sequence[str], known: Mapping[str, KnownType]
+) -> list[str]:
+    """What cannot work in a plan's chain given what the running types declare: a stage
+    whose card does not read an upstream the plan gives it, an upstream whose output shape
+    is not what its reader takes, a fused type that answers features. Types not running
+    are not judged. One sentence each."""
+    problems = []
+    for spec in specs:
+        reader = known.get(spec.type)
+        if spec.type in fused and reader is not None and reader.output == "features":
+            problems.append(
+                f"type {spec.type!r} is fused but answers features, which fusion cannot "
+                "combine: let another type read it, or take it out of fuse"
+            )
+        if reader is None:
+            continue
+        takes = {i.sensor: i for i in reader.inputs if i.stage}
+        for upstream in spec.upstream:
+            wanted = takes.get(upstream)
+            if wanted is None:
+                problems.append(
+                    f"type {spec.type!r} reads {upstream!r} in the plan, but its card has no "
+                    f"stage input {upstream!r} (it reads {', '.join(takes) or 'none'})"
+                )
+                continue
+            source = known.get(upstream)
+            if source is None or not wanted.shape:
+                continue
+            given = source.output_shape
+            if len(given) != len(wanted.shape) or any(
+                w and g and w != g for w, g in zip(wanted.shape, given, strict=True)
+            ):
+                problems.append(
+                    f"type {spec.type!r} reads {upstream!r} as shape {list(wanted.shape)}, but "
+                    f"{upstream!r} answers {source.output} of shape {list(given)}"
+                )
+    return problems

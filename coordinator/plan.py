@@ -301,6 +301,10 @@ class PlanBook:
         """Whether any plan learns its types from discovery."""
         return any(p.auto for p in (*self.plans.values(), self.default) if p is not None)
 
+    def all(self) -> tuple[Plan, ...]:
+        """Every plan: the streams' own, then the default."""
+        return tuple(p for p in (*self.plans.values(), self.default) if p is not None)
+
     @property
     def any_chained(self) -> bool:
         """Whether any plan has stages that read other types' answers."""

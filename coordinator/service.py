@@ -49,7 +49,7 @@ from bus import (
 from bus.discovery import PREFIX, ROLE
 from bus.types import Connection, Subscription
 from coordinator.decompose import Opening, decompose, stage_subtask, task_id_for
-from coordinator.directory import AgentDirectory
+from coordinator.directory import AgentDirectory, chain_problems
 from coordinator.intake import SensorIntake
 from coordinator.journal import TaskJournal
 from coordinator.plan import Plan, PlanBook, SubtaskSpec
@@ -179,6 +179,7 @@ class Coordinator:
             0,
         )
         self.unserved: set[str] = set()  # listed types with no replica running
+        self._chain_warnings: set[str] = set()
         self.intake = SensorIntake(
             plans=plans,
             subjects=subjects,
@@ -708,6 +709,17 @@ class Coordinator:
         for type_name in sorted(self.unserved - unserved):
             log.info("plan.type_served", type=type_name)
         self.unserved = unserved
+        if appeared and self.plans.any_chained:
+            self._check_chains()
+
+    def _check_chains(self) -> None:
+        """Say once, when a type appears, what its card makes impossible in a chain: its
+        subtasks would otherwise fail one by one with input mismatches."""
+        for plan in self.plans.all():
+            for problem in chain_problems(plan.subtasks, plan.fused, self.directory.by_type):
+                if problem not in self._chain_warnings:
+                    self._chain_warnings.add(problem)
+                    log.warning("plan.chain_mismatch", problem=problem)
 
     # Results -> completion ------------------------------------------------------------------
     async def _results_step(self) -> None:

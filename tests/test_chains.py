@@ -23,12 +23,14 @@ from agents.fusion import FusionAgent
 from bus import EmbeddedServer, Producer, Subjects
 from coordinator import (
     Coordinator,
+    KnownType,
     Plan,
     PlanBook,
     SensorInput,
     StageInput,
     SubtaskSpec,
     basicmotions_plan,
+    chain_problems,
 )
 from fusebus.datasets import SensorDataset
 from fusebus.paths import models_dir
@@ -486,3 +488,33 @@ async def test_an_auto_plan_includes_a_stage_once_its_upstream_is_served(
     assert all(d.status == "complete" and d.contributors == ("accel",) for d in before)
     assert all(d.status == "complete" for d in after)
     assert all(set(d.contributors) == {"accel", "energy"} for d in after)
+
+
+def known(
+    type_name: str, *inputs: InputSpec, output: str = "scores", shape: tuple[int, ...] = (4,)
+) -> KnownType:
+    return KnownType(type_name, inputs, 1, 0.0, output, shape)  # type: ignore[arg-type]
+
+
+def test_what_a_chain_cannot_do_with_the_running_cards_is_said_in_one_line_each() -> None:
+    """A stage whose card lacks an upstream the plan gives it, an upstream shape its reader
+    does not take, and a fused type answering features are each one sentence; a chain whose
+    cards fit, or whose types are not running, has none."""
+    plan = chain_plan(ACCEL, STATS, ENERGY)
+    fits = {
+        "stats": known("stats", InputSpec("accel", 0, 3), output="features", shape=(13,)),
+        "energy": known("energy", InputSpec("stats", stage=True, shape=(13,))),
+    }
+    assert chain_problems(plan.subtasks, plan.fused, fits) == []
+    assert chain_problems(plan.subtasks, plan.fused, {}) == []
+    wrong_shape = {**fits, "energy": known("energy", InputSpec("stats", stage=True, shape=(7,)))}
+    (problem,) = chain_problems(plan.subtasks, plan.fused, wrong_shape)
+    assert problem == (
+        "type 'energy' reads 'stats' as shape [7], but 'stats' answers features of shape [13]"
+    )
+    no_input = {**fits, "energy": known("energy", InputSpec("accel", 0, 3))}
+    (problem,) = chain_problems(plan.subtasks, plan.fused, no_input)
+    assert "its card has no stage input 'stats'" in problem
+    fused_features = chain_plan(ACCEL, STATS, ENERGY, fuse=("stats",))
+    (problem,) = chain_problems(fused_features.subtasks, fused_features.fused, fits)
+    assert problem.startswith("type 'stats' is fused but answers features")
