@@ -154,6 +154,15 @@ def render_status(status: BusStatus) -> str:
             f"{entry.total('errors'):>7.0f} {entry.total('expired'):>8.0f} {entry.total('dead_letters'):>5.0f} "
             f"{entry.mean_batch:>6.1f} {per_call:>8.3f}"
         )
+    for type_name in sorted(status.agents):
+        info = status.agents[type_name].replicas[0][0]
+        reads = [i.sensor for i in info.inputs if i.stage]
+        if reads or info.output == "features":
+            answers = (
+                f"features {list(info.output_shape)}" if info.output == "features" else "scores"
+            )
+            after = f"reads {', '.join(reads)}; " if reads else ""
+            lines.append(f"{type_name}: a chain stage: {after}answers {answers}")
     for type_name in unserved_types(status):
         lines.append(f"{type_name}: no replicas (a plan lists it; its subtasks wait for nobody)")
     for role, counters in status.components:

@@ -3,9 +3,11 @@ types nobody serves named."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from fusebus.status import BusStatus, fusion_groups, render_status, render_summary
+from fusebus.status import BusStatus, TypeStatus, fusion_groups, render_status, render_summary
+from schemas import AgentInfo, InputSpec, ModelRef
 
 
 def fusion(
@@ -70,3 +72,33 @@ def test_a_planned_type_with_no_replicas_gets_a_line() -> None:
     assert any(line.startswith("g3x: no replicas") for line in table)
     assert "unserved subtasks 12" in render_summary(status, None, 1.0)
     assert "(no fusion agent running)" in render_summary(status, None, 1.0)
+
+
+def test_a_chain_stage_says_what_it_reads_and_answers() -> None:
+    """A type that reads other types' answers, or answers features, gets a line saying so."""
+    stage = AgentInfo(
+        agent_id="head-1",
+        type="head",
+        model=ModelRef("head", "1"),
+        runtime="litert",
+        inputs=(InputSpec("enc_a", stage=True, shape=(8,)), InputSpec("enc_b", stage=True)),
+        labels=("a", "b"),
+    )
+    encoder = AgentInfo(
+        agent_id="enc-1",
+        type="enc_a",
+        model=ModelRef("enc", "1"),
+        runtime="litert",
+        inputs=(InputSpec("accel", 100, 3),),
+        labels=(),
+        output="features",
+        output_shape=(8,),
+    )
+    plain = dataclasses.replace(encoder, type="accel", output="scores", labels=("a",))
+    agents = {
+        info.type: TypeStatus(info.type, replicas=[(info, {})]) for info in (stage, encoder, plain)
+    }
+    table = render_status(BusStatus(agents=agents, components=[])).splitlines()
+    assert "head: a chain stage: reads enc_a, enc_b; answers scores" in table
+    assert "enc_a: a chain stage: answers features [8]" in table
+    assert not any(line.startswith("accel: a chain stage") for line in table)
