@@ -4,13 +4,14 @@ rest, and kept across kills and restarts."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,54 @@ async def serve(connect_bus: Connect, subjects: Subjects, agent: Any) -> AgentRu
     return await AgentRuntime(agent, await connect_bus(agent.type), subjects=subjects).start()
 
 
+@dataclasses.dataclass
+class Rig:
+    """Agents, a fusion agent and (unless in its own process) a coordinator, in this process
+    on their own connections, with a collector of the stream ``bm``'s decisions."""
+
+    connect_bus: Connect
+    subjects: Subjects
+    nc: Client
+    decisions: Collector[Decision]
+    fusion: FusionAgent
+    runtimes: list[AgentRuntime]
+    coordinator: Coordinator | None = None
+
+    @property
+    def producer(self) -> Producer:
+        return Producer(self.nc, self.subjects)
+
+    async def serve(self, agent: Any) -> AgentRuntime:
+        """Serve one more agent."""
+        self.runtimes.append(await serve(self.connect_bus, self.subjects, agent))
+        return self.runtimes[-1]
+
+
+@contextlib.asynccontextmanager
+async def chain_rig(
+    connect_bus: Connect, subjects: Subjects, plan: Plan | None, agents: list[Any]
+) -> AsyncIterator[Rig]:
+    """A :class:`Rig` serving ``agents``, with a coordinator of ``plan`` (none when ``None``);
+    every component is stopped on the way out."""
+    nc = await connect_bus("test")
+    runtimes = [await serve(connect_bus, subjects, agent) for agent in agents]
+    fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
+    decisions = await Collector(Decision).start_stream(nc, subjects.decision("bm"))
+    rig = Rig(connect_bus, subjects, nc, decisions, fusion, runtimes)
+    try:
+        if plan is not None:
+            rig.coordinator = await Coordinator(
+                await connect_bus("coordinator"), plans=PlanBook(default=plan), subjects=subjects
+            ).start()
+        yield rig
+    finally:
+        if rig.coordinator is not None:
+            await rig.coordinator.stop()
+        await fusion.stop()
+        for runtime in rig.runtimes:
+            await runtime.stop()
+
+
 async def run_chain(
     connect_bus: Connect,
     subjects: Subjects,
@@ -72,27 +121,15 @@ async def run_chain(
 ) -> ChainRun:
     """Serve ``agents``, a fusion agent and a coordinator with ``plan``; replay ``count``
     TEST cases as frames and return one decision per window, and the components (stopped)."""
-    nc = await connect_bus("test")
-    runtimes = [await serve(connect_bus, subjects, agent) for agent in agents]
-    fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
-    coordinator = await Coordinator(
-        await connect_bus("coordinator"), plans=PlanBook(default=plan), subjects=subjects
-    ).start()
-    decisions = await Collector(Decision).start(nc, subjects.decision("bm"))
-    try:
-        sent = await replay_frames(
-            Producer(nc, subjects), dataset, stream="bm", rate_hz=100, limit=count
-        )
-        await decisions.wait_for(len(sent), timeout_s=30)
-        await decisions.settle()
-    finally:
-        await coordinator.stop()
-        await fusion.stop()
-        for runtime in runtimes:
-            await runtime.stop()
-    assert Counter(d.task_id for d in decisions.items).most_common(1)[0][1] == 1
+    async with chain_rig(connect_bus, subjects, plan, agents) as rig:
+        sent = await replay_frames(rig.producer, dataset, stream="bm", rate_hz=100, limit=count)
+        await rig.decisions.wait_for(len(sent), timeout_s=30)
+        await rig.decisions.settle()
+    decisions = rig.decisions.items
+    assert Counter(d.task_id for d in decisions).most_common(1)[0][1] == 1
     truth = {w.t_start_ns: w.label for w in sent}
-    return ChainRun(decisions.items, truth, coordinator, fusion, runtimes)
+    assert rig.coordinator is not None
+    return ChainRun(decisions, truth, rig.coordinator, rig.fusion, rig.runtimes)
 
 
 @dataclasses.dataclass
@@ -276,21 +313,11 @@ async def test_an_optional_upstream_that_cannot_come_is_not_waited_for(
         ),
     )
     head = FanInHead(optional_gyro=True)
-    nc = await connect_bus("test")
-    runtimes = [
-        await serve(connect_bus, subjects, agent)
-        for agent in (stats_of("accel"), stats_of("gyro"), head)
-    ]
-    fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
-    coordinator = await Coordinator(
-        await connect_bus("coordinator"), plans=PlanBook(default=plan), subjects=subjects
-    ).start()
-    decisions = await Collector(Decision).start(nc, subjects.decision("bm"))
-    producer = Producer(nc, subjects)
-    try:
+    agents = [stats_of("accel"), stats_of("gyro"), head]
+    async with chain_rig(connect_bus, subjects, plan, agents) as rig:
         for i, case in enumerate(basicmotions.x_test[:10]):
             accel = basicmotions.sensor_view(case, "accel")
-            await producer.frame(
+            await rig.producer.frame(
                 SensorFrame(
                     stream="bm",
                     t_ns=(i + 1) * 10**10,
@@ -298,13 +325,9 @@ async def test_an_optional_upstream_that_cannot_come_is_not_waited_for(
                     sensors={"accel": accel},  # the gyroscope is silent
                 )
             )
-        await decisions.wait_for(10)
-        await decisions.settle()
-    finally:
-        await coordinator.stop()
-        await fusion.stop()
-        for runtime in runtimes:
-            await runtime.stop()
+        await rig.decisions.wait_for(10)
+        await rig.decisions.settle()
+    decisions = rig.decisions
     assert len(decisions.items) == 10
     assert all(d.status == "complete" and d.contributors == ("head",) for d in decisions.items)
     assert all(d.latency_ms < 2000 for d in decisions.items)  # not held to the deadline
@@ -352,33 +375,23 @@ async def test_a_stage_replica_killed_mid_run_leaves_one_decision_per_window(
     args = bus_args(nats_server, subjects)
     replicas = [spawn(*FUSEBUS, "agent", "--agent", "stats", *args) for _ in range(2)]
     await wait_for_agents(nc, subjects.prefix, {"stats": 2})
-    runtimes = [
-        await serve(connect_bus, subjects, agent)
-        for agent in (ModelAgent(models_dir() / "accel.tflite"), EnergyBandsHead())
-    ]
-    fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
     plan = chain_plan(ACCEL, STATS, ENERGY, deadline_ms=1000)
-    coordinator = await Coordinator(
-        await connect_bus("coordinator"), plans=PlanBook(default=plan), subjects=subjects
-    ).start()
-    decisions = await Collector(Decision).start_stream(nc, subjects.decision("bm"))
-    feeder = FrameFeeder(nc, subjects, basicmotions, every_s=0.02).start()
-    try:
-        await decisions.wait_for(20)
-        replicas[0].send_signal(signal.SIGKILL)
-        killed_ns = time.time_ns()
-        await decisions.wait_until(
-            lambda d: d.status == "complete" and d.decided_ns > killed_ns + 2 * 10**9
-        )
-        sent = await feeder.stop()
-        await decisions.wait_for(sent, timeout_s=30)
-        await decisions.settle(1.0)
-    finally:
-        await feeder.stop()
-        await coordinator.stop()
-        await fusion.stop()
-        for runtime in runtimes:
-            await runtime.stop()
+    agents = [ModelAgent(models_dir() / "accel.tflite"), EnergyBandsHead()]
+    async with chain_rig(connect_bus, subjects, plan, agents) as rig:
+        decisions = rig.decisions
+        feeder = FrameFeeder(nc, subjects, basicmotions, every_s=0.02).start()
+        try:
+            await decisions.wait_for(20)
+            replicas[0].send_signal(signal.SIGKILL)
+            killed_ns = time.time_ns()
+            await decisions.wait_until(
+                lambda d: d.status == "complete" and d.decided_ns > killed_ns + 2 * 10**9
+            )
+            sent = await feeder.stop()
+            await decisions.wait_for(sent, timeout_s=30)
+            await decisions.settle(1.0)
+        finally:
+            await feeder.stop()
     per_window = Counter(d.task_id for d in decisions.items)
     assert len(per_window) == sent and max(per_window.values()) == 1
     assert sum(d.status == "complete" for d in decisions.items) > sent / 2
@@ -402,19 +415,13 @@ async def test_a_coordinator_restarted_mid_chain_publishes_the_waiting_stages(
     them those answers and publishes them: every window ends complete, energy included."""
     plans = tmp_path / "chain.toml"
     plans.write_text(CHAIN_PLANS.format(deadline_ms=60_000), encoding="utf-8")
-    nc = await connect_bus("test")
     command = (*FUSEBUS, "coordinator", "--config", str(plans), *bus_args(nats_server, subjects))
-    runtimes = [
-        await serve(connect_bus, subjects, agent)
-        for agent in (ModelAgent(models_dir() / "accel.tflite"), EnergyBandsHead())
-    ]
-    fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
-    decisions = await Collector(Decision).start_stream(nc, subjects.decision("bm"))
-    coordinator = spawn(*command)
-    await wait_for_role(nc, subjects.prefix, "coordinator")
-    producer = Producer(nc, subjects)
-    try:
-        sent = await replay_frames(producer, basicmotions, stream="bm", rate_hz=100, limit=10)
+    agents = [ModelAgent(models_dir() / "accel.tflite"), EnergyBandsHead()]
+    async with chain_rig(connect_bus, subjects, None, agents) as rig:
+        decisions, nc = rig.decisions, rig.nc
+        coordinator = spawn(*command)
+        await wait_for_role(nc, subjects.prefix, "coordinator")
+        sent = await replay_frames(rig.producer, basicmotions, stream="bm", rate_hz=100, limit=10)
         # Frames are acked once the tasks they opened (with their waiting stages) are
         # in the journal.
         await eventually(
@@ -423,24 +430,20 @@ async def test_a_coordinator_restarted_mid_chain_publishes_the_waiting_stages(
         assert decisions.items == []  # energy waits for stats, which nobody serves yet
         coordinator.send_signal(signal.SIGKILL)
         coordinator.wait(timeout=10)
-        runtimes.append(await serve(connect_bus, subjects, WindowStatsStage()))
+        stats = await rig.serve(WindowStatsStage())
         await eventually(
-            lambda: runtimes[-1].counts["processed"] == len(sent),
+            lambda: stats.counts["processed"] == len(sent),
             what="stats answered every window while no coordinator ran",
         )
         spawn(*command)
         await decisions.wait_for(len(sent), timeout_s=30)
         await decisions.settle(1.0)
-    finally:
-        await fusion.stop()
-        for runtime in runtimes:
-            await runtime.stop()
     assert len(decisions.items) == len(sent)
     assert len({d.task_id for d in decisions.items}) == len(sent)
     for d in decisions.items:
         assert d.status == "complete", d
         assert set(d.contributors) == {"accel", "energy"}
-    assert runtimes[1].counts["processed"] == len(sent)  # energy: once per window
+    assert rig.runtimes[1].counts["processed"] == len(sent)  # energy: once per window
 
 
 async def test_an_auto_plan_includes_a_stage_once_its_upstream_is_served(
@@ -450,40 +453,26 @@ async def test_an_auto_plan_includes_a_stage_once_its_upstream_is_served(
     stats replica runs, windows do not expect energy (and complete without it); once
     stats runs, energy is part of every window's chain and is fused."""
     plan = dataclasses.replace(basicmotions_plan(), subtasks=(), auto=True)
-    nc = await connect_bus("test")
-    runtimes = [
-        await serve(connect_bus, subjects, agent)
-        for agent in (ModelAgent(models_dir() / "accel.tflite"), EnergyBandsHead())
-    ]
-    fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
-    coordinator = await Coordinator(
-        await connect_bus("coordinator"), plans=PlanBook(default=plan), subjects=subjects
-    ).start()
-    decisions = await Collector(Decision).start(nc, subjects.decision("bm"))
-    producer = Producer(nc, subjects)
-    try:
-        await eventually(
-            lambda: "energy" in coordinator.directory, what="the coordinator saw energy"
-        )
-        first = await replay_frames(producer, basicmotions, stream="bm", rate_hz=100, limit=5)
-        await decisions.wait_for(5)
-        runtimes.append(await serve(connect_bus, subjects, WindowStatsStage()))
-        await eventually(lambda: "stats" in coordinator.directory, what="the coordinator saw stats")
+    agents = [ModelAgent(models_dir() / "accel.tflite"), EnergyBandsHead()]
+    async with chain_rig(connect_bus, subjects, plan, agents) as rig:
+        directory = rig.coordinator.directory if rig.coordinator else None
+        assert directory is not None
+        await eventually(lambda: "energy" in directory, what="the coordinator saw energy")
+        first = await replay_frames(rig.producer, basicmotions, stream="bm", rate_hz=100, limit=5)
+        await rig.decisions.wait_for(5)
+        await rig.serve(WindowStatsStage())
+        await eventually(lambda: "stats" in directory, what="the coordinator saw stats")
         await replay_frames(
-            producer,
+            rig.producer,
             basicmotions,
             stream="bm",
             rate_hz=100,
             limit=5,
             start_ns=first[-1].t_start_ns + 10**10,
         )
-        await decisions.wait_for(10)
-        await decisions.settle()
-    finally:
-        await coordinator.stop()
-        await fusion.stop()
-        for runtime in runtimes:
-            await runtime.stop()
+        await rig.decisions.wait_for(10)
+        await rig.decisions.settle()
+    decisions = rig.decisions
     before, after = decisions.items[:5], decisions.items[5:]
     assert all(d.status == "complete" and d.contributors == ("accel",) for d in before)
     assert all(d.status == "complete" for d in after)
