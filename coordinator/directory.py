@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from coordinator.plan import SensorInput, StageInput, SubtaskSpec
-from schemas import AgentInfo, InputSpec
+from schemas import AgentInfo, InputSpec, OutputKind
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class KnownType:
     inputs: tuple[InputSpec, ...]
     replicas: int
     last_seen: float
+    output: OutputKind = "scores"
 
     def can_feed(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
         """Whether sensors of these ``(samples, channels)`` shapes satisfy every sensor
@@ -80,7 +81,10 @@ class AgentDirectory:
             replicas.setdefault(info.type, []).append(info)
         appeared = [t for t in replicas if t not in self._types]
         for type_name, infos in replicas.items():
-            self._types[type_name] = KnownType(type_name, infos[0].inputs, len(infos), now)
+            first = infos[0]
+            self._types[type_name] = KnownType(
+                type_name, first.inputs, len(infos), now, first.output
+            )
         gone = [
             t for t, known in self._types.items() if now - known.last_seen > self.forget_after_s
         ]
@@ -89,11 +93,17 @@ class AgentDirectory:
         return sorted(appeared), sorted(gone)
 
     def feedable(
-        self, shapes: Mapping[str, tuple[int, ...]], *, also: Iterable[str] = ()
+        self,
+        shapes: Mapping[str, tuple[int, ...]],
+        *,
+        also: Iterable[str] = (),
+        read: Iterable[str] = (),
     ) -> list[SubtaskSpec]:
         """A subtask spec for every known type that sensors of these shapes can feed, by
         name: one that reads other types' answers is included when each of those is fed,
-        here or by the ``also`` types (a plan's listed ones)."""
+        here or by the ``also`` types (a plan's listed ones). A type that answers features
+        is included only when an included type, or a ``read`` one (what the plan's listed
+        types read), reads it: nothing else could use its answer, and fusion cannot."""
         candidates = sorted(
             (k for k in self._types.values() if k.can_feed(shapes)), key=lambda k: k.type
         )
@@ -105,4 +115,12 @@ class AgentDirectory:
                 if known.type not in fed and all(u in fed for u in known.upstream):
                     fed.add(known.type)
                     grew = True
-        return [known.spec() for known in candidates if known.type in fed]
+        chosen = [known for known in candidates if known.type in fed]
+        wanted = set(read)
+        shrank = True
+        while shrank:  # dropping an unread stage may leave its own upstream unread
+            readers = wanted | {u for known in chosen for u in known.spec().upstream}
+            kept = [k for k in chosen if k.output != "features" or k.type in readers]
+            shrank = len(kept) < len(chosen)
+            chosen = kept
+        return [known.spec() for known in chosen]

@@ -15,8 +15,9 @@ from nats.aio.client import Client
 from agents import AgentRuntime, ModelAgent
 from agents.builtin import EnergyBandsHead, WindowStatsStage
 from agents.fusion import FusionAgent
-from bus import Producer, Subjects
+from bus import Producer, Subjects, agent_info_from_metadata, agent_info_metadata
 from coordinator import (
+    AgentDirectory,
     Coordinator,
     Plan,
     PlanBook,
@@ -28,7 +29,7 @@ from coordinator import (
 from fusebus.datasets import SensorDataset
 from fusebus.paths import models_dir
 from fusebus.replay import replay_frames
-from schemas import Decision
+from schemas import AgentInfo, Decision, InputSpec, ModelRef
 from tests.helpers import Collector
 
 Connect = Callable[[str], Awaitable[Client]]
@@ -76,8 +77,10 @@ async def run_chain(
         await decisions.wait_for(len(sent), timeout_s=30)
         await decisions.settle()
     finally:
-        for part in (coordinator, fusion, *runtimes):
-            await part.stop()
+        await coordinator.stop()
+        await fusion.stop()
+        for runtime in runtimes:
+            await runtime.stop()
     assert Counter(d.task_id for d in decisions.items).most_common(1)[0][1] == 1
     truth = {w.t_start_ns: w.label for w in sent}
     return ChainRun(decisions.items, truth, coordinator, fusion, runtimes)
@@ -121,3 +124,41 @@ async def test_a_two_stage_chain_is_fused_with_the_per_sensor_models(
     assert run.fusion.counts["not_fused"] == 40  # every stats answer, skipped by fusion
     assert run.processed == {"accel": 40, "gyro": 40, "stats": 40, "energy": 40}
     assert run.accuracy >= 0.9
+
+
+def test_an_auto_plan_asks_a_features_type_only_when_some_type_reads_it() -> None:
+    """A card's features output survives discovery, and an ``auto`` plan leaves out a
+    features type that no type reads (fusion could not use its answer), also a stage whose
+    only reader is left out, while keeping those a running or listed type reads."""
+    scores = ("standing", "walking")
+
+    def card(type_name: str, reads: str = "", *, features: bool = False) -> AgentInfo:
+        sensor = InputSpec(reads, stage=True, shape=(13,)) if reads else InputSpec("accel", 0, 3)
+        info = AgentInfo(
+            agent_id=f"{type_name}-1",
+            type=type_name,
+            model=ModelRef("m", "1"),
+            runtime="test",
+            inputs=(sensor,),
+            labels=() if features else scores,
+            output="features" if features else "scores",
+            output_shape=(13,) if features else (),
+        )
+        found = agent_info_from_metadata(agent_info_metadata(info, prefix="fb"))
+        assert found == info
+        return found
+
+    directory = AgentDirectory()
+    directory.observe(
+        [
+            card("accel"),
+            card("stats", features=True),
+            card("head", "stats"),
+            card("lonely", features=True),
+            card("deep", "lonely", features=True),  # reads lonely, read by nobody
+            card("listed-reads", features=True),
+        ],
+        now=0.0,
+    )
+    specs = directory.feedable({"accel": (100, 3)}, read={"listed-reads"})
+    assert [s.type for s in specs] == ["accel", "head", "listed-reads", "stats"]
