@@ -21,7 +21,7 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service
 
-from schemas import AgentInfo, InputSpec, ModelRef
+from schemas import OUTPUT_KINDS, AgentInfo, InputSpec, ModelRef
 
 log = structlog.get_logger("fusebus.bus")
 
@@ -47,14 +47,22 @@ def agent_info_from_metadata(metadata: dict[str, str]) -> AgentInfo | None:
         if not (math.isfinite(weight) and weight > 0):
             # fusion multiplies by it: a NaN, zero or negative weight would spoil decisions
             raise ValueError(f"weight must be finite and > 0, got {body.get('weight')!r}")
+        output = body.get("output", "scores")
+        if output not in OUTPUT_KINDS:
+            raise ValueError(f"output must be one of {OUTPUT_KINDS}, got {output!r}")
         return AgentInfo(
             agent_id=str(body["agent_id"]),
             type=str(body["type"]),
             model=ModelRef(**body["model"]),
             runtime=str(body["runtime"]),
-            inputs=tuple(InputSpec(**spec) for spec in body["inputs"]),
+            inputs=tuple(
+                InputSpec(**{**spec, "shape": tuple(spec.get("shape", ()))})
+                for spec in body["inputs"]
+            ),
             labels=tuple(body["labels"]),
             weight=weight,
+            output=output,
+            output_shape=tuple(int(n) for n in body.get("output_shape", ())),
         )
     except (KeyError, TypeError, ValueError) as exc:
         log.warning("discovery.bad_agent_info", error=str(exc))

@@ -97,11 +97,17 @@ class AgentDirectory:
         return sorted(appeared), sorted(gone)
 
     def feedable(
-        self, shapes: Mapping[str, tuple[int, ...]], *, also: Iterable[str] = ()
+        self,
+        shapes: Mapping[str, tuple[int, ...]],
+        *,
+        also: Iterable[str] = (),
+        read: Iterable[str] = (),
     ) -> list[SubtaskSpec]:
         """A subtask spec for every known type that sensors of these shapes can feed, by
         name: one that reads other types' answers is included when each of those is fed,
-        here or by the ``also`` types (a plan's listed ones)."""
+        here or by the ``also`` types (a plan's listed ones). A type that answers features
+        is included only when an included type, or a ``read`` one (what the plan's listed
+        types read), reads it: nothing else could use its answer, and fusion cannot."""
         candidates = sorted(
             (k for k in self._types.values() if k.can_feed(shapes)), key=lambda k: k.type
         )
@@ -113,7 +119,15 @@ class AgentDirectory:
                 if known.type not in fed and all(u in fed for u in known.upstream):
                     fed.add(known.type)
                     grew = True
-        return [known.spec() for known in candidates if known.type in fed]
+        chosen = [known for known in candidates if known.type in fed]
+        wanted = set(read)
+        shrank = True
+        while shrank:  # dropping an unread stage may leave its own upstream unread
+            readers = wanted | {u for known in chosen for u in known.spec().upstream}
+            kept = [k for k in chosen if k.output != "features" or k.type in readers]
+            shrank = len(kept) < len(chosen)
+            chosen = kept
+        return [known.spec() for known in chosen]
 
 
 def chain_problems(

@@ -679,8 +679,11 @@ class Coordinator:
         if plan.auto:
             listed = set(plan.types)
             shapes = {name: array.shape for name, array in sensors.items()}
+            read = {u for spec in plan.subtasks for u in spec.upstream}
             specs += [
-                s for s in self.directory.feedable(shapes, also=listed) if s.type not in listed
+                s
+                for s in self.directory.feedable(shapes, also=listed, read=read)
+                if s.type not in listed
             ]
         return specs
 

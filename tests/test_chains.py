@@ -21,8 +21,9 @@ from nats.aio.client import Client
 from agents import AgentRuntime, ModelAgent
 from agents.builtin import EnergyBandsHead, SmoothingStage, WindowStatsStage
 from agents.fusion import FusionAgent
-from bus import EmbeddedServer, Producer, Subjects
+from bus import EmbeddedServer, Producer, Subjects, agent_info_from_metadata, agent_info_metadata
 from coordinator import (
+    AgentDirectory,
     Coordinator,
     KnownType,
     Plan,
@@ -36,7 +37,7 @@ from coordinator import (
 from fusebus.datasets import SensorDataset
 from fusebus.paths import models_dir
 from fusebus.replay import replay_frames
-from schemas import Decision, InputSpec, ModelRef, SensorFrame
+from schemas import AgentInfo, Decision, InputSpec, ModelRef, SensorFrame
 from tests.helpers import Collector, FrameFeeder, eventually, wait_for_agents, wait_for_role
 from tests.test_faults import bus_args, intake_done
 
@@ -507,3 +508,41 @@ def test_what_a_chain_cannot_do_with_the_running_cards_is_said_in_one_line_each(
     fused_features = chain_plan(ACCEL, STATS, ENERGY, fuse=("stats",))
     (problem,) = chain_problems(fused_features.subtasks, fused_features.fused, fits)
     assert problem.startswith("type 'stats' is fused but answers features")
+
+
+def test_an_auto_plan_asks_a_features_type_only_when_some_type_reads_it() -> None:
+    """A card's features output survives discovery, and an ``auto`` plan leaves out a
+    features type that no type reads (fusion could not use its answer), also a stage whose
+    only reader is left out, while keeping those a running or listed type reads."""
+    scores = ("standing", "walking")
+
+    def card(type_name: str, reads: str = "", *, features: bool = False) -> AgentInfo:
+        sensor = InputSpec(reads, stage=True, shape=(13,)) if reads else InputSpec("accel", 0, 3)
+        info = AgentInfo(
+            agent_id=f"{type_name}-1",
+            type=type_name,
+            model=ModelRef("m", "1"),
+            runtime="test",
+            inputs=(sensor,),
+            labels=() if features else scores,
+            output="features" if features else "scores",
+            output_shape=(13,) if features else (),
+        )
+        found = agent_info_from_metadata(agent_info_metadata(info, prefix="fb"))
+        assert found == info
+        return found
+
+    directory = AgentDirectory()
+    directory.observe(
+        [
+            card("accel"),
+            card("stats", features=True),
+            card("head", "stats"),
+            card("lonely", features=True),
+            card("deep", "lonely", features=True),  # reads lonely, read by nobody
+            card("listed-reads", features=True),
+        ],
+        now=0.0,
+    )
+    specs = directory.feedable({"accel": (100, 3)}, read={"listed-reads"})
+    assert [s.type for s in specs] == ["accel", "head", "listed-reads", "stats"]

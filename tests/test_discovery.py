@@ -15,15 +15,16 @@ import pytest
 from nats.aio.client import Client
 
 from agents import AgentRuntime, ModelAgent
-from agents.builtin import MotionEnergyAgent
+from agents.builtin import EnergyBandsHead, MotionEnergyAgent, WindowStatsStage
 from agents.fusion import FusionAgent
 from bus import EmbeddedServer, Producer, Subjects, TopologySettings, discover_agents
-from coordinator import Coordinator, PlanBook, auto_plan
+from coordinator import Coordinator, PlanBook, SensorInput, StageInput, SubtaskSpec, auto_plan
 from fusebus.datasets import SensorDataset
 from fusebus.paths import models_dir
 from fusebus.replay import replay_frames
-from schemas import Decision, SensorFrame
+from schemas import Decision, Result, SensorFrame
 from tests.helpers import Collector, wait_for_agents
+from tests.test_chains import ACCEL, chain_plan, run_chain
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_AGENT = ROOT / "examples" / "node-agent"
@@ -208,7 +209,7 @@ async def test_node_agent_serves_batches_by_column_as_python_agents_do(
     result each from the JavaScript agent, with the Python motion agent's scores; a batch
     of the wrong shape is dead-lettered."""
     from bus import ensure_streams
-    from schemas import DeadLetter, Result, Subtask, Window
+    from schemas import DeadLetter, Subtask, Window
 
     nc = await connect_bus("test")
     await ensure_streams(nc.jetstream(), subjects, TopologySettings())
@@ -247,3 +248,129 @@ async def test_node_agent_serves_batches_by_column_as_python_agents_do(
         np.testing.assert_allclose(result.output, expected[i], atol=1e-4)
     [letter] = letters.items
     assert letter.reason == "bad_input" and "3 channels" in letter.error
+
+
+def accel_cases(dataset: SensorDataset, count: int) -> np.ndarray:
+    """The accelerometer of the first ``count`` TEST cases, ``[count, samples, 3]``: what
+    :func:`replay_frames` sends, in order."""
+    return np.stack([dataset.sensor_view(x, "accel") for x in dataset.x_test[:count]])
+
+
+async def test_node_agent_as_the_head_of_a_chain_reads_a_python_stage(
+    nats_server: EmbeddedServer,
+    subjects: Subjects,
+    connect_bus: Connect,
+    basicmotions: SensorDataset,
+    node_agent_ready: Path,
+    spawn: Callable[..., subprocess.Popen[bytes]],
+) -> None:
+    """With an ``auto`` plan, the JavaScript agent declaring a stage input (``--reads stats``)
+    is chained after the Python window-statistics stage: it gets each window's 13 features,
+    answers the energy-band scores of the last one, and is fused beside the accel model in
+    every decision, while the features themselves are never fused."""
+    nc = await connect_bus("test")
+    spawn(
+        "node",
+        str(node_agent_ready),
+        *("--nats-url", nats_server.url, "--prefix", subjects.prefix),
+        *("--reads", "stats", "--shape", "13"),
+    )
+    fusion = await FusionAgent(await connect_bus("fusion"), subjects=subjects).start()
+    runtimes = [
+        await start_agent(connect_bus, subjects, ModelAgent(models_dir() / "accel.tflite")),
+        await start_agent(connect_bus, subjects, WindowStatsStage()),
+    ]
+    await wait_for_agents(nc, subjects.prefix, {"accel": 1, "stats": 1, "motion-js": 1})
+    coordinator = await Coordinator(
+        await connect_bus("coordinator"), plans=PlanBook(default=auto_plan()), subjects=subjects
+    ).start()
+    decisions = await Collector(Decision).start(nc, subjects.decision("bm"))
+    results = await Collector(Result).start(nc, subjects.result("bm"))
+    try:
+        sent = await replay_frames(
+            Producer(nc, subjects), basicmotions, stream="bm", rate_hz=100, limit=40
+        )
+        await decisions.wait_for(40)
+        await decisions.settle()
+    finally:
+        await coordinator.stop()
+        await fusion.stop()
+        for runtime in runtimes:
+            await runtime.stop()
+    assert len({d.task_id for d in decisions.items}) == len(decisions.items) == 40
+    assert all(
+        d.status == "complete" and set(d.contributors) == {"accel", "motion-js"}
+        for d in decisions.items
+    )
+    assert coordinator.counts["stages_published"] == 40
+    assert fusion.counts["not_fused"] == 40  # the stats answers
+    case = {w.t_start_ns: i for i, w in enumerate(sent)}
+    features = WindowStatsStage().predict({"accel": accel_cases(basicmotions, 40)})
+    expected = EnergyBandsHead().predict({"stats": features})
+    heads = [r for r in results.items if r.type == "motion-js"]
+    assert len(heads) == 40
+    for result in heads:
+        assert result.output is not None and result.labels == EnergyBandsHead().labels
+        np.testing.assert_allclose(
+            result.output, expected[case[result.window.t_start_ns]], atol=1e-5
+        )
+    truth = {w.t_start_ns: w.label for w in sent}
+    assert sum(d.label == truth[d.window.t_start_ns] for d in decisions.items) / 40 >= 0.9
+
+
+async def test_node_agent_answers_features_that_a_python_head_reads(
+    nats_server: EmbeddedServer,
+    subjects: Subjects,
+    connect_bus: Connect,
+    basicmotions: SensorDataset,
+    node_agent_ready: Path,
+    spawn: Callable[..., subprocess.Popen[bytes]],
+) -> None:
+    """The JavaScript agent with ``--output features`` is a listed plan's first stage: it
+    answers the window statistics the Python stage computes (13 float32 features, no
+    labels), which the Python energy-band head reads, fused beside the accel model."""
+    nc = await connect_bus("test")
+    spawn(
+        "node",
+        str(node_agent_ready),
+        *("--nats-url", nats_server.url, "--prefix", subjects.prefix),
+        *("--type", "stats-js", "--output", "features"),
+    )
+    await wait_for_agents(nc, subjects.prefix, {"stats-js": 1})
+    [(info, _)] = await discover_agents(nc, prefix=subjects.prefix)
+    assert (info.output, info.output_shape, info.labels) == ("features", (13,), ())
+    results = await Collector(Result).start(nc, subjects.result("bm"))
+    plan = chain_plan(
+        ACCEL,
+        SubtaskSpec("stats-js", (SensorInput("accel"),)),
+        SubtaskSpec("energy", after=(StageInput("stats-js"),)),
+    )
+    head = EnergyBandsHead(stage="stats-js")
+    run = await run_chain(
+        connect_bus,
+        subjects,
+        basicmotions,
+        plan,
+        [ModelAgent(models_dir() / "accel.tflite"), head],
+    )
+    assert len(run.decisions) == 40
+    assert all(
+        d.status == "complete" and set(d.contributors) == {"accel", "energy"} for d in run.decisions
+    )
+    assert run.fusion.counts["not_fused"] == 40 and run.accuracy >= 0.9
+    case = {t: i for i, t in enumerate(sorted(run.truth))}  # windows start in sending order
+    features = WindowStatsStage().predict({"accel": accel_cases(basicmotions, 40)})
+    staged = {r.task_id: r for r in results.items if r.type == "stats-js"}
+    assert len(staged) == 40
+    for result in staged.values():
+        assert result.labels == () and result.output is not None
+        assert result.output.dtype == np.float32 and result.output.shape == (13,)
+        np.testing.assert_allclose(
+            result.output, features[case[result.window.t_start_ns]], rtol=1e-5, atol=1e-5
+        )
+    heads = [r for r in results.items if r.type == "energy"]
+    assert len(heads) == 40
+    for result in heads:
+        mine = staged[result.task_id].output
+        assert result.output is not None and mine is not None
+        np.testing.assert_allclose(result.output, head.predict({"stats-js": mine[None]})[0])

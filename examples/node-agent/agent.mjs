@@ -9,6 +9,16 @@
 // coordinator discovers it.
 //
 //   node agent.mjs --nats-url nats://127.0.0.1:4222 [--prefix fb] [--type motion-js]
+//
+// It can also be a stage of a model chain (docs/protocol.md, "Model chains"):
+//
+//   --reads stats --shape 13   read the answer of type `stats` (per-row shape [13]) instead
+//                              of the accelerometer; with a 1-D shape the motion energy is
+//                              its last entry (as a window-statistics stage gives it), with
+//                              a 2-D one ([any, 3]: --shape 0,3) it is computed as above
+//   --output features          answer the window's statistics instead of scores: mean, std,
+//                              min and max of each of the 3 channels, then the motion energy
+//                              (13 features, float32), for other types to read
 
 import { randomBytes } from "node:crypto";
 import { hostname } from "node:os";
@@ -27,6 +37,25 @@ const type = option("type", "motion-js");
 const sensor = option("sensor", "accel");
 const weight = Number(option("weight", "0.5"));
 const maxBatch = Number(option("max-batch", "64"));
+// The one input: a sensor's [samples, 3 channels], or another type's answer (a stage input).
+const reads = option("reads", null);
+const input = reads ?? sensor;
+const inputShape = reads === null ? [0, 3] : option("shape", "").split(",").filter(Boolean).map(Number);
+const output = option("output", "scores");
+function usage(problem) {
+  console.error(`agent.mjs: ${problem}`);
+  process.exit(2);
+}
+if (!(inputShape.length === 1 || (inputShape.length === 2 && inputShape[1] === 3))
+    || !inputShape.every((n) => Number.isInteger(n) && n >= 0)) {
+  usage(`--shape must be one size (features) or <samples>,3 (0 = any), got ${option("shape", "nothing")}`);
+}
+if (output !== "scores" && output !== "features") usage(`--output must be scores or features, got ${output}`);
+if (output === "features" && inputShape.length !== 2) usage("--output features reads [samples, 3]: a sensor, or --shape 0,3");
+const outputShape = output === "features" ? [4 * 3 + 1] : [];
+const model = output === "features"
+  ? { name: "window-stats-js", version: "1.0.0" }
+  : { name: inputShape.length === 1 ? "energy-bands-js" : "motion-energy-js", version: "1.0.0" };
 
 const stem = prefix.replace(/[^A-Za-z0-9_-]/g, "_").toUpperCase();
 const tasksStream = `${stem}_TASKS`;
@@ -40,7 +69,7 @@ const bands = [
   ["running", 2.5, 6.0],
   ["badminton", 6.0, Infinity],
 ];
-const labels = bands.map((b) => b[0]);
+const labels = output === "features" ? [] : bands.map((b) => b[0]);
 const softness = 0.5;
 
 // --- arrays on the wire: {dtype, shape, data} with little-endian bytes --------------------
@@ -57,21 +86,26 @@ function checkArray(wire, dtype, dims) {
   return { shape, view: new DataView(wire.data.buffer, wire.data.byteOffset, wire.data.byteLength) };
 }
 
-// Row `row` of a float32 [rows, samples, channels] array (or the whole of a [samples, channels] one).
-function readFloat32Matrix(wire, row = null) {
-  const { shape, view } = checkArray(wire, "float32", row === null ? 2 : 3);
-  const [rows, cols] = row === null ? shape : shape.slice(1);
-  const offset = row === null ? 0 : row * rows * cols * 4;
-  const out = new Float32Array(rows * cols);
-  for (let i = 0; i < out.length; i++) out[i] = view.getFloat32(offset + i * 4, true);
-  return { rows, cols, values: out };
+// What a per-row shape means here: [samples, channels] of a sensor, or a features vector.
+function describe(shape) {
+  const size = (n) => (n ? String(n) : "any");
+  return shape.length === 2 ? `${size(shape[0])} samples x ${size(shape[1])} channels` : `${size(shape[0])} features`;
 }
 
-// The accelerometer input of one subtask, checked: [samples, 3 channels].
+// The input of one subtask, checked against `inputShape` (0 = any size): the whole array
+// of a `subtask`, or row `row` of a `subtask_batch`'s [rows, ...] array.
 function inputOf(wire, row = null) {
-  const matrix = readFloat32Matrix(wire, row);
-  if (matrix.cols !== 3) throw new Error(`accelerometer must have 3 channels, got ${matrix.cols}`);
-  return matrix;
+  if (!wire) throw new Error(`no input "${input}"`);
+  const { shape, view } = checkArray(wire, "float32", inputShape.length + (row === null ? 0 : 1));
+  const rowShape = row === null ? shape : shape.slice(1);
+  if (!rowShape.every((n, axis) => inputShape[axis] === 0 || inputShape[axis] === n)) {
+    throw new Error(`input "${input}" must be ${describe(inputShape)}, got ${describe(rowShape)}`);
+  }
+  const size = rowShape.reduce((a, b) => a * b, 1);
+  const offset = row === null ? 0 : row * size * 4;
+  const values = new Float32Array(size);
+  for (let i = 0; i < size; i++) values[i] = view.getFloat32(offset + i * 4, true);
+  return { shape: rowShape, values };
 }
 
 function readInt64s(wire, dims) {
@@ -85,7 +119,7 @@ function subtasksOf(message) {
   if (typeof message !== "object" || message === null) throw new Error("not a map");
   if (Number(message.v) > 1) throw new Error(`${message.kind} v=${message.v} is newer than this agent reads`);
   if (message.kind === "subtask") {
-    return [{ ...message, input: inputOf(message.inputs?.[sensor]) }];
+    return [{ ...message, input: inputOf(message.inputs?.[input]) }];
   }
   if (message.kind !== "subtask_batch") {
     throw new Error(`expected kind "subtask" or "subtask_batch", got ${message.kind}`);
@@ -101,7 +135,7 @@ function subtasksOf(message) {
     expected: message.expected[i],
     ingest_ns: ingests[i],
     ticket: message.tickets?.[i],
-    input: inputOf(message.inputs?.[sensor], i),
+    input: inputOf(message.inputs?.[input], i),
   }));
 }
 
@@ -113,15 +147,33 @@ function float32Vector(values) {
 }
 
 // --- the model: a batch function like any fusebus agent's -----------------------------------
-function predict(matrix) {
-  const { rows, values } = matrix;
-  const magnitude = new Float64Array(rows);
-  for (let r = 0; r < rows; r++) {
-    const x = values[r * 3], y = values[r * 3 + 1], z = values[r * 3 + 2];
-    magnitude[r] = Math.sqrt(x * x + y * y + z * z);
+const mean = (xs) => xs.reduce((a, b) => a + b, 0) / xs.length;
+const std = (xs) => {
+  const m = mean(xs);
+  return Math.sqrt(mean(xs.map((x) => (x - m) ** 2)));
+};
+
+// The standard deviation of the magnitude of [samples, 3] values.
+function motionEnergy(values) {
+  const magnitude = [];
+  for (let r = 0; r < values.length; r += 3) {
+    magnitude.push(Math.hypot(values[r], values[r + 1], values[r + 2]));
   }
-  const mean = magnitude.reduce((a, b) => a + b, 0) / rows;
-  const energy = Math.sqrt(magnitude.reduce((a, m) => a + (m - mean) ** 2, 0) / rows);
+  return std(magnitude);
+}
+
+// Per channel mean, std, min and max (each statistic for all 3 channels in turn), then the
+// motion energy: the features a window-statistics stage gives.
+function windowStats(values) {
+  const channels = [0, 1, 2].map((c) => Array.from(values).filter((_, i) => i % 3 === c));
+  const stats = [mean, std, (xs) => Math.min(...xs), (xs) => Math.max(...xs)];
+  return [...stats.flatMap((stat) => channels.map(stat)), motionEnergy(values)];
+}
+
+function predict({ shape, values }) {
+  if (output === "features") return windowStats(values);
+  // A 1-D input is features whose last entry is the motion energy.
+  const energy = shape.length === 1 ? values[values.length - 1] : motionEnergy(values);
   const scores = bands.map(([, low, high]) => Math.exp(-(Math.max(low - energy, 0) + Math.max(energy - high, 0)) / softness));
   const total = scores.reduce((a, b) => a + b, 0);
   return scores.map((s) => s / total);
@@ -166,7 +218,7 @@ async function handle(msg) {
       `${prefix}.result.${subtask.stream}`,
       encode({
         v: 1, kind: "result", task_id: subtask.task_id, stream: subtask.stream, type,
-        agent_id: agentId, model: { name: "motion-energy-js", version: "1.0.0" },
+        agent_id: agentId, model,
         output: float32Vector(answers[i]), labels, latency_ms: latency, error: null,
         window: subtask.window, expected: subtask.expected, ingest_ns: subtask.ingest_ns, weight,
         // Copied unchanged: fusion decides only tasks whose results carry the coordinator's seal.
@@ -185,8 +237,11 @@ async function handle(msg) {
 // Discovery: answer the NATS micro protocol so `fusebus status` and auto plans see this agent.
 const started = new Date().toISOString();
 const info = {
-  agent_id: agentId, type, model: { name: "motion-energy-js", version: "1.0.0" }, runtime: "node",
-  inputs: [{ sensor, samples: 0, channels: 3 }], labels, weight,
+  agent_id: agentId, type, model, runtime: "node",
+  inputs: [reads === null
+    ? { sensor, samples: 0, channels: 3 }
+    : { sensor: reads, samples: 0, channels: 0, stage: true, shape: inputShape, optional: false }],
+  labels, weight, output, output_shape: outputShape,
 };
 const metadata = { "fusebus.role": "agent", "fusebus.prefix": prefix, "fusebus.agent_info": JSON.stringify(info) };
 const statusSubject = `${prefix}.ctl.agent-${type}.${agentId}`;
