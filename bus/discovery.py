@@ -36,6 +36,19 @@ def agent_info_metadata(info: AgentInfo, *, prefix: str) -> dict[str, str]:
     return {ROLE: "agent", PREFIX: prefix, INFO: json.dumps(body, separators=(",", ":"))}
 
 
+def _input_spec(raw: dict[str, Any]) -> InputSpec:
+    """One input of a card in discovery metadata; keys this version does not know are
+    ignored, so an agent may say more than fusebus reads."""
+    return InputSpec(
+        sensor=str(raw["sensor"]),
+        samples=int(raw.get("samples", 0)),
+        channels=int(raw.get("channels", 0)),
+        stage=bool(raw.get("stage", False)),
+        shape=tuple(int(n) for n in raw.get("shape", ())),
+        optional=bool(raw.get("optional", False)),
+    )
+
+
 def agent_info_from_metadata(metadata: dict[str, str]) -> AgentInfo | None:
     """The :class:`AgentInfo` in a service's metadata, or ``None`` if it is not an agent."""
     raw = metadata.get(INFO)
@@ -55,10 +68,7 @@ def agent_info_from_metadata(metadata: dict[str, str]) -> AgentInfo | None:
             type=str(body["type"]),
             model=ModelRef(**body["model"]),
             runtime=str(body["runtime"]),
-            inputs=tuple(
-                InputSpec(**{**spec, "shape": tuple(spec.get("shape", ()))})
-                for spec in body["inputs"]
-            ),
+            inputs=tuple(_input_spec(spec) for spec in body["inputs"]),
             labels=tuple(body["labels"]),
             weight=weight,
             output=output,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from agents import AgentRuntime, ModelAgent
 from agents.builtin import EnergyBandsHead, SmoothingStage, WindowStatsStage
 from agents.fusion import FusionAgent
 from bus import EmbeddedServer, Producer, Subjects, agent_info_from_metadata, agent_info_metadata
+from bus.discovery import INFO
 from coordinator import (
     AgentDirectory,
     Coordinator,
@@ -546,3 +548,39 @@ def test_an_auto_plan_asks_a_features_type_only_when_some_type_reads_it() -> Non
     )
     specs = directory.feedable({"accel": (100, 3)}, read={"listed-reads"})
     assert [s.type for s in specs] == ["accel", "head", "listed-reads", "stats"]
+
+
+def test_a_card_input_with_keys_this_version_does_not_know_is_still_read() -> None:
+    """An agent in another language may say more of an input than fusebus reads: the
+    extra keys are ignored, not the whole card."""
+    info = AgentInfo(
+        agent_id="head-1",
+        type="head",
+        model=ModelRef("m", "1"),
+        runtime="js",
+        inputs=(InputSpec("stats", stage=True, shape=(13,)),),
+        labels=("a", "b"),
+    )
+    metadata = agent_info_metadata(info, prefix="fb")
+    body = json.loads(metadata[INFO])
+    body["inputs"][0]["units"] = "g"
+    body["inputs"][0]["dtype"] = "float32"
+    found = agent_info_from_metadata({**metadata, INFO: json.dumps(body)})
+    assert found == info
+
+
+async def test_a_fused_type_answering_features_is_decided_without_its_vote(
+    connect_bus: Connect, subjects: Subjects, basicmotions: SensorDataset
+) -> None:
+    """A plan that fuses a features stage is a mistake fusion survives: each window is
+    decided at once from the votes it can use, the stage named missing, nothing retried."""
+    plan = chain_plan(ACCEL, STATS, ENERGY, fuse=("stats",))
+    agents = [ModelAgent(models_dir() / "accel.tflite"), WindowStatsStage(), EnergyBandsHead()]
+    run = await run_chain(connect_bus, subjects, basicmotions, plan, agents, count=10)
+    assert len(run.decisions) == 10
+    for d in run.decisions:
+        assert d.status == "partial" and set(d.contributors) == {"accel", "energy"}
+        assert d.missing == ("stats",) and d.missing_reasons == {"stats": "error"}
+        assert d.latency_ms < 2000  # not held to the deadline
+    assert run.fusion.counts["unusable_answers"] == 10
+    assert run.fusion.inbound.counts["naks"] == 0

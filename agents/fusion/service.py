@@ -164,6 +164,7 @@ class FusionAgent:
         self.decided: OrderedDict[str, None] = OrderedDict()
         self.answered_lately: OrderedDict[str, dict[str, float]] = OrderedDict()
         self.counts: Counter[str] = Counter()
+        self._unusable_types: set[str] = set()
         self.latency = Histogram()  # ingest -> decision, seconds
         self.recent_latency_ms: deque[float] = deque(maxlen=2048)  # for p50/p99 in status
         self._puller: BatchPuller | None = None
@@ -357,7 +358,9 @@ class FusionAgent:
                 pending.missing_sensors = message.missing_sensors
                 pending.missing_reasons = dict(message.missing_reasons)
                 await self._decide(pending, reason=message.reason or message.state)
-            case Result(error=None, output=np.ndarray() as output):
+            case Result(error=None, output=np.ndarray() as output) if self._votes(
+                message, output.shape
+            ):
                 vote = Vote(message.type, message.labels, output, message.weight)
                 await self._answer(pending, message.type, vote)
             case Result():  # the agent could not answer: the type is in, with no vote
@@ -369,11 +372,33 @@ class FusionAgent:
         tasks = [batch.task(i) for i in range(len(batch))]
         for i, task in enumerate(tasks):  # every row is checked before any is used
             self._check_ticket(batch.ticket(i), task)
+        votes = self._votes(batch, batch.outputs.shape[1:])
         for i, task in enumerate(tasks):
             pending = await self._pending(task, held)
             if pending is not None:
                 vote = Vote(batch.type, batch.labels, batch.outputs[i], batch.weight)
-                await self._answer(pending, batch.type, vote)
+                await self._answer(pending, batch.type, vote if votes else None)
+
+    def _votes(self, message: Result | ResultBatch, row_shape: tuple[int, ...]) -> bool:
+        """Whether an answer can be a vote: one score per label. One that cannot (features
+        from a type the plan fuses, a count that disagrees with the labels) counts as that
+        type answering with no vote, so the task is decided without it rather than retried."""
+        if message.labels and row_shape == (len(message.labels),):
+            return True
+        self.counts["unusable_answers"] += len(message) if isinstance(message, ResultBatch) else 1
+        if message.type in self._unusable_types:
+            return False
+        if len(self._unusable_types) < 1000:  # said once per type, and bounded
+            self._unusable_types.add(message.type)
+        log.warning(
+            "result.unusable",
+            type=message.type,
+            stream=message.stream,
+            labels=len(message.labels),
+            shape=list(row_shape),
+            hint="fusion needs one score per label: is a features type fused?",
+        )
+        return False
 
     def _check_ticket(self, ticket: bytes, task: Task) -> None:
         """Raises :class:`UnknownTaskError` unless the coordinator sealed this task."""
