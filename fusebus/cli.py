@@ -557,7 +557,9 @@ def _eval_parser(commands: Any, env_url: str | None) -> None:
 def _train_parser(commands: Any, env_url: str | None) -> None:
     del env_url  # training never touches the bus
     train = commands.add_parser(
-        "train", help="train one classifier per sensor of a dataset (needs TensorFlow)"
+        "train",
+        help="train one classifier per sensor of a dataset, and a model chain's per-sensor "
+        "encoders and head (needs TensorFlow)",
     )
     train.add_argument(
         "--dataset",
@@ -571,6 +573,12 @@ def _train_parser(commands: Any, env_url: str | None) -> None:
     train.add_argument("--seed", type=int, default=7)
     train.add_argument(
         "--epochs", type=_positive(int), default=120, help="training epochs (default: 120)"
+    )
+    train.add_argument(
+        "--only",
+        choices=("classifiers", "chain"),
+        help="train only the per-sensor classifiers, or only the chain: an encoder per sensor "
+        "(enc_<sensor>) and the head reading them and the stats stage (default: both)",
     )
     train.set_defaults(run="train")
 

@@ -339,9 +339,11 @@ def fusion_precedence(
 
 async def train(args: argparse.Namespace) -> int:
     """``fusebus train``: one classifier per sensor of a dataset (the shipped one by default),
-    fitted on its train split and scored once on its TEST split (blocking: nothing else runs)."""
+    and the model chain's per-sensor encoders and head, fitted on its train split and scored
+    once on its TEST split (blocking: nothing else runs). ``--only`` trains one of the two."""
     import numpy as np
 
+    from agents.chain_training import train_chain_models
     from agents.training import TrainingSettings, train_sensor_model
     from fusebus.datasets import load_dataset
     from fusebus.paths import models_dir
@@ -359,19 +361,33 @@ async def train(args: argparse.Namespace) -> int:
                 f"{settings.val_per_class} of each label out for validation, so it needs "
                 f"at least {settings.val_per_class + 1}"
             )
-    for sensor in dataset.sensors:
-        card = train_sensor_model(
-            type_name=sensor,
-            sensor=sensor,
-            x_train=dataset.sensor_view(x_train, sensor),
+    if args.only in (None, "classifiers"):
+        for sensor in dataset.sensors:
+            card = train_sensor_model(
+                type_name=sensor,
+                sensor=sensor,
+                x_train=dataset.sensor_view(x_train, sensor),
+                y_train=y_train,
+                x_test=dataset.sensor_view(x_test, sensor),
+                y_test=y_test,
+                labels=dataset.labels,
+                out_dir=out,
+                settings=settings,
+            )
+            print(f"{sensor}: {card.metrics} -> {out / sensor}.tflite")
+    if args.only in (None, "chain"):
+        cards = train_chain_models(
+            train_views={s: dataset.sensor_view(x_train, s) for s in dataset.sensors},
             y_train=y_train,
-            x_test=dataset.sensor_view(x_test, sensor),
+            test_views={s: dataset.sensor_view(x_test, s) for s in dataset.sensors},
             y_test=y_test,
             labels=dataset.labels,
             out_dir=out,
+            dataset=dataset.name,
             settings=settings,
         )
-        print(f"{sensor}: {card.metrics} -> {out / sensor}.tflite")
+        for type_name, card in cards.items():
+            print(f"{type_name}: {card.metrics} -> {out / type_name}.tflite")
     return 0
 
 
