@@ -258,10 +258,18 @@ def _up_parser(commands: Any, env_url: str | None) -> None:
         "--rate", type=_positive(float), default=10.0, help="with --frames: frames per second"
     )
     up.add_argument(
-        "--deadline-ms", type=_positive(float), default=2000.0, help="task deadline (default: 2000)"
+        "--deadline-ms",
+        type=_positive(float),
+        default=None,
+        help="task deadline (default: 2000; with --config, the plan's)",
     )
+    up.add_argument("--agents", default=None, help="agent types to start (default: accel,gyro)")
     up.add_argument(
-        "--agents", default="accel,gyro", help="agent types to start (default: accel,gyro)"
+        "--config",
+        type=Path,
+        help="plans file with an [agents] table (e.g. examples/chain.toml): the coordinator "
+        "and fusion read it, and the agents it names are started, one process each "
+        "(replaces --agents and --deadline-ms)",
     )
     up.add_argument(
         "--log-dir", type=Path, help="folder for each process's log (default: a temp folder)"

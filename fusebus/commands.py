@@ -93,6 +93,13 @@ async def up(args: argparse.Namespace) -> int:
     """``fusebus up``: the whole system on one machine, fed with the shipped recording."""
     from fusebus.up import UpSettings, run_up
 
+    if args.config is not None:
+        for flag, value in (("--agents", args.agents), ("--deadline-ms", args.deadline_ms)):
+            if value is not None:
+                raise _usage(
+                    f"{flag} does not apply with --config: the config's plan and [agents] "
+                    "table say what runs"
+                )
     return await run_up(
         UpSettings(
             nats_url=args.nats_url,
@@ -100,9 +107,10 @@ async def up(args: argparse.Namespace) -> int:
             frames=args.frames,
             speed=args.speed,
             rate_hz=args.rate,
-            deadline_ms=args.deadline_ms,
-            agents=_names(args.agents),
+            deadline_ms=2000.0 if args.deadline_ms is None else args.deadline_ms,
+            agents=_names(args.agents or "accel,gyro"),
             log_dir=args.log_dir,
+            config=args.config,
         )
     )
 
