@@ -140,9 +140,12 @@ def train_chain_models(
         encoded = [encoders[s](views[s][rows], training=False).numpy() for s in sensors]
         return [*encoded, stats_features(views[sensors[0]][rows])]
 
-    def accuracy(inputs: list[np.ndarray], y: np.ndarray, absent: int | None = None) -> float:
-        given = [np.zeros_like(x) if i == absent else x for i, x in enumerate(inputs)]
-        scores = head_model(given, training=False).numpy()
+    def accuracy(inputs: list[np.ndarray], y: np.ndarray, given: set[int] | None = None) -> float:
+        """The head's accuracy with only the ``given`` inputs (the rest zeros, as absent)."""
+        kept = [
+            x if given is None or i in given else np.zeros_like(x) for i, x in enumerate(inputs)
+        ]
+        scores = head_model(kept, training=False).numpy()
         return round(float(np.mean(np.argmax(scores, axis=1) == y)), 4)
 
     val_inputs = head_inputs_of(train_views, val_idx)
@@ -152,7 +155,13 @@ def train_chain_models(
         "val_accuracy": val_accuracy,
         "test_accuracy": accuracy(test_inputs, y_test),
         **{
-            f"test_accuracy_without_{name}": accuracy(test_inputs, y_test, absent=i)
+            f"test_accuracy_without_{name}": accuracy(
+                test_inputs, y_test, set(range(len(head_inputs))) - {i}
+            )
+            for i, name in enumerate(head_inputs)
+        },
+        **{
+            f"test_accuracy_only_{name}": accuracy(test_inputs, y_test, {i})
             for i, name in enumerate(head_inputs)
         },
         "train_cases": float(len(fit_idx)),

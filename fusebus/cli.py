@@ -537,18 +537,29 @@ def _eval_parser(commands: Any, env_url: str | None) -> None:
     _spec_option(evaluate)
     evaluate.add_argument(
         "--agents",
-        default="accel,gyro,motion",
+        default=None,
         help="agents to fuse, comma-separated: shipped models' names, model files "
-        "(.tflite/.keras with their cards), or registered agents",
+        "(.tflite/.keras with their cards), or registered agents (default: accel,gyro,motion)",
+    )
+    evaluate.add_argument(
+        "--config",
+        type=Path,
+        help="plans file with an [agents] table (e.g. examples/chain.toml): compare its plan "
+        "with all its agents, late fusion alone and each agent missing (replaces --agents)",
     )
     evaluate.add_argument(
         "--strategies",
-        default=",".join(CLASSIFYING_STRATEGIES),
+        default=None,
         help="comma-separated; the first one draws the confusion matrix "
-        f"(default: {','.join(CLASSIFYING_STRATEGIES)})",
+        f"(default: {','.join(CLASSIFYING_STRATEGIES)}; with --config, its fusion strategy)",
     )
     evaluate.add_argument("--rate", type=_positive(float), default=100.0, help="frames per second")
-    evaluate.add_argument("--deadline-ms", type=_positive(float), default=500.0)
+    evaluate.add_argument(
+        "--deadline-ms",
+        type=_positive(float),
+        default=None,
+        help="task deadline (default: 500; with --config, the plan's)",
+    )
     evaluate.add_argument(
         "--out",
         type=Path,
@@ -583,10 +594,12 @@ def _train_parser(commands: Any, env_url: str | None) -> None:
         "--epochs", type=_positive(int), default=120, help="training epochs (default: 120)"
     )
     train.add_argument(
-        "--only",
-        choices=("classifiers", "chain"),
-        help="train only the per-sensor classifiers, or only the chain: an encoder per sensor "
-        "(enc_<sensor>) and the head reading them and the stats stage (default: both)",
+        "--models",
+        choices=("classifiers", "chain", "all"),
+        default="classifiers",
+        help="classifiers: one per sensor (default); chain: the model chain of "
+        "examples/chain.toml, an encoder per sensor (enc_<sensor>) and the head reading their "
+        "features and the stats stage's; all: both",
     )
     train.set_defaults(run="train")
 

@@ -68,19 +68,23 @@ def _resolve_model(text: str) -> Path:
 
 
 async def eval_command(args: argparse.Namespace) -> int:
-    """``fusebus eval``: every agent alone and fused, with each one missing; prints and writes
-    the table and the per-class reports."""
+    """``fusebus eval``: every agent alone and fused, with each one missing (with
+    ``--config``, its plan and agents, and late fusion alone); prints and writes the table
+    and the per-class reports."""
     from fusebus.evaluate import EvalSettings, render_markdown, run_eval
 
+    if args.config is not None and args.agents is not None:
+        raise _usage("--agents does not apply with --config: its [agents] table names them")
     settings = EvalSettings(
         dataset=args.dataset,
         spec=args.spec,
-        agents=_names(args.agents),
-        strategies=_names(args.strategies),
+        agents=_names(args.agents or "accel,gyro,motion"),
+        strategies=_names(args.strategies) if args.strategies is not None else None,
         rate_hz=args.rate,
         deadline_ms=args.deadline_ms,
         out_dir=args.out,
         nats_url=args.nats_url,
+        config=args.config,
     )
     report = await run_eval(settings)
     print(render_markdown(report.rows, title="results"))
@@ -347,8 +351,9 @@ def fusion_precedence(
 
 async def train(args: argparse.Namespace) -> int:
     """``fusebus train``: one classifier per sensor of a dataset (the shipped one by default),
-    and the model chain's per-sensor encoders and head, fitted on its train split and scored
-    once on its TEST split (blocking: nothing else runs). ``--only`` trains one of the two."""
+    or with ``--models chain`` (or ``all``) the model chain's per-sensor encoders and head,
+    fitted on its train split and scored once on its TEST split (blocking: nothing else
+    runs)."""
     import numpy as np
 
     from agents.chain_training import train_chain_models
@@ -369,7 +374,7 @@ async def train(args: argparse.Namespace) -> int:
                 f"{settings.val_per_class} of each label out for validation, so it needs "
                 f"at least {settings.val_per_class + 1}"
             )
-    if args.only in (None, "classifiers"):
+    if args.models in ("classifiers", "all"):
         for sensor in dataset.sensors:
             card = train_sensor_model(
                 type_name=sensor,
@@ -383,7 +388,7 @@ async def train(args: argparse.Namespace) -> int:
                 settings=settings,
             )
             print(f"{sensor}: {card.metrics} -> {out / sensor}.tflite")
-    if args.only in (None, "chain"):
+    if args.models in ("chain", "all"):
         cards = train_chain_models(
             train_views={s: dataset.sensor_view(x_train, s) for s in dataset.sensors},
             y_train=y_train,
