@@ -174,11 +174,12 @@ def _agents(
             raise ConfigError(f"{where}: {exc}") from None
         item = _table(spec, where)
         _no_unknown(item, AGENT_KEYS, where)
-        if ("model" in item) == ("agent" in item):
+        if "model" in item and "agent" in item:
+            raise ConfigError(f"{where}: names both a model and an agent class; give one")
+        if "model" not in item and "agent" not in item:
             raise ConfigError(
-                f"{where}: needs either model (a shipped model's name or a .tflite/.keras "
-                "file) or agent (a registered name or module:Class), not "
-                + ("both" if "model" in item else "neither")
+                f"{where}: needs model (a shipped model's name or a .tflite/.keras file) or "
+                "agent (a registered name or module:Class)"
             )
         if "model" in item:
             if "params" in item:

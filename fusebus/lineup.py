@@ -97,9 +97,9 @@ def plan_for(deployment: Deployment, stream: str) -> tuple[Plan, str]:
 
 def check_lineup(deployment: Deployment, served: dict[str, Served], *, stream: str) -> None:
     """Check that the served agents fit the plan of ``stream``: each reads only the sensors
-    and upstream types its subtask is given, waits for no upstream the plan makes optional
-    unless it can run without it, reads the shape its upstream answers, and every fused
-    type answers scores.
+    its subtask is given, and every upstream type it cannot run without is one the plan
+    lists as required (an optional input the plan does not list is given as absent), reads
+    the shape its upstream answers, and every fused type answers scores.
 
     Raises:
         ConfigError: the first misfit, naming the file and ``agents.<type>``.
@@ -121,9 +121,11 @@ def check_lineup(deployment: Deployment, served: dict[str, Served], *, stream: s
                     )
                 continue
             if i.sensor not in spec.upstream:
+                if i.optional:
+                    continue  # the agent runs without it, as it was made to
                 raise ConfigError(
-                    f"{where}: reads the answers of {i.sensor!r}, which {key}.subtasks."
-                    f"{spec.type}.after does not list"
+                    f"{where}: needs the answers of {i.sensor!r} (its input is not optional), "
+                    f"which {key}.subtasks.{spec.type}.after does not list"
                 )
             if not i.optional and i.sensor in spec.optional_upstream:
                 raise ConfigError(

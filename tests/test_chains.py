@@ -76,7 +76,8 @@ async def run_chain(
         await decisions.wait_for(len(sent), timeout_s=30)
         await decisions.settle()
     finally:
-        for part in (coordinator, fusion, *runtimes):
+        parts: list[Coordinator | FusionAgent | AgentRuntime] = [coordinator, fusion, *runtimes]
+        for part in parts:
             await part.stop()
     assert Counter(d.task_id for d in decisions.items).most_common(1)[0][1] == 1
     truth = {w.t_start_ns: w.label for w in sent}
