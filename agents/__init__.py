@@ -1,6 +1,7 @@
 """Agents: the runtime that serves them, model runtimes, the model agent, fusion and training.
 
-TensorFlow is imported only by :mod:`agents.runtimes.keras` and :mod:`agents.training`.
+TensorFlow is imported only by :mod:`agents.runtimes.keras`, :mod:`agents.training` and
+:mod:`agents.chain_training`.
 """
 
 from typing import TYPE_CHECKING, Any

@@ -39,9 +39,11 @@ class ModelAgent:
         self.output_shape = self.card.output_shape
         self._runtime: ModelRuntime = load_runtime(model_path, buckets=buckets)
         self.runtime = self._runtime.name
-        check_card_fits_model(self.card, self._runtime, model_path)
-        # what the runtime casts each input to: inputs that cannot be cast are refused
-        self.input_dtypes = tuple(self._runtime.input_dtypes)
+        # which card input each model input takes, in the order the runtime takes them
+        self._feed = check_card_fits_model(self.card, self._runtime, model_path)
+        # what the runtime casts each (card) input to: inputs that cannot be cast are refused
+        dtypes = dict(zip(self._feed, self._runtime.input_dtypes, strict=True))
+        self.input_dtypes = tuple(dtypes[i] for i in range(len(self.inputs)))
 
     def __repr__(self) -> str:
         return f"ModelAgent(type={self.type!r}, model={self.model.name}@{self.model.version}, runtime={self.runtime})"
@@ -54,7 +56,8 @@ class ModelAgent:
         """Run the model; checks it answers one score per label per row (or, for a
         features model, the card's output shape per row)."""
         rows = len(next(iter(batch.values())))
-        output = self._runtime.predict([self._input(batch, spec, rows) for spec in self.inputs])
+        given = [self._input(batch, spec, rows) for spec in self.inputs]
+        output = self._runtime.predict([given[i] for i in self._feed])
         per_row = self.output_shape if self.output == "features" else (len(self.labels),)
         if output.shape != (rows, *per_row):
             raise ModelError(
@@ -70,21 +73,36 @@ class ModelAgent:
         return np.zeros((rows, *spec.shape), np.float32)
 
 
-def check_card_fits_model(card: ModelCard, runtime: ModelRuntime, model_path: Path) -> None:
+def feed_order(card: ModelCard, names: list[str]) -> tuple[int, ...]:
+    """Which card input each model input (named ``names``, in the runtime's order) takes:
+    by name when the model's inputs are named as the card's are (a model with several
+    inputs, whose order a LiteRT conversion does not keep), else by position."""
+    wanted = [spec.sensor for spec in card.inputs]
+    if len(set(names)) == len(names) and sorted(names) == sorted(wanted):
+        return tuple(wanted.index(name) for name in names)
+    return tuple(range(len(names)))
+
+
+def check_card_fits_model(
+    card: ModelCard, runtime: ModelRuntime, model_path: Path
+) -> tuple[int, ...]:
     """Refuse a card whose inputs the model cannot take: the number of inputs, and each
-    input's samples and channels where both the card and the model fix them.
+    input's samples and channels where both the card and the model fix them. Returns which
+    card input each model input takes (see :func:`feed_order`).
 
     Known at start, so said once, at start, rather than with every subtask.
 
     Raises:
         ConfigError: naming the model file, the input, the card's and the model's shapes.
     """
-    shapes = runtime.input_shapes
-    if len(card.inputs) != len(shapes):
+    if len(card.inputs) != len(runtime.input_shapes):
         raise ConfigError(
             f"model {model_path}: its card lists {len(card.inputs)} inputs, the model takes "
-            f"{len(shapes)}"
+            f"{len(runtime.input_shapes)}"
         )
+    feed = feed_order(card, list(runtime.input_names))
+    by_card = dict(zip(feed, runtime.input_shapes, strict=True))
+    shapes = [by_card[i] for i in range(len(card.inputs))]
     for spec, shape in zip(card.inputs, shapes, strict=True):
         if spec.stage:
             if spec.shape and (
@@ -111,3 +129,4 @@ def check_card_fits_model(card: ModelCard, runtime: ModelRuntime, model_path: Pa
                     f"model {model_path}: its card says input {spec.sensor!r} has {card_size} "
                     f"{what}, the model takes {model_size}"
                 )
+    return feed

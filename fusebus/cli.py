@@ -258,10 +258,18 @@ def _up_parser(commands: Any, env_url: str | None) -> None:
         "--rate", type=_positive(float), default=10.0, help="with --frames: frames per second"
     )
     up.add_argument(
-        "--deadline-ms", type=_positive(float), default=2000.0, help="task deadline (default: 2000)"
+        "--deadline-ms",
+        type=_positive(float),
+        default=None,
+        help="task deadline (default: 2000; with --config, the plan's)",
     )
+    up.add_argument("--agents", default=None, help="agent types to start (default: accel,gyro)")
     up.add_argument(
-        "--agents", default="accel,gyro", help="agent types to start (default: accel,gyro)"
+        "--config",
+        type=Path,
+        help="plans file with an [agents] table (e.g. examples/chain.toml): the coordinator "
+        "and fusion read it, and the agents it names are started, one process each "
+        "(replaces --agents and --deadline-ms)",
     )
     up.add_argument(
         "--log-dir", type=Path, help="folder for each process's log (default: a temp folder)"
@@ -529,18 +537,29 @@ def _eval_parser(commands: Any, env_url: str | None) -> None:
     _spec_option(evaluate)
     evaluate.add_argument(
         "--agents",
-        default="accel,gyro,motion",
+        default=None,
         help="agents to fuse, comma-separated: shipped models' names, model files "
-        "(.tflite/.keras with their cards), or registered agents",
+        "(.tflite/.keras with their cards), or registered agents (default: accel,gyro,motion)",
+    )
+    evaluate.add_argument(
+        "--config",
+        type=Path,
+        help="plans file with an [agents] table (e.g. examples/chain.toml): compare its plan "
+        "with all its agents, late fusion alone and each agent missing (replaces --agents)",
     )
     evaluate.add_argument(
         "--strategies",
-        default=",".join(CLASSIFYING_STRATEGIES),
+        default=None,
         help="comma-separated; the first one draws the confusion matrix "
-        f"(default: {','.join(CLASSIFYING_STRATEGIES)})",
+        f"(default: {','.join(CLASSIFYING_STRATEGIES)}; with --config, its fusion strategy)",
     )
     evaluate.add_argument("--rate", type=_positive(float), default=100.0, help="frames per second")
-    evaluate.add_argument("--deadline-ms", type=_positive(float), default=500.0)
+    evaluate.add_argument(
+        "--deadline-ms",
+        type=_positive(float),
+        default=None,
+        help="task deadline (default: 500; with --config, the plan's)",
+    )
     evaluate.add_argument(
         "--out",
         type=Path,
@@ -557,7 +576,9 @@ def _eval_parser(commands: Any, env_url: str | None) -> None:
 def _train_parser(commands: Any, env_url: str | None) -> None:
     del env_url  # training never touches the bus
     train = commands.add_parser(
-        "train", help="train one classifier per sensor of a dataset (needs TensorFlow)"
+        "train",
+        help="train one classifier per sensor of a dataset, and a model chain's per-sensor "
+        "encoders and head (needs TensorFlow)",
     )
     train.add_argument(
         "--dataset",
@@ -571,6 +592,14 @@ def _train_parser(commands: Any, env_url: str | None) -> None:
     train.add_argument("--seed", type=int, default=7)
     train.add_argument(
         "--epochs", type=_positive(int), default=120, help="training epochs (default: 120)"
+    )
+    train.add_argument(
+        "--models",
+        choices=("classifiers", "chain", "all"),
+        default="classifiers",
+        help="classifiers: one per sensor (default); chain: the model chain of "
+        "examples/chain.toml, an encoder per sensor (enc_<sensor>) and the head reading their "
+        "features and the stats stage's; all: both",
     )
     train.set_defaults(run="train")
 

@@ -68,19 +68,23 @@ def _resolve_model(text: str) -> Path:
 
 
 async def eval_command(args: argparse.Namespace) -> int:
-    """``fusebus eval``: every agent alone and fused, with each one missing; prints and writes
-    the table and the per-class reports."""
+    """``fusebus eval``: every agent alone and fused, with each one missing (with
+    ``--config``, its plan and agents, and late fusion alone); prints and writes the table
+    and the per-class reports."""
     from fusebus.evaluate import EvalSettings, render_markdown, run_eval
 
+    if args.config is not None and args.agents is not None:
+        raise _usage("--agents does not apply with --config: its [agents] table names them")
     settings = EvalSettings(
         dataset=args.dataset,
         spec=args.spec,
-        agents=_names(args.agents),
-        strategies=_names(args.strategies),
+        agents=_names(args.agents or "accel,gyro,motion"),
+        strategies=_names(args.strategies) if args.strategies is not None else None,
         rate_hz=args.rate,
         deadline_ms=args.deadline_ms,
         out_dir=args.out,
         nats_url=args.nats_url,
+        config=args.config,
     )
     report = await run_eval(settings)
     print(render_markdown(report.rows, title="results"))
@@ -93,6 +97,13 @@ async def up(args: argparse.Namespace) -> int:
     """``fusebus up``: the whole system on one machine, fed with the shipped recording."""
     from fusebus.up import UpSettings, run_up
 
+    if args.config is not None:
+        for flag, value in (("--agents", args.agents), ("--deadline-ms", args.deadline_ms)):
+            if value is not None:
+                raise _usage(
+                    f"{flag} does not apply with --config: the config's plan and [agents] "
+                    "table say what runs"
+                )
     return await run_up(
         UpSettings(
             nats_url=args.nats_url,
@@ -100,9 +111,10 @@ async def up(args: argparse.Namespace) -> int:
             frames=args.frames,
             speed=args.speed,
             rate_hz=args.rate,
-            deadline_ms=args.deadline_ms,
-            agents=_names(args.agents),
+            deadline_ms=2000.0 if args.deadline_ms is None else args.deadline_ms,
+            agents=_names(args.agents or "accel,gyro"),
             log_dir=args.log_dir,
+            config=args.config,
         )
     )
 
@@ -339,9 +351,12 @@ def fusion_precedence(
 
 async def train(args: argparse.Namespace) -> int:
     """``fusebus train``: one classifier per sensor of a dataset (the shipped one by default),
-    fitted on its train split and scored once on its TEST split (blocking: nothing else runs)."""
+    or with ``--models chain`` (or ``all``) the model chain's per-sensor encoders and head,
+    fitted on its train split and scored once on its TEST split (blocking: nothing else
+    runs)."""
     import numpy as np
 
+    from agents.chain_training import train_chain_models
     from agents.training import TrainingSettings, train_sensor_model
     from fusebus.datasets import load_dataset
     from fusebus.paths import models_dir
@@ -359,19 +374,33 @@ async def train(args: argparse.Namespace) -> int:
                 f"{settings.val_per_class} of each label out for validation, so it needs "
                 f"at least {settings.val_per_class + 1}"
             )
-    for sensor in dataset.sensors:
-        card = train_sensor_model(
-            type_name=sensor,
-            sensor=sensor,
-            x_train=dataset.sensor_view(x_train, sensor),
+    if args.models in ("classifiers", "all"):
+        for sensor in dataset.sensors:
+            card = train_sensor_model(
+                type_name=sensor,
+                sensor=sensor,
+                x_train=dataset.sensor_view(x_train, sensor),
+                y_train=y_train,
+                x_test=dataset.sensor_view(x_test, sensor),
+                y_test=y_test,
+                labels=dataset.labels,
+                out_dir=out,
+                settings=settings,
+            )
+            print(f"{sensor}: {card.metrics} -> {out / sensor}.tflite")
+    if args.models in ("chain", "all"):
+        cards = train_chain_models(
+            train_views={s: dataset.sensor_view(x_train, s) for s in dataset.sensors},
             y_train=y_train,
-            x_test=dataset.sensor_view(x_test, sensor),
+            test_views={s: dataset.sensor_view(x_test, s) for s in dataset.sensors},
             y_test=y_test,
             labels=dataset.labels,
             out_dir=out,
+            dataset=dataset.name,
             settings=settings,
         )
-        print(f"{sensor}: {card.metrics} -> {out / sensor}.tflite")
+        for type_name, card in cards.items():
+            print(f"{type_name}: {card.metrics} -> {out / type_name}.tflite")
     return 0
 
 

@@ -36,6 +36,13 @@
     [streams.watch-7]                 # a stream's own plan: its keys replace the default's
     deadline_ms = 500
 
+    [agents.accel]                    # what `up --config` and `eval --config` run per type
+    model = "accel"                   # a shipped model's name, or a .tflite/.keras file
+                                      # (relative to this file), with its .json card beside it
+    [agents.stats]
+    agent = "stats"                   # or: a name registered under fusebus.agents, module:Class
+    params = { source = "accel" }     # keyword arguments of that class (it is also given type)
+
     [topology]                        # how the streams are kept (flags and FUSEBUS_* win)
     replicas = 3                      # copies of every stream and bucket, on a NATS cluster
     storage = "file"                  # or "memory"
@@ -59,7 +66,9 @@ from typing import Any, TypeVar
 from agents.fusion import FusionSpec
 from coordinator import Plan, PlanBook, SensorInput, StageInput, SubtaskSpec
 from coordinator.plan import SensorSpec, WindowSpec
+from fusebus.paths import models_dir
 from schemas import ConfigError, FusebusError
+from schemas.limits import check_name
 
 T = TypeVar("T")
 
@@ -79,6 +88,20 @@ SENSOR_KEYS = {"required", "max_silence_ms"}
 SUBTASK_KEYS = {"sensors", "after"}
 FUSION_KEYS = {"strategy", "weights", "target", "threshold", "k"}
 TOPOLOGY_KEYS = {"replicas", "storage", "placement_tags", "placement_cluster"}
+AGENT_KEYS = {"model", "agent", "params"}
+MODEL_SUFFIXES = (".tflite", ".keras")
+
+
+@dataclass(frozen=True)
+class AgentEntry:
+    """One ``[agents.<type>]`` table: the subtask type served, and by what, either a model
+    file (with its card beside it) or an agent class with keyword ``params`` (as text, as
+    ``fusebus agent --param`` gives them; the class is also given ``type``)."""
+
+    type: str
+    model: Path | None = None
+    agent: str | None = None  # a name registered under fusebus.agents, or module:Class
+    params: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -90,6 +113,9 @@ class Deployment:
     fusion_by_stream: dict[str, FusionSpec] = field(default_factory=dict)
     # [topology]: TopologySettings fields the file sets (replicas, storage, placement).
     topology: dict[str, Any] = field(default_factory=dict)
+    # [agents]: what `up` and `eval` run, by type (empty: the file names none).
+    agents: dict[str, AgentEntry] = field(default_factory=dict)
+    source: str = "config"  # the file, for messages about it
 
 
 def load_deployment(path: Path) -> Deployment:
@@ -100,12 +126,15 @@ def load_deployment(path: Path) -> Deployment:
         raise ConfigError(f"{path}: file does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    return parse_deployment(raw, source=str(path))
+    return parse_deployment(raw, source=str(path), base=path.parent)
 
 
-def parse_deployment(raw: dict[str, Any], *, source: str = "config") -> Deployment:
-    """Validate a parsed plans document (see the module docs for its layout)."""
-    _no_unknown(raw, {"default", "streams", "topology"}, source)
+def parse_deployment(
+    raw: dict[str, Any], *, source: str = "config", base: Path | None = None
+) -> Deployment:
+    """Validate a parsed plans document (see the module docs for its layout); model files
+    in ``[agents]`` are relative to ``base`` (the file's folder)."""
+    _no_unknown(raw, {"default", "streams", "topology", "agents"}, source)
     default_raw = _table(raw.get("default", {}), f"{source}: default")
     streams_raw = _table(raw.get("streams", {}), f"{source}: streams")
     default_plan = _plan(default_raw, f"{source}: default") if default_raw else None
@@ -126,7 +155,107 @@ def parse_deployment(raw: dict[str, Any], *, source: str = "config") -> Deployme
         fusion_default=_fusion(default_raw.get("fusion", {}), f"{source}: default.fusion"),
         fusion_by_stream=fusion,
         topology=_topology(_table(raw.get("topology", {}), f"{source}: topology"), source),
+        agents=_agents(_table(raw.get("agents", {}), f"{source}: agents"), book, source, base),
+        source=source,
     )
+
+
+def _agents(
+    body: dict[str, Any], book: PlanBook, source: str, base: Path | None
+) -> dict[str, AgentEntry]:
+    """The ``[agents]`` tables, checked: one per type the plans list, each naming a model or
+    an agent class."""
+    entries = {}
+    for type_name, spec in body.items():
+        where = f"{source}: agents.{type_name}"
+        try:
+            check_name(type_name, "type")
+        except FusebusError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        item = _table(spec, where)
+        _no_unknown(item, AGENT_KEYS, where)
+        if "model" in item and "agent" in item:
+            raise ConfigError(f"{where}: names both a model and an agent class; give one")
+        if "model" not in item and "agent" not in item:
+            raise ConfigError(
+                f"{where}: needs model (a shipped model's name or a .tflite/.keras file) or "
+                "agent (a registered name or module:Class)"
+            )
+        if "model" in item:
+            if "params" in item:
+                raise ConfigError(
+                    f"{where}.params: only an agent class takes params (a model's card says "
+                    "what it reads)"
+                )
+            entries[type_name] = AgentEntry(
+                type_name, model=_model_path(item["model"], where, base)
+            )
+            continue
+        agent = item["agent"]
+        if not isinstance(agent, str) or not agent:
+            raise ConfigError(f"{where}.agent: must be a non-empty string, got {agent!r}")
+        params = _table(item.get("params", {}), f"{where}.params")
+        entries[type_name] = AgentEntry(
+            type_name, agent=agent, params=_param_text(params, f"{where}.params")
+        )
+    if entries and not book.any_auto:
+        listed = book.listed_types
+        for type_name in entries:
+            if type_name not in listed:
+                raise ConfigError(
+                    f"{source}: agents.{type_name}: no plan lists the type {type_name!r} "
+                    f"(they list {', '.join(listed)})"
+                )
+        unserved = [t for t in listed if t not in entries]
+        if unserved:
+            raise ConfigError(
+                f"{source}: agents: no [agents.{unserved[0]}] for the type {unserved[0]!r} "
+                "that the plans list (with an [agents] table, each listed type needs one)"
+            )
+    return entries
+
+
+def _model_path(value: Any, where: str, base: Path | None) -> Path:
+    """A shipped model's name (``accel``) or a model file, relative to ``base``."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}.model: must be a non-empty string, got {value!r}")
+    path = Path(value)
+    if not path.suffix:
+        shipped = models_dir() / f"{value}.tflite"
+        if not shipped.exists():
+            raise ConfigError(
+                f"{where}.model: no shipped model {value!r} in {models_dir()} (or give a "
+                ".tflite/.keras file)"
+            )
+        return shipped
+    if path.suffix not in MODEL_SUFFIXES:
+        raise ConfigError(
+            f"{where}.model: {value!r} is neither a shipped model's name nor a .tflite/.keras file"
+        )
+    path = path if path.is_absolute() or base is None else base / path
+    if not path.exists():
+        raise ConfigError(f"{where}.model: file {path} does not exist")
+    return path
+
+
+def _param_text(params: dict[str, Any], where: str) -> dict[str, str]:
+    """Keyword arguments as the text ``--param KEY=VALUE`` would give (true/false for
+    booleans), so an agent gets the same values in ``up``'s processes and in ``eval``."""
+    text = {}
+    for key, value in params.items():
+        if not key.isidentifier():
+            raise ConfigError(f"{where}.{key}: not a keyword argument name")
+        if isinstance(value, bool):
+            text[key] = "true" if value else "false"
+        elif isinstance(value, int | float | str):
+            text[key] = str(value)
+        else:
+            raise ConfigError(
+                f"{where}.{key}: must be a string, number or boolean, got {type(value).__name__}"
+            )
+        if key == "type":
+            raise ConfigError(f"{where}.type: the type is the table's name, not a param")
+    return text
 
 
 def _topology(body: dict[str, Any], source: str) -> dict[str, Any]:

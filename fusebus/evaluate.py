@@ -9,6 +9,13 @@ strategy's decisions with every agent also get a per-class report (precision, re
 support per label, with accuracy and macro and weighted averages). Both are printed and
 written as Markdown, and the first strategy's confusion matrix is drawn as a PNG.
 
+With a config (``--config examples/chain.toml``) the plan and the agents are the config's
+(its ``[agents]`` table, checked against the plan first): the runs are the whole config,
+each of its agents missing, and, for a chain, late fusion alone (the fused types that read
+only sensors, without the stages and the head). Types that answer features are not scored
+alone; the table says why each missing type was missing (``missing_reasons``: a head
+``upstream: enc_accel`` when an encoder it waits for did not answer).
+
 A run that cannot finish says why: a frame the coordinator refuses stops it with the
 coordinator's reason, and decisions that do not all come within a bound stop it with how
 many each strategy got.
@@ -17,9 +24,10 @@ many each strategy got.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,14 +53,39 @@ from bus import (
 )
 from bus.types import Connection, Message
 from coordinator import Coordinator, Plan, PlanBook, SensorInput, SubtaskSpec
+from fusebus.config import Deployment, load_deployment
 from fusebus.datasets import SensorDataset, load_dataset
+from fusebus.lineup import Served, check_lineup, plan_for
+from fusebus.lineup import build_agent as build_entry
 from fusebus.paths import models_dir
 from fusebus.replay import replay_frames, replay_start_ns
+from fusebus.scores import (
+    ClassReport,
+    class_report,
+    class_report_markdown,
+    confusion,
+    macro_f1,
+    render_class_report,
+)
 from schemas import CODEC, ConfigError, Decision, FusebusError, Result
+
+__all__ = [
+    "EvalReport",
+    "EvalSettings",
+    "Row",
+    "build_agents",
+    "class_report",
+    "confusion",
+    "macro_f1",
+    "render_markdown",
+    "run_eval",
+]
 
 log = structlog.get_logger("fusebus.eval")
 
 DEFAULT_STRATEGIES = CLASSIFYING_STRATEGIES
+#: The deadline of the plan eval builds from its agents (a config's plan has its own).
+DEFAULT_DEADLINE_MS = 500.0
 STREAM = "eval"
 #: How long a stopping component or connection may take before eval moves on without it.
 TEARDOWN_S = 10.0
@@ -71,18 +104,20 @@ class EvalSettings:
     dataset: str = "basicmotions"  # a shipped dataset's name or a .npz file
     spec: Path | None = None  # the .npz's spec, when not the .toml beside it
     agents: tuple[str, ...] = ("accel", "gyro", "motion")  # names, model files or agent specs
-    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
+    # None: the config's [default.fusion] strategy when it classifies, else the default ones
+    strategies: tuple[str, ...] | None = DEFAULT_STRATEGIES
     rate_hz: float = 100.0
-    deadline_ms: float = 500.0
+    deadline_ms: float | None = None  # None: the config plan's, else DEFAULT_DEADLINE_MS
     out_dir: Path = Path("out/eval")
     nats_url: str | None = None
+    config: Path | None = None  # a plans file with [agents]: its plan and agents, not ``agents``
 
     def __post_init__(self) -> None:
-        if len(self.agents) < 2:
+        if self.config is None and len(self.agents) < 2:
             raise ConfigError("eval needs at least two agents to fuse")
-        if not self.strategies:
+        if self.strategies is not None and not self.strategies:
             raise ConfigError("eval needs at least one fusion strategy")
-        for name in self.strategies:
+        for name in self.strategies or ():
             if name in ("threshold", "k_of_n"):
                 raise ConfigError(
                     f"eval compares classifying strategies; {name!r} is an alarm rule"
@@ -103,6 +138,17 @@ class Row:
     partial: int | None
     p50_ms: float
     p99_ms: float
+    why_missing: str = ""  # the decisions' missing_reasons, most frequent first
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One live run: a plan, the agents serving it, and the one left out (if any)."""
+
+    what: str  # the table's first column: fusion, chain, late fusion
+    plan: Plan
+    agents: dict[str, Agent]
+    missing: str | None = None
 
 
 @dataclass
@@ -110,6 +156,7 @@ class RunResult:
     """What one live run collected: per strategy, one decision per window (by its start)."""
 
     missing: str | None
+    what: str = "fusion"
     decided: dict[str, dict[int, Decision]] = field(default_factory=lambda: defaultdict(dict))
     results: dict[str, list[Result]] = field(default_factory=lambda: defaultdict(list))
 
@@ -117,32 +164,6 @@ class RunResult:
         """A strategy's decisions in window order."""
         by_window = self.decided.get(strategy, {})
         return [by_window[t] for t in sorted(by_window)]
-
-
-@dataclass(frozen=True)
-class ClassScores:
-    """Precision, recall and F1 of one label, and how many cases truly had it."""
-
-    label: str
-    precision: float
-    recall: float
-    f1: float
-    support: int
-
-
-@dataclass(frozen=True)
-class ClassReport:
-    """The per-class report people know from scikit-learn's ``classification_report``."""
-
-    classes: tuple[ClassScores, ...]
-    accuracy: float
-    macro: ClassScores  # unweighted mean over labels
-    weighted: ClassScores  # mean over labels weighted by support
-
-    @property
-    def total(self) -> int:
-        """Cases scored."""
-        return self.macro.support
 
 
 @dataclass(frozen=True)
@@ -162,107 +183,6 @@ class EvalReport:
             render_class_report(report, title=f"{strategy}, all agents")
             for strategy, report in self.class_reports.items()
         )
-
-
-def macro_f1(truth: Sequence[str], predicted: Sequence[str], labels: Sequence[str]) -> float:
-    """Mean over labels of F1 = 2TP / (2TP + FP + FN); a label never seen nor predicted counts 0."""
-    return class_report(truth, predicted, labels).macro.f1
-
-
-def class_report(
-    truth: Sequence[str], predicted: Sequence[str], labels: Sequence[str]
-) -> ClassReport:
-    """Per label: precision TP/(TP+FP), recall TP/(TP+FN), F1 2TP/(2TP+FP+FN) and support
-    (cases truly of it); a ratio whose denominator is 0 counts 0, as scikit-learn's
-    ``zero_division=0`` does. Predictions outside ``labels`` count as wrong for the truth."""
-    truth_a = np.asarray(truth, dtype=object)
-    predicted_a = np.asarray(predicted, dtype=object)
-    if truth_a.shape != predicted_a.shape:
-        raise ValueError(f"{len(truth)} true labels against {len(predicted)} predictions")
-    classes = []
-    for label in labels:
-        is_true, is_predicted = truth_a == label, predicted_a == label
-        tp = int(np.sum(is_true & is_predicted))
-        fp = int(np.sum(~is_true & is_predicted))
-        fn = int(np.sum(is_true & ~is_predicted))
-        classes.append(
-            ClassScores(
-                label,
-                tp / (tp + fp) if tp + fp else 0.0,
-                tp / (tp + fn) if tp + fn else 0.0,
-                2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
-                int(np.sum(is_true)),
-            )
-        )
-    support = np.array([c.support for c in classes], dtype=np.float64)
-    total = int(support.sum())
-
-    def average(weights: np.ndarray, name: str) -> ClassScores:
-        def mean(values: list[float]) -> float:
-            return float(np.average(values, weights=weights)) if weights.sum() else 0.0
-
-        return ClassScores(
-            name,
-            mean([c.precision for c in classes]),
-            mean([c.recall for c in classes]),
-            mean([c.f1 for c in classes]),
-            total,
-        )
-
-    accuracy = float(np.mean(truth_a == predicted_a)) if len(truth_a) else 0.0
-    return ClassReport(
-        tuple(classes),
-        accuracy,
-        average(np.ones(len(classes)), "macro avg"),
-        average(support, "weighted avg"),
-    )
-
-
-def render_class_report(report: ClassReport, *, title: str) -> str:
-    """A report as plain text, laid out like scikit-learn's."""
-    width = max([len(c.label) for c in report.classes] + [len("weighted avg")])
-    lines = [title, f"{'':>{width}}  precision    recall  f1-score   support", ""]
-    for c in report.classes:
-        lines.append(
-            f"{c.label:>{width}}  {c.precision:9.3f} {c.recall:9.3f} {c.f1:9.3f} {c.support:9d}"
-        )
-    lines.append("")
-    lines.append(f"{'accuracy':>{width}}  {'':9} {'':9} {report.accuracy:9.3f} {report.total:9d}")
-    for c in (report.macro, report.weighted):
-        lines.append(
-            f"{c.label:>{width}}  {c.precision:9.3f} {c.recall:9.3f} {c.f1:9.3f} {c.support:9d}"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def class_report_markdown(report: ClassReport, *, title: str) -> str:
-    """A report as a Markdown table."""
-    lines = [
-        f"## {title}",
-        "",
-        "| label | precision | recall | F1 | support |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for c in report.classes:
-        lines.append(
-            f"| {c.label} | {c.precision:.3f} | {c.recall:.3f} | {c.f1:.3f} | {c.support} |"
-        )
-    lines.append(f"| accuracy | | | {report.accuracy:.3f} | {report.total} |")
-    for c in (report.macro, report.weighted):
-        lines.append(
-            f"| {c.label} | {c.precision:.3f} | {c.recall:.3f} | {c.f1:.3f} | {c.support} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def confusion(truth: Sequence[str], predicted: Sequence[str], labels: Sequence[str]) -> np.ndarray:
-    """Counts of (true label, predicted label); predictions outside ``labels`` are dropped."""
-    index = {label: i for i, label in enumerate(labels)}
-    matrix = np.zeros((len(labels), len(labels)), dtype=np.int64)
-    for t, p in zip(truth, predicted, strict=True):
-        if t in index and p in index:
-            matrix[index[t], index[p]] += 1
-    return matrix
 
 
 def build_agent(name: str) -> Agent:
@@ -286,6 +206,8 @@ def check_fit(dataset: SensorDataset, agents: dict[str, Agent]) -> None:
     samples = dataset.x_test.shape[1]
     for type_name, agent in agents.items():
         for spec in agent.inputs:
+            if spec.stage:  # another type's answer, which the plan checks
+                continue
             channels = dataset.sensors.get(spec.sensor)
             if channels is None:
                 raise ConfigError(
@@ -323,14 +245,11 @@ async def _stop_within(what: str, stop: Awaitable[Any]) -> None:
 
 
 async def live_run(
-    url: str,
-    dataset: SensorDataset,
-    agents: dict[str, Agent],
-    settings: EvalSettings,
-    missing: str | None,
+    url: str, dataset: SensorDataset, scenario: Scenario, strategies: Sequence[str], rate_hz: float
 ) -> tuple[RunResult, dict[int, str]]:
-    """Run the TEST split through coordinator, agents (less ``missing``) and one fusion agent
-    per strategy; returns what came back and the true label of each window."""
+    """Run the TEST split through coordinator, the scenario's agents (less its missing one)
+    and one fusion agent per strategy; returns what came back and the true label of each
+    window."""
     subjects = Subjects(f"eval{uuid.uuid4().hex[:8]}")
     bus = BusSettings(url=url, prefix=subjects.prefix)
     connections: list[Connection] = []
@@ -340,19 +259,14 @@ async def live_run(
         connections.append(nc)
         return nc
 
-    plan = Plan(
-        subtasks=tuple(
-            SubtaskSpec(type_name, tuple(SensorInput(spec.sensor) for spec in agent.inputs))
-            for type_name, agent in agents.items()
-        ),
-        deadline_ms=settings.deadline_ms,
-    )
-    run = RunResult(missing)
+    plan, agents, missing = scenario.plan, scenario.agents, scenario.missing
+    deadline_s = plan.deadline_ms / 1e3
+    run = RunResult(missing, what=scenario.what)
     components: list[Any] = []
     nc = await open_connection("eval")
     try:
         await ensure_streams(nc.jetstream(), subjects, TopologySettings())
-        for strategy in settings.strategies:
+        for strategy in strategies:
             fusion = FusionAgent(
                 await open_connection(f"fusion-{strategy}"),
                 subjects=subjects,
@@ -382,7 +296,7 @@ async def live_run(
             for result in CODEC.decode_each(msg.data, Result):
                 run.results[result.type].append(result)
 
-        names = [FusionSpec(strategy=s).build().name for s in settings.strategies]
+        names = [FusionSpec(strategy=s).build().name for s in strategies]
         await follow_stored(nc, subjects.decision(STREAM), on_decision)
         await nc.subscribe(subjects.result(STREAM), cb=on_result)
         # Each frame waits for the coordinator's answer, so a refused one stops the run
@@ -391,15 +305,15 @@ async def live_run(
             now_ns=time.time_ns(),
             grid_ns=dataset.case_ns,
             span_ns=total * dataset.case_ns,
-            send_s=total / settings.rate_hz,
+            send_s=total / rate_hz,
         )
         sent = await replay_frames(
             Producer(nc, subjects),
             dataset,
             stream=STREAM,
-            rate_hz=settings.rate_hz,
+            rate_hz=rate_hz,
             start_ns=start_ns,
-            wait_s=settings.deadline_ms / 1e3 + DECISION_GRACE_S,
+            wait_s=deadline_s + DECISION_GRACE_S,
         )
         refused = [w for w in sent if w.answer != b"accepted"]
         if refused:
@@ -409,13 +323,13 @@ async def live_run(
                 f"{dataset.name!r}, the first with: {answer}"
             )
         try:
-            async with asyncio.timeout(settings.deadline_ms / 1e3 + DECISION_GRACE_S):
+            async with asyncio.timeout(deadline_s + DECISION_GRACE_S):
                 await done.wait()
         except TimeoutError:
             got = ", ".join(f"{s} {len(run.decided[s])}" for s in names)
             raise EvalError(
-                f"run with {missing or 'no'} agent missing: after "
-                f"{settings.deadline_ms / 1e3 + DECISION_GRACE_S:.0f} s, decisions of "
+                f"{scenario.what} run with {missing or 'no'} agent missing: after "
+                f"{deadline_s + DECISION_GRACE_S:.0f} s, decisions of "
                 f"{total} windows: {got}"
             ) from None
     finally:
@@ -434,10 +348,14 @@ def _latencies(values: list[float]) -> tuple[float, float]:
 def tabulate(
     runs: list[tuple[RunResult, dict[int, str]]], labels: Sequence[str], strategies: Sequence[str]
 ) -> list[Row]:
-    """Table rows: agents alone, then each strategy (in the given order) with each dropout."""
+    """Table rows: agents alone (those that answer class scores), then each strategy (in the
+    given order) with each run: every agent, each one missing, late fusion alone."""
     rows = []
     full, full_truth = runs[0]
-    for type_name, results in sorted(full.results.items()):
+    for type_name, every in sorted(full.results.items()):
+        results = [r for r in every if r.labels]  # a stage's features are no classification
+        if not results:
+            continue
         truth = [full_truth[r.window.t_start_ns] for r in results]
         predicted = [
             r.labels[int(np.argmax(r.output))] if r.output is not None else "" for r in results
@@ -464,7 +382,7 @@ def tabulate(
             p50, p99 = _latencies([d.latency_ms for d in decisions])
             rows.append(
                 Row(
-                    "fusion",
+                    run.what,
                     strategy,
                     run.missing or "none",
                     float(np.mean([t == p for t, p in zip(truth, predicted, strict=True)])),
@@ -473,9 +391,20 @@ def tabulate(
                     sum(d.status == "partial" for d in decisions),
                     p50,
                     p99,
+                    why_missing(decisions),
                 )
             )
     return rows
+
+
+def why_missing(decisions: Sequence[Decision]) -> str:
+    """The decisions' reasons for missing types, most frequent first (``type: reason``),
+    with how many decisions gave each when not all did."""
+    counts = Counter(pair for d in decisions for pair in d.missing_reasons.items())
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return "; ".join(
+        f"{t}: {reason}" + ("" if n == len(decisions) else f" ({n})") for (t, reason), n in ranked
+    )
 
 
 def render_markdown(rows: list[Row], *, title: str) -> str:
@@ -483,15 +412,15 @@ def render_markdown(rows: list[Row], *, title: str) -> str:
     lines = [
         f"# {title}",
         "",
-        "| agents / fusion | strategy | missing | accuracy | macro-F1 | complete | partial | p50 ms | p99 ms |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| agents / fusion | strategy | missing | accuracy | macro-F1 | complete | partial | p50 ms | p99 ms | why missing |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         complete = "-" if r.complete is None else str(r.complete)
         partial = "-" if r.partial is None else str(r.partial)
         lines.append(
             f"| {r.what} | {r.strategy} | {r.missing} | {r.accuracy:.3f} | {r.macro_f1:.3f} | "
-            f"{complete} | {partial} | {r.p50_ms:.1f} | {r.p99_ms:.1f} |"
+            f"{complete} | {partial} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.why_missing or '-'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -537,30 +466,93 @@ def build_agents(dataset: SensorDataset, names: Sequence[str]) -> dict[str, Agen
     return agents
 
 
+def agents_plan(agents: dict[str, Agent], *, deadline_ms: float) -> Plan:
+    """The plan of a plain eval: one subtask type per agent, reading the sensors it reads,
+    each frame one window."""
+    return Plan(
+        subtasks=tuple(
+            SubtaskSpec(type_name, tuple(SensorInput(spec.sensor) for spec in agent.inputs))
+            for type_name, agent in agents.items()
+        ),
+        deadline_ms=deadline_ms,
+    )
+
+
+def config_scenarios(
+    deployment: Deployment, dataset: SensorDataset, *, deadline_ms: float | None = None
+) -> list[Scenario]:
+    """The runs of ``eval --config``: the config's plan with all its agents, late fusion
+    alone (for a chain: the fused types that read only sensors), and each agent missing.
+
+    Raises:
+        ConfigError: the config has no ``[agents]``, they do not fit its plan (see
+            :func:`~fusebus.lineup.check_lineup`) or the dataset.
+    """
+    source = deployment.source
+    if not deployment.agents:
+        raise ConfigError(
+            f"{source}: no [agents] table: `fusebus eval --config` runs the agents it names "
+            "(see examples/chain.toml)"
+        )
+    plan, _ = plan_for(deployment, STREAM)
+    if deadline_ms is not None:
+        plan = dataclasses.replace(plan, deadline_ms=deadline_ms)
+    agents = {t: build_entry(e, source=source) for t, e in deployment.agents.items()}
+    check_lineup(deployment, {t: Served.of_agent(a) for t, a in agents.items()}, stream=STREAM)
+    check_fit(dataset, agents)
+    what = "chain" if plan.chained else "fusion"
+    scenarios = [Scenario(what, plan, agents)]
+    late = tuple(s for s in plan.subtasks if s.type in plan.fused and not s.after)
+    if plan.chained and late:
+        late_plan = dataclasses.replace(plan, subtasks=late, fuse=())
+        scenarios.append(Scenario("late fusion", late_plan, {s.type: agents[s.type] for s in late}))
+    return scenarios + [Scenario(what, plan, agents, missing=t) for t in agents]
+
+
+def eval_strategies(settings: EvalSettings, deployment: Deployment | None) -> tuple[str, ...]:
+    """The strategies to compare: those asked for; else the config's own when it classifies,
+    else :data:`DEFAULT_STRATEGIES`."""
+    if settings.strategies is not None:
+        return settings.strategies
+    if deployment is not None and deployment.fusion_default.strategy in CLASSIFYING_STRATEGIES:
+        return (deployment.fusion_default.strategy,)
+    return DEFAULT_STRATEGIES
+
+
 async def run_eval(settings: EvalSettings) -> EvalReport:
     """Run every scenario; returns what was measured and the paths of what was written."""
     dataset = load_dataset(settings.dataset, spec=settings.spec)
     dataset.split("test")  # a dataset without cases to score fails here, not mid-run
-    agents = build_agents(dataset, settings.agents)
+    deployment = load_deployment(settings.config) if settings.config is not None else None
+    if deployment is not None:
+        scenarios = config_scenarios(deployment, dataset, deadline_ms=settings.deadline_ms)
+    else:
+        agents = build_agents(dataset, settings.agents)
+        plan = agents_plan(agents, deadline_ms=settings.deadline_ms or DEFAULT_DEADLINE_MS)
+        scenarios = [Scenario("fusion", plan, agents, m) for m in (None, *agents)]
+    agents = scenarios[0].agents
+    strategies = eval_strategies(settings, deployment)
     server = EmbeddedServer().start() if settings.nats_url is None else None
     url = server.url if server is not None else str(settings.nats_url)
     try:
         runs = []
-        for missing in (None, *agents):
+        for scenario in scenarios:
             started = time.perf_counter()
-            runs.append(await live_run(url, dataset, agents, settings, missing))
+            runs.append(await live_run(url, dataset, scenario, strategies, settings.rate_hz))
             print(
-                f"  run with {missing or 'no'} agent missing: {time.perf_counter() - started:.1f} s",
+                f"  {scenario.what} run with {scenario.missing or 'no'} agent missing: "
+                f"{time.perf_counter() - started:.1f} s",
                 flush=True,
             )
     finally:
         if server is not None:
             server.stop()
-    names = [FusionSpec(strategy=s).build().name for s in settings.strategies]
+    names = [FusionSpec(strategy=s).build().name for s in strategies]
     rows = tabulate(runs, dataset.labels, names)
     settings.out_dir.mkdir(parents=True, exist_ok=True)
+    config = f", config {settings.config}" if settings.config is not None else ""
     title = (
-        f"fusebus eval: {dataset.name} TEST ({len(dataset.y_test)} windows), "
+        f"fusebus eval: {dataset.name} TEST ({len(dataset.y_test)} windows){config}, "
         f"agents {', '.join(agents)}"
     )
     markdown = settings.out_dir / "eval.md"

@@ -4,6 +4,10 @@ Starts ``nats-server`` (unless a URL is given), the coordinator, one agent proce
 type and the fusion agent as separate processes, waits until each has registered on the
 bus, replays a dataset's TEST split as live sensors (per-sensor chunks, or frames), prints every decision as it arrives
 and a summary, then stops everything.
+
+With a config (``--config examples/chain.toml``) the coordinator and fusion read its plan
+and fusion tables, and the agents are the ones its ``[agents]`` table names, checked
+against the plan before anything starts (see :mod:`fusebus.lineup`).
 """
 
 from __future__ import annotations
@@ -33,10 +37,13 @@ from bus import (
     follow_stored,
 )
 from bus.discovery import ROLE
-from bus.types import Message
-from fusebus.datasets import load_dataset
+from bus.types import Connection, Message
+from fusebus.config import Deployment, load_deployment
+from fusebus.datasets import SensorDataset, load_dataset
+from fusebus.lineup import agent_command, check_lineup, describe, plan_for
 from fusebus.paths import models_dir
 from fusebus.replay import aligned_start_ns, chunk_schedule, replay_frames, send_schedule
+from fusebus.status import collect_status
 from schemas import CODEC, BusError, ConfigError, Decision, SchemaError
 
 
@@ -56,6 +63,9 @@ class UpSettings:
     ready_timeout_s: float = 60.0
     log_dir: Path | None = None  # where each process writes its log; default a temp folder
     log_level: str = "info"
+    # A plans file with an [agents] table: its plan, fusion and agents replace the built-in
+    # demo's (``agents`` and ``deadline_ms`` then do not apply).
+    config: Path | None = None
 
 
 @dataclass
@@ -115,9 +125,16 @@ async def run_up(settings: UpSettings, *, out: TextIO = sys.stdout) -> int:
     """Run the demo end to end; returns 0 when every window got exactly one decision."""
     started = time.perf_counter()
     dataset = load_dataset(settings.dataset)
-    for agent in settings.agents:
-        if not (models_dir() / f"{agent}.tflite").exists():
-            raise ConfigError(f"no model for agent {agent!r} in {models_dir()}")
+    deployment = None
+    if settings.config is not None:
+        deployment = load_deployment(settings.config)
+        deadline_ms = _check_deployment(deployment, dataset, settings)
+        agent_types = tuple(deployment.agents)
+    else:
+        for agent in settings.agents:
+            if not (models_dir() / f"{agent}.tflite").exists():
+                raise ConfigError(f"no model for agent {agent!r} in {models_dir()}")
+        deadline_ms, agent_types = settings.deadline_ms, settings.agents
     log_dir = settings.log_dir or Path(tempfile.mkdtemp(prefix="fusebus-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -126,14 +143,22 @@ async def run_up(settings: UpSettings, *, out: TextIO = sys.stdout) -> int:
         server = EmbeddedServer(store_dir=log_dir / "nats").start()
     url = server.url if server else str(settings.nats_url)
     bus = BusSettings(url=url, prefix=settings.prefix)
-    print(f"fusebus up · NATS {url}{' (embedded)' if server else ''} · logs {log_dir}", file=out)
+    config = f" · config {settings.config}" if settings.config is not None else ""
+    print(
+        f"fusebus up · NATS {url}{' (embedded)' if server else ''}{config} · logs {log_dir}",
+        file=out,
+    )
 
     children: list[Child] = []
     nc = None
     try:
-        children = _spawn_components(settings, url, log_dir)
+        children = _spawn_components(settings, url, log_dir, deployment)
         nc = await connect(bus, name="fusebus-up")
-        await _wait_ready(nc, settings, children)
+        await _wait_ready(nc, settings, children, agent_types)
+        if deployment is not None:
+            # A chain's optional upstreams are waited for only once the coordinator has
+            # seen an agent serving them: let it see every one before the first window.
+            await _wait_served(nc, settings)
         subjects = Subjects(settings.prefix)
         start_ns = aligned_start_ns(dataset)
         schedule, windows = chunk_schedule(
@@ -182,7 +207,7 @@ async def run_up(settings: UpSettings, *, out: TextIO = sys.stdout) -> int:
         else:
             await send_schedule(Producer(nc, subjects), schedule)
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(settings.deadline_ms / 1e3 + 10.0):
+            async with asyncio.timeout(deadline_ms / 1e3 + 10.0):
                 await all_in.wait()
         await sub.unsubscribe()
         memory = {c.name: rss_mb(c.process.pid) for c in children}
@@ -202,7 +227,42 @@ async def run_up(settings: UpSettings, *, out: TextIO = sys.stdout) -> int:
             server.stop()
 
 
-def _spawn_components(settings: UpSettings, url: str, log_dir: Path) -> list[Child]:
+def _check_deployment(
+    deployment: Deployment, dataset: SensorDataset, settings: UpSettings
+) -> float:
+    """Refuse a config ``up`` cannot run on the dataset's stream; returns its plan's deadline.
+
+    Raises:
+        ConfigError: no [agents] table, no plan for the stream, no window for chunks, a
+            sensor the dataset lacks, or agents that do not fit the plan.
+    """
+    source = deployment.source
+    if not deployment.agents:
+        raise ConfigError(
+            f"{source}: no [agents] table: `fusebus up --config` starts the agents it names "
+            "(see examples/chain.toml)"
+        )
+    plan, key = plan_for(deployment, settings.stream)
+    if plan.window is None and not settings.frames:
+        raise ConfigError(
+            f"{source}: {key} has no window table: `fusebus up` replays per-sensor chunks, "
+            "which are cut into windows (add one, or use --frames)"
+        )
+    for spec in plan.subtasks:
+        for sensor in spec.sensors:
+            if sensor not in dataset.sensors:
+                raise ConfigError(
+                    f"{source}: {key}.subtasks.{spec.type} reads the sensor {sensor!r}, which "
+                    f"{dataset.name} does not have (it has {', '.join(dataset.sensors)})"
+                )
+    served = {t: describe(e, source=source) for t, e in deployment.agents.items()}
+    check_lineup(deployment, served, stream=settings.stream)
+    return plan.deadline_ms
+
+
+def _spawn_components(
+    settings: UpSettings, url: str, log_dir: Path, deployment: Deployment | None
+) -> list[Child]:
     common = [
         "--nats-url",
         url,
@@ -213,20 +273,30 @@ def _spawn_components(settings: UpSettings, url: str, log_dir: Path) -> list[Chi
         "--log-level",
         settings.log_level,
     ]
-    commands = {
-        "coordinator": [
-            "coordinator",
-            "--plan",
-            settings.dataset,
-            "--deadline-ms",
-            str(settings.deadline_ms),
-        ],
-        "fusion": ["fusion"],
-        **{
-            f"agent-{a}": ["agent", "--model", str(models_dir() / f"{a}.tflite")]
-            for a in settings.agents
-        },
-    }
+    commands: dict[str, list[str]]
+    if deployment is not None:
+        assert settings.config is not None
+        config = str(settings.config.resolve())
+        commands = {
+            "coordinator": ["coordinator", "--config", config],
+            "fusion": ["fusion", "--config", config],
+            **{f"agent-{t}": agent_command(e) for t, e in deployment.agents.items()},
+        }
+    else:
+        commands = {
+            "coordinator": [
+                "coordinator",
+                "--plan",
+                settings.dataset,
+                "--deadline-ms",
+                str(settings.deadline_ms),
+            ],
+            "fusion": ["fusion"],
+            **{
+                f"agent-{a}": ["agent", "--model", str(models_dir() / f"{a}.tflite")]
+                for a in settings.agents
+            },
+        }
     children = []
     for name, args in commands.items():
         log_path = log_dir / f"{name}.log"
@@ -241,8 +311,10 @@ def _spawn_components(settings: UpSettings, url: str, log_dir: Path) -> list[Chi
     return children
 
 
-async def _wait_ready(nc: object, settings: UpSettings, children: list[Child]) -> None:
-    wanted = {"coordinator", "fusion", *(f"agent-{a}" for a in settings.agents)}
+async def _wait_ready(
+    nc: object, settings: UpSettings, children: list[Child], agent_types: tuple[str, ...]
+) -> None:
+    wanted = {"coordinator", "fusion", *(f"agent-{a}" for a in agent_types)}
     deadline = time.monotonic() + settings.ready_timeout_s
     while True:
         for child in children:
@@ -260,6 +332,23 @@ async def _wait_ready(nc: object, settings: UpSettings, children: list[Child]) -
         if time.monotonic() > deadline:
             raise BusError(
                 f"components not ready after {settings.ready_timeout_s:g}s: {sorted(wanted - ready)}"
+            )
+
+
+async def _wait_served(nc: Connection, settings: UpSettings) -> None:
+    """Wait until the coordinator says no type of its plan is unserved."""
+    deadline = time.monotonic() + settings.ready_timeout_s
+    while True:
+        status = await collect_status(nc, prefix=settings.prefix, timeout_s=0.3)
+        unserved = [
+            c.get("unserved_types") for role, c in status.components if role == "coordinator"
+        ]
+        if unserved and not any(unserved):
+            return
+        if time.monotonic() > deadline:
+            raise BusError(
+                f"the coordinator still sees no agent for {unserved} after "
+                f"{settings.ready_timeout_s:g}s"
             )
 
 

@@ -117,3 +117,83 @@ def test_unknown_model_format_is_refused(tmp_path: Path) -> None:
     model.write_bytes(b"x")
     with pytest.raises(ConfigError, match="unknown format"):
         load_runtime(model)
+
+
+ENCODERS = ("enc_accel", "enc_gyro")
+
+
+def chain_inputs(dataset: SensorDataset, *, suffix: str = ".tflite") -> dict[str, np.ndarray]:
+    """What the shipped head reads for every TEST case: the encoders' features (served as
+    ``suffix`` models) and the numpy stats stage's."""
+    from agents.builtin import WindowStatsStage
+
+    inputs = {
+        f"enc_{s}": ModelAgent(models_dir() / f"enc_{s}{suffix}").predict(
+            {s: dataset.sensor_view(dataset.x_test, s)}
+        )
+        for s in ("accel", "gyro")
+    }
+    inputs["stats"] = WindowStatsStage().predict(
+        {"accel": dataset.sensor_view(dataset.x_test, "accel")}
+    )
+    return inputs
+
+
+@pytest.mark.parametrize("type_name", ENCODERS)
+def test_chain_encoders_answer_features_and_litert_matches_keras(
+    type_name: str, basicmotions: SensorDataset
+) -> None:
+    """Each shipped encoder's card says it answers 32 features from one sensor's window, and
+    the served .tflite gives the .keras model's features to float tolerance."""
+    sensor = type_name.removeprefix("enc_")
+    card = ModelCard.for_model(models_dir() / f"{type_name}.tflite")
+    assert (card.type, card.output, card.output_shape, card.labels) == (
+        type_name,
+        "features",
+        (32,),
+        (),
+    )
+    assert [(i.sensor, i.samples, i.channels) for i in card.inputs] == [(sensor, 100, 3)]
+    x = basicmotions.sensor_view(basicmotions.x_test, sensor)
+    litert = ModelAgent(models_dir() / f"{type_name}.tflite").predict({sensor: x})
+    keras = ModelAgent(models_dir() / f"{type_name}.keras").predict({sensor: x})
+    assert litert.shape == (40, 32)
+    np.testing.assert_allclose(litert, keras, atol=1e-4)
+
+
+def test_the_head_is_fed_by_input_name_whatever_order_litert_gives(
+    basicmotions: SensorDataset,
+) -> None:
+    """The head's LiteRT conversion takes its three inputs in another order than its card
+    lists them; the model agent feeds each by name, so LiteRT matches Keras, and swapping
+    the two encoders' same-shaped features changes the answers."""
+    card = ModelCard.for_model(models_dir() / "head.tflite")
+    names = [i.sensor for i in card.inputs]
+    assert names == ["enc_accel", "enc_gyro", "stats"]
+    assert load_runtime(models_dir() / "head.tflite").input_names != names
+    inputs = chain_inputs(basicmotions)
+    litert = ModelAgent(models_dir() / "head.tflite").predict(inputs)
+    keras = ModelAgent(models_dir() / "head.keras").predict(
+        chain_inputs(basicmotions, suffix=".keras")
+    )
+    np.testing.assert_allclose(litert, keras, atol=1e-4)
+    assert np.mean(litert.argmax(axis=1) == basicmotions.y_test) >= 0.95
+    swapped = {**inputs, "enc_accel": inputs["enc_gyro"], "enc_gyro": inputs["enc_accel"]}
+    served = ModelAgent(models_dir() / "head.tflite")
+    assert np.mean(served.predict(swapped).argmax(axis=1) == basicmotions.y_test) < 0.8
+
+
+@pytest.mark.parametrize("absent", ["enc_accel", "enc_gyro", "stats"])
+def test_the_head_classifies_with_an_optional_input_absent(
+    absent: str, basicmotions: SensorDataset
+) -> None:
+    """Every head input is optional in its card; with one absent (given as zeros by the
+    agent) the head still scores well, as its card says."""
+    card = ModelCard.for_model(models_dir() / "head.tflite")
+    assert all(i.stage and i.optional for i in card.inputs) and card.output == "scores"
+    assert card.labels == basicmotions.labels
+    given = {k: v for k, v in chain_inputs(basicmotions).items() if k != absent}
+    scores = ModelAgent(models_dir() / "head.tflite").predict(given)
+    accuracy = float(np.mean(scores.argmax(axis=1) == basicmotions.y_test))
+    assert accuracy >= 0.9
+    assert accuracy == pytest.approx(card.metrics[f"test_accuracy_without_{absent}"], abs=0.05)

@@ -32,12 +32,15 @@ class ModelRuntime(Protocol):
     """A loaded model that maps input batches to an output batch.
 
     ``input_shapes`` and ``input_dtypes`` describe each model input without its batch
-    dimension (-1 where the model takes any size), in the order the model takes them.
+    dimension (-1 where the model takes any size), and ``input_names`` names it, in the
+    order :meth:`predict` takes them (for LiteRT, the interpreter's, which a conversion may
+    have shuffled: names are what tie a model's inputs to its card's).
     """
 
     name: str
     input_shapes: list[tuple[int, ...]]
     input_dtypes: list[np.dtype]
+    input_names: list[str]
 
     def warm_up(self) -> None:
         """Prepare every batch bucket so the first real call is as fast as the rest."""

@@ -36,6 +36,7 @@ class KerasModel:
             raise ModelError(f"Keras cannot load {path}: {exc}") from exc
         inputs = self._model.inputs
         self.input_shapes = [tuple(int(d) for d in x.shape[1:]) for x in inputs]
+        self.input_names = [str(x.name) for x in inputs]
         # served through float32 signatures, whatever the model was saved with
         self.input_dtypes = [np.dtype(np.float32) for _ in inputs]
         model = self._model

@@ -34,6 +34,13 @@ class LiteRTModel:
         details = probe.get_input_details()
         self.input_shapes = [tuple(int(n) for n in d["shape_signature"][1:]) for d in details]
         self.input_dtypes = [np.dtype(d["dtype"]) for d in details]
+        # The signature's names, by tensor index: a SavedModel conversion keeps a model's
+        # input names but not their order (a head's inputs may come out as gyro, stats, accel).
+        by_index: dict[int, str] = {}
+        for key in probe.get_signature_list():
+            runner = probe.get_signature_runner(key)
+            by_index.update({d["index"]: n for n, d in runner.get_input_details().items()})
+        self.input_names = [by_index.get(d["index"], d["name"]) for d in details]
 
     def __repr__(self) -> str:
         return f"LiteRTModel({self.path.name}, buckets={self.buckets})"
