@@ -769,9 +769,10 @@ class Coordinator:
                 self.counts["unserved"] += 1
             self.counts["stages_published"] += 1
             ticket = seal(self._key, ready.task)
-            await self.outbox.add(
-                ready.type, stage_subtask(ready.task, ready.type, ready.inputs, ticket)
-            )
+            # Upstream answers come in any order: inputs in one order make stages of one
+            # shape one batch (the outbox batches by input names and shapes, in order).
+            inputs = dict(sorted(ready.inputs.items()))
+            await self.outbox.add(ready.type, stage_subtask(ready.task, ready.type, inputs, ticket))
 
     async def _deadline_step(self) -> None:
         nap_s = self.settings.max_deadline_sleep_ms / 1e3
