@@ -6,8 +6,7 @@ For each system: frames/s at maximum rate (median of ``--repeats``, at most ``--
 frames in flight), latency p50/p99 from each frame's scheduled send time to its decision at
 30, 200 and 1,000 frames/s (rates above 80% of capacity are skipped), CPU-ms per frame
 summed over every process (nats-server included), RSS per process, and the time from
-start to first decision. The same models as a two-stage chain (:mod:`bench.chain`) are
-compared with them as one stage. Then sharded coordinators (:mod:`bench.shards`): windows/s and
+start to first decision. Then sharded coordinators (:mod:`bench.shards`): windows/s and
 CPU-ms per window per component with 1, 2 and 4 shards, and 2 shards at R3. Writes
 ``docs/benchmarks.md`` and ``docs/benchmarks-latency.png``.
 """
@@ -31,7 +30,6 @@ import numpy as np
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bench.chain import ENCODERS, HEADS, build_chain_models, chain_plans_file
 from bench.procstat import cpu_seconds, memory_mb, stop_processes
 from bench.shards import SCENARIOS, ShardMeasured, describe, measure_shards, render_shards
 from bench.workload import SENSORS, TYPES, build_models, frames, plans_toml
@@ -148,46 +146,36 @@ class Fusebus(System):
         )
         self.subjects = Subjects("fb")
 
-    def models(self) -> list[Path]:
-        """The model of each agent type, one agent process per replica of each."""
+    async def start(self, url: str, nc: Client) -> None:
         folder = build_models()
-        return [folder / f"{t}.tflite" for t in TYPES]
-
-    def plans_file(self) -> Path:
-        """The coordinator's plans file."""
         plans = Path(tempfile.mkdtemp(prefix="fusebus-bench-")) / "plans.toml"
         plans.write_text(plans_toml())
-        return plans
-
-    async def start(self, url: str, nc: Client) -> None:
-        plans = self.plans_file()
         common = ("--nats-url", url, "--log-level", "warning")
         intake = () if self.durable_intake else ("--no-durable-intake",)
         self.spawn(
             "coordinator", "-m", "fusebus", "coordinator", "--config", str(plans), *intake, *common
         )
         self.spawn("fusion", "-m", "fusebus", "fusion", *common)
-        for model in self.models():
+        for t in TYPES:
             for r in range(self.replicas):
                 self.spawn(
-                    f"agent-{model.stem}-{r}",
+                    f"agent-{t}-{r}",
                     "-m",
                     "fusebus",
                     "agent",
                     "--model",
-                    str(model),
+                    str(folder / f"{t}.tflite"),
                     *common,
                 )
 
     async def ready(self, nc: Client) -> None:
-        agent_count = len(self.models()) * self.replicas
         while True:
             roles = {
                 (r.get("metadata") or {}).get("fusebus.role")
                 for r in await discover_components(nc, prefix="fb", timeout_s=0.2)
             }
             agents = await discover_agents(nc, prefix="fb", timeout_s=0.2)
-            if {"coordinator", "fusion"} <= roles and len(agents) == agent_count:
+            if {"coordinator", "fusion"} <= roles and len(agents) == len(TYPES) * self.replicas:
                 return
 
     def encode(self, index: int, sensors: dict[str, np.ndarray]) -> tuple[str, bytes]:
@@ -203,22 +191,6 @@ class Fusebus(System):
         from schemas import Decision, decode
 
         return decode(data, Decision).window.t_start_ns // FRAME_STRIDE_NS
-
-
-class FusebusChain(Fusebus):
-    """fusebus default with each benchmark model split into an encoder and a head that
-    reads its features (:mod:`bench.chain`): the same work per frame, one more bus hop."""
-
-    def __init__(self) -> None:
-        super().__init__(1)
-        self.name = "fusebus default, each model as a two-stage chain (encoder -> head)"
-
-    def models(self) -> list[Path]:
-        folder = build_chain_models()
-        return [folder / f"{name}.tflite" for name in (*ENCODERS, *HEADS)]
-
-    def plans_file(self) -> Path:
-        return chain_plans_file()
 
 
 class FusebusBasicMotions(Fusebus):
@@ -479,28 +451,6 @@ def render(
     return "\n".join(lines) + "\n"
 
 
-def chain_comparison(chain: Measured, one_stage: Measured) -> str:
-    """The two-stage chain against the same models as one stage, as ratios and the added
-    latency at 200 frames/s (one more bus hop, if the chain costs what it should)."""
-    at = 200
-    if at in chain.latency and at in one_stage.latency:
-        (p50, p99), (base50, base99) = chain.latency[at], one_stage.latency[at]
-        latency = (
-            f"p50/p99 at {at} frames/s **{p50:.1f} / {p99:.1f} ms** against "
-            f"{base50:.1f} / {base99:.1f} ms (+{p50 - base50:.1f} ms at p50)"
-        )
-    else:
-        latency = f"no latency at {at} frames/s (above 80% of a capacity)"
-    return (
-        "Two-stage chain (each benchmark model as encoder -> head, the same weights) against "
-        f"the same models as one stage: max rate **{chain.frames_per_s:,.0f}** against "
-        f"{one_stage.frames_per_s:,.0f} frames/s "
-        f"(**{chain.frames_per_s / one_stage.frames_per_s:.2f}x**); {latency}; CPU-ms per "
-        f"frame **{chain.cpu_ms_per_frame:.3f}** against {one_stage.cpu_ms_per_frame:.3f} "
-        f"(**{chain.cpu_ms_per_frame / one_stage.cpu_ms_per_frame:.2f}x**)."
-    )
-
-
 def draw(results: list[Measured], path: Path) -> None:
     import matplotlib
 
@@ -538,7 +488,6 @@ async def main_async(args: argparse.Namespace) -> None:
         "fusebus1-core": lambda: Fusebus(1, durable_intake=False),
         "fusebus2": lambda: Fusebus(2),
         "fusebus4": lambda: Fusebus(4),
-        "chain": FusebusChain,
         "basicmotions": FusebusBasicMotions,
     }
     measured = {}
@@ -574,10 +523,7 @@ async def main_async(args: argparse.Namespace) -> None:
         None,
     )
     core = next((r for r in results if "without durable intake" in r.name), None)
-    chain = next((r for r in results if "two-stage chain" in r.name), None)
     if only is not None:  # a partial run: figures on the terminal, the docs left alone
-        if fusebus_default is not None and chain is not None:
-            print(chain_comparison(chain, fusebus_default))
         for r in results:
             print(
                 f"{r.name}: {r.frames_per_s:,.0f} frames/s, {r.cpu_ms_per_frame:.3f} CPU-ms/frame"
@@ -594,8 +540,6 @@ async def main_async(args: argparse.Namespace) -> None:
         return
     assert raw_batched is not None and fusebus_default is not None
     table = render(results, raw_batched, fusebus_default, core)
-    if chain is not None:
-        table += "\n" + chain_comparison(chain, fusebus_default) + "\n"
     if sharded:
         table += "\n" + render_shards(sharded, args.repeats)
     print(table)
@@ -616,7 +560,7 @@ def main() -> None:
         "--only",
         default="",
         help="comma-separated systems to measure (limit, raw1, raw64, fusebus1, fusebus1-core, "
-        "fusebus2, fusebus4, chain, basicmotions, shards1, shards2, shards4, shards2-r3); a partial run "
+        "fusebus2, fusebus4, basicmotions, shards1, shards2, shards4, shards2-r3); a partial run "
         "prints its figures and leaves docs/ alone",
     )
     parser.add_argument(

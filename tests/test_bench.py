@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.workload import cache_dir
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -66,35 +64,4 @@ def test_sharded_scenario_runs_and_prints_its_tables() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert "2 coordinator shards: windows/s" in done.stdout
     assert "CPU-ms/window nats-server" in done.stdout and "server msgs in / out" in done.stdout
-    assert (ROOT / "docs" / "benchmarks.md").read_text() == docs
-
-
-def test_two_stage_chain_is_measured_against_the_same_models_as_one_stage() -> None:
-    """`python -m bench --only fusebus1,chain` splits each benchmark model into an encoder
-    and a head, runs both systems and prints the chain's ratios to the one-stage system,
-    leaving docs/ alone."""
-    docs = (ROOT / "docs" / "benchmarks.md").read_text()
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--only",
-            "fusebus1,chain",
-            "--frames",
-            "200",
-            "--repeats",
-            "1",
-            "--seconds",
-            "0.5",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "Two-stage chain (each benchmark model as encoder -> head" in done.stdout
-    assert "two-stage chain (encoder -> head): " in done.stdout  # its own figures
-    assert {p.name for p in (cache_dir() / "chain").iterdir()} >= {"e0.tflite", "h0.json"}
     assert (ROOT / "docs" / "benchmarks.md").read_text() == docs
