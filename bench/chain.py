@@ -1,42 +1,40 @@
 """Model chains: the benchmark models as one stage, and the same models cut in two stages.
 
-Each benchmark model (:mod:`bench.workload`: Conv1D, Conv1D, pooling, Dense) is cut after
-its pooling: ``<type>_enc`` reads the sensor and answers the 32 pooled features, and
-``<type>`` (a head, the Dense layer) reads them and answers the class scores, so the chain
-computes what the one-stage model does (checked at build), with the same weights, and fuses
-the same three types. What the chain adds is the bus: per frame, three more subtasks and
-results, and on each frame's path one more trip coordinator -> agent -> coordinator.
+The chain cuts each benchmark model after its pooling (:mod:`bench.split_models`):
+``<type>_enc`` reads the sensor and answers 32 features, ``<type>`` (the Dense head) reads
+them and answers the class scores, with the same weights, so it computes what the one-stage
+model does and fuses the same three types. What it adds is the bus: per frame, three more
+subtasks and results, and on each frame's path one more trip coordinator -> agent ->
+coordinator.
 
-A third deployment is the yardstick for that: one stage plus the three heads beside it,
-each reading its features from a sensor of the frame (``<type>_head``: the same Dense
-layer behind a crop and a flatten, since a frame's sensors all have 128 samples: 128 x 1
-values in, the first 32 read), all six types fused. It has the chain's three more subtasks
-and results per frame, with about the same payloads and the same compute, but nothing
-sequential and no stage bookkeeping. What the chain adds to one stage, over what the
-yardstick adds, is the second stage counted in hops (1.0: one more hop coordinator ->
-agent -> coordinator per model, as cheap as any other).
+A third deployment is the yardstick for what that should cost: one stage with the three
+heads beside the models (``<type>_head``), each reading its features from a sensor of the
+frame, all six types fused. It has the chain's three more subtasks and results per frame,
+with about the same payloads and the same compute, but nothing sequential and no stage
+bookkeeping. What the chain adds to one stage, over what the yardstick adds, is the second
+stage counted in hops (1.0: one more hop per model, as cheap as any other).
 
 The three deployments run at once, each on its own embedded nats-server (one coordinator,
-one fusion agent, one LiteRT agent per type), and are measured in turns, so that they see
-the same noise: per repeat, frames/s at maximum rate (at most ``--inflight`` in flight)
+one fusion agent, one LiteRT agent per type), and are measured in turns so that they see
+the same noise. Per repeat: frames/s at maximum rate (at most ``--inflight`` in flight)
 with CPU-ms per frame by component (nats-server included) and the server's messages per
-frame (``/varz`` in + out, the driver's frames and decisions included); then latency
-p50/p99 from each frame's scheduled send time to its decision at 200 frames/s, with
-CPU-ms per frame at that rate.
+frame (``/varz`` in + out, the driver's frames and decisions included); then at 30 and 200
+frames/s, latency p50/p99 from each frame's scheduled send time to its decision and CPU-ms
+per frame. Last, a traced run at 30 frames/s (not counted in the figures above), where the
+driver also watches every subtask and result, times each leg of a frame's path.
 
     python -m bench --only chain [--frames 3000] [--repeats 3] [--seconds 2]
+
+The figures are printed by :mod:`bench.chain_report`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,23 +44,31 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bench.procstat import cpu_seconds, memory_mb, stop_processes
-from bench.workload import (
-    LABELS,
-    SAMPLES,
-    SEED,
-    SENSORS,
-    TYPES,
-    build_models,
-    cache_dir,
-    frames,
+from bench.split_models import (
+    build_split_models,
+    encoder,
+    features_sensor,
+    head,
+    model_us_per_frame,
 )
+from bench.workload import SAMPLES, SEED, SENSORS, TYPES, build_models, frames
 from bus import BusSettings, EmbeddedServer, Subjects, connect, discover_agents, free_port
 from fusebus.status import collect_status
-from schemas import Decision, InputSpec, SensorFrame, decode, encode
+from schemas import (
+    CODEC,
+    Decision,
+    Result,
+    ResultBatch,
+    SensorFrame,
+    Subtask,
+    SubtaskBatch,
+    decode,
+    encode,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-RATE = 200  # frames/s offered for latency
-FEATURES = 32  # the pooled features of a benchmark model (its second Conv1D's filters)
+RATES = (30, 200)  # frames/s offered for latency
+TRACE_RATE = 30  # frames/s of the traced run
 STRIDE_NS = 1000  # frame i starts at i * STRIDE_NS (1 ns samples: frames never overlap)
 #: Deployment kinds: the models as one stage, with the heads beside them, and cut in two.
 KINDS = {
@@ -72,146 +78,8 @@ KINDS = {
 }
 #: CPU is counted by component; "added agents" are the heads (of the chain, or beside).
 COMPONENTS = ("coordinator", "fusion", "agents", "added agents", "nats-server")
-
-
-def encoder(type_name: str) -> str:
-    """The stage-1 type of a benchmark type in the chain."""
-    return f"{type_name}_enc"
-
-
-def head(type_name: str) -> str:
-    """The type of a benchmark model's head beside it, reading features from the frame."""
-    return f"{type_name}_head"
-
-
-def features_sensor(type_name: str) -> str:
-    """The frame's sensor that carries a head's features beside the model."""
-    return f"{type_name}_features"
-
-
-def build_split_models(out: Path | None = None) -> Path:
-    """Make (or reuse) each benchmark model cut in two: ``<type>_enc.tflite`` (sensor in,
-    pooled features out) and ``<type>.tflite`` (features in, scores out), and its head
-    reading the features from a ``[128, 1]`` sensor (``<type>_head.tflite``: the first 32
-    values), with cards.
-    Returns their folder.
-
-    Raises:
-        RuntimeError: the two halves, run one after the other, do not give what the whole
-            model gives.
-    """
-    whole = build_models()
-    out = out or cache_dir() / "split"
-    if all((out / f"{name}.tflite").exists() for t in TYPES for name in (t, encoder(t), head(t))):
-        return out
-    import os
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import keras
-
-    from agents.model_card import ModelCard
-    from agents.runtimes.litert import LiteRTModel
-    from agents.training import export_tflite
-
-    out.mkdir(parents=True, exist_ok=True)
-    data = frames(16)
-    for type_name, sensor in zip(TYPES, SENSORS, strict=True):
-        model = keras.models.load_model(whole / f"{type_name}.keras")
-        pooled = model.layers[-2].output
-        export_tflite(keras.Model(model.inputs, pooled), out / f"{encoder(type_name)}.tflite")
-        dense = model.layers[-1]
-        features = keras.Input((FEATURES,))
-        export_tflite(keras.Model(features, dense(features)), out / f"{type_name}.tflite")
-        rows = keras.Input((SAMPLES, 1))
-        cropped = keras.layers.Cropping1D((0, SAMPLES - FEATURES))(rows)
-        beside = keras.Model(rows, dense(keras.layers.Flatten()(cropped)))
-        export_tflite(beside, out / f"{head(type_name)}.tflite")
-        card = ModelCard.for_model(whole / f"{type_name}.tflite")
-        (out / f"{encoder(type_name)}.json").write_text(
-            ModelCard(
-                type=encoder(type_name),
-                name=f"{card.name}-enc",
-                version=card.version,
-                labels=(),
-                inputs=card.inputs,
-                notes=f"the convolutions and pooling of {card.name}: its pooled features",
-                output="features",
-                output_shape=(FEATURES,),
-            ).to_json(),
-            encoding="utf-8",
-        )
-        (out / f"{type_name}.json").write_text(
-            ModelCard(
-                type=type_name,
-                name=f"{card.name}-head",
-                version=card.version,
-                labels=LABELS,
-                inputs=(InputSpec(encoder(type_name), stage=True, shape=(FEATURES,)),),
-                weight=card.weight,
-                notes=f"the last Dense layer of {card.name}, reading {encoder(type_name)}",
-            ).to_json(),
-            encoding="utf-8",
-        )
-        (out / f"{head(type_name)}.json").write_text(
-            ModelCard(
-                type=head(type_name),
-                name=f"{card.name}-head-beside",
-                version=card.version,
-                labels=LABELS,
-                inputs=(InputSpec(features_sensor(type_name), SAMPLES, 1),),
-                weight=card.weight,
-                notes=f"the last Dense layer of {card.name}, reading features from the frame",
-            ).to_json(),
-            encoding="utf-8",
-        )
-        x = np.stack([f[sensor] for f in data])
-        full = LiteRTModel(whole / f"{type_name}.tflite").predict([x])
-        enc = LiteRTModel(out / f"{encoder(type_name)}.tflite").predict([x])
-        split = LiteRTModel(out / f"{type_name}.tflite").predict([enc])
-        padded = np.pad(enc, ((0, 0), (0, SAMPLES - FEATURES)))[:, :, None]
-        side = LiteRTModel(out / f"{head(type_name)}.tflite").predict([padded])
-        if not (np.allclose(full, split, atol=1e-5) and np.allclose(split, side, atol=1e-6)):
-            raise RuntimeError(f"{type_name} cut in two answers differently from the whole model")
-    return out
-
-
-def model_us_per_frame(batch: int) -> tuple[float, float]:
-    """In this process, no bus: the microseconds per frame of the three whole models, and
-    of the three cut in two (encoder then head), called ``batch`` frames at a time (the
-    median of 5 timings of about 2,000 frames each)."""
-    from agents.runtimes.litert import LiteRTModel
-
-    whole, split = build_models(), build_split_models()
-    rounds = max(20, 2000 // batch)
-    data = frames(batch)
-    x = {s: np.stack([f[s] for f in data]) for s in SENSORS}
-
-    def load(path: Path) -> LiteRTModel:
-        model = LiteRTModel(path, buckets=(batch,))
-        model.warm_up()
-        return model
-
-    models = [load(whole / f"{t}.tflite") for t in TYPES]
-    halves = [(load(split / f"{encoder(t)}.tflite"), load(split / f"{t}.tflite")) for t in TYPES]
-
-    def one_stage() -> None:
-        for model, sensor in zip(models, SENSORS, strict=True):
-            model.predict([x[sensor]])
-
-    def two_stages() -> None:
-        for (enc, head), sensor in zip(halves, SENSORS, strict=True):
-            head.predict([enc.predict([x[sensor]])])
-
-    def timed(run: Callable[[], None]) -> float:
-        times = []
-        for _ in range(5):
-            began = time.perf_counter()
-            for _ in range(rounds):
-                run()
-            times.append((time.perf_counter() - began) * 1e6 / (rounds * batch))
-        return statistics.median(times)
-
-    return timed(one_stage), timed(two_stages)
+#: The legs of a frame's path that the traced run times, in order.
+LEGS = ("to subtasks", "stage 1 trip", "coordinator turn", "stage 2 trip", "to decision")
 
 
 def plans_toml(kind: str, *, deadline_ms: float = 5000, max_inflight: int = 100_000) -> str:
@@ -286,6 +154,15 @@ class Deployment:
     def agent_count(self) -> int:
         return len(TYPES) * (1 if self.kind == "one" else 2)
 
+    @property
+    def upstream(self) -> dict[str, str]:
+        """Each type of the plan, with the type it reads after ("" for none)."""
+        if self.kind == "chain":
+            return {**{encoder(t): "" for t in TYPES}, **{t: encoder(t) for t in TYPES}}
+        return {
+            name: "" for t in TYPES for name in (t, head(t))[: 2 if self.kind == "beside" else 1]
+        }
+
     def frame_data(self) -> list[dict[str, np.ndarray]]:
         """The frames to send: the workload's, and beside the models the heads' features."""
         data = frames(64)
@@ -323,6 +200,12 @@ class Deployment:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def _window_starts(message: Subtask | SubtaskBatch | Result | ResultBatch) -> list[int]:
+    if isinstance(message, Subtask | Result):
+        return [message.window.t_start_ns]
+    return [int(t) for t in message.windows[:, 0]]
+
+
 class Driver:
     """Sends frames of one stream to a deployment and matches decisions to their
     scheduled send times."""
@@ -336,15 +219,19 @@ class Driver:
         self.latencies_ms: list[float] = []
         self.changed = asyncio.Event()
         self.data = data
+        self.seen: dict[int, dict[tuple[str, str], float]] | None = None  # while tracing
 
     async def listen(self) -> None:
         loop = asyncio.get_running_loop()
 
         async def on_decision(msg: Msg) -> None:
-            sent = self.scheduled.pop(decode(msg.data, Decision).window.t_start_ns, None)
+            t_ns = decode(msg.data, Decision).window.t_start_ns
+            sent = self.scheduled.pop(t_ns, None)
             if sent is not None:
                 self.latencies_ms.append((loop.time() - sent) * 1e3)
                 self.decided += 1
+                if self.seen is not None:
+                    self.seen.setdefault(t_ns, {})[("decision", "")] = loop.time()
                 self.changed.set()
 
         await self.nc.subscribe(self.subjects.decision("bench"), cb=on_decision)
@@ -383,12 +270,91 @@ class Driver:
                 self.changed.clear()
                 await self.changed.wait()
             self.scheduled[t_ns] = due
+            if self.seen is not None:
+                self.seen.setdefault(t_ns, {})[("sent", "")] = due
             await self.nc.publish(subject, data)
         async with asyncio.timeout(120):
             while self.decided < target:
                 self.changed.clear()
                 await self.changed.wait()
         return loop.time() - began
+
+    async def trace(self, count: int, *, rate: float, upstream: dict[str, str]) -> Trace:
+        """Send ``count`` frames at ``rate`` while watching every subtask and result, and
+        time each leg of each frame's path (``upstream``: each type, with the type it
+        reads after, or "")."""
+        loop = asyncio.get_running_loop()
+        seen: dict[int, dict[tuple[str, str], float]] = {}  # frame -> (what, type) -> time
+
+        async def on_task(msg: Msg) -> None:
+            at = loop.time()
+            message: Subtask | SubtaskBatch = CODEC.decode_one_of(msg.data, (Subtask, SubtaskBatch))
+            for t_ns in _window_starts(message):
+                seen.setdefault(t_ns, {}).setdefault(("task", message.type), at)
+
+        async def on_result(msg: Msg) -> None:
+            at = loop.time()
+            message: Result | ResultBatch = CODEC.decode_one_of(msg.data, (Result, ResultBatch))
+            for t_ns in _window_starts(message):
+                seen.setdefault(t_ns, {}).setdefault(("result", message.type), at)
+
+        subs = [
+            await self.nc.subscribe(self.subjects.all_tasks(), cb=on_task),
+            await self.nc.subscribe(self.subjects.all_results(), cb=on_result),
+        ]
+        await self.nc.flush()
+        first = self.sent + 1
+        self.seen = seen
+        try:
+            await self.send(count, inflight=count, rate=rate)
+        finally:
+            self.seen = None
+            for sub in subs:
+                await sub.unsubscribe()
+        return Trace.of(seen, range(first, first + count), upstream)
+
+
+@dataclass
+class Trace:
+    """Milliseconds of each leg of each frame's path (per type where a leg is per type)."""
+
+    legs: dict[str, list[float]]
+
+    @classmethod
+    def of(
+        cls, seen: dict[int, dict[tuple[str, str], float]], frames: range, upstream: dict[str, str]
+    ) -> Trace:
+        """From the first time each frame was sent, each of its subtasks and results was
+        seen, and its decision came."""
+        first = [t for t, up in upstream.items() if not up]
+        second = [t for t, up in upstream.items() if up]
+        fused = [t for t in upstream if t not in set(upstream.values())]
+        legs: dict[str, list[float]] = {leg: [] for leg in LEGS}
+
+        def ms(since: float, until: float) -> float:
+            return (until - since) * 1e3
+
+        for index in frames:
+            at = seen[index * STRIDE_NS]
+            sent, decided = at[("sent", "")], at[("decision", "")]
+            legs["to subtasks"].append(ms(sent, min(at[("task", t)] for t in first)))
+            legs["stage 1 trip"] += [ms(at[("task", t)], at[("result", t)]) for t in first]
+            for t in second:
+                legs["coordinator turn"].append(ms(at[("result", upstream[t])], at[("task", t)]))
+                legs["stage 2 trip"].append(ms(at[("task", t)], at[("result", t)]))
+            legs["to decision"].append(ms(max(at[("result", t)] for t in fused), decided))
+        return cls({leg: values for leg, values in legs.items() if values})
+
+    def p50(self, leg: str) -> float:
+        values = self.legs.get(leg)
+        return float(np.percentile(values, 50)) if values else float("nan")
+
+    @property
+    def stage_ms(self) -> tuple[float, float]:
+        """The p50 ms of reaching and running the first stage (to subtasks + stage 1 trip),
+        and of the second (coordinator turn + stage 2 trip; nan without one)."""
+        first = self.p50("to subtasks") + self.p50("stage 1 trip")
+        return first, self.p50("coordinator turn") + self.p50("stage 2 trip")
 
 
 @dataclass
@@ -417,33 +383,32 @@ class Phase:
 
 @dataclass
 class ChainMeasured:
-    """Everything measured for one deployment: a max-rate and a fixed-rate phase per repeat."""
+    """Everything measured for one deployment: per repeat a max-rate phase and a phase at
+    each of :data:`RATES`; then one traced run."""
 
     name: str
     max_rate: list[Phase] = field(default_factory=list)
-    fixed_rate: list[Phase] = field(default_factory=list)
+    fixed_rate: dict[int, list[Phase]] = field(default_factory=lambda: {r: [] for r in RATES})
+    trace: Trace | None = None
     rss_mb: dict[str, float] = field(default_factory=dict)
 
     def values(self, figure: str) -> list[float]:
-        """One value per repeat: ``frames_per_s``, ``p50``, ``p99``, ``cpu`` (total CPU-ms per
-        frame at maximum rate), ``cpu@rate`` (at the fixed rate), ``cpu:<component>``, or
-        ``msgs`` (server messages in + out per frame at maximum rate)."""
-        if figure == "frames_per_s":
-            return [p.frames_per_s for p in self.max_rate]
-        if figure in ("p50", "p99"):
-            return [p.percentile(float(figure[1:])) for p in self.fixed_rate]
-        if figure == "cpu":
-            return [p.cpu_ms_per_frame() for p in self.max_rate]
-        if figure == "cpu@rate":
-            return [p.cpu_ms_per_frame() for p in self.fixed_rate]
-        if figure.startswith("cpu:"):
-            return [p.cpu_ms_per_frame(figure[4:]) for p in self.max_rate]
-        if figure == "msgs":
-            return [p.server_msgs / p.frames for p in self.max_rate]
+        """One value per repeat: ``frames_per_s``, ``msgs`` (server messages in + out per
+        frame), ``cpu`` (CPU-ms per frame, all components) or ``cpu:<component>`` at maximum
+        rate; ``p50@<rate>``, ``p99@<rate>`` or ``cpu@<rate>`` at a fixed rate."""
+        what, _, rate = figure.partition("@")
+        phases = self.fixed_rate[int(rate)] if rate else self.max_rate
+        if what == "frames_per_s":
+            return [p.frames_per_s for p in phases]
+        if what in ("p50", "p99"):
+            return [p.percentile(float(what[1:])) for p in phases]
+        if what == "cpu":
+            return [p.cpu_ms_per_frame() for p in phases]
+        if what.startswith("cpu:"):
+            return [p.cpu_ms_per_frame(what[4:]) for p in phases]
+        if what == "msgs":
+            return [p.server_msgs / p.frames for p in phases]
         raise ValueError(f"unknown figure {figure!r}")
-
-    def median(self, figure: str) -> float:
-        return statistics.median(self.values(figure))
 
 
 async def phase(
@@ -497,19 +462,28 @@ class ChainRun:
         )
         return [k - b for k, b in pairs]
 
+    def latency_in_hops(self) -> float:
+        """The chain's second stage over its first, in p50 ms of the traced run: 1.0 is one
+        more hop like the one that brings a frame's subtasks to their agents and back."""
+        trace = self.measured["chain"].trace
+        if trace is None:
+            return float("nan")
+        first, second = trace.stage_ms
+        return second / first
+
     def in_hops(self, figure: str) -> list[float]:
         """What the second stage adds to one stage, over what three more subtasks and
         results per frame add without a chain (``beside``), repeat by repeat: 1.0 is one
-        more hop coordinator -> agent -> coordinator per model."""
+        more hop per model."""
         pairs = zip(self.added("chain", figure), self.added("beside", figure), strict=True)
-        return [c / t if t > 0 else float("nan") for c, t in pairs]
+        return [c / b if b > 0 else float("nan") for c, b in pairs]
 
 
 async def measure_chain(
     *, frames_count: int, repeats: int, inflight: int, seconds: float
 ) -> ChainRun:
     """Start the three deployments side by side and measure them in turns (the order
-    rotates between repeats)."""
+    rotates between repeats), then trace each once."""
     model_us = {batch: model_us_per_frame(batch) for batch in (1, 64)}  # nothing else runs yet
     deployments = [Deployment(kind) for kind in KINDS]
     results = [ChainMeasured(d.name) for d in deployments]
@@ -525,119 +499,32 @@ async def measure_chain(
             await driver.listen()
             await ready(deployment, driver.nc)
             await driver.send(512, inflight=inflight)  # warm-up: consumers, journal, buckets
-        fixed = max(100, int(RATE * seconds))
         for repeat in range(repeats):
             turn = [(i + repeat) % len(deployments) for i in range(len(deployments))]
             for i in turn:
                 phased = await phase(deployments[i], drivers[i], frames_count, inflight=inflight)
                 results[i].max_rate.append(phased)
+            for rate in RATES:
+                for i in turn:
+                    count = max(100, int(rate * seconds))
+                    phased = await phase(
+                        deployments[i], drivers[i], count, inflight=inflight, rate=rate
+                    )
+                    results[i].fixed_rate[rate].append(phased)
             for i in turn:
-                phased = await phase(
-                    deployments[i], drivers[i], fixed, inflight=inflight, rate=RATE
-                )
-                results[i].fixed_rate.append(phased)
-            for i in turn:
-                m = results[i]
-                print(
-                    f"    {m.name}: {m.max_rate[-1].frames_per_s:,.0f} frames/s, "
-                    f"{m.max_rate[-1].cpu_ms_per_frame():.3f} CPU-ms/frame; at {RATE}/s p50/p99 "
-                    f"{m.fixed_rate[-1].percentile(50):.1f}/{m.fixed_rate[-1].percentile(99):.1f} ms",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        for deployment, result in zip(deployments, results, strict=True):
+                print(f"    {_progress(results[i])}", file=sys.stderr, flush=True)
+        for deployment, driver, result in zip(deployments, drivers, results, strict=True):
+            count = max(100, int(TRACE_RATE * seconds))
+            result.trace = await driver.trace(count, rate=TRACE_RATE, upstream=deployment.upstream)
             deployment.check_running()
             for role, process in deployment.processes.items():
                 result.rss_mb[role] = memory_mb(process.pid)[0]
     return ChainRun(dict(zip(KINDS, results, strict=True)), model_us, repeats)
 
 
-FIGURES = ("frames_per_s", "p50", "p99", "cpu", "cpu@rate", "msgs")
-DIGITS = {"frames_per_s": 0, "p50": 1, "p99": 1, "cpu": 3, "cpu@rate": 3, "msgs": 1}
-#: The ratios shown: (kind, over kind).
-PAIRS = (("chain", "one"), ("beside", "one"), ("chain", "beside"))
-
-
-def describe(run: ChainRun) -> str:
-    """Every repeat's figures and ratios, a line each (for the terminal and for
-    aggregating runs)."""
-
-    def each(values: Sequence[float], digits: int = 3) -> str:
-        return ", ".join(f"{v:.{digits}f}" for v in values)
-
-    lines = []
-    for m in run.measured.values():
-        parts = [f"{f} {each(m.values(f))}" for f in FIGURES]
-        parts.append(
-            "CPU-ms/frame " + "; ".join(f"{c} {each(m.values('cpu:' + c))}" for c in COMPONENTS)
-        )
-        lines.append(f"{m.name}: " + " | ".join(parts))
-    for kind, base in PAIRS:
-        ratios = " | ".join(f"{f} {each(run.ratios(kind, base, f))}" for f in FIGURES)
-        lines.append(f"{kind} / {base}: {ratios}")
-    lines.append(
-        "second stage in hops: "
-        + " | ".join(f"{f} {each(run.in_hops(f), 2)}" for f in ("cpu", "cpu@rate", "p50", "msgs"))
+def _progress(m: ChainMeasured) -> str:
+    at = "; ".join(
+        f"@{r}/s p50/p99 {m.values(f'p50@{r}')[-1]:.1f}/{m.values(f'p99@{r}')[-1]:.1f} ms"
+        for r in RATES
     )
-    lines.append(_compute(run))
-    return "\n".join(lines)
-
-
-def _compute(run: ChainRun) -> str:
-    return (
-        "Model compute in one process without the bus, µs per frame for the three models "
-        "whole / cut in two: "
-        + "; ".join(f"batch {b}: {w:.0f} / {c:.0f}" for b, (w, c) in sorted(run.model_us.items()))
-    )
-
-
-def _range(values: Sequence[float], digits: int) -> str:
-    low, high = min(values), max(values)
-    return f"{statistics.median(values):,.{digits}f} ({low:,.{digits}f}-{high:,.{digits}f})"
-
-
-def render_chain(run: ChainRun) -> str:
-    """The model-chains section of ``docs/benchmarks.md``, from one run."""
-    lines = [
-        "## Model chains",
-        "",
-        "The benchmark models as one stage; each cut after its pooling into a two-stage chain "
-        "(`<type>_enc`: the convolutions, answering 32 features; `<type>`: the Dense head "
-        "reading them) with the same weights and the same fused types; and, as the yardstick "
-        "for three more subtasks and results per frame without a chain, one stage with the "
-        "three heads beside it, fed their 32 features in the frame (six types, all fused; "
-        "`--only chain`). The deployments run side by side on their own servers "
-        f"and are measured in turns; median of {run.repeats} repeats (min-max in brackets), "
-        "ratios taken repeat by repeat. CPU-ms per frame sums every fusebus process and "
-        "nats-server; server messages are `/varz` in + out per frame.",
-        "",
-        _compute(run) + ".",
-        "",
-        f"| deployment | frames/s (max) | p50 ms @{RATE} | p99 ms @{RATE} | CPU-ms/frame (max) "
-        f"| CPU-ms/frame @{RATE} | server msgs/frame |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for m in run.measured.values():
-        cells = " | ".join(_range(m.values(f), DIGITS[f]) for f in FIGURES)
-        lines.append(f"| {m.name} | {cells} |")
-    for kind, base in PAIRS:
-        cells = " | ".join(_range(run.ratios(kind, base, f), 2) for f in FIGURES)
-        lines.append(f"| {KINDS[kind]} / {KINDS[base]} | {cells} |")
-    lines += [
-        "",
-        "| deployment | " + " | ".join(f"CPU-ms/frame {c}" for c in COMPONENTS) + " |",
-        "|---|" + "---:|" * len(COMPONENTS),
-    ]
-    for m in run.measured.values():
-        cells = " | ".join(_range(m.values("cpu:" + c), 3) for c in COMPONENTS)
-        lines.append(f"| {m.name} | {cells} |")
-    hops = {f: _range(run.in_hops(f), 2) for f in ("cpu", "cpu@rate", "p50")}
-    lines += [
-        "",
-        "The second stage in hops (what the chain adds to one stage, over what the heads "
-        "beside it add: "
-        "1.0 is one more hop coordinator -> agent -> coordinator per model): CPU at maximum "
-        f"rate {hops['cpu']}, CPU at {RATE} frames/s {hops['cpu@rate']}, p50 at {RATE} "
-        f"frames/s {hops['p50']}.",
-    ]
-    return "\n".join(lines) + "\n"
+    return f"{m.name}: {m.values('frames_per_s')[-1]:,.0f} frames/s, {m.values('cpu')[-1]:.3f} CPU-ms/frame; {at}"

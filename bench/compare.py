@@ -32,8 +32,9 @@ import numpy as np
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bench.chain import ChainRun, measure_chain, render_chain
-from bench.chain import describe as describe_chain
+from bench.chain import ChainRun, measure_chain
+from bench.chain_report import describe as describe_chain
+from bench.chain_report import render_chain
 from bench.procstat import cpu_seconds, memory_mb, stop_processes
 from bench.shards import SCENARIOS, ShardMeasured, describe, measure_shards, render_shards
 from bench.workload import SENSORS, TYPES, build_models, frames, plans_toml
