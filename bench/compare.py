@@ -7,7 +7,9 @@ frames in flight), latency p50/p99 from each frame's scheduled send time to its 
 30, 200 and 1,000 frames/s (rates above 80% of capacity are skipped), CPU-ms per frame
 summed over every process (nats-server included), RSS per process, and the time from
 start to first decision. Then sharded coordinators (:mod:`bench.shards`): windows/s and
-CPU-ms per window per component with 1, 2 and 4 shards, and 2 shards at R3. Writes
+CPU-ms per window per component with 1, 2 and 4 shards, and 2 shards at R3. Then the
+benchmark models as one stage against the same models cut into a two-stage chain
+(:mod:`bench.chain`). Writes
 ``docs/benchmarks.md`` and ``docs/benchmarks-latency.png``.
 """
 
@@ -30,6 +32,9 @@ import numpy as np
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from bench.chain import ChainRun, measure_chain
+from bench.chain_report import describe as describe_chain
+from bench.chain_report import render_chain
 from bench.procstat import cpu_seconds, memory_mb, stop_processes
 from bench.shards import SCENARIOS, ShardMeasured, describe, measure_shards, render_shards
 from bench.workload import SENSORS, TYPES, build_models, frames, plans_toml
@@ -517,6 +522,14 @@ async def main_async(args: argparse.Namespace) -> None:
                 rate=args.shard_rate,
             )
         )
+    chained: ChainRun | None = None
+    if only is None or "chain" in only:
+        chained = await measure_chain(
+            frames_count=args.frames,
+            repeats=args.repeats,
+            inflight=args.inflight,
+            seconds=args.seconds,
+        )
     raw_batched = next((r for r in results if "batched up to 64" in r.name), None)
     fusebus_default = next(
         (r for r in results if r.name.startswith("fusebus default") and "1 replica/" in r.name),
@@ -537,11 +550,16 @@ async def main_async(args: argparse.Namespace) -> None:
             print(describe(m))
         if sharded:
             print("\n" + render_shards(sharded, args.repeats))
+        if chained is not None:
+            print(describe_chain(chained))
+            print("\n" + render_chain(chained))
         return
     assert raw_batched is not None and fusebus_default is not None
     table = render(results, raw_batched, fusebus_default, core)
     if sharded:
         table += "\n" + render_shards(sharded, args.repeats)
+    if chained is not None:
+        table += "\n" + render_chain(chained)
     print(table)
     docs = ROOT / "docs"
     (docs / "benchmarks.md").write_text(table, encoding="utf-8")
@@ -560,8 +578,8 @@ def main() -> None:
         "--only",
         default="",
         help="comma-separated systems to measure (limit, raw1, raw64, fusebus1, fusebus1-core, "
-        "fusebus2, fusebus4, basicmotions, shards1, shards2, shards4, shards2-r3); a partial run "
-        "prints its figures and leaves docs/ alone",
+        "fusebus2, fusebus4, basicmotions, shards1, shards2, shards4, shards2-r3, chain); a "
+        "partial run prints its figures and leaves docs/ alone",
     )
     parser.add_argument(
         "--shard-rate",

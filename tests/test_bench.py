@@ -65,3 +65,35 @@ def test_sharded_scenario_runs_and_prints_its_tables() -> None:
     assert "2 coordinator shards: windows/s" in done.stdout
     assert "CPU-ms/window nats-server" in done.stdout and "server msgs in / out" in done.stdout
     assert (ROOT / "docs" / "benchmarks.md").read_text() == docs
+
+
+def test_chain_benchmark_runs_and_prints_its_tables() -> None:
+    """`python -m bench --only chain` runs the benchmark models as one stage, with their
+    heads beside them, and cut into a two-stage chain, and prints frames/s, latency at 200
+    frames/s, CPU-ms per frame and their ratios without touching docs/."""
+    docs = (ROOT / "docs" / "benchmarks.md").read_text()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--only",
+            "chain",
+            "--frames",
+            "200",
+            "--repeats",
+            "1",
+            "--seconds",
+            "0.5",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "two-stage chain: frames_per_s" in done.stdout
+    assert "## Model chains" in done.stdout and "p99 ms @200" in done.stdout
+    assert "| two-stage chain / one stage |" in done.stdout
+    assert "The second stage in hops" in done.stdout
+    assert (ROOT / "docs" / "benchmarks.md").read_text() == docs
