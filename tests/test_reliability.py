@@ -151,8 +151,12 @@ async def test_names_that_cannot_be_subject_tokens_are_dead_letters_everywhere(
         await parts.nc.publish(subjects.sensor("bm", "accel"), msgpack.packb(chunk))
     [fusion_letter] = await fusion_letters.wait_for(1)
     assert fusion_letter.reason == "bad_name" and "'bad stream'" in fusion_letter.error
-    refused = await coordinator_letters.wait_for(2)
-    assert [letter.reason for letter in refused] == ["bad_name", "bad_name"]
+    # The coordinator reads results too: it refuses the bad result as well as both chunks.
+    refused = await coordinator_letters.wait_for(3)
+    assert [letter.reason for letter in refused] == ["bad_name"] * 3
+    assert sorted(letter.subject for letter in refused) == sorted(
+        [subjects.result("bm"), subjects.sensor("bm", "accel"), subjects.sensor("bm", "accel")]
+    )
     decisions = await decide_frames(parts, basicmotions, "next", 4)
     assert [d.status for d in decisions] == ["complete"] * 4
 
