@@ -40,9 +40,9 @@ def describe(run: ChainRun) -> str:
     lines = []
     for m in run.measured.values():
         parts = [f"{f} {each(m.values(f))}" for f in FIGURES]
-        parts.append(
-            "CPU-ms/frame " + "; ".join(f"{c} {each(m.values('cpu:' + c))}" for c in COMPONENTS)
-        )
+        for at in ("", *(f"@{r}" for r in RATES)):
+            by_component = (f"{c} {each(m.values(f'cpu:{c}{at}'))}" for c in COMPONENTS)
+            parts.append(f"CPU-ms/frame{at} " + "; ".join(by_component))
         if m.trace is not None:
             parts.append(
                 f"traced @{TRACE_RATE} p50 ms "
@@ -104,21 +104,26 @@ def render_chain(run: ChainRun) -> str:
         lines.append(f"| {KINDS[kind]} / {KINDS[base]} | {cells} |")
     lines += [
         "",
-        "| deployment | "
-        + " | ".join(f"CPU-ms/frame {c}" for c in COMPONENTS)
-        + f" | traced @{TRACE_RATE}, p50 ms: "
-        + ", ".join(LEGS)
-        + " |",
-        "|---|" + "---:|" * (len(COMPONENTS) + 1),
+        "| deployment | offered | " + " | ".join(f"CPU-ms/frame {c}" for c in COMPONENTS) + " |",
+        "|---|---|" + "---:|" * len(COMPONENTS),
     ]
     for m in run.measured.values():
-        cells = " | ".join(_range(m.values("cpu:" + c), 3) for c in COMPONENTS)
-        legs = (
-            " / ".join(f"{m.trace.p50(leg):.1f}" if leg in m.trace.legs else "-" for leg in LEGS)
-            if m.trace is not None
-            else "-"
-        )
-        lines.append(f"| {m.name} | {cells} | {legs} |")
+        for at in ("", *(f"@{r}" for r in RATES)):
+            cells = " | ".join(_range(m.values(f"cpu:{c}{at}"), 3) for c in COMPONENTS)
+            lines.append(f"| {m.name} | {f'{at[1:]} frames/s' if at else 'max'} | {cells} |")
+    lines += [
+        "",
+        f"Traced at {TRACE_RATE} frames/s, p50 ms of each leg of a frame's path as the driver "
+        "sees the messages (a stage trip: from a subtask published to its result; the "
+        "coordinator turn: from an encoder's result to its head's subtask):",
+        "",
+        "| deployment | " + " | ".join(LEGS) + " |",
+        "|---|" + "---:|" * len(LEGS),
+    ]
+    for m in run.measured.values():
+        if m.trace is not None:
+            legs = (f"{m.trace.p50(leg):.2f}" if leg in m.trace.legs else "-" for leg in LEGS)
+            lines.append(f"| {m.name} | " + " | ".join(legs) + " |")
     hops = ", ".join(
         f"{'at maximum rate' if f == 'cpu' else f'at {f[4:]} frames/s'} {_range(run.in_hops(f), 2)}"
         for f in ("cpu", *(f"cpu@{r}" for r in RATES))
