@@ -22,6 +22,9 @@ HEADINGS = {
     **{f"{q}@{r}": f"{q} ms @{r}" for r in RATES for q in ("p50", "p99")},
     **{f"cpu@{r}": f"CPU-ms/frame @{r}" for r in RATES},
 }
+#: The CPU figures counted in hops: at maximum rate, and at the lowest offered rate (at a
+#: rate that makes a deployment CPU-bound, its CPU-ms per frame is only what there is).
+HOP_FIGURES = ("cpu", f"cpu@{RATES[0]}")
 #: The ratios shown: (kind, over kind).
 PAIRS = (("chain", "one"), ("beside", "one"), ("chain", "beside"))
 
@@ -40,9 +43,9 @@ def describe(run: ChainRun) -> str:
     lines = []
     for m in run.measured.values():
         parts = [f"{f} {each(m.values(f))}" for f in FIGURES]
-        parts.append(
-            "CPU-ms/frame " + "; ".join(f"{c} {each(m.values('cpu:' + c))}" for c in COMPONENTS)
-        )
+        for at in ("", *(f"@{r}" for r in RATES)):
+            by_component = (f"{c} {each(m.values(f'cpu:{c}{at}'))}" for c in COMPONENTS)
+            parts.append(f"CPU-ms/frame{at} " + "; ".join(by_component))
         if m.trace is not None:
             parts.append(
                 f"traced @{TRACE_RATE} p50 ms "
@@ -54,9 +57,7 @@ def describe(run: ChainRun) -> str:
         lines.append(f"{kind} / {base}: {ratios}")
     lines.append(
         "second stage in hops: "
-        + " | ".join(
-            f"{f} {each(run.in_hops(f), 2)}" for f in ("cpu", *(f"cpu@{r}" for r in RATES))
-        )
+        + " | ".join(f"{f} {each(run.in_hops(f), 2)}" for f in HOP_FIGURES)
         + f" | latency traced @{TRACE_RATE} {run.latency_in_hops():.2f}"
     )
     lines.append(_compute(run))
@@ -104,24 +105,29 @@ def render_chain(run: ChainRun) -> str:
         lines.append(f"| {KINDS[kind]} / {KINDS[base]} | {cells} |")
     lines += [
         "",
-        "| deployment | "
-        + " | ".join(f"CPU-ms/frame {c}" for c in COMPONENTS)
-        + f" | traced @{TRACE_RATE}, p50 ms: "
-        + ", ".join(LEGS)
-        + " |",
-        "|---|" + "---:|" * (len(COMPONENTS) + 1),
+        "| deployment | offered | " + " | ".join(f"CPU-ms/frame {c}" for c in COMPONENTS) + " |",
+        "|---|---|" + "---:|" * len(COMPONENTS),
     ]
     for m in run.measured.values():
-        cells = " | ".join(_range(m.values("cpu:" + c), 3) for c in COMPONENTS)
-        legs = (
-            " / ".join(f"{m.trace.p50(leg):.1f}" if leg in m.trace.legs else "-" for leg in LEGS)
-            if m.trace is not None
-            else "-"
-        )
-        lines.append(f"| {m.name} | {cells} | {legs} |")
+        for at in ("", *(f"@{r}" for r in RATES)):
+            cells = " | ".join(_range(m.values(f"cpu:{c}{at}"), 3) for c in COMPONENTS)
+            lines.append(f"| {m.name} | {f'{at[1:]} frames/s' if at else 'max'} | {cells} |")
+    lines += [
+        "",
+        f"Traced at {TRACE_RATE} frames/s, p50 ms of each leg of a frame's path as the driver "
+        "sees the messages (a stage trip: from a subtask published to its result; the "
+        "coordinator turn: from an encoder's result to its head's subtask):",
+        "",
+        "| deployment | " + " | ".join(LEGS) + " |",
+        "|---|" + "---:|" * len(LEGS),
+    ]
+    for m in run.measured.values():
+        if m.trace is not None:
+            legs = (f"{m.trace.p50(leg):.2f}" if leg in m.trace.legs else "-" for leg in LEGS)
+            lines.append(f"| {m.name} | " + " | ".join(legs) + " |")
     hops = ", ".join(
         f"{'at maximum rate' if f == 'cpu' else f'at {f[4:]} frames/s'} {_range(run.in_hops(f), 2)}"
-        for f in ("cpu", *(f"cpu@{r}" for r in RATES))
+        for f in HOP_FIGURES
     )
     lines += [
         "",
