@@ -469,7 +469,9 @@ async def ensure_task_consumer(
         max_ack_pending=settings.task_max_ack_pending,
         max_waiting=512,
     )
-    await _add_or_update_consumer(js, subjects.tasks_stream, config)
+    await _add_or_update_consumer(
+        js, subjects.tasks_stream, config, wait_s=settings.wait_for_streams_s
+    )
     return name
 
 
@@ -492,7 +494,7 @@ async def ensure_reader_consumer(
         max_ack_pending=50_000,
         max_waiting=64,
     )
-    await _add_or_update_consumer(js, stream, config)
+    await _add_or_update_consumer(js, stream, config, wait_s=settings.wait_for_streams_s)
     return name
 
 
@@ -545,12 +547,29 @@ async def resume_consumer(
 
 
 async def _add_or_update_consumer(
-    js: JetStreamContext, stream: str, config: ConsumerConfig
+    js: JetStreamContext, stream: str, config: ConsumerConfig, *, wait_s: float = 30.0
 ) -> None:
-    try:
-        await js.add_consumer(stream, config)
-    except BadRequestError as exc:
-        raise BusError(f"cannot create consumer {config.name} on {stream}: {exc}") from exc
+    """Create or update a durable consumer, asking again (backing off, for up to
+    ``wait_s``) while the API does not answer: on a cluster, replicas that start together
+    create one consumer at once while its stream may still be electing a leader."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + wait_s
+    delay = 0.1
+    while True:
+        try:
+            await js.add_consumer(stream, config)
+            return
+        except BadRequestError as exc:
+            raise BusError(f"cannot create consumer {config.name} on {stream}: {exc}") from exc
+        except (TimeoutError, NatsTimeoutError, NoRespondersError, ServiceUnavailableError) as exc:
+            if loop.time() + delay > give_up:
+                raise BusError(
+                    f"the server did not answer for consumer {config.name} on {stream} within "
+                    f"{wait_s:.0f} s: {exc!r}"
+                ) from None
+            log.info("topology.retry", consumer=config.name, error=repr(exc), in_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(2.0, delay * 2)
 
 
 @dataclass(frozen=True)
