@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -308,21 +309,34 @@ async def ensure_stream(
         BusError: it cannot be created, or exists in a form that cannot be changed in place.
         ConfigError: it exists with another partition count.
     """
+
+    async def once() -> None:
+        await _ensure_stream_once(js, config, settings)
+        await wait_for_leader(js, str(config.name), timeout_s=settings.wait_for_streams_s)
+
+    await _until_answered(once, f"stream {config.name}", settings.wait_for_streams_s)
+
+
+async def _until_answered(call: Callable[[], Awaitable[None]], what: str, wait_s: float) -> None:
+    """Run ``call`` (idempotent) until the JetStream API answers it, backing off from 0.1 s
+    to 2 s, for up to ``wait_s``.
+
+    Raises:
+        BusError: it did not answer within ``wait_s``.
+    """
     loop = asyncio.get_running_loop()
-    give_up = loop.time() + settings.wait_for_streams_s
+    give_up = loop.time() + wait_s
     delay = 0.1
     while True:
         try:
-            await _ensure_stream_once(js, config, settings)
-            await wait_for_leader(js, str(config.name), timeout_s=settings.wait_for_streams_s)
+            await call()
             return
         except (TimeoutError, NatsTimeoutError, NoRespondersError, ServiceUnavailableError) as exc:
             if loop.time() + delay > give_up:
                 raise BusError(
-                    f"the server did not answer for stream {config.name} within "
-                    f"{settings.wait_for_streams_s:.0f} s: {exc!r}"
+                    f"the server did not answer for {what} within {wait_s:.0f} s: {exc!r}"
                 ) from None
-            log.info("topology.retry", stream=config.name, error=repr(exc), in_s=delay)
+            log.info("topology.retry", what=what, error=repr(exc), in_s=delay)
             await asyncio.sleep(delay)
             delay = min(2.0, delay * 2)
 
@@ -552,24 +566,14 @@ async def _add_or_update_consumer(
     """Create or update a durable consumer, asking again (backing off, for up to
     ``wait_s``) while the API does not answer: on a cluster, replicas that start together
     create one consumer at once while its stream may still be electing a leader."""
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + wait_s
-    delay = 0.1
-    while True:
+
+    async def once() -> None:
         try:
             await js.add_consumer(stream, config)
-            return
         except BadRequestError as exc:
             raise BusError(f"cannot create consumer {config.name} on {stream}: {exc}") from exc
-        except (TimeoutError, NatsTimeoutError, NoRespondersError, ServiceUnavailableError) as exc:
-            if loop.time() + delay > give_up:
-                raise BusError(
-                    f"the server did not answer for consumer {config.name} on {stream} within "
-                    f"{wait_s:.0f} s: {exc!r}"
-                ) from None
-            log.info("topology.retry", consumer=config.name, error=repr(exc), in_s=delay)
-            await asyncio.sleep(delay)
-            delay = min(2.0, delay * 2)
+
+    await _until_answered(once, f"consumer {config.name} on {stream}", wait_s)
 
 
 @dataclass(frozen=True)
