@@ -23,6 +23,7 @@ import structlog
 
 from agents.base import Agent, check_weight, output_of
 from agents.inputs import INPUT_MISMATCH, InputMismatch, InputShape, input_mismatch, input_shape
+from agents.serving import Choice, Lineup, canary_rows, card_row_seconds, choose, model_label
 from bus import (
     BatchPuller,
     Delivery,
@@ -47,6 +48,7 @@ from schemas import (
     Result,
     ResultBatch,
     SchemaError,
+    ShadowBatch,
     Subtask,
     SubtaskBatch,
 )
@@ -56,6 +58,19 @@ log = structlog.get_logger("fusebus.agent")
 #: How many (stream, input shape) pairs an agent remembers having warned about: enough for
 #: thousands of streams, bounded so that a stream of ever-new shapes cannot grow memory.
 WARNED_MISMATCHES = 4096
+#: The error code of a subtask whose plan pins a model this replica does not hold.
+PIN_UNSERVED = "pin_unserved"
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Rows of a batch that one model version answers, and why that one."""
+
+    batch: SubtaskBatch
+    agent: Agent
+    selection: str
+    choice: Choice
+    shadow: Agent | None = None  # runs on the same rows; its outputs are not answers
 
 
 @dataclass(frozen=True)
@@ -101,11 +116,15 @@ class AgentRuntime:
 
     Every replica of a type pulls from the same durable consumer, so replicas share the
     work and an idle one takes the next subtask.
+
+    ``agent`` may be a :class:`~agents.serving.Lineup`: several models for the type (the
+    fastest answering when the deadline or the backlog leaves no room for the most
+    accurate), each with its rollout. :meth:`switch` replaces it between two batches.
     """
 
     def __init__(
         self,
-        agent: Agent,
+        agent: Agent | Lineup,
         nc: Connection,
         *,
         subjects: Subjects,
@@ -113,11 +132,13 @@ class AgentRuntime:
         topology: TopologySettings | None = None,
         agent_id: str | None = None,
     ) -> None:
+        self.lineup = agent if isinstance(agent, Lineup) else Lineup.single(agent)
+        agent = self.lineup.preferred
         # Every result carries the weight, and fusion multiplies by it: refuse a bad one here,
         # whatever kind of agent declared it.
-        check_weight(agent.weight, owner=f"agent {agent.type!r}")
+        for each in self.lineup.agents():
+            check_weight(each.weight, owner=f"agent {each.type!r}")
         self.output, self.output_shape = output_of(agent)
-        self.agent = agent
         self.nc = nc
         self.subjects = subjects
         self.settings = settings or AgentSettings()
@@ -136,8 +157,16 @@ class AgentRuntime:
         self.batch_sizes: Counter[int] = Counter()
         self.inference_ms = 0.0
         self.inference_seconds = Histogram()  # one observation per model call
+        self.answered_by: Counter[str] = Counter()  # subtasks answered, by name@version
+        self.selections: Counter[str] = (
+            Counter()
+        )  # subtasks answered by a model not preferred, by why
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{agent.type}")
-        self._row_seconds: float | None = None  # estimated inference time per row
+        # Estimated inference time per row, by model version (see _measure).
+        self._row_seconds: dict[str, float] = {}
+        self._pending: tuple[Lineup, asyncio.Future[None]] | None = None  # see switch()
+        self._busy = False  # a batch is being served
+        self._rows_per_message = 1.0  # of the subtask messages pulled lately
         self._puller: BatchPuller | None = None
         self._life = Lifecycle()
         self._reaper: ExhaustedReaper | None = None
@@ -153,6 +182,11 @@ class AgentRuntime:
             f"dead_letters={self.inbound.counts['dead_letters']} "
             f"batches={self.counts['batches']})"
         )
+
+    @property
+    def agent(self) -> Agent:
+        """The model answering when time allows: the lineup's preferred current version."""
+        return self.lineup.preferred
 
     @property
     def info(self) -> AgentInfo:
@@ -185,13 +219,57 @@ class AgentRuntime:
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "inference_ms_total": round(self.inference_ms, 3),
             "inference_ms_per_batch": round(self.inference_ms / batches, 4) if batches else 0.0,
+            "serving": [{"name": c.name, **c.describe()} for c in self.lineup.choices],
+            "answered_by": dict(self.answered_by),
+            "selections": dict(self.selections),
+            "shadow_rows": self.counts["shadow_rows"],
+            "shadow_lost": self.counts["shadow_lost"],
+            "switches": self.counts["switches"],
         }
+
+    def switch(self, lineup: Lineup) -> asyncio.Future[None]:
+        """Serve ``lineup`` from the next batch on; the future is done once it serves.
+
+        A batch in hand is finished with the models it started with, so no subtask is
+        answered by two versions or dropped between them.
+
+        Raises:
+            ConfigError: a model of ``lineup`` cannot stand in for the current ones (another
+                type, other inputs, labels or output).
+        """
+        Lineup((*self.lineup.choices[:1], *lineup.choices))  # checks they fit
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._pending is not None:  # superseded before it served: the newer one wins
+            self._pending[1].set_result(None)
+        self._pending = (lineup, done)
+        if not self._busy:
+            self._apply_switch()
+        return done
+
+    def _apply_switch(self) -> None:
+        if self._pending is None:
+            return
+        lineup, done = self._pending
+        self._pending = None
+        before = [model_label(c.current) for c in self.lineup.choices]
+        self.lineup = lineup
+        self.counts["switches"] += 1
+        log.info(
+            "model.switched",
+            type=self.agent.type,
+            before=before,
+            serving=[c.describe() for c in lineup.choices],
+            batches=self.counts["batches"],
+        )
+        if not done.done():
+            done.set_result(None)
 
     async def start(self) -> AgentRuntime:
         """Warm the model up, join the type's consumer and start serving."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        await loop.run_in_executor(self._executor, self.agent.warm_up)
+        for each in self.lineup.agents():
+            await loop.run_in_executor(self._executor, each.warm_up)
         js = self.nc.jetstream()
         await ensure_streams(js, self.subjects, self.topology)
         consumer = await ensure_task_consumer(js, self.subjects, self.agent.type, self.topology)
@@ -255,6 +333,14 @@ class AgentRuntime:
             await asyncio.shield(self._handle_batch(msgs))
 
     async def _handle_batch(self, msgs: list[Message]) -> None:
+        self._busy = True
+        try:
+            await self._handle_pulled(msgs)
+        finally:
+            self._busy = False
+            self._apply_switch()  # between two batches
+
+    async def _handle_pulled(self, msgs: list[Message]) -> None:
         pulled = time.perf_counter()
         now_ns = time.time_ns()
         work: list[tuple[Delivery, SubtaskBatch]] = []
@@ -279,22 +365,31 @@ class AgentRuntime:
                 self.counts["errors"] += 1
 
     async def _serve(self, work: list[tuple[Delivery, SubtaskBatch]], pulled: float) -> None:
-        """Run the model over the subtasks of ``work``, publish the results, then ack."""
+        """Run the models over the subtasks of ``work``, publish the results, then ack."""
         # Inputs of one shape are served in one go; an odd shape out gets its own model calls.
         by_shape: dict[tuple[tuple[str, tuple[int, ...]], ...], list[SubtaskBatch]] = {}
         for _, batch in work:
             shape = tuple((k, v.shape[1:]) for k, v in batch.inputs.items())
             by_shape.setdefault(shape, []).append(batch)
         served = [SubtaskBatch.concat(group) for group in by_shape.values()]
-        outputs, infer_ms = await self._predict(served)
+        parts: list[_Part] = []
+        unserved: list[SubtaskBatch] = []
+        backlog_rows = self._backlog_rows(work)
+        for batch in served:
+            routed, stray = self._route(batch, backlog_rows)
+            parts.extend(routed)
+            if stray is not None:
+                unserved.append(stray)
+        outputs, shadows, infer_ms = await self._predict(parts)
         latency_ms = (time.perf_counter() - pulled) * 1e3
-        await self.producer.results(
-            [
-                result
-                for batch, output in zip(served, outputs, strict=True)
-                for result in self._results(batch, output, latency_ms)
-            ]
-        )
+        answers: list[ResultBatch | Result] = [
+            result
+            for part, output in zip(parts, outputs, strict=True)
+            for result in self._results(part, output, latency_ms)
+        ]
+        answers.extend(r for batch in unserved for r in self._pin_errors(batch, latency_ms))
+        await self.producer.results(answers)
+        await self._publish_shadows(parts, outputs, shadows)
         for delivery, _ in work:
             await delivery.ack()
         size = sum(map(len, served))
@@ -308,6 +403,124 @@ class AgentRuntime:
             duration_ms=round((time.perf_counter() - pulled) * 1e3, 3),
             outcome="ok",
         )
+
+    def _backlog_rows(self, work: list[tuple[Delivery, SubtaskBatch]]) -> int:
+        """About how many subtasks wait behind this batch: the consumer's pending messages
+        (as the last delivery says) times the rows a message has carried lately. Only a
+        lineup with a choice to make needs it."""
+        rows = sum(len(batch) for _, batch in work)
+        self._rows_per_message = 0.8 * self._rows_per_message + 0.2 * (rows / len(work))
+        if len(self.lineup.choices) < 2:
+            return 0
+        return int(work[-1][0].pending * self._rows_per_message)
+
+    def _route(
+        self, batch: SubtaskBatch, backlog_rows: int
+    ) -> tuple[list[_Part], SubtaskBatch | None]:
+        """Which model version answers which rows of ``batch``, and the rows pinned to a
+        model this replica does not hold (answered with an error)."""
+        lineup = self.lineup
+        if len(lineup.choices) == 1 and not batch.pins:
+            picks = {(0, ""): np.arange(len(batch))}
+            stray = None
+        else:
+            picks, stray = self._pick(batch, backlog_rows)
+        parts = []
+        for (index, selection), rows in picks.items():
+            choice = lineup.choices[index]
+            part = batch if len(rows) == len(batch) else batch.select(rows)
+            trial = canary_rows(part.task_ids, choice.canary_share)
+            if choice.canary is not None and trial.any():
+                parts.append(_Part(part.select(trial), choice.canary, "canary", choice))
+                if trial.all():
+                    continue
+                part = part.select(~trial)
+            parts.append(_Part(part, choice.current, selection, choice, choice.shadow))
+        return parts, stray
+
+    def _pick(
+        self, batch: SubtaskBatch, backlog_rows: int
+    ) -> tuple[dict[tuple[int, str], np.ndarray], SubtaskBatch | None]:
+        """Rows by (choice, why): pinned rows to their pin, the others to the most accurate
+        choice that answers in time (see :func:`~agents.serving.choose`)."""
+        lineup = self.lineup
+        pins = [batch.pin(i) for i in range(len(batch))]
+        wanted = [lineup.index(pin) if pin else -1 for pin in pins]
+        free = np.array([w == -1 for w in wanted], np.bool_)
+        picks: dict[tuple[int, str], list[int]] = {}
+        for i, index in enumerate(wanted):
+            if index is not None and index >= 0:
+                picks.setdefault((index, "pinned"), []).append(i)
+        if free.any():
+            if len(lineup.choices) == 1:
+                index, why = 0, ""
+            else:
+                time_left_s = (int(batch.deadline_ns[free].min()) - time.time_ns()) / 1e9
+                costs = [self._cost(c.current) for c in lineup.choices]
+                index, why = choose(
+                    costs,
+                    rows=int(free.sum()),
+                    backlog_rows=backlog_rows,
+                    time_left_s=time_left_s,
+                )
+            picks[(index, why)] = list(np.flatnonzero(free))
+        strays = [i for i, index in enumerate(wanted) if index is None]
+        stray = batch.select(np.array(strays, np.int64)) if strays else None
+        return {key: np.array(rows, np.int64) for key, rows in picks.items()}, stray
+
+    def _cost(self, agent: Agent) -> float | None:
+        """A model version's estimated time per row: measured here, else its card's."""
+        return self._row_seconds.get(model_label(agent)) or card_row_seconds(agent)
+
+    def _pin_errors(self, batch: SubtaskBatch, latency_ms: float) -> list[Result]:
+        """Error answers to subtasks pinned to a model this replica does not hold."""
+        a = self.agent
+        held = ", ".join(c.name for c in self.lineup.choices)
+        self.counts[PIN_UNSERVED] += len(batch)
+        return [
+            Result.of(
+                batch.task(i),
+                type=a.type,
+                agent_id=self.agent_id,
+                model=a.model,
+                output=None,
+                labels=a.labels,
+                latency_ms=latency_ms,
+                weight=a.weight,
+                ticket=batch.ticket(i),
+                error=ErrorInfo(
+                    PIN_UNSERVED,
+                    f"the plan pins model {batch.pin(i)!r}; this replica serves {held}",
+                ),
+            )
+            for i in range(len(batch))
+        ]
+
+    async def _publish_shadows(
+        self, parts: list[_Part], outputs: list[np.ndarray], shadows: list[np.ndarray | None]
+    ) -> None:
+        """Send each shadow version's outputs beside the current version's."""
+        for part, output, shadow_output in zip(parts, outputs, shadows, strict=True):
+            if part.shadow is None or shadow_output is None:
+                continue
+            batch = part.batch
+            stored = await self.producer.shadow(
+                ShadowBatch(
+                    name=part.choice.name,
+                    type=batch.type,
+                    agent_id=self.agent_id,
+                    current=part.agent.model,
+                    shadow=part.shadow.model,
+                    labels=part.agent.labels,
+                    task_ids=batch.task_ids,
+                    streams=batch.streams,
+                    windows=batch.windows,
+                    current_outputs=np.asarray(output, np.float32),
+                    shadow_outputs=np.asarray(shadow_output, np.float32),
+                    produced_ns=time.time_ns(),
+                )
+            )
+            self.counts["shadow_rows" if stored else "shadow_lost"] += len(batch)
 
     async def _refuse(
         self, misfits: list[tuple[Delivery, SubtaskBatch, InputMismatch]], pulled: float
@@ -401,16 +614,17 @@ class AgentRuntime:
             return None
         return batch.select(live)
 
-    def _results(
-        self, batch: SubtaskBatch, outputs: np.ndarray, latency_ms: float
-    ) -> list[ResultBatch]:
-        """The answers to ``batch``, one result batch per stream."""
-        a = self.agent
+    def _results(self, part: _Part, outputs: np.ndarray, latency_ms: float) -> list[ResultBatch]:
+        """The answers to ``part``, one result batch per stream."""
+        a, batch = part.agent, part.batch
+        self.answered_by[model_label(a)] += len(batch)
+        if part.selection:
+            self.selections[part.selection] += len(batch)
         streams = np.array(batch.streams)
         out = []
         for stream in dict.fromkeys(batch.streams):
             rows = np.flatnonzero(streams == stream)
-            part = batch if len(rows) == len(batch) else batch.select(rows)
+            rows_part = batch if len(rows) == len(batch) else batch.select(rows)
             out.append(
                 ResultBatch(
                     stream=stream,
@@ -420,66 +634,95 @@ class AgentRuntime:
                     labels=a.labels,
                     weight=a.weight,
                     latency_ms=latency_ms,
-                    task_ids=part.task_ids,
+                    task_ids=rows_part.task_ids,
                     outputs=np.asarray(outputs[rows], np.float32),
-                    windows=part.windows,
-                    expected=part.expected,
-                    ingest_ns=part.ingest_ns,
-                    deadline_ns=part.deadline_ns,
-                    tickets=part.tickets,
+                    windows=rows_part.windows,
+                    expected=rows_part.expected,
+                    ingest_ns=rows_part.ingest_ns,
+                    deadline_ns=rows_part.deadline_ns,
+                    tickets=rows_part.tickets,
+                    selection=part.selection,
                 )
             )
         return out
 
-    async def _predict(self, served: list[SubtaskBatch]) -> tuple[list[np.ndarray], float]:
-        """Run the agent over each batch in model calls of at most ``max_batch`` rows, in the
-        inference thread; returns each batch's outputs and the inference time in ms."""
+    async def _predict(
+        self, parts: list[_Part]
+    ) -> tuple[list[np.ndarray], list[np.ndarray | None], float]:
+        """Run each part's model (and its shadow) over its rows in model calls of at most
+        ``max_batch`` rows, in the inference thread; returns each part's outputs, its shadow
+        outputs, and the inference time in ms (shadows included)."""
         size = self.settings.max_batch
-        sensors = [spec.sensor for spec in self.agent.inputs]
+        shape = self.output_shape
 
-        def run() -> tuple[list[np.ndarray], list[tuple[int, float]]]:
-            outputs: list[np.ndarray] = []
-            calls = []
-            for batch in served:
-                parts = []
-                for start in range(0, len(batch), size):
-                    inputs = {
-                        k: batch.inputs[k][start : start + size]
-                        for k in sensors
-                        if k in batch.inputs  # an optional stage input may be absent
-                    }
-                    began = time.perf_counter()
-                    parts.append(self.agent.predict(inputs))
-                    calls.append((len(parts[-1]), time.perf_counter() - began))
-                output = parts[0] if len(parts) == 1 else np.concatenate(parts)
-                if output.shape != (len(batch), *self.output_shape):
-                    raise ModelError(
-                        f"agent {self.agent.type!r} answered {len(batch)} rows with shape "
-                        f"{output.shape}, expected {(len(batch), *self.output_shape)}"
-                    )
-                outputs.append(output)
-            return outputs, calls
+        def call(
+            agent: Agent, batch: SubtaskBatch, calls: list[tuple[str, int, float]]
+        ) -> np.ndarray:
+            names = [spec.sensor for spec in agent.inputs]
+            pieces = []
+            for start in range(0, len(batch), size):
+                inputs = {
+                    k: batch.inputs[k][start : start + size]
+                    for k in names
+                    if k in batch.inputs  # an optional stage input may be absent
+                }
+                began = time.perf_counter()
+                pieces.append(agent.predict(inputs))
+                calls.append((model_label(agent), len(pieces[-1]), time.perf_counter() - began))
+            output = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+            if output.shape != (len(batch), *shape):
+                raise ModelError(
+                    f"agent {agent.type!r} ({model_label(agent)}) answered {len(batch)} rows "
+                    f"with shape {output.shape}, expected {(len(batch), *shape)}"
+                )
+            return output
 
-        rows = sum(map(len, served))
-        if self._row_seconds is not None and rows * self._row_seconds <= self.settings.inline_s:
-            outputs, calls = run()  # shorter than a hop to the inference thread and back
+        def run() -> tuple[list[np.ndarray], list[np.ndarray | None], list[tuple[str, int, float]]]:
+            calls: list[tuple[str, int, float]] = []
+            outputs = [call(part.agent, part.batch, calls) for part in parts]
+            shadows = [
+                call(part.shadow, part.batch, calls) if part.shadow is not None else None
+                for part in parts
+            ]
+            return outputs, shadows, calls
+
+        estimate = 0.0
+        for part in parts:
+            for agent in (part.agent, part.shadow):
+                if agent is not None:
+                    per_row = self._row_seconds.get(model_label(agent))
+                    estimate += len(part.batch) * per_row if per_row is not None else float("inf")
+        if estimate <= self.settings.inline_s:
+            outputs, shadows, calls = run()  # shorter than a hop to the inference thread and back
         else:
-            outputs, calls = await asyncio.get_running_loop().run_in_executor(self._executor, run)
-        seconds = sum(s for _, s in calls)
-        # The model's own cost per row: waiting for the CPU or the GIL only ever adds to a
-        # measurement, so the estimate follows the fastest calls, drifting up by at most 10%
-        # a call when the model really does get slower.
-        per_row = seconds / rows
-        self._row_seconds = (
-            per_row if self._row_seconds is None else min(per_row, 1.1 * self._row_seconds)
-        )
-        for rows, seconds in calls:
-            self.inference_seconds.observe(seconds)
-            self.batch_sizes[rows] += 1
-        self.counts["batches"] += len(calls)
+            outputs, shadows, calls = await asyncio.get_running_loop().run_in_executor(
+                self._executor, run
+            )
+        self._measure(calls)
+        seconds = sum(s for _, _, s in calls)
         infer_ms = seconds * 1e3
         self.inference_ms += infer_ms
-        return outputs, infer_ms
+        return outputs, shadows, infer_ms
+
+    def _measure(self, calls: list[tuple[str, int, float]]) -> None:
+        """Count the model calls and update each version's estimated cost per row.
+
+        Waiting for the CPU or the GIL only ever adds to a measurement, so the estimate
+        follows the fastest calls, drifting up by at most 10% a batch when the model
+        really does get slower.
+        """
+        rows_by: Counter[str] = Counter()
+        seconds_by: dict[str, float] = {}
+        for label, rows, seconds in calls:
+            self.inference_seconds.observe(seconds)
+            self.batch_sizes[rows] += 1
+            rows_by[label] += rows
+            seconds_by[label] = seconds_by.get(label, 0.0) + seconds
+        for label, rows in rows_by.items():
+            per_row = seconds_by[label] / rows
+            known = self._row_seconds.get(label)
+            self._row_seconds[label] = per_row if known is None else min(per_row, 1.1 * known)
+        self.counts["batches"] += len(calls)
 
     def _check(self, batch: SubtaskBatch) -> None:
         if batch.type != self.agent.type:

@@ -78,6 +78,13 @@ class Delivery:
         return self._attempt
 
     @property
+    def pending(self) -> int:
+        """How many messages were waiting behind this one on its consumer when it was
+        delivered (0 for core messages)."""
+        meta = self._msg.metadata if self.durable else None
+        return int(meta.num_pending or 0) if meta else 0
+
+    @property
     def reply_to(self) -> str | None:
         """Where the producer waits for an answer, if it asked: the reply subject of a core
         request, or the checked :data:`REPLY_TO` header of a stored message."""

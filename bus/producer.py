@@ -29,6 +29,7 @@ from schemas import (
     SensorChunk,
     SensorFrame,
     SensorStatus,
+    ShadowBatch,
     Subtask,
     SubtaskBatch,
     TaskStatus,
@@ -372,6 +373,20 @@ class Producer:
                     raise
                 self.retries += 1
                 await asyncio.sleep(delay)
+
+    async def shadow(self, batch: ShadowBatch) -> bool:
+        """Publish a shadow version's outputs once and wait for the store; False when they
+        were not stored. Shadow outputs only inform ``fusebus models compare``: a lost one
+        never holds up the answers the batch owes."""
+        try:
+            await self.js.publish(
+                self.subjects.shadow(batch.name),
+                self._fits(encode(batch), "shadow batch"),
+                timeout=self.ack_timeout_s,
+            )
+        except (nats.errors.Error, TooLargeError):
+            return False
+        return True
 
     async def status(self, status: TaskStatus) -> None:
         """Send a task's final status without waiting, deduplicated by task id and sent again

@@ -42,6 +42,9 @@ class Subjects:
         self.keys_bucket = f"{stem}_KEYS"
         self.frames_stream = f"{stem}_FRAMES"  # frames' own intake, with partitions > 1
         self.leases_bucket = f"{stem}_LEASES"
+        self.models_bucket = f"{stem}_MODELS"  # object store: the model registry's files
+        self.rollouts_bucket = f"{stem}_ROLLOUTS"  # KV: which stored version serves, by model
+        self.shadow_stream = f"{stem}_SHADOW"
 
     def __repr__(self) -> str:
         return f"Subjects(prefix={self.prefix!r})"
@@ -100,7 +103,15 @@ class Subjects:
             f".{check_token(instance_id, 'instance id')}"
         )
 
+    def shadow(self, model: str) -> str:
+        """A registry model's shadow outputs (see :class:`~schemas.ShadowBatch`)."""
+        return f"{self.prefix}.shadow.{check_token(model, 'model name')}"
+
     # Wildcards -------------------------------------------------------------------------
+    def all_shadows(self) -> str:
+        """Every shadow output of every registry model."""
+        return f"{self.prefix}.shadow.*"
+
     def all_sensors(self) -> str:
         """Every sensor chunk of every stream."""
         return f"{self.prefix}.sensor.*.*"

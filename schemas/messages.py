@@ -146,6 +146,7 @@ class Subtask:
     expected: tuple[Name, ...]  # every type the task waits for
     ingest_ns: int = 0  # when the coordinator received the data (wall clock)
     ticket: bytes = b""  # the coordinator's seal on the task (see schemas.tickets); copy it
+    pin: Label = ""  # the model (registry name) the plan wants to answer; "" = the agent's choice
 
     @property
     def task(self) -> Task:
@@ -178,6 +179,10 @@ class Result:
     weight: float = 1.0  # the agent's declared fusion weight, e.g. its validation accuracy
     deadline_ns: int = 0  # copied from the subtask
     ticket: bytes = b""  # copied from the subtask
+    # Why ``model`` answered rather than the agent's preferred one: "" (it is the preferred
+    # one), "deadline" or "backlog" (a faster model, so as to answer in time), "pinned"
+    # (the plan names it), "canary" (the version on trial for a share of subtasks).
+    selection: Label = ""
 
     @classmethod
     def of(
@@ -193,6 +198,7 @@ class Result:
         weight: float,
         ticket: bytes,
         error: ErrorInfo | None = None,
+        selection: str = "",
     ) -> Result:
         """An answer to ``task``, carrying its fields as the protocol says."""
         return cls(
@@ -211,6 +217,7 @@ class Result:
             weight=weight,
             deadline_ns=task.deadline_ns,
             ticket=ticket,
+            selection=selection,
         )
 
     @property
@@ -244,6 +251,7 @@ class SubtaskBatch:
     expected: tuple[tuple[Name, ...], ...]
     ingest_ns: np.ndarray  # int64 [n]
     tickets: tuple[bytes, ...] = ()  # one per row, or none
+    pins: tuple[Label, ...] = ()  # one per row (see ``Subtask.pin``), or none
 
     def __post_init__(self) -> None:
         n = len(self.task_ids)
@@ -252,6 +260,7 @@ class SubtaskBatch:
             n,
             streams=len(self.streams) == n,
             tickets=len(self.tickets) in (0, n),
+            pins=len(self.pins) in (0, n),
             expected=len(self.expected) == n,
             windows=self.windows.shape == (n, 2),
             deadline_ns=self.deadline_ns.shape == (n,),
@@ -286,11 +295,16 @@ class SubtaskBatch:
             expected=tuple(s.expected for s in subtasks),
             ingest_ns=np.array([s.ingest_ns for s in subtasks], np.int64),
             tickets=tuple(s.ticket for s in subtasks) if any(s.ticket for s in subtasks) else (),
+            pins=tuple(s.pin for s in subtasks) if any(s.pin for s in subtasks) else (),
         )
 
     def ticket(self, i: int) -> bytes:
         """Row ``i``'s ticket (empty when the batch carries none)."""
         return self.tickets[i] if self.tickets else b""
+
+    def pin(self, i: int) -> str:
+        """Row ``i``'s pinned model (empty when the batch carries none)."""
+        return self.pins[i] if self.pins else ""
 
     def task(self, i: int) -> Task:
         """The task of row ``i``."""
@@ -316,6 +330,7 @@ class SubtaskBatch:
                 expected=self.expected[i],
                 ingest_ns=int(self.ingest_ns[i]),
                 ticket=self.ticket(i),
+                pin=self.pin(i),
             )
             for i, task_id in enumerate(self.task_ids)
         ]
@@ -337,6 +352,9 @@ class SubtaskBatch:
             tickets=tuple(b.ticket(i) for b in batches for i in range(len(b)))
             if any(b.tickets for b in batches)
             else (),
+            pins=tuple(b.pin(i) for b in batches for i in range(len(b)))
+            if any(b.pins for b in batches)
+            else (),
         )
 
     def select(self, rows: np.ndarray) -> SubtaskBatch:
@@ -352,6 +370,7 @@ class SubtaskBatch:
             expected=tuple(self.expected[i] for i in index),
             ingest_ns=self.ingest_ns[index],
             tickets=tuple(self.tickets[i] for i in index) if self.tickets else (),
+            pins=tuple(self.pins[i] for i in index) if self.pins else (),
         )
 
 
@@ -378,6 +397,7 @@ class ResultBatch:
     ingest_ns: np.ndarray  # int64 [n]
     deadline_ns: np.ndarray | None = None  # int64 [n], copied from the subtasks
     tickets: tuple[bytes, ...] = ()  # one per row, copied from the subtasks
+    selection: Label = ""  # why ``model`` answered these rows (see ``Result.selection``)
 
     def __post_init__(self) -> None:
         n = len(self.task_ids)
@@ -408,6 +428,7 @@ class ResultBatch:
                 latency_ms=self.latency_ms,
                 weight=self.weight,
                 ticket=self.ticket(i),
+                selection=self.selection,
             )
             for i in range(len(self.task_ids))
         ]
@@ -449,6 +470,7 @@ class ResultBatch:
             ingest_ns=self.ingest_ns[index],
             deadline_ns=self.deadline_ns[index] if self.deadline_ns is not None else None,
             tickets=tuple(self.tickets[i] for i in index) if self.tickets else (),
+            selection=self.selection,
         )
 
 
@@ -573,6 +595,8 @@ class Decision:
     absent: tuple[Name, ...] = ()
     # Why each type with no usable answer has none, as in ``TaskStatus.missing_reasons``.
     missing_reasons: dict[Name, Label] = field(default_factory=dict)
+    # The model that answered for each contributing type, as ``name@version``.
+    models: dict[Name, Label] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -668,6 +692,86 @@ class OpenTaskPage:
     forgotten: tuple[Name, ...] = ()  # streams whose cursor no longer matters
 
 
+#: How many earlier current versions a rollout remembers, for ``rollback``.
+ROLLOUT_HISTORY = 16
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelRollout:
+    """Which stored versions of one registry model serve, kept under the model's name in
+    the rollout bucket; every replica that follows the model watches it.
+
+    ``current`` answers; ``canary`` (with ``canary_share`` in (0, 1)) answers that share of
+    subtasks, chosen by task id; ``shadow`` runs beside ``current`` on the same batches and
+    its outputs go to the shadow subject, never to fusion. ``previous`` holds the versions
+    that were current before, newest last, for ``rollback``.
+    """
+
+    KIND: ClassVar[str] = "model_rollout"
+    VERSION: ClassVar[int] = 1
+
+    name: Name
+    type: Name
+    current: Label
+    previous: tuple[Label, ...] = ()
+    canary: Label = ""
+    canary_share: float = 0.0
+    shadow: Label = ""
+    updated_ns: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.canary_share <= 1.0:
+            raise SchemaError(
+                "bad_field", f"ModelRollout.canary_share {self.canary_share!r} not in [0, 1]"
+            )
+        if bool(self.canary) != (self.canary_share > 0):
+            raise SchemaError(
+                "bad_field", "ModelRollout: a canary needs a share > 0, and a share a canary"
+            )
+
+    @property
+    def versions(self) -> tuple[str, ...]:
+        """The versions replicas load: current, then canary and shadow when set."""
+        return tuple(dict.fromkeys(v for v in (self.current, self.canary, self.shadow) if v))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)  # arrays have no plain ==
+class ShadowBatch:
+    """A shadow version's outputs beside the current version's, for the same subtasks of
+    one batch (row ``i`` of every column is one subtask). Published on the shadow subject
+    of the model's name; fusion never reads it."""
+
+    KIND: ClassVar[str] = "shadow_batch"
+    VERSION: ClassVar[int] = 1
+
+    name: Name  # the registry model
+    type: Name
+    agent_id: Name
+    current: ModelRef
+    shadow: ModelRef
+    labels: tuple[Label, ...]
+    task_ids: tuple[TaskId, ...]
+    streams: tuple[Name, ...]
+    windows: np.ndarray  # int64 [n, 2]
+    current_outputs: np.ndarray  # float32 [n, len(labels)]
+    shadow_outputs: np.ndarray  # float32 [n, len(labels)]
+    produced_ns: int = 0
+
+    def __post_init__(self) -> None:
+        n = len(self.task_ids)
+        _check_rows(
+            "ShadowBatch",
+            n,
+            streams=len(self.streams) == n,
+            windows=self.windows.shape == (n, 2),
+            current_outputs=self.current_outputs.ndim >= 2 and self.current_outputs.shape[0] == n,
+            shadow_outputs=self.shadow_outputs.shape == self.current_outputs.shape,
+        )
+
+    def __len__(self) -> int:
+        return len(self.task_ids)
+
+
 #: The states a sensor can be reported in.
 SENSOR_STATES = ("down", "up")
 
@@ -709,4 +813,6 @@ MESSAGES: tuple[type, ...] = (
     AgentInfo,
     OpenTaskPage,
     SensorStatus,
+    ModelRollout,
+    ShadowBatch,
 )

@@ -1,0 +1,184 @@
+"""Which model answers which subtask: the pure core of rollouts and model selection.
+
+A replica holds a :class:`Lineup`: one or more :class:`Choice` of model for its type, most
+accurate first. Each choice has a current version and may have a canary (answering a
+share of subtasks, chosen by task id so a redelivered subtask meets the same version) and a
+shadow (run beside the current version, its outputs never fused). :func:`choose` picks,
+per batch, the most accurate choice whose measured cost still answers before the deadline
+and drains the backlog in time. Nothing here touches the bus or a clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from agents.base import Agent, output_of
+from schemas import ConfigError
+
+#: The share of the time left that a model's estimated work may fill: the rest is room for
+#: the hop back to fusion and for estimates that are a little low.
+TIME_MARGIN = 0.8
+#: Resolution of the canary split: a share is honoured to 1 in this many task ids.
+CANARY_BUCKETS = 10_000
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One model a replica can answer with: its registry name (or file stem, what a plan
+    pins), the current version, and optionally a canary and a shadow version."""
+
+    name: str
+    current: Agent
+    canary: Agent | None = None
+    canary_share: float = 0.0
+    shadow: Agent | None = None
+
+    @property
+    def agents(self) -> tuple[Agent, ...]:
+        """Every version this choice holds loaded."""
+        return tuple(a for a in (self.current, self.canary, self.shadow) if a is not None)
+
+    def describe(self) -> dict[str, str]:
+        """The versions it serves, as ``fusebus status`` shows them."""
+        out = {"model": model_label(self.current)}
+        if self.canary is not None:
+            out["canary"] = f"{model_label(self.canary)} {self.canary_share:.0%}"
+        if self.shadow is not None:
+            out["shadow"] = model_label(self.shadow)
+        return out
+
+
+@dataclass(frozen=True)
+class Lineup:
+    """The models a replica serves its type with, the preferred (most accurate) first."""
+
+    choices: tuple[Choice, ...]
+
+    def __post_init__(self) -> None:
+        if not self.choices:
+            raise ConfigError("an agent needs at least one model")
+        first = self.choices[0].current
+        for choice in self.choices:
+            for agent in choice.agents:
+                problem = incompatibility(first, agent)
+                if problem:
+                    raise ConfigError(f"model {choice.name!r}: {problem}")
+
+    @classmethod
+    def single(cls, agent: Agent, name: str | None = None) -> Lineup:
+        """A lineup of one model and no rollout."""
+        return cls((Choice(name or agent.model.name, agent),))
+
+    @classmethod
+    def ranked(cls, choices: Sequence[Choice]) -> Lineup:
+        """``choices`` ordered most accurate first (by :func:`accuracy`, ties in the order
+        given)."""
+        return cls(tuple(sorted(choices, key=lambda c: -accuracy(c.current))))
+
+    @property
+    def preferred(self) -> Agent:
+        """The model answering when time allows."""
+        return self.choices[0].current
+
+    def index(self, name: str) -> int | None:
+        """The position of the choice named ``name`` (a pin), or None."""
+        for i, choice in enumerate(self.choices):
+            if name in (choice.name, choice.current.model.name):
+                return i
+        return None
+
+    def with_choice(self, choice: Choice) -> Lineup:
+        """This lineup with the choice of ``choice.name`` replaced (its place kept)."""
+        return Lineup(tuple(choice if c.name == choice.name else c for c in self.choices))
+
+    def agents(self) -> list[Agent]:
+        """Every model version loaded, once each."""
+        return list({id(a): a for c in self.choices for a in c.agents}.values())
+
+
+def model_label(agent: Agent) -> str:
+    """``name@version`` of an agent's model."""
+    return f"{agent.model.name}@{agent.model.version}"
+
+
+def accuracy(agent: Agent) -> float:
+    """An agent's validation accuracy as its card reports it, else its fusion weight."""
+    card = getattr(agent, "card", None)
+    metrics = getattr(card, "metrics", {}) or {}
+    return float(metrics.get("val_accuracy", agent.weight))
+
+
+def card_row_seconds(agent: Agent) -> float | None:
+    """The inference time per row its card reports (``metrics.infer_ms_per_row``), if any."""
+    card = getattr(agent, "card", None)
+    metrics = getattr(card, "metrics", {}) or {}
+    value = metrics.get("infer_ms_per_row")
+    return float(value) / 1e3 if value is not None and value > 0 else None
+
+
+def incompatibility(serving: Agent, candidate: Agent) -> str:
+    """Why ``candidate`` cannot answer for ``serving``'s type in its place ("" if it can):
+    a version or an alternative model must read the same inputs and answer the same way,
+    or the coordinator and fusion would be told one thing and given another."""
+    if candidate.type != serving.type:
+        return f"serves type {candidate.type!r}, not {serving.type!r}"
+    if tuple(candidate.inputs) != tuple(serving.inputs):
+        return "reads other inputs than the model it would stand in for"
+    if tuple(candidate.labels) != tuple(serving.labels):
+        return (
+            f"answers labels {list(candidate.labels)}, the model it would stand in for "
+            f"{list(serving.labels)}"
+        )
+    if output_of(candidate) != output_of(serving):
+        return "answers another output kind or shape"
+    return ""
+
+
+def choose(
+    row_seconds: Sequence[float | None],
+    *,
+    rows: int,
+    backlog_rows: int,
+    time_left_s: float,
+) -> tuple[int, str]:
+    """Which of several models (most accurate first) answers a batch of ``rows``, and why.
+
+    A model fits when its estimated time for the batch, and for the batch plus the
+    ``backlog_rows`` waiting behind it, stays within :data:`TIME_MARGIN` of the earliest
+    deadline's ``time_left_s``; an unmeasured model (None) is taken to fit. Returns the
+    first that fits, else the fastest, with the reason: ``""`` for the first, else
+    ``"deadline"`` (the batch alone would finish late with the first) or ``"backlog"``.
+    """
+    budget = time_left_s * TIME_MARGIN
+    first = row_seconds[0] or 0.0
+    reason = "deadline" if rows * first > budget else "backlog"
+    for i, cost in enumerate(row_seconds):
+        if cost is None or (rows + backlog_rows) * cost <= budget:
+            return i, "" if i == 0 else reason
+    fastest = min(range(len(row_seconds)), key=lambda i: row_seconds[i] or 0.0)
+    return fastest, "" if fastest == 0 else reason
+
+
+def canary_rows(task_ids: Sequence[str], share: float) -> np.ndarray:
+    """Which rows a canary of ``share`` answers: a fixed share of task ids by hash, so a
+    subtask delivered again meets the same version."""
+    if share <= 0:
+        return np.zeros(len(task_ids), np.bool_)
+    cut = round(share * CANARY_BUCKETS)
+    return np.fromiter(
+        (_bucket(task_id) < cut for task_id in task_ids), np.bool_, count=len(task_ids)
+    )
+
+
+def _bucket(task_id: str) -> int:
+    digest = hashlib.blake2b(task_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % CANARY_BUCKETS
+
+
+def without_canary(choice: Choice) -> Choice:
+    """``choice`` serving only its current version (and shadow)."""
+    return replace(choice, canary=None, canary_share=0.0)
