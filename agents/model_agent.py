@@ -44,6 +44,9 @@ class ModelAgent:
         # what the runtime casts each (card) input to: inputs that cannot be cast are refused
         dtypes = dict(zip(self._feed, self._runtime.input_dtypes, strict=True))
         self.input_dtypes = tuple(dtypes[i] for i in range(len(self.inputs)))
+        # each (card) input's per-row shape as the model takes it (-1: any size)
+        shapes = dict(zip(self._feed, self._runtime.input_shapes, strict=True))
+        self.input_shapes = tuple(shapes[i] for i in range(len(self.inputs)))
 
     def __repr__(self) -> str:
         return f"ModelAgent(type={self.type!r}, model={self.model.name}@{self.model.version}, runtime={self.runtime})"

@@ -227,6 +227,11 @@ class AgentRuntime:
             "switches": self.counts["switches"],
         }
 
+    def adopt(self, part: Any) -> None:
+        """Stop ``part`` (anything with an async ``stop``, such as a registry follower)
+        when this replica stops."""
+        self._life.adopt(part)
+
     def switch(self, lineup: Lineup) -> asyncio.Future[None]:
         """Serve ``lineup`` from the next batch on; the future is done once it serves.
 

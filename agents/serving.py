@@ -37,6 +37,11 @@ class Choice:
     canary_share: float = 0.0
     shadow: Agent | None = None
 
+    @classmethod
+    def of(cls, agent: Agent, name: str | None = None) -> Choice:
+        """A choice of one model, named ``name`` (default: its model's name)."""
+        return cls(name or agent.model.name, agent)
+
     @property
     def agents(self) -> tuple[Agent, ...]:
         """Every version this choice holds loaded."""
@@ -71,7 +76,7 @@ class Lineup:
     @classmethod
     def single(cls, agent: Agent, name: str | None = None) -> Lineup:
         """A lineup of one model and no rollout."""
-        return cls((Choice(name or agent.model.name, agent),))
+        return cls((Choice.of(agent, name),))
 
     @classmethod
     def ranked(cls, choices: Sequence[Choice]) -> Lineup:

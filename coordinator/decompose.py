@@ -82,7 +82,7 @@ def decompose(
                 )
             )
             continue
-        subtasks.append(stage_subtask(task, spec.type, inputs, ticket))
+        subtasks.append(stage_subtask(task, spec.type, inputs, ticket, pin=spec.model))
     return Opening(
         task=task,
         unavailable=frozenset(unavailable),
@@ -94,10 +94,11 @@ def decompose(
 
 
 def stage_subtask(
-    task: Task, type_name: str, inputs: dict[str, np.ndarray], ticket: bytes
+    task: Task, type_name: str, inputs: dict[str, np.ndarray], ticket: bytes, *, pin: str = ""
 ) -> Subtask:
     """The subtask of ``type_name`` for ``task`` with ``inputs``: sensor slices, and for a
-    stage the outputs of the upstream types it reads, by type."""
+    stage the outputs of the upstream types it reads, by type; ``pin`` names the model the
+    plan wants to answer it."""
     return Subtask(
         task_id=task.task_id,
         stream=task.stream,
@@ -108,4 +109,5 @@ def stage_subtask(
         expected=task.expected,
         ingest_ns=task.ingest_ns,
         ticket=ticket,
+        pin=pin,
     )

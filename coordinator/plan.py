@@ -105,9 +105,14 @@ class SubtaskSpec:
     type: str
     inputs: tuple[SensorInput, ...] = ()
     after: tuple[StageInput, ...] = ()
+    # The model (a registry name, or a model file's stem) that is to answer, where a
+    # replica serves the type with several: "" lets the replica choose by deadline.
+    model: str = ""
 
     def __post_init__(self) -> None:
         check_name(self.type, "type")
+        if self.model:
+            check_name(self.model, "pinned model")
         if not self.inputs and not self.after:
             raise ConfigError(f"subtask {self.type!r} reads no sensor and no other type")
         names = [*self.sensors, *self.upstream]

@@ -772,7 +772,12 @@ class Coordinator:
             # Upstream answers come in any order: inputs in one order make stages of one
             # shape one batch (the outbox batches by input names and shapes, in order).
             inputs = dict(sorted(ready.inputs.items()))
-            await self.outbox.add(ready.type, stage_subtask(ready.task, ready.type, inputs, ticket))
+            plan = self.plans.for_stream(ready.task.stream)
+            spec = next((s for s in plan.subtasks if s.type == ready.type), None) if plan else None
+            subtask = stage_subtask(
+                ready.task, ready.type, inputs, ticket, pin=spec.model if spec else ""
+            )
+            await self.outbox.add(ready.type, subtask)
 
     async def _deadline_step(self) -> None:
         nap_s = self.settings.max_deadline_sleep_ms / 1e3

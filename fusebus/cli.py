@@ -237,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         _record_parser,
         _eval_parser,
         _train_parser,
+        _models_parser,
     ):
         add(commands, env_url)
     return parser
@@ -338,13 +339,85 @@ def _lease_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _models_parser(commands: Any, env_url: str | None) -> None:
+    models = commands.add_parser(
+        "models", help="the model registry: store, list, roll out and compare model versions"
+    )
+    actions = models.add_subparsers(dest="action", required=True, parser_class=_Parser)
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = actions.add_parser(name, help=help_text)
+        _bus_options(parser, url_default=env_url or DEFAULT_URL)
+        parser.set_defaults(run="models")
+        return parser
+
+    put = action("put", "check a model file with its card and store it as a new version")
+    put.add_argument("path", type=Path, help="the .tflite or .keras file; its .json card beside it")
+    put.add_argument("--name", help="registry name (default: the file's stem)")
+    put.add_argument("--version", help="version to store it as (default: the card's)")
+    action("list", "every stored version, with which serve")
+    promote = action("promote", "make a stored version the current one")
+    promote.add_argument("name")
+    promote.add_argument("version")
+    rollback = action("rollback", "make the version current before the current one current again")
+    rollback.add_argument("name")
+    canary = action("canary", "let a version answer a share of the subtasks (0 ends it)")
+    canary.add_argument("name")
+    canary.add_argument("version")
+    canary.add_argument(
+        "share",
+        type=_share,
+        help="the share of subtasks it answers: 0.1 or 10 (percent); 0 ends the canary",
+    )
+    shadow = action("shadow", "run a version beside the current one, its outputs never fused")
+    shadow.add_argument("name")
+    shadow.add_argument("version", nargs="?", help="the version (omit with --off)")
+    shadow.add_argument("--off", action="store_true", help="end the shadow")
+    rm = action("rm", "remove a version that does not serve, or a whole model")
+    rm.add_argument("name")
+    rm.add_argument(
+        "version", nargs="?", help="the version (default: every version and the rollout)"
+    )
+    compare = action("compare", "how a shadow version agrees with the current one")
+    compare.add_argument("name")
+    compare.add_argument(
+        "--dataset",
+        help="also score versions on this dataset's TEST split (basicmotions, or an .npz)",
+    )
+    compare.add_argument(
+        "--versions",
+        nargs="+",
+        help="with --dataset: the versions to score (default: current and shadow or canary)",
+    )
+
+
+def _share(text: str) -> float:
+    """A canary share: a fraction in [0, 1), or a percent in (1, 100)."""
+    try:
+        value = float(text.rstrip("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a share: {text!r}") from None
+    if text.endswith("%") or value > 1:
+        value /= 100
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(
+            f"a canary share is in [0, 1) or [0%, 100%) (promote for all), got {text!r}"
+        )
+    return value
+
+
 def _agent_parser(commands: Any, env_url: str | None) -> None:
     agent = commands.add_parser("agent", help="run one agent replica")
     _bus_options(agent, url_default=env_url or DEFAULT_URL)
     which = agent.add_mutually_exclusive_group(required=True)
     which.add_argument(
         "--model",
-        help="model file (.tflite or .keras) with a .json card beside it, or a shipped model's name",
+        action="append",
+        metavar="MODEL",
+        help="model file (.tflite or .keras) with a .json card beside it, a shipped model's "
+        "name, or store:NAME, a model of the registry, followed as it is rolled out; "
+        "repeat to serve the type with several models (the most accurate answers when the "
+        "deadline and the backlog leave room, a faster one otherwise)",
     )
     which.add_argument(
         "--agent",

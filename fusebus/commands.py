@@ -160,28 +160,66 @@ async def coordinator(args: argparse.Namespace) -> int:
 async def agent(args: argparse.Namespace) -> int:
     """``fusebus agent``: one replica serving one subtask type, until stopped."""
     from agents import AgentRuntime, AgentSettings, ModelAgent
+    from agents.follow import RegistryFollower, store_name
     from agents.loading import load_agent
+    from agents.serving import Choice, Lineup
     from bus import Subjects
+    from bus.registry import ModelRegistry
     from fusebus.components import serve
 
     settings = AgentSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    topology = _topology(args)
+    files: list[Choice] = []
+    stored: list[str] = []
     if args.agent_spec:
         params = dict(args.param)
         if args.type_name:
             params["type"] = args.type_name
-        model = load_agent(args.agent_spec, params)
+        files.append(Choice.of(load_agent(args.agent_spec, params)))
     else:
-        model = ModelAgent(_resolve_model(args.model), type_name=args.type_name)
+        for spec in args.model:
+            name = store_name(spec)
+            if name is not None:
+                stored.append(name)
+                continue
+            path = _resolve_model(spec)
+            files.append(Choice.of(ModelAgent(path, type_name=args.type_name), path.stem))
     bus = _bus_settings(args, args.nats_url)
+
+    async def start(nc: Any) -> Any:
+        choices = list(files)
+        follower = None
+        if stored:
+            registry = await ModelRegistry.open(nc.jetstream(), Subjects(bus.prefix), topology)
+            follower = RegistryFollower(registry, stored, type_name=args.type_name)
+            choices += await follower.initial()
+        runtime = AgentRuntime(
+            Lineup.ranked(choices),
+            nc,
+            subjects=Subjects(bus.prefix),
+            settings=settings,
+            topology=topology,
+        )
+        await runtime.start()
+        if follower is not None:
+            runtime.adopt(follower.follow(runtime))
+        return runtime
+
+    first = files[0].current.type if files else (args.type_name or stored[0])
     return await serve(
-        lambda nc: AgentRuntime(
-            model, nc, subjects=Subjects(bus.prefix), settings=settings, topology=_topology(args)
-        ).start(),
+        start,
         bus=bus,
-        name=f"agent-{model.type}",
+        name=f"agent-{first}",
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
     )
+
+
+async def models(args: argparse.Namespace) -> int:
+    """``fusebus models ...``: the model registry (see :mod:`fusebus.models`)."""
+    from fusebus.models import models_command
+
+    return await models_command(args, _bus_settings(args, args.nats_url), _topology(args))
 
 
 async def fusion(args: argparse.Namespace) -> int:
@@ -417,6 +455,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = 
     "record": record,
     "eval": eval_command,
     "train": train,
+    "models": models,
 }
 
 

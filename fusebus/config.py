@@ -85,7 +85,7 @@ PLAN_KEYS = {
 }
 WINDOW_KEYS = {"size_ms", "hop_ms", "rate_hz", "lateness_ms", "max_gap_ms"}
 SENSOR_KEYS = {"required", "max_silence_ms"}
-SUBTASK_KEYS = {"sensors", "after"}
+SUBTASK_KEYS = {"sensors", "after", "model"}
 FUSION_KEYS = {"strategy", "weights", "target", "threshold", "k"}
 TOPOLOGY_KEYS = {"replicas", "storage", "placement_tags", "placement_cluster"}
 AGENT_KEYS = {"model", "agent", "params"}
@@ -321,6 +321,7 @@ def _plan(body: dict[str, Any], where: str) -> Plan:
                 type=type_name,
                 inputs=inputs,
                 after=after,
+                model=_text(s.get("model", ""), f"{where}.subtasks.{type_name}.model"),
             )
         )
     fuse = _list(body.get("fuse", []), f"{where}.fuse")
@@ -421,3 +422,9 @@ def _no_unknown(body: dict[str, Any], known: set[str], where: str) -> None:
         raise ConfigError(
             f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})"
         )
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: must be a string, got {value!r}")
+    return value

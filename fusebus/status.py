@@ -148,9 +148,12 @@ def render_status(status: BusStatus) -> str:
         info = entry.replicas[0][0]
         batches = entry.total("batches")
         per_call = entry.total("inference_ms_total") / batches if batches else 0.0
+        served = ",".join(
+            dict.fromkeys(serving_models(i, s)[0].split(" ")[0] for i, s in entry.replicas)
+        )
         lines.append(
             f"{type_name:<12} {len(entry.replicas):>8} {info.runtime:<8} "
-            f"{info.model.name + '@' + info.model.version:<22.22} {entry.total('processed'):>10.0f} "
+            f"{served:<22.22} {entry.total('processed'):>10.0f} "
             f"{entry.total('errors'):>7.0f} {entry.total('expired'):>8.0f} {entry.total('dead_letters'):>5.0f} "
             f"{entry.mean_batch:>6.1f} {per_call:>8.3f}"
         )
@@ -163,12 +166,41 @@ def render_status(status: BusStatus) -> str:
             )
             after = f"reads {', '.join(reads)}; " if reads else ""
             lines.append(f"{type_name}: a chain stage: {after}answers {answers}")
+    for type_name in sorted(status.agents):
+        replicas = status.agents[type_name].replicas
+        described = [serving_models(info, stats) for info, stats in replicas]
+        if all(
+            len(d) == 1 and d[0] == _label(info)
+            for d, (info, _) in zip(described, replicas, strict=True)
+        ):
+            continue  # every replica serves the one model it started with
+        for (info, _), models in zip(replicas, described, strict=True):
+            lines.append(f"{type_name}: {info.agent_id} serves {'; '.join(models)}")
     for type_name in unserved_types(status):
         lines.append(f"{type_name}: no replicas (a plan lists it; its subtasks wait for nobody)")
     for role, counters in status.components:
         shown = " ".join(f"{k}={v}" for k, v in counters.items() if not isinstance(v, dict | list))
         lines.append(f"{role}: {shown}")
     return "\n".join(lines)
+
+
+def serving_models(info: AgentInfo, stats: dict[str, Any]) -> list[str]:
+    """What a replica serves, from its counters (the models of its lineup, with their
+    canaries and shadows), else the model it registered with."""
+    serving = stats.get("serving")
+    if not isinstance(serving, list) or not serving:
+        return [_label(info)]
+    out = []
+    for choice in serving:
+        if not isinstance(choice, dict):
+            continue
+        extra = [f"{k} {choice[k]}" for k in ("canary", "shadow") if choice.get(k)]
+        out.append(str(choice.get("model", "?")) + (f" ({', '.join(extra)})" if extra else ""))
+    return out or [_label(info)]
+
+
+def _label(info: AgentInfo) -> str:
+    return f"{info.model.name}@{info.model.version}"
 
 
 async def watch_status(

@@ -48,6 +48,7 @@ from bus.types import Connection
 from schemas import (
     CODEC,
     Decision,
+    ModelRef,
     Result,
     ResultBatch,
     Task,
@@ -361,7 +362,9 @@ class FusionAgent:
             case Result(error=None, output=np.ndarray() as output) if self._votes(
                 message, output.shape
             ):
-                vote = Vote(message.type, message.labels, output, message.weight)
+                vote = Vote(
+                    message.type, message.labels, output, message.weight, _label(message.model)
+                )
                 await self._answer(pending, message.type, vote)
             case Result():  # the agent could not answer: the type is in, with no vote
                 await self._answer(pending, message.type, None)
@@ -373,10 +376,11 @@ class FusionAgent:
         for i, task in enumerate(tasks):  # every row is checked before any is used
             self._check_ticket(batch.ticket(i), task)
         votes = self._votes(batch, batch.outputs.shape[1:])
+        model = _label(batch.model)
         for i, task in enumerate(tasks):
             pending = await self._pending(task, held)
             if pending is not None:
-                vote = Vote(batch.type, batch.labels, batch.outputs[i], batch.weight)
+                vote = Vote(batch.type, batch.labels, batch.outputs[i], batch.weight, model)
                 await self._answer(pending, batch.type, vote if votes else None)
 
     def _votes(self, message: Result | ResultBatch, row_shape: tuple[int, ...]) -> bool:
@@ -493,6 +497,7 @@ class FusionAgent:
             fusion=self.name,
             absent=absent,
             missing_reasons=reasons,
+            models={v.type: v.model for v in votes if v.model},
         )
         held = pending.held
 
@@ -545,3 +550,8 @@ class FusionAgent:
         while len(self.answered_lately) > self.settings.remember_streams:
             self.answered_lately.popitem(last=False)
         return tuple(sorted(t for t in types if t not in task.expected))
+
+
+def _label(model: ModelRef) -> str:
+    """``name@version`` of a model."""
+    return f"{model.name}@{model.version}"

@@ -25,6 +25,7 @@ class Vote:
     labels: tuple[str, ...]
     probs: np.ndarray  # one score per label
     weight: float = 1.0
+    model: str = ""  # name@version of the model that answered
 
 
 @dataclass(frozen=True)

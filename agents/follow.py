@@ -1,0 +1,238 @@
+"""Agents that follow the model registry: load what a rollout names, switch, free the old.
+
+A replica started with ``--model store:NAME`` loads the current version of ``NAME`` (with
+its canary and shadow, if any) from the registry, then watches the model's rollout. On a
+change it loads the new versions beside the ones serving, warms them up and checks them,
+then has the runtime switch between two batches (:meth:`AgentRuntime.switch`) and drops
+the versions no longer named. A version that fails to load, warm up or answer is not
+switched to: the replica keeps serving what it has and logs ``model.refused``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from agents.base import Agent
+from agents.model_check import check_model_file
+from agents.serving import Choice, incompatibility, model_label
+from bus.registry import ModelRegistry, StoredModel, check_model_name
+from schemas import BusError, ConfigError, FusebusError, ModelRollout
+
+if TYPE_CHECKING:
+    from agents.runtime import AgentRuntime
+
+log = structlog.get_logger("fusebus.agent")
+
+#: The prefix of a ``--model`` that names a registry model rather than a file.
+STORE_PREFIX = "store:"
+
+
+def store_name(spec: str) -> str | None:
+    """The registry model a ``--model`` names (``store:NAME``), or None for a file.
+
+    Raises:
+        ConfigError: the name after ``store:`` is not a valid model name.
+    """
+    if not spec.startswith(STORE_PREFIX):
+        return None
+    return check_model_name(spec[len(STORE_PREFIX) :])
+
+
+class RegistryFollower:
+    """Keeps one replica's registry models on what their rollouts say.
+
+    Args:
+        registry: the deployment's registry (read access is enough).
+        names: the registry models the replica serves.
+        type_name: the subtask type to serve (default: the models' cards').
+    """
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        names: Sequence[str],
+        *,
+        type_name: str | None = None,
+    ) -> None:
+        self.registry = registry
+        self.names = tuple(dict.fromkeys(names))
+        self.type_name = type_name
+        self._cache = Path(tempfile.mkdtemp(prefix="fusebus-models-"))
+        self._loaded: dict[str, dict[str, Agent]] = {name: {} for name in self.names}
+        self._serving: dict[str, tuple[str, str, str]] = {}  # name -> (current, canary, shadow)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._runtime: AgentRuntime | None = None
+        self.refused: dict[str, str] = {}  # "name@version" -> why, for the status and tests
+
+    def __repr__(self) -> str:
+        return f"RegistryFollower({', '.join(self.names)}, serving={self._serving})"
+
+    async def initial(self) -> list[Choice]:
+        """A choice for each model, from its rollout now.
+
+        Raises:
+            ConfigError: a model has no rollout, or its current version does not load.
+        """
+        choices = []
+        for name in self.names:
+            rollout = await self.registry.rollout(name)
+            if rollout is None:
+                raise ConfigError(
+                    f"no model {name!r} in the registry; store one with `fusebus models put`"
+                )
+            choice = await self._choice(name, rollout, serving=None)
+            if choice is None:
+                raise ConfigError(
+                    f"{name}: its current version {rollout.current} cannot serve: "
+                    f"{self.refused.get(f'{name}@{rollout.current}', 'it did not load')}"
+                )
+            choices.append(choice)
+        return choices
+
+    def follow(self, runtime: AgentRuntime) -> RegistryFollower:
+        """Watch every model's rollout and switch ``runtime`` as they change, until stopped."""
+        self._runtime = runtime
+        for name in self.names:
+            self._tasks.append(asyncio.create_task(self._watch(name), name=f"follow-{name}"))
+        return self
+
+    async def stop(self) -> None:
+        """Stop watching and remove the downloaded files."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        shutil.rmtree(self._cache, ignore_errors=True)
+
+    async def _watch(self, name: str) -> None:
+        async for rollout in self.registry.watch(name):
+            if rollout is None:
+                log.warning("model.unlisted", model=name, outcome="keeps_serving")
+                continue
+            try:
+                await self._follow(name, rollout)
+            except FusebusError as exc:  # the registry or a file: keep serving, say why
+                log.error(
+                    "model.follow_failed", model=name, error=str(exc), outcome="keeps_serving"
+                )
+
+    async def _follow(self, name: str, rollout: ModelRollout) -> None:
+        runtime = self._runtime
+        assert runtime is not None
+        wanted = (rollout.current, rollout.canary, rollout.shadow)
+        if self._serving.get(name) == wanted:
+            return
+        serving = next(c for c in runtime.lineup.choices if c.name == name)
+        choice = await self._choice(name, rollout, serving=serving)
+        if choice is None:
+            return
+        started = time.perf_counter()
+        try:
+            await runtime.switch(runtime.lineup.with_choice(choice))
+        except ConfigError as exc:
+            log.error("model.refused", model=name, error=str(exc), outcome="keeps_serving")
+            return
+        keep = {a.model.version for a in choice.agents}
+        for version in list(self._loaded[name]):
+            if version not in keep:
+                del self._loaded[name][version]  # the runtime no longer holds it either
+                shutil.rmtree(self._cache / name / version, ignore_errors=True)
+        log.info(
+            "model.serving",
+            model=name,
+            **choice.describe(),
+            switch_wait_ms=round((time.perf_counter() - started) * 1e3, 1),
+        )
+
+    async def _choice(
+        self, name: str, rollout: ModelRollout, *, serving: Choice | None
+    ) -> Choice | None:
+        """The choice ``rollout`` asks for, with each version that loads; a current
+        version that does not load leaves the serving one in place (None at start)."""
+        current = await self._load(
+            name, rollout.current, against=serving.current if serving else None
+        )
+        if current is None:
+            if serving is None:
+                return None
+            current = serving.current
+        canary = await self._load(name, rollout.canary, against=current) if rollout.canary else None
+        shadow = await self._load(name, rollout.shadow, against=current) if rollout.shadow else None
+        self._serving[name] = (
+            current.model.version if current else "",
+            rollout.canary if canary else "",
+            rollout.shadow if shadow else "",
+        )
+        return Choice(
+            name,
+            current,
+            canary=canary,
+            canary_share=rollout.canary_share if canary else 0.0,
+            shadow=shadow,
+        )
+
+    async def _load(self, name: str, version: str, *, against: Agent | None) -> Agent | None:
+        """``version`` of ``name``, loaded, warmed up and checked against the version it
+        would stand beside; None (said once per version) if it cannot serve. A registry
+        that does not answer is tried again with the next change."""
+        if version in self._loaded[name]:
+            return self._loaded[name][version]
+        label = f"{name}@{version}"
+        if label in self.refused:
+            return None
+        started = time.perf_counter()
+        try:
+            stored, data = await self.registry.get(name, version)
+            path = self._write(stored, data)
+            agent = await asyncio.to_thread(check_model_file, path, type_name=self.type_name)
+            problem = incompatibility(against, agent) if against is not None else ""
+            if problem:
+                raise ConfigError(problem)
+        except BusError as exc:
+            log.error("model.unreachable", model=name, version=version, error=str(exc))
+            return None
+        except FusebusError as exc:
+            self.refused[label] = str(exc)
+            log.error(
+                "model.refused",
+                model=name,
+                version=version,
+                error=str(exc),
+                outcome="keeps_serving",
+            )
+            return None
+        self._loaded[name][version] = agent
+        log.info(
+            "model.loaded",
+            model=name,
+            version=version,
+            card=model_label(agent),
+            load_ms=round((time.perf_counter() - started) * 1e3, 1),
+        )
+        return agent
+
+    def _write(self, stored: StoredModel, data: bytes) -> Path:
+        """Put a stored version's file and card where a model runtime loads them from."""
+        folder = self._cache / stored.name / stored.version
+        folder.mkdir(parents=True, exist_ok=True)
+        suffix = Path(stored.file_name).suffix
+        if suffix not in (".tflite", ".keras"):
+            raise ConfigError(
+                f"{stored.name}@{stored.version}: no runtime loads {stored.file_name!r}"
+            )
+        path = folder / f"model{suffix}"
+        path.write_bytes(data)
+        path.with_suffix(".json").write_text(json.dumps(stored.card), encoding="utf-8")
+        return path
