@@ -24,12 +24,14 @@ import structlog
 
 from agents.base import Agent
 from agents.model_check import check_model_file
-from agents.serving import Choice, incompatibility, model_label
+from agents.serving import Choice, Lineup, incompatibility, model_label
+from bus import Subjects, TopologySettings
 from bus.registry import ModelRegistry, StoredModel, check_model_name
+from bus.types import Connection
 from schemas import BusError, ConfigError, FusebusError, ModelRollout
 
 if TYPE_CHECKING:
-    from agents.runtime import AgentRuntime
+    from agents.runtime import AgentRuntime, AgentSettings
 
 log = structlog.get_logger("fusebus.agent")
 
@@ -72,7 +74,7 @@ class RegistryFollower:
         self._serving: dict[str, tuple[str, str, str]] = {}  # name -> (current, canary, shadow)
         self._tasks: list[asyncio.Task[None]] = []
         self._runtime: AgentRuntime | None = None
-        self.refused: dict[str, str] = {}  # "name@version" -> why, for the status and tests
+        self.refused: dict[str, str] = {}  # "name@version" -> why
 
     def __repr__(self) -> str:
         return f"RegistryFollower({', '.join(self.names)}, serving={self._serving})"
@@ -136,12 +138,13 @@ class RegistryFollower:
             return
         serving = next(c for c in runtime.lineup.choices if c.name == name)
         choice = await self._choice(name, rollout, serving=serving)
-        if choice is None:
+        if choice is None or choice == serving:  # nothing new loaded: keep serving as is
             return
         started = time.perf_counter()
         try:
             await runtime.switch(runtime.lineup.with_choice(choice))
         except ConfigError as exc:
+            runtime.refused[name] = str(exc)
             log.error("model.refused", model=name, error=str(exc), outcome="keeps_serving")
             return
         keep = {a.model.version for a in choice.agents}
@@ -205,6 +208,8 @@ class RegistryFollower:
             return None
         except FusebusError as exc:
             self.refused[label] = str(exc)
+            if self._runtime is not None:  # its counters say so too (fusebus status)
+                self._runtime.refused[label] = str(exc)
             log.error(
                 "model.refused",
                 model=name,
@@ -234,5 +239,43 @@ class RegistryFollower:
             )
         path = folder / f"model{suffix}"
         path.write_bytes(data)
-        path.with_suffix(".json").write_text(json.dumps(stored.card), encoding="utf-8")
+        # Results name the registry's model and version, which is what rollouts speak of.
+        card = {**stored.card, "name": stored.name, "version": stored.version}
+        path.with_suffix(".json").write_text(json.dumps(card), encoding="utf-8")
         return path
+
+
+async def start_agent(
+    nc: Connection,
+    *,
+    subjects: Subjects,
+    files: Sequence[Choice] = (),
+    stored: Sequence[str] = (),
+    type_name: str | None = None,
+    settings: AgentSettings | None = None,
+    topology: TopologySettings | None = None,
+) -> AgentRuntime:
+    """Start a replica serving ``files`` (models loaded here) and the registry models
+    ``stored``, which it follows as they are rolled out; with several, the most accurate
+    answers when time allows.
+
+    Raises:
+        ConfigError: no model is given, or one cannot serve.
+        BusError: a registry model is named and the deployment has no registry.
+    """
+    from agents.runtime import AgentRuntime
+
+    topology = topology or TopologySettings()
+    choices = list(files)
+    follower = None
+    if stored:
+        registry = await ModelRegistry.open(nc.jetstream(), subjects, topology)
+        follower = RegistryFollower(registry, stored, type_name=type_name)
+        choices += await follower.initial()
+    runtime = AgentRuntime(
+        Lineup.ranked(choices), nc, subjects=subjects, settings=settings, topology=topology
+    )
+    await runtime.start()
+    if follower is not None:
+        runtime.adopt(follower.follow(runtime))
+    return runtime

@@ -158,9 +158,10 @@ class AgentRuntime:
         self.inference_ms = 0.0
         self.inference_seconds = Histogram()  # one observation per model call
         self.answered_by: Counter[str] = Counter()  # subtasks answered, by name@version
-        self.selections: Counter[str] = (
-            Counter()
-        )  # subtasks answered by a model not preferred, by why
+        # Subtasks answered by a model other than the preferred one, by why.
+        self.selections: Counter[str] = Counter()
+        # Model versions a rollout named that this replica would not serve, with why.
+        self.refused: dict[str, str] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{agent.type}")
         # Estimated inference time per row, by model version (see _measure).
         self._row_seconds: dict[str, float] = {}
@@ -225,6 +226,7 @@ class AgentRuntime:
             "shadow_rows": self.counts["shadow_rows"],
             "shadow_lost": self.counts["shadow_lost"],
             "switches": self.counts["switches"],
+            "refused": dict(self.refused),
         }
 
     def adopt(self, part: Any) -> None:

@@ -159,12 +159,11 @@ async def coordinator(args: argparse.Namespace) -> int:
 
 async def agent(args: argparse.Namespace) -> int:
     """``fusebus agent``: one replica serving one subtask type, until stopped."""
-    from agents import AgentRuntime, AgentSettings, ModelAgent
-    from agents.follow import RegistryFollower, store_name
+    from agents import AgentSettings, ModelAgent
+    from agents.follow import start_agent, store_name
     from agents.loading import load_agent
-    from agents.serving import Choice, Lineup
+    from agents.serving import Choice
     from bus import Subjects
-    from bus.registry import ModelRegistry
     from fusebus.components import serve
 
     settings = AgentSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
@@ -187,23 +186,15 @@ async def agent(args: argparse.Namespace) -> int:
     bus = _bus_settings(args, args.nats_url)
 
     async def start(nc: Any) -> Any:
-        choices = list(files)
-        follower = None
-        if stored:
-            registry = await ModelRegistry.open(nc.jetstream(), Subjects(bus.prefix), topology)
-            follower = RegistryFollower(registry, stored, type_name=args.type_name)
-            choices += await follower.initial()
-        runtime = AgentRuntime(
-            Lineup.ranked(choices),
+        return await start_agent(
             nc,
             subjects=Subjects(bus.prefix),
+            files=files,
+            stored=stored,
+            type_name=args.type_name,
             settings=settings,
             topology=topology,
         )
-        await runtime.start()
-        if follower is not None:
-            runtime.adopt(follower.follow(runtime))
-        return runtime
 
     first = files[0].current.type if files else (args.type_name or stored[0])
     return await serve(

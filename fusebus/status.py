@@ -176,6 +176,11 @@ def render_status(status: BusStatus) -> str:
             continue  # every replica serves the one model it started with
         for (info, _), models in zip(replicas, described, strict=True):
             lines.append(f"{type_name}: {info.agent_id} serves {'; '.join(models)}")
+    for type_name in sorted(status.agents):
+        for info, stats in status.agents[type_name].replicas:
+            refused = stats.get("refused")
+            for label, why in (refused.items() if isinstance(refused, dict) else ()):
+                lines.append(f"{type_name}: {info.agent_id} refused {label}: {why}")
     for type_name in unserved_types(status):
         lines.append(f"{type_name}: no replicas (a plan lists it; its subtasks wait for nobody)")
     for role, counters in status.components:

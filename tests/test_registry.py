@@ -1,0 +1,466 @@
+"""The model registry across a real nats-server: versions, rollouts, agents that follow them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from nats.aio.client import Client
+
+from agents import AgentRuntime, AgentSettings
+from agents.follow import start_agent
+from agents.serving import Choice, Lineup
+from bus import EmbeddedServer, Subjects, TopologySettings
+from bus.registry import (
+    ModelRegistry,
+    first_rollout,
+    promoted,
+    rolled_back,
+    with_canary,
+    with_shadow,
+)
+from fusebus.models import agreements
+from fusebus.paths import models_dir
+from schemas import ConfigError, Decision, Result, ShadowBatch
+from tests.helpers import Collector, FrameFeeder, Pipeline, eventually, wait_for_agents
+
+ROOT = Path(__file__).resolve().parent.parent
+ACCEL = models_dir() / "accel.tflite"
+
+
+def card_of(path: Path) -> dict[str, Any]:
+    card: dict[str, Any] = json.loads(path.with_suffix(".json").read_text())
+    return card
+
+
+@pytest.fixture
+async def registry(
+    connect_bus: Callable[[str], Awaitable[Client]], subjects: Subjects
+) -> ModelRegistry:
+    nc = await connect_bus("models")
+    return await ModelRegistry.open(nc.jetstream(), subjects, TopologySettings(), create=True)
+
+
+async def put_accel(registry: ModelRegistry, *versions: str) -> None:
+    for version in versions:
+        await registry.put(
+            "accel", version, ACCEL.read_bytes(), file_name=ACCEL.name, card=card_of(ACCEL)
+        )
+
+
+def versions_of(results: list[Result], type_name: str = "accel") -> list[str]:
+    return [r.model.version for r in results if r.type == type_name]
+
+
+# Rollout rules, without a server ------------------------------------------------------------
+def test_promote_remembers_the_old_version_and_rollback_restores_it() -> None:
+    rollout = first_rollout("accel", "accel", "1")
+    two = promoted(rollout, "2")
+    assert (two.current, two.previous) == ("2", ("1",))
+    three = promoted(two, "3")
+    assert rolled_back(three).current == "2"
+    assert rolled_back(rolled_back(three)).current == "1"
+    with pytest.raises(ConfigError, match="no earlier version"):
+        rolled_back(rollout)
+
+
+def test_promoting_the_canary_ends_the_canary_and_rollback_ends_any() -> None:
+    canary = with_canary(first_rollout("accel", "accel", "1"), "2", 0.25)
+    assert (canary.canary, canary.canary_share, canary.versions) == ("2", 0.25, ("1", "2"))
+    done = promoted(canary, "2")
+    assert (done.current, done.canary, done.canary_share) == ("2", "", 0.0)
+    other = with_canary(promoted(canary, "3"), "2", 0.1)
+    assert rolled_back(other).canary == ""
+    with pytest.raises(ConfigError, match="already current"):
+        with_canary(done, "2", 0.5)
+    with pytest.raises(ConfigError, match="share"):
+        with_canary(done, "4", 1.0)
+
+
+def test_a_shadow_is_set_and_ended_and_ends_when_promoted() -> None:
+    shadowed = with_shadow(first_rollout("accel", "accel", "1"), "2")
+    assert shadowed.versions == ("1", "2")
+    assert promoted(shadowed, "2").shadow == ""
+    assert with_shadow(shadowed, "").shadow == ""
+    with pytest.raises(ConfigError, match="already current"):
+        with_shadow(shadowed, "1")
+
+
+# The registry on the server ---------------------------------------------------------------
+async def test_put_list_promote_rollback_and_rm(registry: ModelRegistry) -> None:
+    await put_accel(registry, "1", "2")
+    listed = await registry.catalog()
+    assert [(m.name, m.version) for m in listed] == [("accel", "1"), ("accel", "2")]
+    assert all(m.size == ACCEL.stat().st_size and m.digest.startswith("SHA-256=") for m in listed)
+    assert listed[0].type == "accel" and listed[0].card["labels"] == card_of(ACCEL)["labels"]
+    first = await registry.rollout("accel")
+    assert first is not None and first.current == "1"  # the first version stored serves
+
+    assert (await registry.promote("accel", "2")).current == "2"
+    info, data = await registry.get("accel", "2")
+    assert data == ACCEL.read_bytes() and info.file_name == "accel.tflite"
+    assert (await registry.rollback("accel")).current == "1"
+
+    with pytest.raises(ConfigError, match="already stored"):
+        await put_accel(registry, "1")
+    with pytest.raises(ConfigError, match="no stored version"):
+        await registry.promote("accel", "9")
+    with pytest.raises(ConfigError, match="is serving"):
+        await registry.remove("accel", "1")
+    assert await registry.remove("accel", "2") == ["2"]
+    assert [m.version for m in await registry.catalog()] == ["1"]
+    assert await registry.remove("accel") == ["1"]
+    assert await registry.catalog() == [] and await registry.rollout("accel") is None
+
+
+async def test_concurrent_changes_to_a_rollout_are_all_kept(registry: ModelRegistry) -> None:
+    await put_accel(registry, "1", "2", "3")
+    await asyncio.gather(registry.canary("accel", "2", 0.2), registry.shadow("accel", "3"))
+    rollout = await registry.rollout("accel")
+    assert rollout is not None
+    assert (rollout.canary, rollout.shadow) == ("2", "3")
+
+
+async def test_a_version_for_another_type_is_refused(registry: ModelRegistry) -> None:
+    await put_accel(registry, "1")
+    gyro = models_dir() / "gyro.tflite"
+    with pytest.raises(ConfigError, match="serves type 'accel'"):
+        await registry.put("accel", "2", gyro.read_bytes(), file_name=gyro.name, card=card_of(gyro))
+
+
+# The command line -------------------------------------------------------------------------
+def fusebus(*args: str, url: str, prefix: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fusebus", *args, "--nats-url", url, "--prefix", prefix],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "FUSEBUS_LOG_LEVEL": "warning"},
+        cwd=ROOT,
+    )
+
+
+async def test_the_models_command_puts_lists_promotes_and_refuses_a_broken_file(
+    nats_server: EmbeddedServer, subjects: Subjects, tmp_path: Path, connect_bus: Any
+) -> None:
+    await connect_bus("cleanup")  # so the streams the commands make are removed after
+    url, prefix = nats_server.url, subjects.prefix
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return fusebus("models", *args, url=url, prefix=prefix)
+
+    put = await asyncio.to_thread(run, "put", str(ACCEL), "--version", "1")
+    assert put.returncode == 0, put.stderr
+    assert "stored accel version 1" in put.stdout and "current 1" in put.stdout
+    assert (await asyncio.to_thread(run, "put", str(ACCEL), "--version", "2")).returncode == 0
+
+    broken = tmp_path / "accel.tflite"
+    broken.write_bytes(b"not a flatbuffer" * 64)
+    shutil.copy(ACCEL.with_suffix(".json"), broken.with_suffix(".json"))
+    refused = await asyncio.to_thread(run, "put", str(broken), "--version", "3")
+    assert refused.returncode == 2
+    assert len(refused.stderr.strip().splitlines()) == 1 and "cannot load" in refused.stderr
+
+    lying = tmp_path / "wide" / "accel.tflite"  # its card says 6 channels; the model takes 3
+    lying.parent.mkdir()
+    shutil.copy(ACCEL, lying)
+    card = card_of(ACCEL)
+    card["inputs"][0]["channels"] = 6
+    lying.with_suffix(".json").write_text(json.dumps(card))
+    mismatch = await asyncio.to_thread(run, "put", str(lying), "--version", "4")
+    assert mismatch.returncode == 2 and "6 channels, the model takes 3" in mismatch.stderr
+
+    promote = await asyncio.to_thread(run, "promote", "accel", "2")
+    assert (
+        promote.returncode == 0
+        and "current 2" in promote.stdout
+        and "rollback to 1" in promote.stdout
+    )
+    listing = await asyncio.to_thread(run, "list")
+    rows = {line.split()[1]: line for line in listing.stdout.splitlines()[1:]}
+    assert set(rows) == {"1", "2"}  # the refused versions were never stored
+    assert "current" in rows["2"] and "previous" in rows["1"]
+    back = await asyncio.to_thread(run, "rollback", "accel")
+    assert back.returncode == 0 and "current 1" in back.stdout
+    bad_share = await asyncio.to_thread(run, "canary", "accel", "2", "150")
+    assert bad_share.returncode == 2 and "canary share" in bad_share.stderr
+
+
+# Agents that follow the registry ----------------------------------------------------------
+@pytest.fixture
+async def followers(
+    connect_bus: Callable[[str], Awaitable[Client]], subjects: Subjects
+) -> AsyncIterator[Callable[..., Awaitable[AgentRuntime]]]:
+    """Start agent replicas that follow registry models; all are stopped at the end."""
+    started: list[AgentRuntime] = []
+
+    async def start(*names: str, files: tuple[Choice, ...] = (), **options: Any) -> AgentRuntime:
+        nc = await connect_bus(f"agent-{len(started)}")
+        runtime = await start_agent(nc, subjects=subjects, files=files, stored=names, **options)
+        started.append(runtime)
+        return runtime
+
+    yield start
+    await asyncio.gather(*(r.stop() for r in started), return_exceptions=True)
+
+
+async def test_a_promotion_under_load_switches_every_replica_between_batches(
+    registry: ModelRegistry,
+    pipeline: Callable[..., Awaitable[Pipeline]],
+    followers: Callable[..., Awaitable[AgentRuntime]],
+    basicmotions: Any,
+) -> None:
+    await put_accel(registry, "1", "2")
+    parts = await pipeline(agents=("gyro",))
+    replicas = [await followers("accel") for _ in range(2)]
+    results = await Collector(Result).start(parts.nc, parts.subjects.all_results())
+    decisions = await Collector(Decision).start_stream(parts.nc, parts.subjects.all_decisions())
+    feeder = FrameFeeder(parts.nc, parts.subjects, basicmotions, every_s=0.005).start()
+
+    def answered(version: str) -> set[str]:
+        return {
+            r.agent_id for r in results.items if r.type == "accel" and r.model.version == version
+        }
+
+    await eventually(
+        lambda: answered("1") == {r.agent_id for r in replicas}, what="both replicas answer with 1"
+    )
+    await registry.promote("accel", "2")
+    await eventually(
+        lambda: all(r.counts["switches"] == 1 for r in replicas), what="every replica switched"
+    )
+    await eventually(
+        lambda: answered("2") == {r.agent_id for r in replicas}, what="both answer with 2"
+    )
+    sent = await feeder.stop()
+    got = await decisions.wait_for(sent)
+    await decisions.settle()
+
+    assert len({d.task_id for d in decisions.items}) == len(decisions.items) == sent
+    accel = [r for r in results.items if r.type == "accel"]
+    per_task = Counter(r.task_id for r in accel)
+    assert len(per_task) == sent and set(per_task.values()) == {1}  # none lost, none twice
+    for replica in replicas:
+        # What one replica published, in order: version 1 until its switch, then 2 only.
+        served = versions_of([r for r in accel if r.agent_id == replica.agent_id])
+        flip = served.index("2")
+        assert set(served[:flip]) == {"1"} and set(served[flip:]) == {"2"}
+        assert replica.lineup.preferred.model.version == "2"
+        assert replica.stats()["serving"] == [{"name": "accel", "model": "accel@2"}]
+    assert {d.models["accel"] for d in got} == {"accel@1", "accel@2"}
+    assert {d.models["gyro"] for d in got} == {"basicmotions-gyro@1.0.0"}
+
+
+async def test_a_version_that_does_not_load_is_not_switched_to(
+    registry: ModelRegistry,
+    pipeline: Callable[..., Awaitable[Pipeline]],
+    followers: Callable[..., Awaitable[AgentRuntime]],
+    basicmotions: Any,
+) -> None:
+    await put_accel(registry, "1")
+    # Stored past the command's check, as a file corrupted in transit or a hand-made object.
+    await registry.put("accel", "2", b"\x00" * 4096, file_name="accel.tflite", card=card_of(ACCEL))
+    parts = await pipeline(agents=("gyro",))
+    replica = await followers("accel")
+    results = await Collector(Result).start(parts.nc, parts.subjects.all_results())
+    await registry.promote("accel", "2")
+    await eventually(lambda: "accel@2" in replica.refused, what="the broken version refused")
+    assert "cannot load" in replica.refused["accel@2"]
+    assert replica.stats()["refused"] == replica.refused
+
+    feeder = FrameFeeder(parts.nc, parts.subjects, basicmotions, every_s=0.01).start()
+    await eventually(
+        lambda: len(versions_of(results.items)) >= 20, what="answers after the refusal"
+    )
+    await feeder.stop()
+    assert set(versions_of(results.items)) == {"1"}
+    assert replica.counts["switches"] == 0 and replica.counts["errors"] == 0
+
+
+async def test_shadow_outputs_go_to_the_shadow_subject_and_are_never_fused(
+    registry: ModelRegistry,
+    pipeline: Callable[..., Awaitable[Pipeline]],
+    followers: Callable[..., Awaitable[AgentRuntime]],
+    basicmotions: Any,
+) -> None:
+    await put_accel(registry, "1", "2")
+    await registry.shadow("accel", "2")
+    parts = await pipeline(agents=("gyro",))
+    replica = await followers("accel")
+    assert replica.stats()["serving"] == [
+        {"name": "accel", "model": "accel@1", "shadow": "accel@2"}
+    ]
+    shadows = await Collector(ShadowBatch).start(parts.nc, parts.subjects.shadow("accel"))
+    results = await Collector(Result).start(parts.nc, parts.subjects.all_results())
+    decisions = await Collector(Decision).start_stream(parts.nc, parts.subjects.all_decisions())
+    feeder = FrameFeeder(parts.nc, parts.subjects, basicmotions, every_s=0.01).start()
+    await eventually(lambda: len(decisions.items) >= 30, what="30 decisions")
+    sent = await feeder.stop()
+    await decisions.wait_for(sent)
+
+    assert set(versions_of(results.items)) == {"1"}
+    assert {d.models.get("accel") for d in decisions.items} == {"accel@1"}
+    await eventually(lambda: sum(map(len, shadows.items)) >= sent, what="a shadow row per subtask")
+    (agreement,) = agreements(shadows.items)
+    assert (agreement.current, agreement.shadow) == ("accel@1", "accel@2")
+    # The same weights under two versions: their answers agree exactly.
+    assert agreement.rows == sent and agreement.share == 1.0 and agreement.mean_abs_diff == 0.0
+    assert replica.counts["shadow_rows"] >= sent and replica.counts["shadow_lost"] == 0
+
+
+async def test_a_canary_answers_its_share_of_subtasks(
+    registry: ModelRegistry,
+    pipeline: Callable[..., Awaitable[Pipeline]],
+    followers: Callable[..., Awaitable[AgentRuntime]],
+    basicmotions: Any,
+) -> None:
+    await put_accel(registry, "1", "2")
+    await registry.canary("accel", "2", 0.3)
+    parts = await pipeline(agents=("gyro",))
+    await followers("accel")
+    results = await Collector(Result).start(parts.nc, parts.subjects.all_results())
+    feeder = FrameFeeder(parts.nc, parts.subjects, basicmotions, every_s=0.002).start()
+    await eventually(
+        lambda: len(versions_of(results.items)) >= 400, what="400 answers", timeout_s=30
+    )
+    await feeder.stop()
+    accel = [r for r in results.items if r.type == "accel"]
+    share = sum(r.model.version == "2" for r in accel) / len(accel)
+    # 3.5 standard deviations of a binomial share of 0.3 over 400 draws is 0.08.
+    assert abs(share - 0.3) < 0.08, share
+    assert {r.selection for r in accel if r.model.version == "2"} == {"canary"}
+    assert {r.selection for r in accel if r.model.version == "1"} == {""}
+
+
+# Choosing among models by deadline --------------------------------------------------------
+class TimedAgent:
+    """A real model (the shipped accel classifier) that also costs a fixed time per row,
+    standing for a larger model: the backlog a test builds is then the same on any machine."""
+
+    def __init__(self, name: str, *, ms_per_row: float, accuracy: float) -> None:
+        from agents import ModelAgent
+
+        inner = ModelAgent(ACCEL)
+        self._inner = inner
+        self.type, self.inputs, self.labels = inner.type, inner.inputs, inner.labels
+        self.runtime, self.weight = inner.runtime, inner.weight
+        from schemas import ModelRef
+
+        self.model = ModelRef(name, "1")
+        self.card = type("Card", (), {"metrics": {"val_accuracy": accuracy}})()
+        self.ms_per_row = ms_per_row
+
+    def warm_up(self) -> None:
+        self._inner.warm_up()
+
+    def predict(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        import time
+
+        rows = len(next(iter(batch.values())))
+        time.sleep(rows * self.ms_per_row / 1e3)  # the larger model's cost, by construction
+        return self._inner.predict(batch)
+
+
+async def test_the_fast_model_answers_when_the_backlog_leaves_no_room(
+    pipeline: Callable[..., Awaitable[Pipeline]],
+    followers: Callable[..., Awaitable[AgentRuntime]],
+    connect_bus: Callable[[str], Awaitable[Client]],
+    basicmotions: Any,
+) -> None:
+    from coordinator.plan import Plan, SensorInput, SubtaskSpec
+
+    plan = Plan(
+        subtasks=(SubtaskSpec("accel", (SensorInput("accel"),)),),
+        deadline_ms=400,
+    )
+    parts = await pipeline(agents=(), plan=plan)
+    large = TimedAgent("accel-large", ms_per_row=8.0, accuracy=0.99)
+    small = TimedAgent("accel-small", ms_per_row=0.0, accuracy=0.9)
+    replica = await followers(
+        files=(Choice.of(small), Choice.of(large)), settings=AgentSettings(max_batch=16)
+    )
+    assert [c.name for c in replica.lineup.choices] == ["accel-large", "accel-small"]
+    await wait_for_agents(parts.nc, parts.subjects.prefix, {"accel": 1})
+    decisions = await Collector(Decision).start_stream(parts.nc, parts.subjects.all_decisions())
+    results = await Collector(Result).start(parts.nc, parts.subjects.all_results())
+    # A burst of 300 windows: the larger model alone would need 2.4 s for what the deadline
+    # gives 0.4 s.
+    feeder = FrameFeeder(parts.nc, parts.subjects, basicmotions, every_s=0.0).start()
+    await eventually(lambda: feeder.sent >= 300, what="300 frames sent")
+    sent = await feeder.stop()
+    await decisions.wait_for(sent, timeout_s=60)
+
+    by_model = Counter((r.model.name, r.selection) for r in results.items)
+    fast = by_model[("accel-small", "backlog")] + by_model[("accel-small", "deadline")]
+    assert fast > sent / 2, by_model  # most of the burst went to the fast model, saying why
+    assert set(by_model) <= {
+        ("accel-small", "backlog"),
+        ("accel-small", "deadline"),
+        ("accel-large", ""),
+    }
+    assert replica.selections["backlog"] + replica.selections["deadline"] == fast
+    assert replica.counts["expired"] == 0
+    assert all(d.status == "complete" for d in decisions.items)
+
+
+async def test_a_plan_pins_the_model_that_answers(
+    pipeline: Callable[..., Awaitable[Pipeline]],
+    followers: Callable[..., Awaitable[AgentRuntime]],
+    basicmotions: Any,
+) -> None:
+    from coordinator.plan import Plan, SensorInput, SubtaskSpec
+
+    plan = Plan(
+        subtasks=(SubtaskSpec("accel", (SensorInput("accel"),), model="accel-small"),),
+        deadline_ms=2000,
+    )
+    parts = await pipeline(agents=(), plan=plan)
+    large = TimedAgent("accel-large", ms_per_row=0.0, accuracy=0.99)
+    small = TimedAgent("accel-small", ms_per_row=0.0, accuracy=0.9)
+    await followers(files=(Choice.of(small), Choice.of(large)))
+    results = await Collector(Result).start(parts.nc, parts.subjects.all_results())
+    feeder = FrameFeeder(parts.nc, parts.subjects, basicmotions, every_s=0.01).start()
+    await eventually(lambda: len(results.items) >= 20, what="20 answers")
+    await feeder.stop()
+    assert {(r.model.name, r.selection) for r in results.items} == {("accel-small", "pinned")}
+
+
+async def test_a_pin_no_replica_serves_is_answered_with_an_error(
+    pipeline: Callable[..., Awaitable[Pipeline]],
+    followers: Callable[..., Awaitable[AgentRuntime]],
+    basicmotions: Any,
+) -> None:
+    from coordinator.plan import Plan, SensorInput, SubtaskSpec
+
+    plan = Plan(
+        subtasks=(SubtaskSpec("accel", (SensorInput("accel"),), model="accel-huge"),),
+        deadline_ms=2000,
+    )
+    parts = await pipeline(agents=(), plan=plan)
+    await followers(files=(Choice.of(TimedAgent("accel-small", ms_per_row=0.0, accuracy=0.9)),))
+    decisions = await Collector(Decision).start_stream(parts.nc, parts.subjects.all_decisions())
+    results = await Collector(Result).start(parts.nc, parts.subjects.all_results())
+    feeder = FrameFeeder(parts.nc, parts.subjects, basicmotions, every_s=0.01).start()
+    await eventually(lambda: len(decisions.items) >= 5, what="5 decisions")
+    await feeder.stop()
+    assert {r.error.code for r in results.items if r.error} == {"pin_unserved"}
+    assert all(r.error is not None for r in results.items)
+    assert {d.status for d in decisions.items} == {"failed"}
+
+
+def test_a_lineup_refuses_a_model_that_reads_other_inputs() -> None:
+    from agents import ModelAgent
+
+    with pytest.raises(ConfigError, match="other inputs"):
+        gyro = ModelAgent(models_dir() / "gyro.tflite", type_name="accel")
+        Lineup((Choice.of(ModelAgent(ACCEL)), Choice.of(gyro)))
