@@ -21,7 +21,7 @@ from agents.model_check import check_model_file
 from bus import Subjects, TopologySettings, connect, iter_stored
 from bus.registry import ModelRegistry, StoredModel, check_model_name, check_version
 from bus.types import Connection
-from schemas import CODEC, ConfigError, ModelRollout, SchemaError, ShadowBatch
+from schemas import CODEC, BusError, ConfigError, ModelRollout, SchemaError, ShadowBatch
 
 _VERSION_FROM_CARD = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -162,9 +162,15 @@ async def models_command(args: argparse.Namespace, bus: Any, topology: TopologyS
     """Run one ``fusebus models`` subcommand against the deployment at ``bus``."""
     nc = await connect(bus, name="models")
     try:
-        registry = await ModelRegistry.open(
-            nc.jetstream(), Subjects(bus.prefix), topology, create=args.action in ("put",)
-        )
+        try:
+            registry = await ModelRegistry.open(
+                nc.jetstream(), Subjects(bus.prefix), topology, create=args.action == "put"
+            )
+        except BusError:
+            if args.action != "list":
+                raise
+            print("no models in the registry (it is made by the first `fusebus models put`)")
+            return 0
         return await _ACTIONS[args.action](args, registry, nc)
     finally:
         await nc.drain()

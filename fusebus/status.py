@@ -179,7 +179,7 @@ def render_status(status: BusStatus) -> str:
     for type_name in sorted(status.agents):
         for info, stats in status.agents[type_name].replicas:
             refused = stats.get("refused")
-            for label, why in (refused.items() if isinstance(refused, dict) else ()):
+            for label, why in refused.items() if isinstance(refused, dict) else ():
                 lines.append(f"{type_name}: {info.agent_id} refused {label}: {why}")
     for type_name in unserved_types(status):
         lines.append(f"{type_name}: no replicas (a plan lists it; its subtasks wait for nobody)")
