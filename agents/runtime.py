@@ -436,8 +436,8 @@ class AgentRuntime:
         for (index, selection), rows in picks.items():
             choice = lineup.choices[index]
             part = batch if len(rows) == len(batch) else batch.select(rows)
-            trial = canary_rows(part.task_ids, choice.canary_share)
-            if choice.canary is not None and trial.any():
+            trial = canary_rows(part.task_ids, choice.canary_share) if choice.canary else None
+            if choice.canary is not None and trial is not None and trial.any():
                 parts.append(_Part(part.select(trial), choice.canary, "canary", choice))
                 if trial.all():
                     continue

@@ -66,6 +66,10 @@ class Lineup:
     def __post_init__(self) -> None:
         if not self.choices:
             raise ConfigError("an agent needs at least one model")
+        names = [c.name for c in self.choices]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(f"model {twice[0]!r} is named twice: each model serves once")
         first = self.choices[0].current
         for choice in self.choices:
             for agent in choice.agents:

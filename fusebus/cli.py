@@ -626,12 +626,31 @@ def _eval_parser(commands: Any, env_url: str | None) -> None:
         help="comma-separated; the first one draws the confusion matrix "
         f"(default: {','.join(CLASSIFYING_STRATEGIES)}; with --config, its fusion strategy)",
     )
-    evaluate.add_argument("--rate", type=_positive(float), default=100.0, help="frames per second")
+    evaluate.add_argument(
+        "--selection",
+        metavar="MODELS",
+        help="instead: several models of one type, comma-separated (e.g. "
+        "accel-large,accel-small): each alone, then one replica choosing among them by "
+        "deadline and backlog, under a load the most accurate cannot keep up with; accuracy, "
+        "deadline misses and answers by model (writes selection.md)",
+    )
+    evaluate.add_argument(
+        "--rounds",
+        type=_positive(int),
+        default=5,
+        help="with --selection: times the TEST split is replayed (default: 5)",
+    )
+    evaluate.add_argument(
+        "--rate",
+        type=_positive(float),
+        default=None,
+        help="frames per second (default: 100; with --selection, 1000)",
+    )
     evaluate.add_argument(
         "--deadline-ms",
         type=_positive(float),
         default=None,
-        help="task deadline (default: 500; with --config, the plan's)",
+        help="task deadline (default: 500; with --selection, 25; with --config, the plan's)",
     )
     evaluate.add_argument(
         "--out",

@@ -73,6 +73,8 @@ async def eval_command(args: argparse.Namespace) -> int:
     and the per-class reports."""
     from fusebus.evaluate import EvalSettings, render_markdown, run_eval
 
+    if args.selection is not None:
+        return await _eval_selection(args)
     if args.config is not None and args.agents is not None:
         raise _usage("--agents does not apply with --config: its [agents] table names them")
     settings = EvalSettings(
@@ -80,7 +82,7 @@ async def eval_command(args: argparse.Namespace) -> int:
         spec=args.spec,
         agents=_names(args.agents or "accel,gyro,motion"),
         strategies=_names(args.strategies) if args.strategies is not None else None,
-        rate_hz=args.rate,
+        rate_hz=100.0 if args.rate is None else args.rate,
         deadline_ms=args.deadline_ms,
         out_dir=args.out,
         nats_url=args.nats_url,
@@ -90,6 +92,29 @@ async def eval_command(args: argparse.Namespace) -> int:
     print(render_markdown(report.rows, title="results"))
     print(report.class_reports_text)
     print(f"wrote {report.markdown}, {report.class_report} and {report.picture}")
+    return 0
+
+
+async def _eval_selection(args: argparse.Namespace) -> int:
+    """``fusebus eval --selection A,B``: each model alone and with selection, under load."""
+    from fusebus.selection_eval import SelectionSettings, render_selection, run_selection_eval
+
+    for flag, value in (("--agents", args.agents), ("--config", args.config)):
+        if value is not None:
+            raise _usage(f"{flag} does not apply with --selection: it names the models")
+    settings = SelectionSettings(
+        models=_names(args.selection),
+        dataset=args.dataset,
+        spec=args.spec,
+        rate_hz=1000.0 if args.rate is None else args.rate,
+        deadline_ms=25.0 if args.deadline_ms is None else args.deadline_ms,
+        rounds=args.rounds,
+        out_dir=args.out,
+        nats_url=args.nats_url,
+    )
+    rows, path = await run_selection_eval(settings)
+    print(render_selection(rows, title="model selection under load"))
+    print(f"wrote {path}")
     return 0
 
 

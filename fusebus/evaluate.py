@@ -28,7 +28,7 @@ import dataclasses
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +36,12 @@ from typing import Any
 import numpy as np
 import structlog
 
-from agents import AgentRuntime, ModelAgent
+from agents import AgentRuntime, AgentSettings, ModelAgent
 from agents.base import Agent
 from agents.fusion import FusionAgent, FusionSpec
 from agents.fusion.strategies import CLASSIFYING_STRATEGIES
 from agents.loading import load_agent
+from agents.serving import Lineup
 from bus import (
     BusSettings,
     EmbeddedServer,
@@ -147,7 +148,7 @@ class Scenario:
 
     what: str  # the table's first column: fusion, chain, late fusion
     plan: Plan
-    agents: dict[str, Agent]
+    agents: Mapping[str, Agent | Lineup]  # by type: one model, or several to choose among
     missing: str | None = None
 
 
@@ -245,11 +246,18 @@ async def _stop_within(what: str, stop: Awaitable[Any]) -> None:
 
 
 async def live_run(
-    url: str, dataset: SensorDataset, scenario: Scenario, strategies: Sequence[str], rate_hz: float
+    url: str,
+    dataset: SensorDataset,
+    scenario: Scenario,
+    strategies: Sequence[str],
+    rate_hz: float,
+    *,
+    rounds: int = 1,
+    agent_settings: AgentSettings | None = None,
 ) -> tuple[RunResult, dict[int, str]]:
-    """Run the TEST split through coordinator, the scenario's agents (less its missing one)
-    and one fusion agent per strategy; returns what came back and the true label of each
-    window."""
+    """Run the TEST split (``rounds`` times over, back to back in event time) through the
+    coordinator, the scenario's agents (less its missing one) and one fusion agent per
+    strategy; returns what came back and the true label of each window."""
     subjects = Subjects(f"eval{uuid.uuid4().hex[:8]}")
     bus = BusSettings(url=url, prefix=subjects.prefix)
     connections: list[Connection] = []
@@ -276,7 +284,12 @@ async def live_run(
             components.append(await fusion.start())
         for type_name, agent in agents.items():
             if type_name != missing:
-                runtime = AgentRuntime(agent, await open_connection(type_name), subjects=subjects)
+                runtime = AgentRuntime(
+                    agent,
+                    await open_connection(type_name),
+                    subjects=subjects,
+                    settings=agent_settings,
+                )
                 components.append(await runtime.start())
         coordinator = Coordinator(
             await open_connection("coordinator"), plans=PlanBook(default=plan), subjects=subjects
@@ -284,7 +297,8 @@ async def live_run(
         components.append(await coordinator.start())
 
         done = asyncio.Event()
-        total = len(dataset.y_test)
+        cases = len(dataset.y_test)
+        total = cases * rounds
 
         async def on_decision(msg: Message) -> None:
             decision = CODEC.decode(msg.data, Decision)
@@ -307,14 +321,17 @@ async def live_run(
             span_ns=total * dataset.case_ns,
             send_s=total / rate_hz,
         )
-        sent = await replay_frames(
-            Producer(nc, subjects),
-            dataset,
-            stream=STREAM,
-            rate_hz=rate_hz,
-            start_ns=start_ns,
-            wait_s=deadline_s + DECISION_GRACE_S,
-        )
+        producer = Producer(nc, subjects)
+        sent = []
+        for round_ in range(rounds):
+            sent += await replay_frames(
+                producer,
+                dataset,
+                stream=STREAM,
+                rate_hz=rate_hz,
+                start_ns=start_ns + round_ * cases * dataset.case_ns,
+                wait_s=deadline_s + DECISION_GRACE_S,
+            )
         refused = [w for w in sent if w.answer != b"accepted"]
         if refused:
             answer = (refused[0].answer or b"").decode(errors="replace")[:300]
@@ -527,9 +544,9 @@ async def run_eval(settings: EvalSettings) -> EvalReport:
     if deployment is not None:
         scenarios = config_scenarios(deployment, dataset, deadline_ms=settings.deadline_ms)
     else:
-        agents = build_agents(dataset, settings.agents)
-        plan = agents_plan(agents, deadline_ms=settings.deadline_ms or DEFAULT_DEADLINE_MS)
-        scenarios = [Scenario("fusion", plan, agents, m) for m in (None, *agents)]
+        built = build_agents(dataset, settings.agents)
+        plan = agents_plan(built, deadline_ms=settings.deadline_ms or DEFAULT_DEADLINE_MS)
+        scenarios = [Scenario("fusion", plan, built, m) for m in (None, *built)]
     agents = scenarios[0].agents
     strategies = eval_strategies(settings, deployment)
     server = EmbeddedServer().start() if settings.nats_url is None else None

@@ -44,3 +44,16 @@ def test_a_canary_takes_its_share_of_task_ids_and_always_the_same_ones() -> None
     assert not (rows & ~wider).any()  # a larger share keeps the ones a smaller one took
     assert not canary_rows(ids, 0.0).any()
     assert canary_rows(ids[:5], 1 - 1 / CANARY_BUCKETS).sum() >= 4
+
+
+def test_a_lineup_names_each_model_once() -> None:
+    import pytest
+
+    from agents import ModelAgent
+    from agents.serving import Choice, Lineup
+    from fusebus.paths import models_dir
+    from schemas import ConfigError
+
+    accel = ModelAgent(models_dir() / "accel.tflite")
+    with pytest.raises(ConfigError, match="named twice"):
+        Lineup((Choice.of(accel), Choice.of(accel)))
