@@ -23,7 +23,15 @@ import structlog
 
 from agents.base import Agent, check_weight, output_of
 from agents.inputs import INPUT_MISMATCH, InputMismatch, InputShape, input_mismatch, input_shape
-from agents.serving import Choice, Lineup, canary_rows, card_row_seconds, choose, model_label
+from agents.serving import (
+    Choice,
+    Lineup,
+    canary_rows,
+    card_row_seconds,
+    choose,
+    incompatibility,
+    model_label,
+)
 from bus import (
     BatchPuller,
     Delivery,
@@ -244,7 +252,10 @@ class AgentRuntime:
             ConfigError: a model of ``lineup`` cannot stand in for the current ones (another
                 type, other inputs, labels or output).
         """
-        Lineup((*self.lineup.choices[:1], *lineup.choices))  # checks they fit
+        for each in lineup.agents():
+            problem = incompatibility(self.agent, each)
+            if problem:
+                raise ConfigError(f"{model_label(each)} cannot serve here: {problem}")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self._pending is not None:  # superseded before it served: the newer one wins
             self._pending[1].set_result(None)
