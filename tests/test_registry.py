@@ -464,3 +464,44 @@ def test_a_lineup_refuses_a_model_that_reads_other_inputs() -> None:
     with pytest.raises(ConfigError, match="other inputs"):
         gyro = ModelAgent(models_dir() / "gyro.tflite", type_name="accel")
         Lineup((Choice.of(ModelAgent(ACCEL)), Choice.of(gyro)))
+
+
+async def test_on_a_cluster_the_registry_has_the_deployments_replicas_and_survives_a_node(
+    cluster_bus: Callable[[str], Awaitable[Client]],
+    healthy_cluster: Any,
+    subjects: Subjects,
+) -> None:
+    topology = TopologySettings(replicas=3)
+    nc = await cluster_bus("models")
+    js = nc.jetstream()
+    registry = await ModelRegistry.open(js, subjects, topology, create=True)
+    await put_accel(registry, "1", "2")
+    for stream in (
+        f"OBJ_{subjects.models_bucket}",
+        f"KV_{subjects.rollouts_bucket}",
+        subjects.shadow_stream,
+    ):
+        assert (await js.stream_info(stream)).config.num_replicas == 3, stream
+    store = await js.stream_info(f"OBJ_{subjects.models_bucket}")
+    assert store.cluster is not None and store.cluster.leader is not None
+    healthy_cluster.node(store.cluster.leader).kill()
+
+    reader = await cluster_bus("agent-accel")
+
+    async def readable() -> bool:
+        try:
+            agents = await ModelRegistry.open(reader.jetstream(), subjects, topology)
+            _, data = await agents.get("accel", "2")
+            return data == ACCEL.read_bytes()
+        except Exception:  # an election under way: ask again
+            return False
+
+    await eventually(readable, what="the model read after its leader died", timeout_s=30)
+
+    async def promoted_2() -> bool:
+        try:
+            return (await registry.promote("accel", "2")).current == "2"
+        except Exception:
+            return False
+
+    await eventually(promoted_2, what="a promotion after the election", timeout_s=30)
