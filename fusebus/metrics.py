@@ -114,6 +114,29 @@ class ComponentCollector(Collector):
             a.inference_seconds,
             labels,
         )
+        answers = CounterMetricFamily(
+            "fusebus_agent_answers",
+            "Subtasks answered, by the model version that answered (name@version).",
+            labels=["type", "model"],
+        )
+        for model, count in a.answered_by.items():
+            answers.add_metric([a.agent.type, model], count)
+        yield answers
+        chosen = CounterMetricFamily(
+            "fusebus_agent_selections",
+            "Subtasks answered by another than the preferred model, by why (deadline, "
+            "backlog, pinned, canary).",
+            labels=["type", "selection"],
+        )
+        for why, count in a.selections.items():
+            chosen.add_metric([a.agent.type, why], count)
+        yield chosen
+        yield _counter(
+            "fusebus_agent_model_switches",
+            "Times the replica switched the models it serves (a rollout).",
+            stats["switches"],
+            labels,
+        )
 
     def _fusion(self, f: FusionAgent) -> Iterator[Any]:
         decisions = CounterMetricFamily(

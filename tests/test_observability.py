@@ -76,6 +76,8 @@ async def test_metrics_endpoints_serve_named_metrics_that_move_with_work(
     assert coordinator['fusebus_tasks_ended_total{state="complete"}'] == 6
     assert agent['fusebus_agent_subtasks_processed_total{type="accel"}'] == 6
     assert agent['fusebus_agent_inference_seconds_count{type="accel"}'] >= 1
+    assert agent['fusebus_agent_answers_total{model="basicmotions-accel@1.0.0",type="accel"}'] == 6
+    assert agent['fusebus_agent_model_switches_total{type="accel"}'] == 0
     assert fusion['fusebus_decisions_total{status="complete"}'] == 6
     assert fusion["fusebus_decision_latency_seconds_count"] == 6
     assert fusion['fusebus_decision_latency_seconds_bucket{le="+Inf"}'] == 6

@@ -102,3 +102,46 @@ def test_a_chain_stage_says_what_it_reads_and_answers() -> None:
     assert "head: a chain stage: reads enc_a, enc_b; answers scores" in table
     assert "enc_a: a chain stage: answers features [8]" in table
     assert not any(line.startswith("accel: a chain stage") for line in table)
+
+
+def test_each_replica_says_which_versions_it_serves_during_a_rollout() -> None:
+    """Two replicas mid-rollout: the model column lists both versions, and each replica gets
+    a line with what it serves (a canary, a shadow) and any version it refused."""
+    info = AgentInfo(
+        agent_id="accel-a",
+        type="accel",
+        model=ModelRef("accel", "1"),
+        runtime="litert",
+        inputs=(InputSpec("accel", 100, 3),),
+        labels=("x", "y"),
+    )
+    switched = {"serving": [{"name": "accel", "model": "accel@2", "canary": "accel@3 10%"}]}
+    behind = {"serving": [{"name": "accel", "model": "accel@1"}], "refused": {"accel@4": "bad"}}
+    status = BusStatus(
+        agents={
+            "accel": TypeStatus(
+                "accel",
+                [(info, switched), (dataclasses.replace(info, agent_id="accel-b"), behind)],
+            )
+        },
+        components=[],
+    )
+    lines = render_status(status).splitlines()
+    assert lines[1].split()[3] == "accel@2,accel@1"
+    assert "accel: accel-a serves accel@2 (canary accel@3 10%)" in lines
+    assert "accel: accel-b serves accel@1" in lines
+    assert "accel: accel-b refused accel@4: bad" in lines
+
+
+def test_replicas_serving_the_model_they_started_with_get_no_extra_lines() -> None:
+    info = AgentInfo(
+        agent_id="gyro-a",
+        type="gyro",
+        model=ModelRef("gyro", "1"),
+        runtime="litert",
+        inputs=(InputSpec("gyro", 100, 3),),
+        labels=("x",),
+    )
+    plain = {"serving": [{"name": "gyro", "model": "gyro@1"}], "refused": {}}
+    status = BusStatus(agents={"gyro": TypeStatus("gyro", [(info, plain)])}, components=[])
+    assert len(render_status(status).splitlines()) == 2
