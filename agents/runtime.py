@@ -492,9 +492,26 @@ class AgentRuntime:
 
     def _pin_errors(self, batch: SubtaskBatch, latency_ms: float) -> list[Result]:
         """Error answers to subtasks pinned to a model this replica does not hold."""
-        a = self.agent
         held = ", ".join(c.name for c in self.lineup.choices)
         self.counts[PIN_UNSERVED] += len(batch)
+        return self._errors(
+            batch,
+            latency_ms,
+            [
+                ErrorInfo(
+                    PIN_UNSERVED,
+                    f"the plan pins model {batch.pin(i)!r}; this replica serves {held}",
+                )
+                for i in range(len(batch))
+            ],
+        )
+
+    def _errors(
+        self, batch: SubtaskBatch, latency_ms: float, errors: list[ErrorInfo]
+    ) -> list[Result]:
+        """An error result for each row of ``batch`` (with ``errors[row]``), as the protocol
+        says: every task field copied, no output."""
+        a = self.agent
         return [
             Result.of(
                 batch.task(i),
@@ -506,10 +523,7 @@ class AgentRuntime:
                 latency_ms=latency_ms,
                 weight=a.weight,
                 ticket=batch.ticket(i),
-                error=ErrorInfo(
-                    PIN_UNSERVED,
-                    f"the plan pins model {batch.pin(i)!r}; this replica serves {held}",
-                ),
+                error=errors[i],
             )
             for i in range(len(batch))
         ]
@@ -557,21 +571,7 @@ class AgentRuntime:
             for stream in dict.fromkeys(batch.streams):
                 self._warn_once(stream, shape, mismatch)
             error = ErrorInfo(INPUT_MISMATCH, mismatch.text)
-            errors.extend(
-                Result.of(
-                    batch.task(i),
-                    type=a.type,
-                    agent_id=self.agent_id,
-                    model=a.model,
-                    output=None,
-                    labels=a.labels,
-                    latency_ms=latency_ms,
-                    weight=a.weight,
-                    ticket=batch.ticket(i),
-                    error=error,
-                )
-                for i in range(len(batch))
-            )
+            errors.extend(self._errors(batch, latency_ms, [error] * len(batch)))
         # Results are stored before the subtasks are acked, as for answers (see _serve);
         # errors go out one by one, as the protocol says.
         await self.producer.results(errors)

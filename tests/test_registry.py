@@ -413,26 +413,48 @@ async def test_the_fast_model_answers_when_the_backlog_leaves_no_room(
     assert all(d.status == "complete" for d in decisions.items)
 
 
+async def run_pinned(
+    pipeline: Callable[..., Awaitable[Pipeline]],
+    followers: Callable[..., Awaitable[AgentRuntime]],
+    basicmotions: Any,
+    *,
+    pin: str,
+    serving: tuple[str, ...],
+    decisions: int,
+) -> tuple[list[Result], list[Decision]]:
+    """Frames through a plan pinning ``pin``, answered by one replica serving ``serving``
+    (cost-free stand-ins of the accel model); the results and decisions of the run."""
+    from coordinator.plan import Plan, SensorInput, SubtaskSpec
+
+    plan = Plan(
+        subtasks=(SubtaskSpec("accel", (SensorInput("accel"),), model=pin),), deadline_ms=2000
+    )
+    parts = await pipeline(agents=(), plan=plan)
+    choices = [TimedAgent(n, ms_per_row=0.0, accuracy=0.99 - i / 10) for i, n in enumerate(serving)]
+    await followers(files=tuple(Choice.of(c) for c in choices))
+    decided = await Collector(Decision).start_stream(parts.nc, parts.subjects.all_decisions())
+    results = await Collector(Result).start(parts.nc, parts.subjects.all_results())
+    feeder = FrameFeeder(parts.nc, parts.subjects, basicmotions, every_s=0.01).start()
+    await eventually(lambda: len(decided.items) >= decisions, what=f"{decisions} decisions")
+    await feeder.stop()
+    return results.items, decided.items
+
+
 async def test_a_plan_pins_the_model_that_answers(
     pipeline: Callable[..., Awaitable[Pipeline]],
     followers: Callable[..., Awaitable[AgentRuntime]],
     basicmotions: Any,
 ) -> None:
-    from coordinator.plan import Plan, SensorInput, SubtaskSpec
-
-    plan = Plan(
-        subtasks=(SubtaskSpec("accel", (SensorInput("accel"),), model="accel-small"),),
-        deadline_ms=2000,
+    results, decisions = await run_pinned(
+        pipeline,
+        followers,
+        basicmotions,
+        pin="accel-small",
+        serving=("accel-large", "accel-small"),
+        decisions=20,
     )
-    parts = await pipeline(agents=(), plan=plan)
-    large = TimedAgent("accel-large", ms_per_row=0.0, accuracy=0.99)
-    small = TimedAgent("accel-small", ms_per_row=0.0, accuracy=0.9)
-    await followers(files=(Choice.of(small), Choice.of(large)))
-    results = await Collector(Result).start(parts.nc, parts.subjects.all_results())
-    feeder = FrameFeeder(parts.nc, parts.subjects, basicmotions, every_s=0.01).start()
-    await eventually(lambda: len(results.items) >= 20, what="20 answers")
-    await feeder.stop()
-    assert {(r.model.name, r.selection) for r in results.items} == {("accel-small", "pinned")}
+    assert {(r.model.name, r.selection) for r in results} == {("accel-small", "pinned")}
+    assert {d.models["accel"] for d in decisions} == {"accel-small@1"}
 
 
 async def test_a_pin_no_replica_serves_is_answered_with_an_error(
@@ -440,22 +462,12 @@ async def test_a_pin_no_replica_serves_is_answered_with_an_error(
     followers: Callable[..., Awaitable[AgentRuntime]],
     basicmotions: Any,
 ) -> None:
-    from coordinator.plan import Plan, SensorInput, SubtaskSpec
-
-    plan = Plan(
-        subtasks=(SubtaskSpec("accel", (SensorInput("accel"),), model="accel-huge"),),
-        deadline_ms=2000,
+    results, decisions = await run_pinned(
+        pipeline, followers, basicmotions, pin="accel-huge", serving=("accel-small",), decisions=5
     )
-    parts = await pipeline(agents=(), plan=plan)
-    await followers(files=(Choice.of(TimedAgent("accel-small", ms_per_row=0.0, accuracy=0.9)),))
-    decisions = await Collector(Decision).start_stream(parts.nc, parts.subjects.all_decisions())
-    results = await Collector(Result).start(parts.nc, parts.subjects.all_results())
-    feeder = FrameFeeder(parts.nc, parts.subjects, basicmotions, every_s=0.01).start()
-    await eventually(lambda: len(decisions.items) >= 5, what="5 decisions")
-    await feeder.stop()
-    assert {r.error.code for r in results.items if r.error} == {"pin_unserved"}
-    assert all(r.error is not None for r in results.items)
-    assert {d.status for d in decisions.items} == {"failed"}
+    assert results and all(r.error is not None for r in results)
+    assert {r.error.code for r in results if r.error} == {"pin_unserved"}
+    assert {d.status for d in decisions} == {"failed"}
 
 
 def test_a_lineup_refuses_a_model_that_reads_other_inputs() -> None:
