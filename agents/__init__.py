@@ -1,7 +1,7 @@
 """Agents: the runtime that serves them, model runtimes, the model agent, fusion and training.
 
-TensorFlow is imported only by :mod:`agents.runtimes.keras`, :mod:`agents.training` and
-:mod:`agents.chain_training`.
+TensorFlow is imported only by :mod:`agents.runtimes.keras`, :mod:`agents.training`,
+:mod:`agents.chain_training` and :mod:`agents.selection_training`.
 """
 
 from typing import TYPE_CHECKING, Any

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,56 @@ def export_tflite(model: Any, path: Path) -> None:
         path.write_bytes(tf.lite.TFLiteConverter.from_saved_model(saved).convert())
 
 
+#: Builds a classifier: ``(samples, channels, classes, x_fit) -> keras.Model``, where
+#: ``x_fit`` are the (unaugmented) training cases its normalisation adapts to.
+Builder = Callable[[int, int, int, np.ndarray], Any]
+
+
+def fit_classifier(
+    build: Builder,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    *,
+    classes: int,
+    settings: TrainingSettings,
+) -> tuple[Any, np.ndarray, np.ndarray]:
+    """Fit ``build``'s model on ``x_train`` minus a seeded validation hold-out, augmented.
+
+    Seeds Keras and numpy with ``settings.seed`` first, so the split, the augmentation and
+    the weights are the same whatever was trained before in the process. Returns the fitted
+    model and the indexes of the fitted and the held-out cases.
+    """
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(settings.seed)
+    tf.config.experimental.enable_op_determinism()
+    rng = np.random.default_rng(settings.seed)
+    fit_idx, val_idx = stratified_split(y_train, settings.val_per_class, rng)
+    x_fit, y_fit = augment(x_train[fit_idx], y_train[fit_idx], settings.augment_copies, rng)
+
+    model = build(x_train.shape[1], x_train.shape[2], classes, x_train[fit_idx])
+    model.compile(
+        optimizer=keras.optimizers.Adam(settings.learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    model.fit(
+        x_fit,
+        y_fit,
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        shuffle=True,
+        verbose=0,
+    )
+    return model, fit_idx, val_idx
+
+
+def classifier_accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
+    """The share of cases ``x`` whose highest score is their class ``y``."""
+    return float(np.mean(np.argmax(model(x, training=False).numpy(), axis=1) == y))
+
+
 def train_sensor_model(
     *,
     type_name: str,
@@ -103,34 +154,10 @@ def train_sensor_model(
     ``x_test`` is scored once, for the card, and never used to choose anything.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-    import tensorflow as tf
-
-    keras.utils.set_random_seed(settings.seed)
-    tf.config.experimental.enable_op_determinism()
-    rng = np.random.default_rng(settings.seed)
-    fit_idx, val_idx = stratified_split(y_train, settings.val_per_class, rng)
-    x_fit, y_fit = augment(x_train[fit_idx], y_train[fit_idx], settings.augment_copies, rng)
-
-    model = build_model(x_train.shape[1], x_train.shape[2], len(labels), x_train[fit_idx])
-    model.compile(
-        optimizer=keras.optimizers.Adam(settings.learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
+    model, fit_idx, val_idx = fit_classifier(
+        build_model, x_train, y_train, classes=len(labels), settings=settings
     )
-    model.fit(
-        x_fit,
-        y_fit,
-        epochs=settings.epochs,
-        batch_size=settings.batch_size,
-        shuffle=True,
-        verbose=0,
-    )
-
-    def accuracy(x: np.ndarray, y: np.ndarray) -> float:
-        return float(np.mean(np.argmax(model(x, training=False).numpy(), axis=1) == y))
-
-    val_accuracy = accuracy(x_train[val_idx], y_train[val_idx])
+    val_accuracy = classifier_accuracy(model, x_train[val_idx], y_train[val_idx])
     card = ModelCard(
         type=type_name,
         name=f"basicmotions-{type_name}",
@@ -140,7 +167,7 @@ def train_sensor_model(
         weight=round(max(val_accuracy, 0.05), 4),
         metrics={
             "val_accuracy": round(val_accuracy, 4),
-            "test_accuracy": round(accuracy(x_test, y_test), 4),
+            "test_accuracy": round(classifier_accuracy(model, x_test, y_test), 4),
             "train_cases": float(len(fit_idx)),
             "val_cases": float(len(val_idx)),
         },

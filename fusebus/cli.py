@@ -669,8 +669,8 @@ def _train_parser(commands: Any, env_url: str | None) -> None:
     del env_url  # training never touches the bus
     train = commands.add_parser(
         "train",
-        help="train one classifier per sensor of a dataset, and a model chain's per-sensor "
-        "encoders and head (needs TensorFlow)",
+        help="train one classifier per sensor of a dataset, a model chain's per-sensor "
+        "encoders and head, and a large and a small model to select from (needs TensorFlow)",
     )
     train.add_argument(
         "--dataset",
@@ -687,11 +687,13 @@ def _train_parser(commands: Any, env_url: str | None) -> None:
     )
     train.add_argument(
         "--models",
-        choices=("classifiers", "chain", "all"),
+        choices=("classifiers", "chain", "selection", "all"),
         default="classifiers",
         help="classifiers: one per sensor (default); chain: the model chain of "
         "examples/chain.toml, an encoder per sensor (enc_<sensor>) and the head reading their "
-        "features and the stats stage's; all: both",
+        "features and the stats stage's; selection: a costly accurate model and a fast cheap "
+        "one of the first sensor (<sensor>-large, <sensor>-small), for an agent that picks "
+        "one by deadline; all: every one",
     )
     train.set_defaults(run="train")
 

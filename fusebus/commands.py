@@ -405,12 +405,14 @@ def fusion_precedence(
 
 async def train(args: argparse.Namespace) -> int:
     """``fusebus train``: one classifier per sensor of a dataset (the shipped one by default),
-    or with ``--models chain`` (or ``all``) the model chain's per-sensor encoders and head,
-    fitted on its train split and scored once on its TEST split (blocking: nothing else
-    runs)."""
+    with ``--models chain`` the model chain's per-sensor encoders and head, with
+    ``--models selection`` a large and a small model of the first sensor, or with ``all``
+    every one, fitted on its train split and scored once on its TEST split (blocking:
+    nothing else runs)."""
     import numpy as np
 
     from agents.chain_training import train_chain_models
+    from agents.selection_training import train_selection_models
     from agents.training import TrainingSettings, train_sensor_model
     from fusebus.datasets import load_dataset
     from fusebus.paths import models_dir
@@ -455,6 +457,22 @@ async def train(args: argparse.Namespace) -> int:
         )
         for type_name, card in cards.items():
             print(f"{type_name}: {card.metrics} -> {out / type_name}.tflite")
+    if args.models in ("selection", "all"):
+        sensor = next(iter(dataset.sensors))
+        cards = train_selection_models(
+            type_name=sensor,
+            sensor=sensor,
+            x_train=dataset.sensor_view(x_train, sensor),
+            y_train=y_train,
+            x_test=dataset.sensor_view(x_test, sensor),
+            y_test=y_test,
+            labels=dataset.labels,
+            out_dir=out,
+            dataset=dataset.name,
+            settings=settings,
+        )
+        for variant, card in cards.items():
+            print(f"{sensor}-{variant}: {card.metrics} -> {out / sensor}-{variant}.tflite")
     return 0
 
 

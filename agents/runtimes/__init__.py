@@ -9,6 +9,8 @@ bucket-sized pieces (see :func:`bucket_plan`). TensorFlow is imported only when 
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -104,6 +106,28 @@ def predict_in_buckets(
         for start, size, bucket in bucket_plan(rows, buckets)
     ]
     return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+
+
+def infer_ms_per_row(runtime: ModelRuntime, *, batch: int = 32, calls: int = 7) -> float:
+    """What one row costs ``runtime``: the median over ``calls`` timed calls (after one
+    untimed warm-up call) of a ``batch``-row call on zeros, in milliseconds per row.
+
+    Timed on this machine, under whatever else runs on it: a guide to which of a type's
+    models is cheaper, not a constant of the model.
+    """
+    if batch < 1 or calls < 1:
+        raise ValueError(f"batch and calls must be >= 1, got {batch} and {calls}")
+    zeros = [
+        np.zeros((batch, *(max(n, 1) for n in shape)), dtype)
+        for shape, dtype in zip(runtime.input_shapes, runtime.input_dtypes, strict=True)
+    ]
+    runtime.predict(zeros)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        runtime.predict(zeros)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000 / batch
 
 
 def load_runtime(path: Path, *, buckets: tuple[int, ...] | None = None) -> ModelRuntime:
