@@ -176,6 +176,7 @@ class AgentRuntime:
         self._pending: tuple[Lineup, asyncio.Future[None]] | None = None  # see switch()
         self._busy = False  # a batch is being served
         self._rows_per_message = 1.0  # of the subtask messages pulled lately
+        self._overhead_s = 0.0  # a batch's time besides inference, lately (see _serve)
         self._puller: BatchPuller | None = None
         self._life = Lifecycle()
         self._reaper: ExhaustedReaper | None = None
@@ -407,6 +408,10 @@ class AgentRuntime:
         ]
         answers.extend(r for batch in unserved for r in self._pin_errors(batch, latency_ms))
         await self.producer.results(answers)
+        # What a batch costs here besides inference (decode, the hop to the inference
+        # thread, publishing until stored): time a deadline must also leave room for.
+        spent_s = time.perf_counter() - pulled - infer_ms / 1e3
+        self._overhead_s = 0.8 * self._overhead_s + 0.2 * max(0.0, spent_s)
         await self._publish_shadows(parts, outputs, shadows)
         for delivery, _ in work:
             await delivery.ack()
@@ -473,7 +478,8 @@ class AgentRuntime:
             if len(lineup.choices) == 1:
                 index, why = 0, ""
             else:
-                time_left_s = (int(batch.deadline_ns[free].min()) - time.time_ns()) / 1e9
+                deadline_ns = int(batch.deadline_ns[free].min())
+                time_left_s = (deadline_ns - time.time_ns()) / 1e9 - self._overhead_s
                 costs = [self._cost(c.current) for c in lineup.choices]
                 index, why = choose(
                     costs,

@@ -65,3 +65,90 @@ async def test_eval_runs_every_scenario_through_the_bus(
         assert per_class.accuracy == pytest.approx(full.accuracy)
         assert per_class.macro.f1 == pytest.approx(full.macro_f1)
         assert [c.support for c in per_class.classes] == [10, 10, 10, 10]
+
+
+def test_a_selection_row_counts_wrong_and_late_windows_and_answers_by_model() -> None:
+    import numpy as np
+
+    from fusebus.evaluate import RunResult
+    from fusebus.selection_eval import STRATEGY, render_selection, selection_row
+    from schemas import Decision, ModelRef, Result, Window
+
+    def decision(t: int, label: str, status: str, reasons: dict[str, str]) -> Decision:
+        return Decision(
+            task_id=f"s:{t}",
+            stream="s",
+            window=Window(t, t + 1),
+            label=label,
+            scores={},
+            status=status,  # type: ignore[arg-type]
+            contributors=(),
+            missing=tuple(reasons),
+            strategy=STRATEGY,
+            latency_ms=float(t),
+            missing_reasons=reasons,
+        )
+
+    def result(t: int, model: str, selection: str) -> Result:
+        return Result(
+            task_id=f"s:{t}",
+            stream="s",
+            type="accel",
+            agent_id="a",
+            model=ModelRef(model, "1"),
+            output=np.zeros(2, np.float32),
+            labels=("x", "y"),
+            latency_ms=1.0,
+            selection=selection,
+        )
+
+    run = RunResult(None)
+    for d in (
+        decision(1, "x", "complete", {}),
+        decision(2, "y", "complete", {}),
+        decision(3, "", "failed", {"accel": "deadline"}),
+    ):
+        run.decided[STRATEGY][d.window.t_start_ns] = d
+    run.results["accel"] = [result(1, "large", ""), result(2, "small", "deadline")]
+    row = selection_row("selection", run, {1: "x", 2: "x", 3: "y"}, "accel")
+    assert (row.windows, row.complete, row.deadline_misses) == (3, 2, 1)
+    assert row.accuracy == pytest.approx(1 / 3)  # one right; a late window counts as wrong
+    assert row.answers == {"large": 1, "small (deadline)": 1}
+    table = render_selection([row], title="t")
+    assert "| selection | 3 | 0.333 | 2 | 1 | large 1, small (deadline) 1 |" in table
+
+
+async def test_eval_selection_runs_each_model_alone_then_all_of_them(
+    nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    """Every run decides each window exactly once; the selection run's answers come from the
+    two models, the fast one saying why it answered."""
+    from fusebus.selection_eval import SelectionSettings, run_selection_eval
+
+    rows, path = await run_selection_eval(
+        SelectionSettings(
+            models=("accel-large", "accel-small"),
+            rounds=2,
+            out_dir=tmp_path,
+            nats_url=nats_server.url,
+        )
+    )
+    large, small, both = (r.what for r in rows)
+    assert (large, small) == ("basicmotions-accel-large alone", "basicmotions-accel-small alone")
+    assert both == "selection (basicmotions-accel-large, basicmotions-accel-small)"
+    assert [r.windows for r in rows] == [80, 80, 80]
+    allowed = {
+        "basicmotions-accel-large",
+        "basicmotions-accel-small (deadline)",
+        "basicmotions-accel-small (backlog)",
+    }
+    assert set(rows[2].answers) <= allowed
+    assert set(rows[0].answers) == {"basicmotions-accel-large"}
+    assert "| selection (basicmotions-accel-large" in path.read_text()
+
+
+def test_eval_selection_needs_two_models() -> None:
+    from fusebus.selection_eval import SelectionSettings
+
+    with pytest.raises(ConfigError, match="at least two models"):
+        SelectionSettings(models=("accel-large",))
