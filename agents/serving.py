@@ -75,7 +75,10 @@ class Lineup:
             for agent in choice.agents:
                 problem = incompatibility(first, agent)
                 if problem:
-                    raise ConfigError(f"model {choice.name!r}: {problem}")
+                    raise ConfigError(
+                        f"model {choice.name!r} cannot serve beside {self.choices[0].name!r} "
+                        f"in one replica: it {problem}"
+                    )
 
     @classmethod
     def single(cls, agent: Agent, name: str | None = None) -> Lineup:
