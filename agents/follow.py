@@ -152,7 +152,7 @@ class RegistryFollower:
         log.info(
             "model.serving",
             model=name,
-            **choice.describe(),
+            serving=choice.describe(),  # its own "model" key is the current version's label
             switch_wait_ms=round((time.perf_counter() - started) * 1e3, 1),
         )
 
@@ -234,5 +234,10 @@ class RegistryFollower:
             )
         path = folder / f"model{suffix}"
         path.write_bytes(data)
-        path.with_suffix(".json").write_text(json.dumps(stored.card), encoding="utf-8")
+        # The loaded model's version is the stored version: results, decisions, shadow
+        # outputs and the status name it, and the versions kept after a switch are found
+        # by it. A card's own version may differ (`models put --version`, or a card version
+        # with characters a stored version cannot have).
+        card = {**stored.card, "version": stored.version}
+        path.with_suffix(".json").write_text(json.dumps(card), encoding="utf-8")
         return path
