@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,7 @@ import structlog
 from agents.base import Agent
 from agents.model_check import check_model_file
 from agents.serving import Choice, Lineup, incompatibility, model_label
-from bus import Subjects, TopologySettings
+from bus import Subjects, TopologySettings, keep_running
 from bus.registry import ModelRegistry, StoredModel, check_model_name
 from bus.types import Connection
 from schemas import BusError, ConfigError, FusebusError, ModelRollout
@@ -105,7 +106,10 @@ class RegistryFollower:
         """Watch every model's rollout and switch ``runtime`` as they change, until stopped."""
         self._runtime = runtime
         for name in self.names:
-            self._tasks.append(asyncio.create_task(self._watch(name), name=f"follow-{name}"))
+            # A watch that fails for any reason is logged and made again (from the rollout
+            # at that moment): the replica never stops following.
+            watch = keep_running(partial(self._watch, name), name=f"follow-{name}")
+            self._tasks.append(asyncio.create_task(watch, name=f"follow-{name}"))
         return self
 
     async def stop(self) -> None:
@@ -155,7 +159,7 @@ class RegistryFollower:
         log.info(
             "model.serving",
             model=name,
-            **choice.describe(),
+            serving=choice.describe(),  # its own "model" key is the current version's label
             switch_wait_ms=round((time.perf_counter() - started) * 1e3, 1),
         )
 
@@ -239,7 +243,8 @@ class RegistryFollower:
             )
         path = folder / f"model{suffix}"
         path.write_bytes(data)
-        # Results name the registry's model and version, which is what rollouts speak of.
+        # Results name the registry's model and version, which is what rollouts speak of
+        # (a card's own name and version may differ: `models put --name/--version`).
         card = {**stored.card, "name": stored.name, "version": stored.version}
         path.with_suffix(".json").write_text(json.dumps(card), encoding="utf-8")
         return path

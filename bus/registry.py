@@ -19,10 +19,11 @@ import dataclasses
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import nats.errors
 import structlog
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -125,19 +126,22 @@ def promoted(rollout: ModelRollout, version: str) -> ModelRollout:
 
 
 def rolled_back(rollout: ModelRollout) -> ModelRollout:
-    """The version current before this one is current again; a canary ends with it.
+    """The version current before this one is current again; a canary ends with it, and a
+    shadow of that version (it answers again).
 
     Raises:
         ConfigError: no version was current before.
     """
     if not rollout.previous:
         raise ConfigError(f"model {rollout.name!r} has no earlier version to roll back to")
+    back = rollout.previous[-1]
     return dataclasses.replace(
         rollout,
-        current=rollout.previous[-1],
+        current=back,
         previous=rollout.previous[:-1],
         canary="",
         canary_share=0.0,
+        shadow="" if rollout.shadow == back else rollout.shadow,
         updated_ns=time.time_ns(),
     )
 
@@ -294,11 +298,12 @@ class ModelRegistry:
                 f"{name} serves type {rollout.type!r}; this card is for type {type_name!r}"
             )
         description = json.dumps({"file": file_name, "card": card}, separators=(",", ":"))
-        await self.store.put(
-            _object(name, version),
-            data,
-            meta=ObjectMeta(name=_object(name, version), description=description),
-        )
+        with _answered(f"storing {name} version {version}"):
+            await self.store.put(
+                _object(name, version),
+                data,
+                meta=ObjectMeta(name=_object(name, version), description=description),
+            )
         if rollout is None:  # unless another put made the first one meanwhile
             await self.update(name, lambda r: r or first_rollout(name, type_name, version))
         stored = await self._info(name, version)
@@ -316,7 +321,8 @@ class ModelRegistry:
         if info is None:
             raise ConfigError(f"{name} has no stored version {version!r}")
         try:
-            result = await self.store.get(_object(name, version))
+            with _answered(f"reading {name} version {version}"):
+                result = await self.store.get(_object(name, version))
         except ObjectNotFoundError:
             raise ConfigError(f"{name} version {version} was removed") from None
         return info, bytes(result.data or b"")
@@ -324,7 +330,8 @@ class ModelRegistry:
     async def catalog(self) -> list[StoredModel]:
         """Every stored version, by name then in the order stored."""
         try:
-            infos = await self.store.list()
+            with _answered("listing the stored versions"):
+                infos = await self.store.list()
         except NotFoundError:  # an empty bucket
             return []
         found = [_stored(info) for info in infos if not info.deleted]
@@ -353,10 +360,13 @@ class ModelRegistry:
         elif not versions and rollout is None:
             raise ConfigError(f"no model {name!r} in the registry")
         for each in versions:
-            with contextlib.suppress(ObjectNotFoundError, NotFoundError):
+            with (
+                contextlib.suppress(ObjectNotFoundError, NotFoundError),
+                _answered(f"removing {name} version {each}"),
+            ):
                 await self.store.delete(_object(name, each))
         if version is None:
-            with contextlib.suppress(KeyNotFoundError):
+            with contextlib.suppress(KeyNotFoundError), _answered(f"removing {name}'s rollout"):
                 await self.rollouts.purge(name)
         elif rollout is not None and version in rollout.previous:
             await self.update(name, lambda r: _forgetting(_known(r, name), version))
@@ -365,7 +375,8 @@ class ModelRegistry:
 
     async def _info(self, name: str, version: str) -> StoredModel | None:
         try:
-            info = await self.store.get_info(_object(name, version))
+            with _answered(f"looking up {name} version {version}"):
+                info = await self.store.get_info(_object(name, version))
         except (ObjectNotFoundError, NotFoundError):
             return None
         return None if info.deleted else _stored(info)
@@ -375,7 +386,8 @@ class ModelRegistry:
         """The model's rollout, or None when it has none."""
         check_model_name(name)
         try:
-            entry = await self.rollouts.get(name)
+            with _answered(f"reading {name}'s rollout"):
+                entry = await self.rollouts.get(name)
         except KeyNotFoundError:
             return None
         return _decode_rollout(entry.value, name)
@@ -388,7 +400,8 @@ class ModelRegistry:
         check_model_name(name)
         while True:
             try:
-                entry = await self.rollouts.get(name)
+                with _answered(f"reading {name}'s rollout"):
+                    entry = await self.rollouts.get(name)
                 current, revision = _decode_rollout(entry.value, name), entry.revision
             except KeyNotFoundError:
                 current, revision = None, None
@@ -396,10 +409,11 @@ class ModelRegistry:
             if wanted == current:
                 return wanted
             try:
-                if revision is None:
-                    await self.rollouts.create(name, CODEC.encode(wanted))
-                else:
-                    await self.rollouts.update(name, CODEC.encode(wanted), last=revision)
+                with _answered(f"writing {name}'s rollout"):
+                    if revision is None:
+                        await self.rollouts.create(name, CODEC.encode(wanted))
+                    else:
+                        await self.rollouts.update(name, CODEC.encode(wanted), last=revision)
             except KeyWrongLastSequenceError:
                 continue  # someone else changed it meanwhile
             log.info(
@@ -442,7 +456,9 @@ class ModelRegistry:
         if await self._info(name, version) is None:
             raise ConfigError(f"{name} has no stored version {version!r}")
 
-    async def watch(self, name: str, *, poll_s: float = 5.0) -> AsyncIterator[ModelRollout | None]:
+    async def watch(
+        self, name: str, *, poll_s: float = 5.0
+    ) -> AsyncGenerator[ModelRollout | None, None]:
         """The model's rollout now, then each change as it is made (None: it was removed).
 
         A value that does not decode is logged and skipped; a watch the server drops is
@@ -472,6 +488,21 @@ class ModelRegistry:
             finally:
                 with contextlib.suppress(Exception):
                     await watcher.stop()  # type: ignore[no-untyped-call]
+
+
+@contextlib.contextmanager
+def _answered(doing: str) -> Iterator[None]:
+    """Raise the bus failing a registry request (no answer in time, an error from the
+    client) as a :class:`BusError` saying what the registry was ``doing``. A user without
+    the right to a subject gets no answer: the server refuses the publish, and the request
+    times out."""
+    try:
+        yield
+    except (TimeoutError, nats.errors.Error) as exc:
+        if isinstance(exc, (NotFoundError, KeyWrongLastSequenceError)):
+            raise  # answers (no such key, object or bucket; a lost race): callers handle them
+        error = str(exc) or type(exc).__name__
+        raise BusError(f"the model registry failed {doing}: {error}") from exc
 
 
 def _forgetting(rollout: ModelRollout, version: str) -> ModelRollout:

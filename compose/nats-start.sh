@@ -10,7 +10,7 @@
 # one nats-route:// URL per peer with the route password percent-encoded byte by byte (so
 # @, :, / and % in it mean nothing to the URL), and the route password quoted like the rest.
 set -eu
-roles="SENSOR COORDINATOR AGENT FUSION READER"
+roles="SENSOR COORDINATOR AGENT FUSION READER MODELS"
 if [ -n "${FUSEBUS_NATS_PEERS:-}" ]; then
   route_password=${FUSEBUS_ROUTE_PASSWORD:?FUSEBUS_ROUTE_PASSWORD is not set}
   encoded=$(printf '%s' "$route_password" | od -A n -t x1 -v | tr -d ' \n' | sed 's/../%&/g')

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
-from bus import EmbeddedCluster, EmbeddedServer, Subjects
+from bus import BusSettings, EmbeddedCluster, EmbeddedServer, Subjects, connect
 from fusebus.datasets import SensorDataset, load_basicmotions
+from tests import compose_env
 from tests.helpers import Pipeline, bus_connector, start_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,3 +114,33 @@ async def pipeline(
     yield start
     for parts in started:
         await asyncio.gather(*(c.stop() for c in parts.components()), return_exceptions=True)
+
+
+@pytest.fixture(scope="module")
+def secured_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
+    """nats-server running compose/nats.conf (one user per role, least privilege), the
+    roles' test passwords given through the environment; one per test module, since the
+    permissions hold only for the default prefix ``fb``."""
+    with compose_env.secured_server(tmp_path_factory.mktemp("secured")) as server:
+        yield server
+
+
+@pytest.fixture
+async def as_role(
+    secured_server: EmbeddedServer,
+) -> AsyncIterator[Callable[[str], Awaitable[Client]]]:
+    """Open connections to the secured server as a role (``await as_role("agent")``), with
+    that role's user and password; all are closed at the end of the test."""
+    opened: list[Client] = []
+
+    async def open_as(role: str) -> Client:
+        settings = BusSettings(
+            url=secured_server.url, user=role, password=compose_env.TEST_PASSWORDS[role]
+        )
+        nc = await connect(settings, name=role)
+        opened.append(nc)
+        return nc
+
+    yield open_as
+    for nc in opened:
+        await nc.close()

@@ -37,7 +37,7 @@ from bus import (
 )
 from bus.shares import settled
 from schemas import Decision
-from tests.compose_env import START_SCRIPT, nats_conf_env
+from tests.compose_env import ROLES, START_SCRIPT, nats_conf_env
 from tests.helpers import Collector, eventually, stream_names, wait_for_agents, wait_for_role
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,7 +175,7 @@ async def test_any_password_works_through_the_start_script(tmp_path: Path) -> No
     """nats-server started as compose starts it (compose/nats-start.sh, compose/nats.conf)
     takes every role's password as the exact string it is: numbers, hex, ;, ', }, spaces,
     quotes and backslashes; a wrong password is refused."""
-    roles = ["sensor", "coordinator", "agent", "fusion", "reader"]
+    roles = list(ROLES)
     for round_no in range(0, len(AWKWARD_PASSWORDS), len(roles)):
         chosen = (AWKWARD_PASSWORDS[round_no:] + AWKWARD_PASSWORDS)[: len(roles)]
         passwords = dict(zip(roles, chosen, strict=True))

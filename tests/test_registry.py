@@ -81,6 +81,8 @@ def test_promoting_the_canary_ends_the_canary_and_rollback_ends_any() -> None:
     assert (done.current, done.canary, done.canary_share) == ("2", "", 0.0)
     other = with_canary(promoted(canary, "3"), "2", 0.1)
     assert rolled_back(other).canary == ""
+    shadowing_the_old = with_shadow(promoted(first_rollout("a", "a", "1"), "2"), "1")
+    assert rolled_back(shadowing_the_old).shadow == ""  # it serves again
     with pytest.raises(ConfigError, match="already current"):
         with_canary(done, "2", 0.5)
     with pytest.raises(ConfigError, match="share"):
@@ -259,6 +261,30 @@ async def test_a_promotion_under_load_switches_every_replica_between_batches(
         assert replica.stats()["serving"] == [{"name": "accel", "model": "accel@2"}]
     assert {d.models["accel"] for d in got} == {"accel@1", "accel@2"}
     assert {d.models["gyro"] for d in got} == {"basicmotions-gyro@1.0.0"}
+
+
+async def test_a_replica_follows_every_change_promote_canary_shadow_and_rollback(
+    registry: ModelRegistry, followers: Callable[..., Awaitable[AgentRuntime]]
+) -> None:
+    await put_accel(registry, "1", "2", "3")
+    replica = await followers("accel")
+
+    async def serves(wanted: dict[str, str]) -> None:
+        await eventually(
+            lambda: replica.stats()["serving"] == [{"name": "accel", **wanted}],
+            what=f"the replica serving {wanted}",
+            state=lambda: replica.stats()["serving"],
+        )
+
+    await registry.promote("accel", "2")
+    await serves({"model": "accel@2"})
+    await registry.canary("accel", "3", 0.2)
+    await serves({"model": "accel@2", "canary": "accel@3 20%"})
+    await registry.shadow("accel", "1")
+    await serves({"model": "accel@2", "canary": "accel@3 20%", "shadow": "accel@1"})
+    await registry.rollback("accel")  # back to 1; the canary ends, the shadow of 1 with it
+    await serves({"model": "accel@1"})
+    assert replica.counts["switches"] == 4
 
 
 async def test_a_version_that_does_not_load_is_not_switched_to(
