@@ -478,8 +478,13 @@ class AgentRuntime:
             if len(lineup.choices) == 1:
                 index, why = 0, ""
             else:
-                deadline_ns = int(batch.deadline_ns[free].min())
-                time_left_s = (deadline_ns - time.time_ns()) / 1e9 - self._overhead_s
+                deadlines = batch.deadline_ns[free]
+                deadlines = deadlines[deadlines > 0]  # 0: none known, all the time there is
+                time_left_s = (
+                    (int(deadlines.min()) - time.time_ns()) / 1e9 - self._overhead_s
+                    if len(deadlines)
+                    else float("inf")
+                )
                 costs = [self._cost(c.current) for c in lineup.choices]
                 index, why = choose(
                     costs,
