@@ -67,8 +67,17 @@ class ModelCard:
             raise ConfigError(f"model card {path} does not exist") from None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"model card {path}: not JSON ({exc})") from None
+        return cls.from_dict(raw, where=f"model card {path}")
+
+    @classmethod
+    def from_dict(cls, raw: object, *, where: str) -> ModelCard:
+        """Validate a card already parsed from JSON (``where`` names it in errors).
+
+        Raises:
+            ConfigError: naming ``where`` and the problem.
+        """
         if not isinstance(raw, dict):
-            raise ConfigError(f"model card {path}: expected a JSON object")
+            raise ConfigError(f"{where}: expected a JSON object")
         try:
             metrics = {str(k): float(v) for k, v in raw.get("metrics", {}).items()}
             output = raw.get("output", "scores")
@@ -82,7 +91,7 @@ class ModelCard:
                 version=str(raw.get("version", "0.0.0")),
                 labels=tuple(str(label) for label in raw.get("labels", ())),
                 inputs=tuple(_input(i) for i in raw["inputs"]),
-                weight=card_weight(raw.get("weight"), metrics, owner=f"model card {path}"),
+                weight=card_weight(raw.get("weight"), metrics, owner=where),
                 metrics=metrics,
                 notes=str(raw.get("notes", "")),
                 output=kind,
@@ -91,11 +100,11 @@ class ModelCard:
         except ConfigError:
             raise  # already names the card and the problem
         except FusebusError as exc:
-            raise ConfigError(f"model card {path}: {exc}") from None
+            raise ConfigError(f"{where}: {exc}") from None
         except KeyError as exc:
-            raise ConfigError(f"model card {path}: missing key {exc}") from None
+            raise ConfigError(f"{where}: missing key {exc}") from None
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"model card {path}: {exc}") from None
+            raise ConfigError(f"{where}: {exc}") from None
 
     def to_json(self) -> str:
         """The card as pretty JSON (in the layout :meth:`from_file` reads)."""
@@ -150,3 +159,22 @@ def card_weight(explicit: object, metrics: dict[str, float], *, owner: str) -> f
             "(it must be in (0, 1]); give an explicit weight"
         )
     return accuracy
+
+
+def stand_in_problem(serving: ModelCard, candidate: ModelCard) -> str:
+    """Why a model with card ``candidate`` cannot take the place of one with card
+    ``serving`` as another version of it ("" if it can): it must serve the same type, read
+    the same inputs and answer the same labels and output, or the coordinator and fusion
+    would be told one thing and given another."""
+    if candidate.type != serving.type:
+        return f"it serves type {candidate.type!r}, the current version {serving.type!r}"
+    if candidate.inputs != serving.inputs:
+        return "it reads other inputs than the current version"
+    if candidate.labels != serving.labels:
+        return (
+            f"it answers labels {list(candidate.labels)}, the current version "
+            f"{list(serving.labels)}"
+        )
+    if (candidate.output, candidate.output_shape) != (serving.output, serving.output_shape):
+        return "it answers another output kind or shape than the current version"
+    return ""

@@ -286,7 +286,7 @@ class ModelRegistry:
             raise ConfigError(
                 f"model file is {len(data)} bytes; the registry takes at most {MAX_MODEL_BYTES}"
             )
-        if await self._info(name, version) is not None:
+        if await self.info(name, version) is not None:
             raise ConfigError(
                 f"{name} version {version} is already stored (versions never change: "
                 "put it under a new version, or rm it first)"
@@ -306,7 +306,7 @@ class ModelRegistry:
             )
         if rollout is None:  # unless another put made the first one meanwhile
             await self.update(name, lambda r: r or first_rollout(name, type_name, version))
-        stored = await self._info(name, version)
+        stored = await self.info(name, version)
         assert stored is not None  # just put
         log.info("model.stored", model=name, version=version, size=len(data), type=type_name)
         return stored
@@ -317,7 +317,7 @@ class ModelRegistry:
         Raises:
             ConfigError: no such version is stored.
         """
-        info = await self._info(name, version)
+        info = await self.info(name, version)
         if info is None:
             raise ConfigError(f"{name} has no stored version {version!r}")
         try:
@@ -373,7 +373,8 @@ class ModelRegistry:
         log.info("model.removed", model=name, versions=versions)
         return versions
 
-    async def _info(self, name: str, version: str) -> StoredModel | None:
+    async def info(self, name: str, version: str) -> StoredModel | None:
+        """A stored version, or None when there is no such version."""
         try:
             with _answered(f"looking up {name} version {version}"):
                 info = await self.store.get_info(_object(name, version))
@@ -453,7 +454,7 @@ class ModelRegistry:
 
     async def _stored(self, name: str, version: str) -> None:
         check_version(version)
-        if await self._info(name, version) is None:
+        if await self.info(name, version) is None:
             raise ConfigError(f"{name} has no stored version {version!r}")
 
     async def watch(

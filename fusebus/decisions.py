@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import re
 import sys
@@ -18,7 +19,7 @@ from typing import Any, TextIO
 
 from bus import Subjects, follow_stored, iter_stored
 from bus.types import Connection, Message
-from schemas import CODEC, ConfigError, Decision, FusebusError
+from schemas import CODEC, ConfigError, Decision, FusebusError, Window
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
 _UNIT_S = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -75,25 +76,20 @@ class DecisionQuery:
 
 
 def decision_record(decision: Decision) -> dict[str, Any]:
-    """A decision as a JSON-safe dict (every field, ``window`` as start/end ns)."""
-    return {
-        "task_id": decision.task_id,
-        "stream": decision.stream,
-        "window_start_ns": decision.window.t_start_ns,
-        "window_end_ns": decision.window.t_end_ns,
-        "label": decision.label,
-        "scores": decision.scores,
-        "status": decision.status,
-        "contributors": list(decision.contributors),
-        "missing": list(decision.missing),
-        "absent": list(decision.absent),
-        "missing_sensors": list(decision.missing_sensors),
-        "strategy": decision.strategy,
-        "fusion": decision.fusion,
-        "alarm": decision.alarm,
-        "latency_ms": decision.latency_ms,
-        "decided_ns": decision.decided_ns,
-    }
+    """A decision as a JSON-safe dict: every field of the message (taken from its
+    definition, so a field added later is never left out), ``window`` as start/end ns."""
+    record: dict[str, Any] = {}
+    for f in dataclasses.fields(decision):
+        value = getattr(decision, f.name)
+        if isinstance(value, Window):
+            record["window_start_ns"], record["window_end_ns"] = value.t_start_ns, value.t_end_ns
+        elif isinstance(value, tuple):
+            record[f.name] = list(value)
+        elif isinstance(value, dict):
+            record[f.name] = dict(value)
+        else:
+            record[f.name] = value
+    return record
 
 
 TABLE_HEADER = (

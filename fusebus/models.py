@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from agents.model_card import ModelCard, stand_in_problem
 from agents.model_check import check_model_file
 from bus import Subjects, TopologySettings, connect, iter_stored
 from bus.registry import ModelRegistry, StoredModel, check_model_name, check_version
@@ -179,8 +180,22 @@ async def models_command(args: argparse.Namespace, bus: Any, topology: TopologyS
 async def _put(args: argparse.Namespace, registry: ModelRegistry, nc: Connection) -> int:
     path: Path = args.path
     agent, card, data = _read_model(path)
-    name = check_model_name(args.name or path.stem)
-    version = check_version(args.version or _VERSION_FROM_CARD.sub("-", agent.model.version))
+    name = check_model_name(path.stem if args.name is None else args.name)
+    version = check_version(
+        _VERSION_FROM_CARD.sub("-", agent.model.version) if args.version is None else args.version
+    )
+    serving = await registry.rollout(name)
+    current = await registry.info(name, serving.current) if serving is not None else None
+    if current is not None:
+        problem = stand_in_problem(
+            ModelCard.from_dict(current.card, where=f"the card of {name}@{current.version}"),
+            agent.card,
+        )
+        if problem:
+            raise ConfigError(
+                f"{path} cannot be a version of {name}: {problem} (a model that reads or "
+                "answers otherwise is a new model: put it under its own name)"
+            )
     stored = await registry.put(name, version, data, file_name=path.name, card=card)
     rollout = await registry.rollout(name)
     print(

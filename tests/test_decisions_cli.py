@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
@@ -82,6 +83,10 @@ def test_a_decision_reads_as_a_row_and_as_json() -> None:
         record["missing"] == ["gyro"]
         and record["window_end_ns"] - record["window_start_ns"] == 10 * SECOND
     )
+    fields = {f.name for f in dataclasses.fields(Decision)} - {"window"}
+    assert fields <= set(record)  # every field, the models and missing reasons among them
+    with_models = dataclasses.replace(decision("kitchen", 1), models={"accel": "accel@2"})
+    assert decision_record(with_models)["models"] == {"accel": "accel@2"}
 
 
 async def test_decisions_reads_filters_and_follows(

@@ -182,6 +182,24 @@ async def test_the_models_command_puts_lists_promotes_and_refuses_a_broken_file(
     mismatch = await asyncio.to_thread(run, "put", str(lying), "--version", "4")
     assert mismatch.returncode == 2 and "6 channels, the model takes 3" in mismatch.stderr
 
+    reversed_labels = tmp_path / "reversed" / "accel.tflite"
+    reversed_labels.parent.mkdir()
+    shutil.copy(ACCEL, reversed_labels)
+    card = card_of(ACCEL)
+    card["labels"] = card["labels"][::-1]
+    reversed_labels.with_suffix(".json").write_text(json.dumps(card))
+    relabelled = await asyncio.to_thread(run, "put", str(reversed_labels), "--version", "5")
+    assert relabelled.returncode == 2 and "answers labels" in relabelled.stderr
+    gyro = models_dir() / "gyro.tflite"
+    other = tmp_path / "other" / "accel.tflite"  # a gyro model whose card claims type accel
+    other.parent.mkdir()
+    shutil.copy(gyro, other)
+    other.with_suffix(".json").write_text(json.dumps({**card_of(gyro), "type": "accel"}))
+    rewired = await asyncio.to_thread(run, "put", str(other), "--version", "6")
+    assert rewired.returncode == 2 and "reads other inputs" in rewired.stderr
+    empty = await asyncio.to_thread(run, "put", str(ACCEL), "--version", "")
+    assert empty.returncode == 2 and "model version ''" in empty.stderr
+
     promote = await asyncio.to_thread(run, "promote", "accel", "2")
     assert (
         promote.returncode == 0
