@@ -155,7 +155,7 @@ class RegistryFollower:
         log.info(
             "model.serving",
             model=name,
-            **choice.describe(),
+            serving=choice.describe(),  # its keys ("model"...) would clash with ours
             switch_wait_ms=round((time.perf_counter() - started) * 1e3, 1),
         )
 

@@ -261,6 +261,32 @@ async def test_a_promotion_under_load_switches_every_replica_between_batches(
     assert {d.models["gyro"] for d in got} == {"basicmotions-gyro@1.0.0"}
 
 
+async def test_a_replica_follows_one_promotion_after_another(
+    registry: ModelRegistry, followers: Callable[..., Awaitable[AgentRuntime]]
+) -> None:
+    """A replica keeps following after its first switch: each promotion and a rollback
+    switch it once more, to the version named."""
+    await put_accel(registry, "1", "2", "3")
+    replica = await followers("accel")
+
+    async def serves(version: str, switches: int) -> None:
+        await eventually(
+            lambda: (
+                replica.counts["switches"] == switches
+                and replica.lineup.preferred.model.version == version
+            ),
+            what=f"serving {version} after {switches} switches",
+            state=lambda: (replica.counts["switches"], replica.lineup.preferred.model.version),
+        )
+
+    await registry.promote("accel", "2")
+    await serves("2", 1)
+    await registry.promote("accel", "3")
+    await serves("3", 2)
+    await registry.rollback("accel")
+    await serves("2", 3)
+
+
 async def test_a_version_that_does_not_load_is_not_switched_to(
     registry: ModelRegistry,
     pipeline: Callable[..., Awaitable[Pipeline]],
