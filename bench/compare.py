@@ -9,7 +9,8 @@ summed over every process (nats-server included), RSS per process, and the time 
 start to first decision. Then sharded coordinators (:mod:`bench.shards`): windows/s and
 CPU-ms per window per component with 1, 2 and 4 shards, and 2 shards at R3. Then the
 benchmark models as one stage against the same models cut into a two-stage chain
-(:mod:`bench.chain`). Writes
+(:mod:`bench.chain`). Last, model rollout (:mod:`bench.rollout`): promotion to the last
+replica serving, under load and idle, and the decision rate around it. Writes
 ``docs/benchmarks.md`` and ``docs/benchmarks-latency.png``.
 """
 
@@ -36,9 +37,13 @@ from bench.chain import ChainRun, measure_chain
 from bench.chain_report import describe as describe_chain
 from bench.chain_report import render_chain
 from bench.procstat import cpu_seconds, memory_mb, stop_processes
+from bench.rollout import RolloutRun, measure_rollout
+from bench.rollout_report import describe as describe_rollout
+from bench.rollout_report import render_rollout
 from bench.shards import SCENARIOS, ShardMeasured, describe, measure_shards, render_shards
 from bench.workload import SENSORS, TYPES, build_models, frames, plans_toml
 from bus import BusSettings, EmbeddedServer, Subjects, connect, discover_agents, discover_components
+from fusebus.logs import configure_logging
 from schemas import SensorFrame, encode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -479,8 +484,9 @@ def draw(results: list[Measured], path: Path) -> None:
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    build_models()
     only = set(args.only.split(",")) if args.only else None
+    if only is None or only - {"rollout"}:  # the rollout runs the shipped models
+        build_models()
     results = []
     if only is None or "limit" in only:
         results = [limit(rt, b, args.frames) for rt in ("litert", "tf") for b in (1, 64)]
@@ -530,6 +536,15 @@ async def main_async(args: argparse.Namespace) -> None:
             inflight=args.inflight,
             seconds=args.seconds,
         )
+    rolled: RolloutRun | None = None
+    if only is None or "rollout" in only:
+        rolled = await measure_rollout(
+            replicas=args.rollout_replicas,
+            rate=args.rollout_rate,
+            promotions=args.promotions,
+            idle_promotions=args.idle_promotions,
+            window_s=args.rollout_window_s,
+        )
     raw_batched = next((r for r in results if "batched up to 64" in r.name), None)
     fusebus_default = next(
         (r for r in results if r.name.startswith("fusebus default") and "1 replica/" in r.name),
@@ -553,6 +568,9 @@ async def main_async(args: argparse.Namespace) -> None:
         if chained is not None:
             print(describe_chain(chained))
             print("\n" + render_chain(chained))
+        if rolled is not None:
+            print(describe_rollout(rolled))
+            print("\n" + render_rollout(rolled))
         return
     assert raw_batched is not None and fusebus_default is not None
     table = render(results, raw_batched, fusebus_default, core)
@@ -560,6 +578,8 @@ async def main_async(args: argparse.Namespace) -> None:
         table += "\n" + render_shards(sharded, args.repeats)
     if chained is not None:
         table += "\n" + render_chain(chained)
+    if rolled is not None:
+        table += "\n" + render_rollout(rolled)
     print(table)
     docs = ROOT / "docs"
     (docs / "benchmarks.md").write_text(table, encoding="utf-8")
@@ -578,7 +598,8 @@ def main() -> None:
         "--only",
         default="",
         help="comma-separated systems to measure (limit, raw1, raw64, fusebus1, fusebus1-core, "
-        "fusebus2, fusebus4, basicmotions, shards1, shards2, shards4, shards2-r3, chain); a "
+        "fusebus2, fusebus4, basicmotions, shards1, shards2, shards4, shards2-r3, chain, "
+        "rollout); a "
         "partial run prints its figures and leaves docs/ alone",
     )
     parser.add_argument(
@@ -587,7 +608,28 @@ def main() -> None:
         default=300.0,
         help="windows/s of the sharded scenarios' fixed-rate phase (at most 80%% of their max)",
     )
-    asyncio.run(main_async(parser.parse_args()))
+    rollout = parser.add_argument_group("rollout (see bench/rollout.py)")
+    rollout.add_argument(
+        "--promotions", type=int, default=10, help="promotions under load (default: 10)"
+    )
+    rollout.add_argument(
+        "--idle-promotions", type=int, default=8, help="promotions with no load (default: 8)"
+    )
+    rollout.add_argument(
+        "--rollout-replicas", type=int, default=3, help="accel replicas following the registry"
+    )
+    rollout.add_argument(
+        "--rollout-rate", type=float, default=200.0, help="frames/s of the load (default: 200)"
+    )
+    rollout.add_argument(
+        "--rollout-window-s",
+        type=float,
+        default=1.5,
+        help="seconds of decisions counted on each side of a promotion (default: 1.5)",
+    )
+    args = parser.parse_args()
+    configure_logging(level="warning")  # the driver's own registry calls log at info
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

@@ -97,3 +97,47 @@ def test_chain_benchmark_runs_and_prints_its_tables() -> None:
     assert "| two-stage chain / one stage |" in done.stdout
     assert "The second stage in hops" in done.stdout
     assert (ROOT / "docs" / "benchmarks.md").read_text() == docs
+
+
+def test_rollout_benchmark_runs_and_every_window_gets_one_decision() -> None:
+    """`python -m bench --only rollout` promotes a registry model under load and idle
+    across replica processes, and prints the time to the last replica serving, the
+    decisions-per-bin dip, and checks that every frame got exactly one decision, without
+    touching docs/."""
+    docs = (ROOT / "docs" / "benchmarks.md").read_text()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--only",
+            "rollout",
+            "--promotions",
+            "2",
+            "--idle-promotions",
+            "2",
+            "--rollout-replicas",
+            "2",
+            "--rollout-rate",
+            "100",
+            "--rollout-window-s",
+            "0.5",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert sum(line.startswith("under load: -> ") for line in lines) == 2
+    assert sum(line.startswith("idle: -> ") for line in lines) == 2
+    checks = next(line for line in lines if line.startswith("rollout checks:"))
+    assert checks == (
+        "rollout checks: one decision each True; one accel result each True; "
+        "switched once per promotion True"
+    )
+    assert "## Model rollout" in done.stdout
+    assert "| to the last replica's first result with the new version, ms |" in done.stdout
+    assert "| lowest 100 ms bin of decisions after a promotion / median before |" in done.stdout
+    assert (ROOT / "docs" / "benchmarks.md").read_text() == docs
