@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -81,10 +82,12 @@ class RegistryFollower:
         return f"RegistryFollower({', '.join(self.names)}, serving={self._serving})"
 
     async def initial(self) -> list[Choice]:
-        """A choice for each model, from its rollout now.
+        """A choice for each model, from its rollout now. A current version that cannot
+        serve is refused (and said so) and the versions current before it are tried, newest
+        first: a replica starting beside running ones serves what they still serve.
 
         Raises:
-            ConfigError: a model has no rollout, or its current version does not load.
+            ConfigError: a model has no rollout, or none of its versions can serve.
         """
         choices = []
         for name in self.names:
@@ -94,10 +97,17 @@ class RegistryFollower:
                     f"no model {name!r} in the registry; store one with `fusebus models put`"
                 )
             choice = await self._choice(name, rollout, serving=None)
+            for earlier in reversed(rollout.previous):
+                if choice is not None:
+                    break
+                log.warning("model.fallback", model=name, current=rollout.current, trying=earlier)
+                fallback = dataclasses.replace(rollout, current=earlier)
+                choice = await self._choice(name, fallback, serving=None)
             if choice is None:
                 raise ConfigError(
                     f"{name}: its current version {rollout.current} cannot serve: "
                     f"{self.refused.get(f'{name}@{rollout.current}', 'it did not load')}"
+                    + (" (nor any version before it)" if rollout.previous else "")
                 )
             choices.append(choice)
         return choices
@@ -105,6 +115,7 @@ class RegistryFollower:
     def follow(self, runtime: AgentRuntime) -> RegistryFollower:
         """Watch every model's rollout and switch ``runtime`` as they change, until stopped."""
         self._runtime = runtime
+        runtime.refused.update(self.refused)  # what was refused at start, for the status
         for name in self.names:
             # A watch that fails for any reason is logged and made again (from the rollout
             # at that moment): the replica never stops following.
@@ -137,6 +148,10 @@ class RegistryFollower:
     async def _follow(self, name: str, rollout: ModelRollout) -> None:
         runtime = self._runtime
         assert runtime is not None
+        named = {f"{name}@{v}" for v in rollout.versions}
+        for label in [k for k in runtime.refused if k.partition("@")[0] == name]:
+            if label not in named:  # no longer asked for: no longer worth a status line
+                del runtime.refused[label]
         wanted = (rollout.current, rollout.canary, rollout.shadow)
         if self._serving.get(name) == wanted:
             return
@@ -276,7 +291,11 @@ async def start_agent(
     if stored:
         registry = await ModelRegistry.open(nc.jetstream(), subjects, topology)
         follower = RegistryFollower(registry, stored, type_name=type_name)
-        choices += await follower.initial()
+        try:
+            choices += await follower.initial()
+        except BaseException:
+            await follower.stop()  # removes what it downloaded
+            raise
     runtime = AgentRuntime(
         Lineup.ranked(choices), nc, subjects=subjects, settings=settings, topology=topology
     )

@@ -222,6 +222,7 @@ class AgentRuntime:
             "errors": self.counts["errors"],
             "expired": self.counts["expired"],
             "input_mismatch": self.counts[INPUT_MISMATCH],
+            "pin_unserved": self.counts[PIN_UNSERVED],
             "dead_letters": self.inbound.counts["dead_letters"]
             + (self._reaper.reaped if self._reaper else 0),
             "naks": self.inbound.counts["naks"],

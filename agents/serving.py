@@ -51,7 +51,7 @@ class Choice:
         """The versions it serves, as ``fusebus status`` shows them."""
         out = {"model": model_label(self.current)}
         if self.canary is not None:
-            out["canary"] = f"{model_label(self.canary)} {self.canary_share:.0%}"
+            out["canary"] = f"{model_label(self.canary)} {share_text(self.canary_share)}"
         if self.shadow is not None:
             out["shadow"] = model_label(self.shadow)
         return out
@@ -110,6 +110,11 @@ class Lineup:
     def agents(self) -> list[Agent]:
         """Every model version loaded, once each."""
         return list({id(a): a for c in self.choices for a in c.agents}.values())
+
+
+def share_text(share: float) -> str:
+    """A share as a percent, as precise as it was given (``10%``, ``0.5%``, ``33.33%``)."""
+    return f"{share * 100:.4g}%"
 
 
 def model_label(agent: Agent) -> str:

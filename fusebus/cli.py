@@ -367,7 +367,7 @@ def _models_parser(commands: Any, env_url: str | None) -> None:
     canary.add_argument(
         "share",
         type=_share,
-        help="the share of subtasks it answers: 0.1 or 10 (percent); 0 ends the canary",
+        help="the share of subtasks it answers: 0.1 or 10%%; 0 ends the canary",
     )
     shadow = action("shadow", "run a version beside the current one, its outputs never fused")
     shadow.add_argument("name")
@@ -392,16 +392,18 @@ def _models_parser(commands: Any, env_url: str | None) -> None:
 
 
 def _share(text: str) -> float:
-    """A canary share: a fraction in [0, 1), or a percent in (1, 100)."""
+    """A canary share: a fraction in [0, 1) (``0.1``), or a percent with its sign (``10%``)."""
+    percent = text.endswith("%")
     try:
-        value = float(text.rstrip("%"))
+        value = float(text[:-1] if percent else text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a share: {text!r}") from None
-    if text.endswith("%") or value > 1:
+        raise argparse.ArgumentTypeError(f"not a share: {text!r} (give 0.1 or 10%)") from None
+    if percent:
         value /= 100
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(
-            f"a canary share is in [0, 1) or [0%, 100%) (promote for all), got {text!r}"
+            f"a canary share is a fraction in [0, 1) or a percent in [0%, 100%) (promote to "
+            f"answer everything), got {text!r}"
         )
     return value
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from agents.model_card import ModelCard, stand_in_problem
 from agents.model_check import check_model_file
+from agents.serving import share_text
 from bus import Subjects, TopologySettings, connect, iter_stored
 from bus.registry import ModelRegistry, StoredModel, check_model_name, check_version
 from bus.types import Connection
@@ -111,7 +112,7 @@ def _role(version: str, rollout: ModelRollout | None) -> str:
     if version == rollout.current:
         return "current"
     if version == rollout.canary:
-        return f"canary {rollout.canary_share:.0%}"
+        return f"canary {share_text(rollout.canary_share)}"
     if version == rollout.shadow:
         return "shadow"
     if rollout.previous and version == rollout.previous[-1]:
@@ -131,7 +132,7 @@ def render_rollout(rollout: ModelRollout) -> str:
     """One line saying what a model's rollout now serves."""
     parts = [f"{rollout.name}: current {rollout.current}"]
     if rollout.canary:
-        parts.append(f"canary {rollout.canary} ({rollout.canary_share:.0%} of subtasks)")
+        parts.append(f"canary {rollout.canary} ({share_text(rollout.canary_share)} of subtasks)")
     if rollout.shadow:
         parts.append(f"shadow {rollout.shadow}")
     if rollout.previous:

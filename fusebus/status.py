@@ -139,7 +139,7 @@ def render_status(status: BusStatus) -> str:
     """A plain-text table of agents by type (and the planned types nobody serves), then the
     other components' counters."""
     lines = []
-    header = f"{'type':<12} {'replicas':>8} {'runtime':<8} {'model':<22} {'processed':>10} {'errors':>7} {'expired':>8} {'dead':>5} {'batch':>6} {'ms/call':>8}"
+    header = f"{'type':<12} {'replicas':>8} {'runtime':<8} {'model':<30} {'processed':>10} {'errors':>7} {'expired':>8} {'dead':>5} {'batch':>6} {'ms/call':>8}"
     lines.append(header)
     if not status.agents:
         lines.append("(no agents running)")
@@ -148,13 +148,16 @@ def render_status(status: BusStatus) -> str:
         info = entry.replicas[0][0]
         batches = entry.total("batches")
         per_call = entry.total("inference_ms_total") / batches if batches else 0.0
+        # Failed batches, and subtasks answered with an error (inputs that do not fit the
+        # model, a pinned model the replica does not hold).
+        errors = sum(entry.total(k) for k in ("errors", "input_mismatch", "pin_unserved"))
         served = ",".join(
             dict.fromkeys(serving_models(i, s)[0].split(" ")[0] for i, s in entry.replicas)
         )
         lines.append(
             f"{type_name:<12} {len(entry.replicas):>8} {info.runtime:<8} "
-            f"{served:<22.22} {entry.total('processed'):>10.0f} "
-            f"{entry.total('errors'):>7.0f} {entry.total('expired'):>8.0f} {entry.total('dead_letters'):>5.0f} "
+            f"{served:<30.30} {entry.total('processed'):>10.0f} "
+            f"{errors:>7.0f} {entry.total('expired'):>8.0f} {entry.total('dead_letters'):>5.0f} "
             f"{entry.mean_batch:>6.1f} {per_call:>8.3f}"
         )
     for type_name in sorted(status.agents):

@@ -322,6 +322,9 @@ async def test_a_version_that_does_not_load_is_not_switched_to(
     assert "cannot load" in replica.refused["accel@2"]
     assert replica.stats()["refused"] == replica.refused
 
+    late = await followers("accel")  # a replica starting now serves what the others serve
+    assert late.lineup.preferred.model.version == "1" and "accel@2" in late.refused
+
     feeder = FrameFeeder(parts.nc, parts.subjects, basicmotions, every_s=0.01).start()
     await eventually(
         lambda: len(versions_of(results.items)) >= 20, what="answers after the refusal"
@@ -329,6 +332,8 @@ async def test_a_version_that_does_not_load_is_not_switched_to(
     await feeder.stop()
     assert set(versions_of(results.items)) == {"1"}
     assert replica.counts["switches"] == 0 and replica.counts["errors"] == 0
+    await registry.rollback("accel")  # 2 is no longer asked for: no longer reported
+    await eventually(lambda: not replica.refused, what="the refusal forgotten")
 
 
 async def test_shadow_outputs_go_to_the_shadow_subject_and_are_never_fused(
@@ -561,3 +566,30 @@ async def test_on_a_cluster_the_registry_has_the_deployments_replicas_and_surviv
             return False
 
     await eventually(promoted_2, what="a promotion after the election", timeout_s=30)
+
+
+def test_a_canary_share_is_a_fraction_or_a_percent_with_its_sign(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from agents.serving import share_text
+    from fusebus.cli import build_parser
+
+    parser = build_parser()
+
+    def share(text: str) -> float:
+        return float(parser.parse_args(["models", "canary", "accel", "2", text]).share)
+
+    assert share("0.1") == pytest.approx(0.1) and share("10%") == pytest.approx(0.1)
+    assert share("0.5%") == pytest.approx(0.005) and share("0") == 0.0
+    for bad in ("10", "1", "100%", "-1%", "half"):
+        with pytest.raises(SystemExit) as exited:
+            share(bad)
+        assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("a canary share is a fraction") == 4 and "not a share: 'half'" in err
+    assert [share_text(s) for s in (0.1, 0.005, 1 / 3, 0.00001)] == [
+        "10%",
+        "0.5%",
+        "33.33%",
+        "0.001%",
+    ]
