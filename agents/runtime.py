@@ -212,6 +212,11 @@ class AgentRuntime:
             weight=a.weight,
             output=self.output,
             output_shape=self.output_shape if self.output == "features" else (),
+            models=tuple(
+                dict.fromkeys(
+                    n for c in self.lineup.choices for n in (c.name, c.current.model.name)
+                )
+            ),
         )
 
     def stats(self) -> dict[str, Any]:

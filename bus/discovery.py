@@ -30,6 +30,10 @@ PREFIX = "fusebus.prefix"
 INFO = "fusebus.agent_info"
 
 
+#: Most model names one replica's info may list (what a plan may pin it to).
+MAX_MODELS = 64
+
+
 def agent_info_metadata(info: AgentInfo, *, prefix: str) -> dict[str, str]:
     """Service metadata (string to string) that carries an agent's info."""
     body = dataclasses.asdict(info)
@@ -63,6 +67,9 @@ def agent_info_from_metadata(metadata: dict[str, str]) -> AgentInfo | None:
         output = body.get("output", "scores")
         if output not in OUTPUT_KINDS:
             raise ValueError(f"output must be one of {OUTPUT_KINDS}, got {output!r}")
+        models = body.get("models", [])
+        if not isinstance(models, list) or len(models) > MAX_MODELS:
+            raise ValueError(f"models must be a list of at most {MAX_MODELS} names")
         return AgentInfo(
             agent_id=str(body["agent_id"]),
             type=str(body["type"]),
@@ -73,6 +80,7 @@ def agent_info_from_metadata(metadata: dict[str, str]) -> AgentInfo | None:
             weight=weight,
             output=output,
             output_shape=tuple(int(n) for n in body.get("output_shape", ())),
+            models=tuple(str(m) for m in models),
         )
     except (KeyError, TypeError, ValueError) as exc:
         log.warning("discovery.bad_agent_info", error=str(exc))

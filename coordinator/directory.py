@@ -6,6 +6,7 @@ first sighting and forgotten when no replica of it has been seen for ``forget_af
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -24,12 +25,39 @@ class KnownType:
     last_seen: float
     output: OutputKind = "scores"
     output_shape: tuple[int, ...] = ()  # per row; for scores, one per label
+    # The models a plan may pin: held by every replica, and by at least one.
+    models_everywhere: frozenset[str] = frozenset()
+    models_somewhere: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, info: AgentInfo, replicas: int, now: float) -> KnownType:
         """What a replica's discovery metadata says of its type."""
         shape = info.output_shape if info.output == "features" else (len(info.labels),)
-        return cls(info.type, info.inputs, replicas, now, info.output, shape)
+        held = frozenset(info.models)
+        return cls(info.type, info.inputs, replicas, now, info.output, shape, held, held)
+
+    @classmethod
+    def of_replicas(cls, infos: list[AgentInfo], now: float) -> KnownType:
+        """What the replicas of one type say of it (the first one's card; the models each
+        holds, which may differ between replicas)."""
+        first = cls.of(infos[0], len(infos), now)
+        held = [frozenset(i.models) for i in infos]
+        return dataclasses.replace(
+            first,
+            models_everywhere=frozenset.intersection(*held),
+            models_somewhere=frozenset.union(*held),
+        )
+
+    def pin_problem(self, model: str) -> str:
+        """Why subtasks of this type pinned to ``model`` would fail ("" if none would)."""
+        if model not in self.models_somewhere:
+            return f"no replica of {self.type!r} holds model {model!r}"
+        if model not in self.models_everywhere:
+            return (
+                f"only some replicas of {self.type!r} hold model {model!r}: the subtasks "
+                "the others take are answered with pin_unserved"
+            )
+        return ""
 
     def can_feed(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
         """Whether sensors of these ``(samples, channels)`` shapes satisfy every sensor
@@ -88,7 +116,7 @@ class AgentDirectory:
             replicas.setdefault(info.type, []).append(info)
         appeared = [t for t in replicas if t not in self._types]
         for type_name, infos in replicas.items():
-            self._types[type_name] = KnownType.of(infos[0], len(infos), now)
+            self._types[type_name] = KnownType.of_replicas(infos, now)
         gone = [
             t for t, known in self._types.items() if now - known.last_seen > self.forget_after_s
         ]

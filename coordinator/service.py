@@ -180,6 +180,7 @@ class Coordinator:
         )
         self.unserved: set[str] = set()  # listed types with no replica running
         self._chain_warnings: set[str] = set()
+        self._pin_warnings: dict[tuple[str, str], str] = {}  # (type, pinned model) -> why
         self.intake = SensorIntake(
             plans=plans,
             subjects=subjects,
@@ -714,6 +715,26 @@ class Coordinator:
         self.unserved = unserved
         if appeared and self.plans.any_chained:
             self._check_chains()
+        self._check_pins()
+
+    def _check_pins(self) -> None:
+        """Say when a model a plan pins is held by no replica of its type, or by only some
+        (and when that is mended): its subtasks would otherwise fail one by one."""
+        for plan in self.plans.all():
+            for spec in plan.subtasks:
+                known = self.directory.by_type.get(spec.type) if spec.model else None
+                if known is None:
+                    continue  # no pin, or no replica at all: plan.type_unserved says so
+                key = (spec.type, spec.model)
+                problem = known.pin_problem(spec.model)
+                if problem and self._pin_warnings.get(key) != problem:
+                    log.warning(
+                        "plan.pin_unserved", type=spec.type, model=spec.model, problem=problem
+                    )
+                    self._pin_warnings[key] = problem
+                elif not problem and key in self._pin_warnings:
+                    del self._pin_warnings[key]
+                    log.info("plan.pin_served", type=spec.type, model=spec.model)
 
     def _check_chains(self) -> None:
         """Say once, when a type appears, what its card makes impossible in a chain: its

@@ -321,7 +321,7 @@ def _plan(body: dict[str, Any], where: str) -> Plan:
                 type=type_name,
                 inputs=inputs,
                 after=after,
-                model=_text(s.get("model", ""), f"{where}.subtasks.{type_name}.model"),
+                model=_pin(s, f"{where}.subtasks.{type_name}.model"),
             )
         )
     fuse = _list(body.get("fuse", []), f"{where}.fuse")
@@ -424,7 +424,11 @@ def _no_unknown(body: dict[str, Any], known: set[str], where: str) -> None:
         )
 
 
-def _text(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: must be a string, got {value!r}")
+def _pin(body: dict[str, Any], where: str) -> str:
+    """A subtask's pinned model: a model's name when the key is given, else none."""
+    if "model" not in body:
+        return ""
+    value = body["model"]
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: must name a model (a registry name or a file's stem)")
     return value

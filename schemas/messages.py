@@ -633,6 +633,9 @@ class AgentInfo:
     weight: float = 1.0
     output: OutputKind = "scores"
     output_shape: tuple[int, ...] = ()  # per-row shape of ``features`` (0 = any size)
+    # The models a plan may pin for this replica (``Subtask.pin``): each it holds, by the
+    # name it is served under and by its card's; empty for a replica of one unnamed model.
+    models: tuple[Label, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)  # arrays have no plain ==

@@ -46,6 +46,14 @@ def test_channel_selection_and_auto_types() -> None:
     assert plan.subtasks[0].inputs[0].channels == (0, 1, 2)
 
 
+def test_a_subtask_can_pin_its_model() -> None:
+    deployment = parse_deployment(
+        {"default": {"subtasks": {"accel": {"sensors": ["accel"], "model": "accel-small"}}}}
+    )
+    plan = deployment.plans.default
+    assert plan is not None and plan.subtasks[0].model == "accel-small"
+
+
 @pytest.mark.parametrize(
     ("doc", "message"),
     [
@@ -166,6 +174,18 @@ def test_channel_selection_and_auto_types() -> None:
         (
             {"default": {"subtasks": {"a": {"sensors": ["x"]}, "b": {"after": [{"kind": "a"}]}}}},
             "default.subtasks.b.after: unknown key 'kind'",
+        ),
+        (
+            {"default": {"subtasks": {"a": {"sensors": ["x"], "model": ""}}}},
+            "default.subtasks.a.model: must name a model",
+        ),
+        (
+            {"default": {"subtasks": {"a": {"sensors": ["x"], "model": 3}}}},
+            "default.subtasks.a.model: must name a model",
+        ),
+        (
+            {"default": {"subtasks": {"a": {"sensors": ["x"], "model": "a.b"}}}},
+            "default.subtasks.a: pinned model 'a.b' contains '.'",
         ),
     ],
 )

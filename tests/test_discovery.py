@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import subprocess
 import sys
 import time
@@ -374,3 +375,29 @@ async def test_node_agent_answers_features_that_a_python_head_reads(
         mine = staged[result.task_id].output
         assert result.output is not None and mine is not None
         np.testing.assert_allclose(result.output, head.predict({"stats-js": mine[None]})[0])
+
+
+def test_an_agents_info_round_trips_through_its_metadata_with_the_models_it_holds() -> None:
+    import json
+
+    from bus import agent_info_from_metadata, agent_info_metadata
+    from schemas import AgentInfo, InputSpec, ModelRef
+
+    info = AgentInfo(
+        agent_id="accel-1",
+        type="accel",
+        model=ModelRef("accel-large", "2"),
+        runtime="litert",
+        inputs=(InputSpec("accel", 100, 3),),
+        labels=("x", "y"),
+        models=("accel-large", "basicmotions-accel-large", "accel-small"),
+    )
+    metadata = agent_info_metadata(info, prefix="fb")
+    assert agent_info_from_metadata(metadata) == info
+    body = json.loads(metadata["fusebus.agent_info"])
+    too_many = {**metadata, "fusebus.agent_info": json.dumps({**body, "models": ["m"] * 65})}
+    assert agent_info_from_metadata(too_many) is None  # refused, not an allocation on trust
+    del body["models"]  # an agent that says nothing of its models: none to pin
+    assert agent_info_from_metadata({**metadata, "fusebus.agent_info": json.dumps(body)}) == (
+        dataclasses.replace(info, models=())
+    )

@@ -593,3 +593,58 @@ def test_a_canary_share_is_a_fraction_or_a_percent_with_its_sign(
         "33.33%",
         "0.001%",
     ]
+
+
+def test_the_directory_knows_which_models_every_replica_holds() -> None:
+    from coordinator.directory import AgentDirectory
+    from schemas import AgentInfo, InputSpec, ModelRef
+
+    def replica(agent_id: str, *models: str) -> AgentInfo:
+        return AgentInfo(
+            agent_id=agent_id,
+            type="accel",
+            model=ModelRef(models[0], "1"),
+            runtime="litert",
+            inputs=(InputSpec("accel", 100, 3),),
+            labels=("x",),
+            models=models,
+        )
+
+    directory = AgentDirectory()
+    directory.observe([replica("a", "accel"), replica("b", "accel-large", "accel-small")], 0.0)
+    known = directory.by_type["accel"]
+    assert "only some replicas" in known.pin_problem("accel-small")
+    assert known.pin_problem("accel-huge") == "no replica of 'accel' holds model 'accel-huge'"
+    directory.observe([replica("b", "accel-large", "accel-small")], 1.0)
+    assert directory.by_type["accel"].pin_problem("accel-small") == ""
+
+
+async def test_the_coordinator_warns_of_a_pin_some_replicas_cannot_answer(
+    pipeline: Callable[..., Awaitable[Pipeline]],
+    followers: Callable[..., Awaitable[AgentRuntime]],
+) -> None:
+    import structlog
+
+    from coordinator.plan import Plan, SensorInput, SubtaskSpec
+
+    plan = Plan(
+        subtasks=(SubtaskSpec("accel", (SensorInput("accel"),), model="accel-small"),),
+        deadline_ms=2000,
+    )
+    with structlog.testing.capture_logs() as logs:
+        parts = await pipeline(agents=(), plan=plan)
+        small = TimedAgent("accel-small", ms_per_row=0.0, accuracy=0.9)
+        holder = await followers(files=(Choice.of(small),))
+        assert holder.info.models == ("accel-small",)
+        plain = await followers(files=(Choice.of(TimedAgent("accel", ms_per_row=0.0, accuracy=1)),))
+        assert parts.coordinator is not None
+
+        def warned() -> list[Any]:
+            return [e for e in logs if e["event"] == "plan.pin_unserved"]
+
+        await eventually(lambda: bool(warned()), what="the pin warning")
+        assert "only some replicas of 'accel'" in warned()[0]["problem"]
+        await plain.stop()
+        await eventually(
+            lambda: any(e["event"] == "plan.pin_served" for e in logs), what="the pin mended"
+        )
