@@ -348,7 +348,8 @@ def _models_parser(commands: Any, env_url: str | None) -> None:
     def action(name: str, help_text: str) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = actions.add_parser(name, help=help_text)
         _bus_options(parser, url_default=env_url or DEFAULT_URL)
-        parser.set_defaults(run="models")
+        # What a command did is its printed answer; its log lines only say more when asked.
+        parser.set_defaults(run="models", log_level="warning")
         return parser
 
     put = action("put", "check a model file with its card and store it as a new version")
@@ -658,7 +659,7 @@ def _eval_parser(commands: Any, env_url: str | None) -> None:
         "--out",
         type=Path,
         default=Path("out/eval"),
-        help="folder for eval.md, report.md and confusion.png",
+        help="folder for eval.md, report.md and confusion.png (with --selection: selection.md)",
     )
     evaluate.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), default="warning"
@@ -718,6 +719,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return asyncio.run(COMMANDS[args.run](args))
+    except BrokenPipeError:  # the reader went away (`fusebus decisions | head`): done
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  # so the exit's flush has somewhere to go
+        return 0
     except FusebusError as exc:
         print(f"fusebus {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -142,7 +142,7 @@ def render_rollout(rollout: ModelRollout) -> str:
 
 def render_comparison(comparison: Comparison) -> str:
     """The ``models compare`` report."""
-    lines = [f"{comparison.name}: shadow outputs beside the current version's"]
+    lines = [f"{comparison.name}: shadow outputs stored (the last 24 h), by pair of versions"]
     if not comparison.agreements:
         lines.append("  none stored yet (set a shadow with `fusebus models shadow NAME VERSION`)")
     for a in comparison.agreements:
@@ -250,10 +250,15 @@ async def _shadow(args: argparse.Namespace, registry: ModelRegistry, nc: Connect
 async def _rm(args: argparse.Namespace, registry: ModelRegistry, nc: Connection) -> int:
     removed = await registry.remove(args.name, args.version)
     print(f"removed {args.name} version{'s' if len(removed) != 1 else ''} {', '.join(removed)}")
+    rollout = await registry.rollout(args.name)
+    if rollout is not None:  # what is left to serve and to roll back to
+        print(render_rollout(rollout) + ("" if rollout.previous else ", nothing to roll back to"))
     return 0
 
 
 async def _compare(args: argparse.Namespace, registry: ModelRegistry, nc: Connection) -> int:
+    if args.versions and not args.dataset:
+        raise ConfigError("--versions says which versions --dataset scores: give --dataset too")
     name = check_model_name(args.name)
     rollout = await registry.rollout(name)
     if rollout is None:
