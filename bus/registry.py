@@ -397,15 +397,21 @@ class ModelRegistry:
         self, name: str, change: Callable[[ModelRollout | None], ModelRollout]
     ) -> ModelRollout:
         """Apply ``change`` to the model's rollout with compare-and-set: a concurrent
-        change makes it read again and retry, so no change is lost."""
+        change makes it read again and retry, so no change is lost. ``change`` is given
+        None when the model has no rollout, or one that does not decode (which it then
+        replaces)."""
         check_model_name(name)
         while True:
             try:
                 with _answered(f"reading {name}'s rollout"):
                     entry = await self.rollouts.get(name)
-                current, revision = _decode_rollout(entry.value, name), entry.revision
+                revision = entry.revision
+                current = _decode_rollout(entry.value, name)
             except KeyNotFoundError:
                 current, revision = None, None
+            except ConfigError as exc:
+                log.warning("model.bad_rollout", model=name, error=str(exc), outcome="replaced")
+                current = None
             wanted = change(current)
             if wanted == current:
                 return wanted
@@ -433,8 +439,11 @@ class ModelRegistry:
         Raises:
             ConfigError: the version is not stored.
         """
-        await self._stored(name, version)
-        return await self.update(name, lambda r: promoted(_known(r, name), version))
+        stored = await self._stored(name, version)
+        # With no readable rollout (a value another writer spoiled), promoting starts anew.
+        return await self.update(
+            name, lambda r: promoted(r, version) if r else first_rollout(name, stored.type, version)
+        )
 
     async def rollback(self, name: str) -> ModelRollout:
         """The version current before is current again (see :func:`rolled_back`)."""
@@ -452,10 +461,12 @@ class ModelRegistry:
             await self._stored(name, version)
         return await self.update(name, lambda r: with_shadow(_known(r, name), version))
 
-    async def _stored(self, name: str, version: str) -> None:
+    async def _stored(self, name: str, version: str) -> StoredModel:
         check_version(version)
-        if await self.info(name, version) is None:
+        stored = await self.info(name, version)
+        if stored is None:
             raise ConfigError(f"{name} has no stored version {version!r}")
+        return stored
 
     async def watch(
         self, name: str, *, poll_s: float = 5.0
@@ -517,7 +528,10 @@ def _object(name: str, version: str) -> str:
 
 def _known(rollout: ModelRollout | None, name: str) -> ModelRollout:
     if rollout is None:
-        raise ConfigError(f"no model {name!r} in the registry; put one first")
+        raise ConfigError(
+            f"model {name!r} has no readable rollout; put a version first (or promote one to "
+            "start its rollout again)"
+        )
     return rollout
 
 

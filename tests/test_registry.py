@@ -305,6 +305,27 @@ async def test_a_replica_follows_every_change_promote_canary_shadow_and_rollback
     assert replica.counts["switches"] == 4
 
 
+async def test_an_unreadable_rollout_is_skipped_and_the_next_one_followed(
+    registry: ModelRegistry, followers: Callable[..., Awaitable[AgentRuntime]]
+) -> None:
+    import structlog
+
+    await put_accel(registry, "1", "2")
+    replica = await followers("accel")
+    with structlog.testing.capture_logs() as logs:
+        for junk in (b"\x00garbage", b"\x81\xa4kind\xa3bad", b""):
+            await registry.rollouts.put("accel", junk)
+        await eventually(
+            lambda: sum(e["event"] == "model.bad_rollout" for e in logs) == 3,
+            what="three unreadable rollouts said",
+        )
+    assert replica.lineup.preferred.model.version == "1"  # still serving
+    await registry.promote("accel", "2")  # the registry reads past them too
+    await eventually(
+        lambda: replica.lineup.preferred.model.version == "2", what="the next change followed"
+    )
+
+
 async def test_a_version_that_does_not_load_is_not_switched_to(
     registry: ModelRegistry,
     pipeline: Callable[..., Awaitable[Pipeline]],
