@@ -161,7 +161,7 @@ class RegistryFollower:
             return
         started = time.perf_counter()
         try:
-            await runtime.switch(runtime.lineup.with_choice(choice))
+            await runtime.switch(choice)
         except ConfigError as exc:
             runtime.refused[name] = str(exc)
             log.error("model.refused", model=name, error=str(exc), outcome="keeps_serving")

@@ -173,7 +173,8 @@ class AgentRuntime:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{agent.type}")
         # Estimated inference time per row, by model version (see _measure).
         self._row_seconds: dict[str, float] = {}
-        self._pending: tuple[Lineup, asyncio.Future[None]] | None = None  # see switch()
+        # Model changes waiting for the batch in hand to end, by name (see switch()).
+        self._pending: dict[str, tuple[Choice, asyncio.Future[None]]] = {}
         self._busy = False  # a batch is being served
         self._rows_per_message = 1.0  # of the subtask messages pulled lately
         self._overhead_s = 0.0  # a batch's time besides inference, lately (see _serve)
@@ -249,36 +250,44 @@ class AgentRuntime:
         when this replica stops."""
         self._life.adopt(part)
 
-    def switch(self, lineup: Lineup) -> asyncio.Future[None]:
-        """Serve ``lineup`` from the next batch on; the future is done once it serves.
+    def switch(self, choice: Choice) -> asyncio.Future[None]:
+        """Serve ``choice`` in place of the lineup's model of the same name from the next
+        batch on; the future is done once it serves.
 
         A batch in hand is finished with the models it started with, so no subtask is
-        answered by two versions or dropped between them.
+        answered by two versions or dropped between them. Changes to several models that
+        wait for the same batch to end are all applied when it does.
 
         Raises:
-            ConfigError: a model of ``lineup`` cannot stand in for the current ones (another
-                type, other inputs, labels or output).
+            ConfigError: this replica serves no model of that name, or a version of
+                ``choice`` cannot stand in for the current ones (another type, other
+                inputs, labels or output).
         """
-        for each in lineup.agents():
+        if all(c.name != choice.name for c in self.lineup.choices):
+            raise ConfigError(f"this replica serves no model named {choice.name!r}")
+        for each in choice.agents:
             problem = incompatibility(self.agent, each)
             if problem:
                 raise ConfigError(f"{model_label(each)} cannot serve here: {problem}")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self._pending is not None:  # superseded before it served: the newer one wins
-            self._pending[1].set_result(None)
-        self._pending = (lineup, done)
+        superseded = self._pending.pop(choice.name, None)
+        if superseded is not None:  # replaced before it served: the newer one stands
+            superseded[1].set_result(None)
+        self._pending[choice.name] = (choice, done)
         if not self._busy:
             self._apply_switch()
         return done
 
     def _apply_switch(self) -> None:
-        if self._pending is None:
+        if not self._pending:
             return
-        lineup, done = self._pending
-        self._pending = None
+        pending, self._pending = self._pending, {}
         before = [model_label(c.current) for c in self.lineup.choices]
+        lineup = self.lineup
+        for choice, _ in pending.values():
+            lineup = lineup.with_choice(choice)
         self.lineup = lineup
-        self.counts["switches"] += 1
+        self.counts["switches"] += len(pending)
         log.info(
             "model.switched",
             type=self.agent.type,
@@ -286,8 +295,9 @@ class AgentRuntime:
             serving=[c.describe() for c in lineup.choices],
             batches=self.counts["batches"],
         )
-        if not done.done():
-            done.set_result(None)
+        for _, done in pending.values():
+            if not done.done():
+                done.set_result(None)
 
     async def start(self) -> AgentRuntime:
         """Warm the model up, join the type's consumer and start serving."""

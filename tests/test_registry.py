@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -302,6 +303,42 @@ async def test_a_replica_follows_every_change_promote_canary_shadow_and_rollback
     await serves({"model": "accel@2", "canary": "accel@3 20%", "shadow": "accel@1"})
     await registry.rollback("accel")  # back to 1; the canary ends, the shadow of 1 with it
     await serves({"model": "accel@1"})
+    assert replica.counts["switches"] == 4
+
+
+def serves_both(replica: AgentRuntime, version: str) -> bool:
+    """Whether ``replica`` serves ``version`` of both accel-a and accel-b."""
+    wanted = [{"name": n, "model": f"{n}@{version}"} for n in ("accel-a", "accel-b")]
+    return sorted(replica.stats()["serving"], key=str) == wanted
+
+
+async def test_two_models_of_one_replica_promoted_together_both_switch(
+    registry: ModelRegistry,
+    pipeline: Callable[..., Awaitable[Pipeline]],
+    followers: Callable[..., Awaitable[AgentRuntime]],
+    basicmotions: Any,
+) -> None:
+    """Changes to two models that wait for the same batch to end are both applied."""
+    for name in ("accel-a", "accel-b"):
+        for version in ("1", "2", "3"):
+            await registry.put(
+                name, version, ACCEL.read_bytes(), file_name=ACCEL.name, card=card_of(ACCEL)
+            )
+    parts = await pipeline(agents=("gyro",))
+    replica = await followers("accel-a", "accel-b")
+    feeder = FrameFeeder(parts.nc, parts.subjects, basicmotions, every_s=0.002).start()
+    try:
+        for version in ("2", "3"):
+            await asyncio.gather(
+                registry.promote("accel-a", version), registry.promote("accel-b", version)
+            )
+            await eventually(
+                partial(serves_both, replica, version),
+                what=f"both models serving {version}",
+                state=lambda: replica.stats()["serving"],
+            )
+    finally:
+        await feeder.stop()
     assert replica.counts["switches"] == 4
 
 
