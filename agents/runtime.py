@@ -178,6 +178,7 @@ class AgentRuntime:
         self._busy = False  # a batch is being served
         self._rows_per_message = 1.0  # of the subtask messages pulled lately
         self._overhead_s = 0.0  # a batch's time besides inference, lately (see _serve)
+        self._shadow_failures: set[str] = set()  # shadow versions whose failure was said
         self._puller: BatchPuller | None = None
         self._life = Lifecycle()
         self._reaper: ExhaustedReaper | None = None
@@ -241,6 +242,7 @@ class AgentRuntime:
             "selections": dict(self.selections),
             "shadow_rows": self.counts["shadow_rows"],
             "shadow_lost": self.counts["shadow_lost"],
+            "shadow_failed": self.counts["shadow_failed"],
             "switches": self.counts["switches"],
             "refused": dict(self.refused),
         }
@@ -415,7 +417,7 @@ class AgentRuntime:
             parts.extend(routed)
             if stray is not None:
                 unserved.append(stray)
-        outputs, shadows, infer_ms = await self._predict(parts)
+        outputs, infer_ms = await self._predict(parts)
         latency_ms = (time.perf_counter() - pulled) * 1e3
         answers: list[ResultBatch | Result] = [
             result
@@ -428,11 +430,12 @@ class AgentRuntime:
         # thread, publishing until stored): time a deadline must also leave room for.
         spent_s = time.perf_counter() - pulled - infer_ms / 1e3
         self._overhead_s = 0.8 * self._overhead_s + 0.2 * max(0.0, spent_s)
-        await self._publish_shadows(parts, outputs, shadows)
         for delivery, _ in work:
             await delivery.ack()
         size = sum(map(len, served))
         self.counts["processed"] += size
+        if any(part.shadow is not None for part in parts):
+            await self._shadow(parts, outputs)
         log.debug(
             "batch.done",
             type=self.agent.type,
@@ -555,21 +558,33 @@ class AgentRuntime:
             for i in range(len(batch))
         ]
 
-    async def _publish_shadows(
-        self, parts: list[_Part], outputs: list[np.ndarray], shadows: list[np.ndarray | None]
-    ) -> None:
-        """Send each shadow version's outputs beside the current version's."""
-        for part, output, shadow_output in zip(parts, outputs, shadows, strict=True):
-            if part.shadow is None or shadow_output is None:
+    async def _shadow(self, parts: list[_Part], outputs: list[np.ndarray]) -> None:
+        """Run each part's shadow version on its rows and send its outputs beside the
+        current version's. Done once the answers are stored and acked: a shadow never
+        delays or endangers them, and one that fails is counted and said once."""
+        for part, output in zip(parts, outputs, strict=True):
+            shadow = part.shadow
+            if shadow is None:
                 continue
             batch = part.batch
+            try:
+                shadow_output = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._call, shadow, batch, []
+                )
+            except Exception as exc:  # whatever the shadow does, the answers are out
+                self.counts["shadow_failed"] += len(batch)
+                label = model_label(shadow)
+                if label not in self._shadow_failures:
+                    self._shadow_failures.add(label)
+                    log.warning("shadow.failed", model=label, error=str(exc) or type(exc).__name__)
+                continue
             stored = await self.producer.shadow(
                 ShadowBatch(
                     name=part.choice.name,
                     type=batch.type,
                     agent_id=self.agent_id,
                     current=part.agent.model,
-                    shadow=part.shadow.model,
+                    shadow=shadow.model,
                     labels=part.agent.labels,
                     task_ids=batch.task_ids,
                     streams=batch.streams,
@@ -691,63 +706,51 @@ class AgentRuntime:
             )
         return out
 
-    async def _predict(
-        self, parts: list[_Part]
-    ) -> tuple[list[np.ndarray], list[np.ndarray | None], float]:
-        """Run each part's model (and its shadow) over its rows in model calls of at most
-        ``max_batch`` rows, in the inference thread; returns each part's outputs, its shadow
-        outputs, and the inference time in ms (shadows included)."""
-        size = self.settings.max_batch
-        shape = self.output_shape
+    def _call(
+        self, agent: Agent, batch: SubtaskBatch, calls: list[tuple[str, int, float]]
+    ) -> np.ndarray:
+        """``agent``'s outputs for ``batch``, in model calls of at most ``max_batch`` rows,
+        each timed into ``calls``; raises :class:`ModelError` for outputs of the wrong shape."""
+        size, shape = self.settings.max_batch, self.output_shape
+        names = [spec.sensor for spec in agent.inputs]
+        pieces = []
+        for start in range(0, len(batch), size):
+            inputs = {
+                k: batch.inputs[k][start : start + size]
+                for k in names
+                if k in batch.inputs  # an optional stage input may be absent
+            }
+            began = time.perf_counter()
+            pieces.append(agent.predict(inputs))
+            calls.append((model_label(agent), len(pieces[-1]), time.perf_counter() - began))
+        output = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        if output.shape != (len(batch), *shape):
+            raise ModelError(
+                f"agent {agent.type!r} ({model_label(agent)}) answered {len(batch)} rows "
+                f"with shape {output.shape}, expected {(len(batch), *shape)}"
+            )
+        return output
 
-        def call(
-            agent: Agent, batch: SubtaskBatch, calls: list[tuple[str, int, float]]
-        ) -> np.ndarray:
-            names = [spec.sensor for spec in agent.inputs]
-            pieces = []
-            for start in range(0, len(batch), size):
-                inputs = {
-                    k: batch.inputs[k][start : start + size]
-                    for k in names
-                    if k in batch.inputs  # an optional stage input may be absent
-                }
-                began = time.perf_counter()
-                pieces.append(agent.predict(inputs))
-                calls.append((model_label(agent), len(pieces[-1]), time.perf_counter() - began))
-            output = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-            if output.shape != (len(batch), *shape):
-                raise ModelError(
-                    f"agent {agent.type!r} ({model_label(agent)}) answered {len(batch)} rows "
-                    f"with shape {output.shape}, expected {(len(batch), *shape)}"
-                )
-            return output
+    async def _predict(self, parts: list[_Part]) -> tuple[list[np.ndarray], float]:
+        """Run each part's model over its rows, in the inference thread; returns each
+        part's outputs and the inference time in ms."""
 
-        def run() -> tuple[list[np.ndarray], list[np.ndarray | None], list[tuple[str, int, float]]]:
+        def run() -> tuple[list[np.ndarray], list[tuple[str, int, float]]]:
             calls: list[tuple[str, int, float]] = []
-            outputs = [call(part.agent, part.batch, calls) for part in parts]
-            shadows = [
-                call(part.shadow, part.batch, calls) if part.shadow is not None else None
-                for part in parts
-            ]
-            return outputs, shadows, calls
+            return [self._call(part.agent, part.batch, calls) for part in parts], calls
 
         estimate = 0.0
         for part in parts:
-            for agent in (part.agent, part.shadow):
-                if agent is not None:
-                    per_row = self._row_seconds.get(model_label(agent))
-                    estimate += len(part.batch) * per_row if per_row is not None else float("inf")
+            per_row = self._row_seconds.get(model_label(part.agent))
+            estimate += len(part.batch) * per_row if per_row is not None else float("inf")
         if estimate <= self.settings.inline_s:
-            outputs, shadows, calls = run()  # shorter than a hop to the inference thread and back
+            outputs, calls = run()  # shorter than a hop to the inference thread and back
         else:
-            outputs, shadows, calls = await asyncio.get_running_loop().run_in_executor(
-                self._executor, run
-            )
+            outputs, calls = await asyncio.get_running_loop().run_in_executor(self._executor, run)
         self._measure(calls)
-        seconds = sum(s for _, _, s in calls)
-        infer_ms = seconds * 1e3
+        infer_ms = sum(s for _, _, s in calls) * 1e3
         self.inference_ms += infer_ms
-        return outputs, shadows, infer_ms
+        return outputs, infer_ms
 
     def _measure(self, calls: list[tuple[str, int, float]]) -> None:
         """Count the model calls and update each version's estimated cost per row.

@@ -32,7 +32,7 @@ from bus.registry import (
 )
 from fusebus.models import agreements
 from fusebus.paths import models_dir
-from schemas import ConfigError, Decision, Result, ShadowBatch
+from schemas import ConfigError, Decision, ModelError, Result, ShadowBatch
 from tests.helpers import Collector, FrameFeeder, Pipeline, eventually, wait_for_agents
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -706,3 +706,32 @@ async def test_the_coordinator_warns_of_a_pin_some_replicas_cannot_answer(
         await eventually(
             lambda: any(e["event"] == "plan.pin_served" for e in logs), what="the pin mended"
         )
+
+
+class BrokenShadow(TimedAgent):
+    """A shadow version that fails on real input (its warm-up passed)."""
+
+    def predict(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        raise ModelError("the shadow cannot read this")
+
+
+async def test_a_failing_shadow_never_costs_an_answer(
+    pipeline: Callable[..., Awaitable[Pipeline]],
+    followers: Callable[..., Awaitable[AgentRuntime]],
+    basicmotions: Any,
+) -> None:
+    import structlog
+
+    parts = await pipeline(agents=("gyro",))
+    current = TimedAgent("accel", ms_per_row=0.0, accuracy=1.0)
+    shadow = BrokenShadow("accel-next", ms_per_row=0.0, accuracy=1.0)
+    with structlog.testing.capture_logs() as logs:
+        replica = await followers(files=(Choice("accel", current, shadow=shadow),))
+        decisions = await Collector(Decision).start_stream(parts.nc, parts.subjects.all_decisions())
+        feeder = FrameFeeder(parts.nc, parts.subjects, basicmotions, every_s=0.01).start()
+        await eventually(lambda: len(decisions.items) >= 20, what="20 decisions")
+        sent = await feeder.stop()
+        await decisions.wait_for(sent)
+    assert {d.status for d in decisions.items} == {"complete"}
+    assert replica.counts["shadow_failed"] >= 20 and replica.counts["errors"] == 0
+    assert sum(e["event"] == "shadow.failed" for e in logs) == 1  # said once, not per batch
