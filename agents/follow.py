@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -36,6 +37,14 @@ if TYPE_CHECKING:
     from agents.runtime import AgentRuntime, AgentSettings
 
 log = structlog.get_logger("fusebus.agent")
+
+#: How long a replica waits before it watches a model again after the registry did not
+#: answer (a version it was loading is then tried again).
+RETRY_S = 2.0
+
+#: Where a replica keeps the files of the versions it serves: a folder of its own in the
+#: temporary folder, named after its process id.
+CACHE_PREFIX = "fusebus-models-"
 
 #: The prefix of a ``--model`` that names a registry model rather than a file.
 STORE_PREFIX = "store:"
@@ -71,12 +80,16 @@ class RegistryFollower:
         self.registry = registry
         self.names = tuple(dict.fromkeys(names))
         self.type_name = type_name
-        self._cache = Path(tempfile.mkdtemp(prefix="fusebus-models-"))
+        _sweep_caches()
+        self._cache = Path(tempfile.mkdtemp(prefix=f"{CACHE_PREFIX}{os.getpid()}-"))
         self._loaded: dict[str, dict[str, Agent]] = {name: {} for name in self.names}
         self._serving: dict[str, tuple[str, str, str]] = {}  # name -> (current, canary, shadow)
         self._tasks: list[asyncio.Task[None]] = []
         self._runtime: AgentRuntime | None = None
         self.refused: dict[str, str] = {}  # "name@version" -> why
+        # The digest of each refused version: a version removed and stored again with
+        # other bytes is tried again.
+        self._refused_digests: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"RegistryFollower({', '.join(self.names)}, serving={self._serving})"
@@ -119,7 +132,9 @@ class RegistryFollower:
         for name in self.names:
             # A watch that fails for any reason is logged and made again (from the rollout
             # at that moment): the replica never stops following.
-            watch = keep_running(partial(self._watch, name), name=f"follow-{name}")
+            watch = keep_running(
+                partial(self._watch, name), name=f"follow-{name}", backoff_s=RETRY_S
+            )
             self._tasks.append(asyncio.create_task(watch, name=f"follow-{name}"))
         return self
 
@@ -140,6 +155,8 @@ class RegistryFollower:
                 continue
             try:
                 await self._follow(name, rollout)
+            except BusError:
+                raise  # the registry did not answer: watched again (and retried) shortly
             except FusebusError as exc:  # the registry or a file: keep serving, say why
                 log.error(
                     "model.follow_failed", model=name, error=str(exc), outcome="keeps_serving"
@@ -212,20 +229,27 @@ class RegistryFollower:
         if version in self._loaded[name]:
             return self._loaded[name][version]
         label = f"{name}@{version}"
-        if label in self.refused:
-            return None
         started = time.perf_counter()
+        folder = self._cache / name / version
+        stored: StoredModel | None = None
         try:
-            stored, data = await self.registry.get(name, version)
-            path = self._write(stored, data)
+            stored = await self.registry.info(name, version)
+            if stored is None:
+                raise ConfigError(f"{name} has no stored version {version!r}")
+            if self._refused_digests.get(label) == stored.digest:
+                return None  # refused already; the same bytes would be again
+            path = await self._fetch(stored, folder)
             agent = await asyncio.to_thread(check_model_file, path, type_name=self.type_name)
             problem = incompatibility(against, agent) if against is not None else ""
             if problem:
                 raise ConfigError(problem)
-        except BusError as exc:
-            log.error("model.unreachable", model=name, version=version, error=str(exc))
-            return None
+        except BusError:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise  # the registry did not answer: the watch is made again, and retries
         except FusebusError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            if stored is not None:
+                self._refused_digests[label] = stored.digest
             self.refused[label] = str(exc)
             if self._runtime is not None:  # its counters say so too (fusebus status)
                 self._runtime.refused[label] = str(exc)
@@ -247,21 +271,20 @@ class RegistryFollower:
         )
         return agent
 
-    def _write(self, stored: StoredModel, data: bytes) -> Path:
-        """Put a stored version's file and card where a model runtime loads them from."""
-        folder = self._cache / stored.name / stored.version
-        folder.mkdir(parents=True, exist_ok=True)
+    async def _fetch(self, stored: StoredModel, folder: Path) -> Path:
+        """Put a stored version's file and card in ``folder``, where a model runtime loads
+        them from; returns the model file's path."""
         suffix = Path(stored.file_name).suffix
         if suffix not in (".tflite", ".keras"):
             raise ConfigError(
                 f"{stored.name}@{stored.version}: no runtime loads {stored.file_name!r}"
             )
         path = folder / f"model{suffix}"
-        path.write_bytes(data)
         # Results name the registry's model and version, which is what rollouts speak of
         # (a card's own name and version may differ: `models put --name/--version`).
         card = {**stored.card, "name": stored.name, "version": stored.version}
-        path.with_suffix(".json").write_text(json.dumps(card), encoding="utf-8")
+        await asyncio.to_thread(_write_card, folder, path.with_suffix(".json"), card)
+        await self.registry.download(stored, path)
         return path
 
 
@@ -291,15 +314,37 @@ async def start_agent(
     if stored:
         registry = await ModelRegistry.open(nc.jetstream(), subjects, topology)
         follower = RegistryFollower(registry, stored, type_name=type_name)
-        try:
+    try:
+        if follower is not None:
             choices += await follower.initial()
-        except BaseException:
+        runtime = AgentRuntime(
+            Lineup.ranked(choices), nc, subjects=subjects, settings=settings, topology=topology
+        )
+        await runtime.start()
+    except BaseException:
+        if follower is not None:
             await follower.stop()  # removes what it downloaded
-            raise
-    runtime = AgentRuntime(
-        Lineup.ranked(choices), nc, subjects=subjects, settings=settings, topology=topology
-    )
-    await runtime.start()
+        raise
     if follower is not None:
         runtime.adopt(follower.follow(runtime))
     return runtime
+
+
+def _write_card(folder: Path, path: Path, card: dict[str, object]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(card), encoding="utf-8")
+
+
+def _sweep_caches() -> None:
+    """Remove the model folders of replicas that are gone (killed before they could clean
+    up): a folder named after a process id that no longer runs here."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{CACHE_PREFIX}*-*"):
+        pid = folder.name[len(CACHE_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            continue  # another user's process: alive

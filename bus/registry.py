@@ -21,6 +21,7 @@ import re
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import nats.errors
@@ -327,6 +328,27 @@ class ModelRegistry:
             raise ConfigError(f"{name} version {version} was removed") from None
         return info, bytes(result.data or b"")
 
+    async def download(self, stored: StoredModel, path: Path) -> None:
+        """Write a stored version's file to ``path``, chunk by chunk as it arrives (the
+        object store checks its digest).
+
+        Raises:
+            ConfigError: the version is larger than the registry takes, or was removed.
+        """
+        if stored.size > MAX_MODEL_BYTES:
+            raise ConfigError(
+                f"{stored.name} version {stored.version} is {stored.size} bytes; the registry "
+                f"takes at most {MAX_MODEL_BYTES}"
+            )
+        out = await asyncio.to_thread(path.open, "wb")
+        try:
+            with _answered(f"reading {stored.name} version {stored.version}"):
+                await self.store.get(_object(stored.name, stored.version), writeinto=out)
+        except ObjectNotFoundError:
+            raise ConfigError(f"{stored.name} version {stored.version} was removed") from None
+        finally:
+            await asyncio.to_thread(out.close)
+
     async def catalog(self) -> list[StoredModel]:
         """Every stored version, by name then in the order stored."""
         try:
@@ -542,6 +564,14 @@ def _decode_rollout(value: bytes | None, name: str) -> ModelRollout:
         raise ConfigError(f"the rollout of {name!r} is unreadable: {exc}") from None
     if rollout.name != name:
         raise ConfigError(f"the rollout under {name!r} names model {rollout.name!r}")
+    named = [
+        rollout.current,
+        *rollout.previous,
+        *(v for v in (rollout.canary, rollout.shadow) if v),
+    ]
+    for version in named:  # they name objects and the folders replicas keep them in
+        if not _VERSION.fullmatch(version):
+            raise ConfigError(f"the rollout of {name!r} names version {version!r}, not a version")
     return rollout
 
 

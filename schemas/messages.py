@@ -723,9 +723,9 @@ class ModelRollout:
     updated_ns: int = 0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.canary_share <= 1.0:
+        if not 0.0 <= self.canary_share < 1.0:
             raise SchemaError(
-                "bad_field", f"ModelRollout.canary_share {self.canary_share!r} not in [0, 1]"
+                "bad_field", f"ModelRollout.canary_share {self.canary_share!r} not in [0, 1)"
             )
         if bool(self.canary) != (self.canary_share > 0):
             raise SchemaError(

@@ -735,3 +735,23 @@ async def test_a_failing_shadow_never_costs_an_answer(
     assert {d.status for d in decisions.items} == {"complete"}
     assert replica.counts["shadow_failed"] >= 20 and replica.counts["errors"] == 0
     assert sum(e["event"] == "shadow.failed" for e in logs) == 1  # said once, not per batch
+
+
+def test_model_folders_of_replicas_that_are_gone_are_swept(tmp_path: Path) -> None:
+    import tempfile
+
+    from agents import follow
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    root = Path(tempfile.gettempdir())
+    dead = root / f"{follow.CACHE_PREFIX}{gone.pid}-test"
+    alive = root / f"{follow.CACHE_PREFIX}{os.getppid()}-test"  # this test's parent runs
+    for folder in (dead, alive):
+        (folder / "accel" / "1").mkdir(parents=True, exist_ok=True)
+    try:
+        follow._sweep_caches()
+        assert not dead.exists() and alive.exists()
+    finally:
+        shutil.rmtree(dead, ignore_errors=True)
+        shutil.rmtree(alive, ignore_errors=True)
