@@ -463,20 +463,23 @@ class AgentRuntime:
         model this replica does not hold (answered with an error)."""
         lineup = self.lineup
         if len(lineup.choices) == 1 and not batch.pins:
-            picks = {(0, ""): np.arange(len(batch))}
-            stray = None
+            groups, stray = [(0, "", batch)], None  # the common case: nothing to choose
         else:
             picks, stray = self._pick(batch, backlog_rows)
+            groups = [
+                (index, why, batch if len(rows) == len(batch) else batch.select(rows))
+                for (index, why), rows in picks.items()
+            ]
         parts = []
-        for (index, selection), rows in picks.items():
+        for index, selection, part in groups:
             choice = lineup.choices[index]
-            part = batch if len(rows) == len(batch) else batch.select(rows)
-            trial = canary_rows(part.task_ids, choice.canary_share) if choice.canary else None
-            if choice.canary is not None and trial is not None and trial.any():
-                parts.append(_Part(part.select(trial), choice.canary, "canary", choice))
-                if trial.all():
-                    continue
-                part = part.select(~trial)
+            if choice.canary is not None:
+                trial = canary_rows(part.task_ids, choice.canary_share)
+                if trial.any():
+                    parts.append(_Part(part.select(trial), choice.canary, "canary", choice))
+                    if trial.all():
+                        continue
+                    part = part.select(~trial)
             parts.append(_Part(part, choice.current, selection, choice, choice.shadow))
         return parts, stray
 
@@ -484,37 +487,44 @@ class AgentRuntime:
         self, batch: SubtaskBatch, backlog_rows: int
     ) -> tuple[dict[tuple[int, str], np.ndarray], SubtaskBatch | None]:
         """Rows by (choice, why): pinned rows to their pin, the others to the most accurate
-        choice that answers in time (see :func:`~agents.serving.choose`)."""
-        lineup = self.lineup
-        pins = [batch.pin(i) for i in range(len(batch))]
-        wanted = [lineup.index(pin) if pin else -1 for pin in pins]
-        free = np.array([w == -1 for w in wanted], np.bool_)
-        picks: dict[tuple[int, str], list[int]] = {}
-        for i, index in enumerate(wanted):
-            if index is not None and index >= 0:
-                picks.setdefault((index, "pinned"), []).append(i)
+        choice that answers in time (see :func:`~agents.serving.choose`); and the rows
+        pinned to a model this replica does not hold."""
+        picks: dict[tuple[int, str], np.ndarray] = {}
+        stray = None
+        free = np.ones(len(batch), np.bool_)
+        if batch.pins:
+            wanted = [self.lineup.index(pin) if pin else -1 for pin in batch.pins]
+            free = np.array([w == -1 for w in wanted], np.bool_)
+            by_choice: dict[int, list[int]] = {}
+            strays = []
+            for row, index in enumerate(wanted):
+                if index is None:
+                    strays.append(row)
+                elif index >= 0:
+                    by_choice.setdefault(index, []).append(row)
+            picks = {(i, "pinned"): np.array(rows, np.int64) for i, rows in by_choice.items()}
+            stray = batch.select(np.array(strays, np.int64)) if strays else None
         if free.any():
-            if len(lineup.choices) == 1:
-                index, why = 0, ""
-            else:
-                deadlines = batch.deadline_ns[free]
-                deadlines = deadlines[deadlines > 0]  # 0: none known, all the time there is
-                time_left_s = (
-                    (int(deadlines.min()) - time.time_ns()) / 1e9 - self._overhead_s
-                    if len(deadlines)
-                    else float("inf")
-                )
-                costs = [self._cost(c.current) for c in lineup.choices]
-                index, why = choose(
-                    costs,
-                    rows=int(free.sum()),
-                    backlog_rows=backlog_rows,
-                    time_left_s=time_left_s,
-                )
-            picks[(index, why)] = list(np.flatnonzero(free))
-        strays = [i for i, index in enumerate(wanted) if index is None]
-        stray = batch.select(np.array(strays, np.int64)) if strays else None
-        return {key: np.array(rows, np.int64) for key, rows in picks.items()}, stray
+            picks[self._choose(batch, free, backlog_rows)] = np.flatnonzero(free)
+        return picks, stray
+
+    def _choose(self, batch: SubtaskBatch, free: np.ndarray, backlog_rows: int) -> tuple[int, str]:
+        """The choice (and why) answering the ``free`` rows of ``batch``."""
+        if len(self.lineup.choices) == 1:
+            return 0, ""
+        deadlines = batch.deadline_ns[free]
+        deadlines = deadlines[deadlines > 0]  # 0: none known, all the time there is
+        time_left_s = (
+            (int(deadlines.min()) - time.time_ns()) / 1e9 - self._overhead_s
+            if len(deadlines)
+            else float("inf")
+        )
+        return choose(
+            [self._cost(c.current) for c in self.lineup.choices],
+            rows=int(free.sum()),
+            backlog_rows=backlog_rows,
+            time_left_s=time_left_s,
+        )
 
     def _cost(self, agent: Agent) -> float | None:
         """A model version's estimated time per row: measured here, else its card's."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -119,7 +119,7 @@ def share_text(share: float) -> str:
 
 def model_label(agent: Agent) -> str:
     """``name@version`` of an agent's model."""
-    return f"{agent.model.name}@{agent.model.version}"
+    return agent.model.label
 
 
 def accuracy(agent: Agent) -> float:
@@ -194,8 +194,3 @@ def canary_rows(task_ids: Sequence[str], share: float) -> np.ndarray:
 def _bucket(task_id: str) -> int:
     digest = hashlib.blake2b(task_id.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") % CANARY_BUCKETS
-
-
-def without_canary(choice: Choice) -> Choice:
-    """``choice`` serving only its current version (and shadow)."""
-    return replace(choice, canary=None, canary_share=0.0)

@@ -517,9 +517,7 @@ class ModelRegistry:
                         yield _decode_rollout(entry.value, name)
                     except ConfigError as exc:
                         log.warning("model.bad_rollout", model=name, error=str(exc))
-            except TimeoutError:
-                pass  # the watcher's server went quiet: watch again
-            finally:
+            finally:  # a watch that ended (stopped under it) is made again by the loop
                 with contextlib.suppress(Exception):
                     await watcher.stop()  # type: ignore[no-untyped-call]
 

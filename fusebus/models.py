@@ -63,10 +63,7 @@ def agreements(batches: Iterable[ShadowBatch]) -> list[Agreement]:
     agreed: Counter[tuple[str, str]] = Counter()
     diffs: dict[tuple[str, str], float] = {}
     for batch in batches:
-        key = (
-            f"{batch.current.name}@{batch.current.version}",
-            f"{batch.shadow.name}@{batch.shadow.version}",
-        )
+        key = (batch.current.label, batch.shadow.label)
         rows = seen.setdefault(key, set())
         top_current = np.argmax(batch.current_outputs.reshape(len(batch), -1), axis=1)
         top_shadow = np.argmax(batch.shadow_outputs.reshape(len(batch), -1), axis=1)

@@ -208,7 +208,7 @@ def serving_models(info: AgentInfo, stats: dict[str, Any]) -> list[str]:
 
 
 def _label(info: AgentInfo) -> str:
-    return f"{info.model.name}@{info.model.version}"
+    return info.model.label
 
 
 async def watch_status(

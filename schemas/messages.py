@@ -60,6 +60,11 @@ class ModelRef:
     name: Label
     version: Label
 
+    @property
+    def label(self) -> str:
+        """``name@version``, as decisions, statuses and logs name a model."""
+        return f"{self.name}@{self.version}"
+
 
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:

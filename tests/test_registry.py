@@ -464,7 +464,9 @@ class TimedAgent:
         from schemas import ModelRef
 
         self.model = ModelRef(name, "1")
-        self.card = type("Card", (), {"metrics": {"val_accuracy": accuracy}})()
+        # What a card says of a model: its accuracy, and its cost as measured at training.
+        metrics = {"val_accuracy": accuracy, "infer_ms_per_row": ms_per_row or 0.001}
+        self.card = type("Card", (), {"metrics": metrics})()
         self.ms_per_row = ms_per_row
 
     def warm_up(self) -> None:
@@ -488,10 +490,10 @@ async def test_the_fast_model_answers_when_the_backlog_leaves_no_room(
 
     plan = Plan(
         subtasks=(SubtaskSpec("accel", (SensorInput("accel"),)),),
-        deadline_ms=400,
+        deadline_ms=1000,
     )
     parts = await pipeline(agents=(), plan=plan)
-    large = TimedAgent("accel-large", ms_per_row=8.0, accuracy=0.99)
+    large = TimedAgent("accel-large", ms_per_row=20.0, accuracy=0.99)
     small = TimedAgent("accel-small", ms_per_row=0.0, accuracy=0.9)
     replica = await followers(
         files=(Choice.of(small), Choice.of(large)), settings=AgentSettings(max_batch=16)
@@ -500,8 +502,8 @@ async def test_the_fast_model_answers_when_the_backlog_leaves_no_room(
     await wait_for_agents(parts.nc, parts.subjects.prefix, {"accel": 1})
     decisions = await Collector(Decision).start_stream(parts.nc, parts.subjects.all_decisions())
     results = await Collector(Result).start(parts.nc, parts.subjects.all_results())
-    # A burst of 300 windows: the larger model alone would need 2.4 s for what the deadline
-    # gives 0.4 s.
+    # A burst of 300 windows: the larger model alone would need 6 s for what the deadline
+    # gives 1 s.
     feeder = FrameFeeder(parts.nc, parts.subjects, basicmotions, every_s=0.0).start()
     await eventually(lambda: feeder.sent >= 300, what="300 frames sent")
     sent = await feeder.stop()

@@ -48,7 +48,6 @@ from bus.types import Connection
 from schemas import (
     CODEC,
     Decision,
-    ModelRef,
     Result,
     ResultBatch,
     Task,
@@ -363,7 +362,7 @@ class FusionAgent:
                 message, output.shape
             ):
                 vote = Vote(
-                    message.type, message.labels, output, message.weight, _label(message.model)
+                    message.type, message.labels, output, message.weight, message.model.label
                 )
                 await self._answer(pending, message.type, vote)
             case Result():  # the agent could not answer: the type is in, with no vote
@@ -376,7 +375,7 @@ class FusionAgent:
         for i, task in enumerate(tasks):  # every row is checked before any is used
             self._check_ticket(batch.ticket(i), task)
         votes = self._votes(batch, batch.outputs.shape[1:])
-        model = _label(batch.model)
+        model = batch.model.label
         for i, task in enumerate(tasks):
             pending = await self._pending(task, held)
             if pending is not None:
@@ -550,8 +549,3 @@ class FusionAgent:
         while len(self.answered_lately) > self.settings.remember_streams:
             self.answered_lately.popitem(last=False)
         return tuple(sorted(t for t in types if t not in task.expected))
-
-
-def _label(model: ModelRef) -> str:
-    """``name@version`` of a model."""
-    return f"{model.name}@{model.version}"
