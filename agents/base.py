@@ -4,6 +4,7 @@ batch of outputs. The runtime around it (:mod:`agents.runtime`) owns everything 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -86,3 +87,35 @@ def check_weight(weight: object, *, owner: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise ConfigError(f"{owner}: weight must be finite and > 0, got {weight!r}")
     return value
+
+
+@dataclass(frozen=True)
+class Interface:
+    """What the rest of the bus is told of a model: the type it serves, the inputs it
+    reads, the labels and output it answers. Versions of one model, and the models one
+    replica chooses among, share it."""
+
+    type: str
+    inputs: tuple[InputSpec, ...]
+    labels: tuple[str, ...]
+    output: tuple[OutputKind, tuple[int, ...]]  # kind and per-row shape (see output_of)
+
+    @classmethod
+    def of(cls, agent: Agent) -> Interface:
+        """An agent's interface."""
+        return cls(agent.type, tuple(agent.inputs), tuple(agent.labels), output_of(agent))
+
+
+def stand_in_problem(serving: Interface, candidate: Interface) -> str:
+    """Why a model of interface ``candidate`` cannot answer in place of (or beside) one of
+    ``serving`` ("" if it can): the coordinator and fusion would be told one thing and given
+    another."""
+    if candidate.type != serving.type:
+        return f"it serves type {candidate.type!r}, not {serving.type!r}"
+    if candidate.inputs != serving.inputs:
+        return "it reads other inputs"
+    if candidate.labels != serving.labels:
+        return f"it answers labels {list(candidate.labels)}, not {list(serving.labels)}"
+    if candidate.output != serving.output:
+        return "it answers another output kind or shape"
+    return ""

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agents.base import check_weight
+from agents.base import Interface, check_weight
 from schemas import OUTPUT_KINDS, ConfigError, FusebusError, InputSpec, OutputKind
 from schemas.limits import check_name
 
@@ -52,6 +52,12 @@ class ModelCard:
         if not self.inputs:
             raise ConfigError(f"{owner}: inputs must not be empty")
         check_weight(self.weight, owner=owner)
+
+    @property
+    def interface(self) -> Interface:
+        """What the bus is told of a model with this card (see :class:`Interface`)."""
+        shape = self.output_shape if self.output == "features" else (len(self.labels),)
+        return Interface(self.type, self.inputs, self.labels, (self.output, shape))
 
     @classmethod
     def for_model(cls, model_path: Path) -> ModelCard:
@@ -159,22 +165,3 @@ def card_weight(explicit: object, metrics: dict[str, float], *, owner: str) -> f
             "(it must be in (0, 1]); give an explicit weight"
         )
     return accuracy
-
-
-def stand_in_problem(serving: ModelCard, candidate: ModelCard) -> str:
-    """Why a model with card ``candidate`` cannot take the place of one with card
-    ``serving`` as another version of it ("" if it can): it must serve the same type, read
-    the same inputs and answer the same labels and output, or the coordinator and fusion
-    would be told one thing and given another."""
-    if candidate.type != serving.type:
-        return f"it serves type {candidate.type!r}, the current version {serving.type!r}"
-    if candidate.inputs != serving.inputs:
-        return "it reads other inputs than the current version"
-    if candidate.labels != serving.labels:
-        return (
-            f"it answers labels {list(candidate.labels)}, the current version "
-            f"{list(serving.labels)}"
-        )
-    if (candidate.output, candidate.output_shape) != (serving.output, serving.output_shape):
-        return "it answers another output kind or shape than the current version"
-    return ""

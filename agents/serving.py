@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agents.base import Agent, output_of
+from agents.base import Agent, Interface, stand_in_problem
 from schemas import ConfigError
 
 #: The share of the time left that a model's estimated work may fill: the rest is room for
@@ -77,7 +77,7 @@ class Lineup:
                 if problem:
                     raise ConfigError(
                         f"model {choice.name!r} cannot serve beside {self.choices[0].name!r} "
-                        f"in one replica: it {problem}"
+                        f"in one replica: {problem}"
                     )
 
     @classmethod
@@ -138,21 +138,9 @@ def card_row_seconds(agent: Agent) -> float | None:
 
 
 def incompatibility(serving: Agent, candidate: Agent) -> str:
-    """Why ``candidate`` cannot answer for ``serving``'s type in its place ("" if it can):
-    a version or an alternative model must read the same inputs and answer the same way,
-    or the coordinator and fusion would be told one thing and given another."""
-    if candidate.type != serving.type:
-        return f"serves type {candidate.type!r}, not {serving.type!r}"
-    if tuple(candidate.inputs) != tuple(serving.inputs):
-        return "reads other inputs than the model it would stand in for"
-    if tuple(candidate.labels) != tuple(serving.labels):
-        return (
-            f"answers labels {list(candidate.labels)}, the model it would stand in for "
-            f"{list(serving.labels)}"
-        )
-    if output_of(candidate) != output_of(serving):
-        return "answers another output kind or shape"
-    return ""
+    """Why ``candidate`` cannot answer for ``serving``'s type in its place or beside it
+    ("" if it can); see :func:`~agents.base.stand_in_problem`."""
+    return stand_in_problem(Interface.of(serving), Interface.of(candidate))
 
 
 def choose(

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from agents.model_card import ModelCard, stand_in_problem
+from agents.base import stand_in_problem
+from agents.model_card import ModelCard
 from agents.model_check import check_model_file
 from agents.serving import share_text
 from bus import Subjects, TopologySettings, connect, iter_stored
@@ -185,14 +186,15 @@ async def _put(args: argparse.Namespace, registry: ModelRegistry, nc: Connection
     serving = await registry.rollout(name)
     current = await registry.info(name, serving.current) if serving is not None else None
     if current is not None:
-        problem = stand_in_problem(
-            ModelCard.from_dict(current.card, where=f"the card of {name}@{current.version}"),
-            agent.card,
+        serving_card = ModelCard.from_dict(
+            current.card, where=f"the card of {name}@{current.version}"
         )
+        problem = stand_in_problem(serving_card.interface, agent.card.interface)
         if problem:
             raise ConfigError(
-                f"{path} cannot be a version of {name}: {problem} (a model that reads or "
-                "answers otherwise is a new model: put it under its own name)"
+                f"{path} cannot be a version of {name} (current: {current.version}): "
+                f"{problem} (a model that reads or answers otherwise is a new model: put it "
+                "under its own name)"
             )
     stored = await registry.put(name, version, data, file_name=path.name, card=card)
     rollout = await registry.rollout(name)
