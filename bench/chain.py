@@ -43,7 +43,7 @@ import numpy as np
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bench.procstat import cpu_seconds, memory_mb, stop_processes
+from bench.procstat import cpu_seconds, memory_mb, spawn, stop_processes
 from bench.split_models import (
     build_split_models,
     encoder,
@@ -113,7 +113,7 @@ class Deployment:
 
     def spawn(self, role: str, *argv: str) -> None:
         with (self.folder / f"{role}.log").open("wb") as log:
-            self.processes[role] = subprocess.Popen(
+            self.processes[role] = spawn(
                 [sys.executable, "-m", "fusebus", *argv],
                 cwd=ROOT,
                 stdout=subprocess.DEVNULL,

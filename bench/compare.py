@@ -36,7 +36,7 @@ from nats.aio.msg import Msg
 from bench.chain import ChainRun, measure_chain
 from bench.chain_report import describe as describe_chain
 from bench.chain_report import render_chain
-from bench.procstat import cpu_seconds, memory_mb, stop_processes
+from bench.procstat import cpu_seconds, memory_mb, spawn, stop_processes, stop_with_the_benchmark
 from bench.rollout import RolloutRun, measure_rollout
 from bench.rollout_report import describe as describe_rollout
 from bench.rollout_report import render_rollout
@@ -74,7 +74,7 @@ class System:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     def spawn(self, role: str, *argv: str) -> None:
-        self.processes[role] = subprocess.Popen(
+        self.processes[role] = spawn(
             [sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
 
@@ -629,7 +629,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     configure_logging(level="warning")  # the driver's own registry calls log at info
-    asyncio.run(main_async(args))
+    stop_with_the_benchmark()
+    try:
+        asyncio.run(main_async(args))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every run stopped what it started
+        print("bench: stopped", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import signal
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -36,3 +39,27 @@ def stop_processes(processes: Iterable[subprocess.Popen[bytes]]) -> None:
             process.wait(30)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+#: Every process the benchmarks started, so that whatever still runs when the benchmark
+#: ends (finished, failed, interrupted or terminated) is stopped with it.
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+def spawn(argv: Sequence[str], **options: Any) -> subprocess.Popen[bytes]:
+    """Start a process the benchmark owns (see :func:`stop_with_the_benchmark`)."""
+    process: subprocess.Popen[bytes] = subprocess.Popen(list(argv), **options)
+    _STARTED.append(process)
+    return process
+
+
+def stop_started() -> None:
+    """Stop every process :func:`spawn` started that still runs."""
+    stop_processes(p for p in _STARTED if p.poll() is None)
+
+
+def stop_with_the_benchmark() -> None:
+    """Make SIGTERM stop a benchmark as Ctrl-C does (its runs end, each stopping what it
+    started, servers included), and stop at exit whatever it spawned that still runs."""
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    atexit.register(stop_started)

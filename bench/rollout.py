@@ -50,7 +50,7 @@ from pathlib import Path
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bench.procstat import stop_processes
+from bench.procstat import spawn, stop_processes
 from bus import (
     BusSettings,
     EmbeddedServer,
@@ -207,7 +207,7 @@ class Deployment:
     def spawn(self, role: str, *argv: str) -> None:
         common = ("--nats-url", self.server.url, "--prefix", PREFIX, "--log-level", "warning")
         with (self.folder / f"{role}.log").open("wb") as log:
-            self.processes[role] = subprocess.Popen(
+            self.processes[role] = spawn(
                 [sys.executable, "-m", "fusebus", *argv, *common],
                 cwd=ROOT,
                 stdout=subprocess.DEVNULL,

@@ -32,7 +32,7 @@ from pathlib import Path
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bench.procstat import cpu_seconds, memory_mb, stop_processes
+from bench.procstat import cpu_seconds, memory_mb, spawn, stop_processes
 from bench.workload import TYPES, build_models, frames, plans_toml
 from bus import (
     BusSettings,
@@ -137,7 +137,7 @@ class ShardedDeployment:
 
     def spawn(self, role: str, *argv: str) -> None:
         with (self.folder / f"{role}.log").open("wb") as log:
-            self.processes[role] = subprocess.Popen(
+            self.processes[role] = spawn(
                 [sys.executable, "-m", "fusebus", *argv],
                 cwd=ROOT,
                 stdout=subprocess.DEVNULL,

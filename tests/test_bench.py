@@ -141,3 +141,59 @@ def test_rollout_benchmark_runs_and_every_window_gets_one_decision() -> None:
     assert "| to the last replica's first result with the new version, ms |" in done.stdout
     assert "| lowest 100 ms bin of decisions after a promotion / median before |" in done.stdout
     assert (ROOT / "docs" / "benchmarks.md").read_text() == docs
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid``, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone while listed
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, not a zombie)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_terminated_benchmark_stops_everything_it_started() -> None:
+    """SIGTERM in the middle of a run: the benchmark stops its nats-server and every
+    component process it started, then exits."""
+    import signal
+    import time
+
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "bench", "--only", "rollout", "--promotions", "100"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        started: set[int] = set()
+        give_up = time.monotonic() + 60
+        # the nats-server, a coordinator, a fusion agent, a gyro agent and 3 accel replicas
+        while len(started) < 7 and time.monotonic() < give_up:
+            started = {p for p in descendants(bench.pid) if running(p)}
+            time.sleep(0.2)  # polling another process's children: there is no event to wait on
+        assert len(started) >= 7, started
+        bench.send_signal(signal.SIGTERM)
+        _, err = bench.communicate(timeout=90)
+        assert bench.returncode == 130, err.decode()[-2000:]
+        assert [p for p in started if running(p)] == []
+    finally:
+        if bench.poll() is None:
+            bench.kill()
