@@ -347,8 +347,14 @@ async def test_an_unreadable_rollout_is_skipped_and_the_next_one_followed(
 ) -> None:
     import structlog
 
-    await put_accel(registry, "1", "2")
+    await put_accel(registry, "1", "2", "3")
     replica = await followers("accel")
+
+    def serving(version: str) -> bool:
+        return replica.lineup.preferred.model.version == version
+
+    await registry.promote("accel", "2")  # once followed, the replica's watch is live
+    await eventually(lambda: serving("2"), what="the replica following the rollout")
     with structlog.testing.capture_logs() as logs:
         for junk in (b"\x00garbage", b"\x81\xa4kind\xa3bad", b""):
             await registry.rollouts.put("accel", junk)
@@ -356,11 +362,9 @@ async def test_an_unreadable_rollout_is_skipped_and_the_next_one_followed(
             lambda: sum(e["event"] == "model.bad_rollout" for e in logs) == 3,
             what="three unreadable rollouts said",
         )
-    assert replica.lineup.preferred.model.version == "1"  # still serving
-    await registry.promote("accel", "2")  # the registry reads past them too
-    await eventually(
-        lambda: replica.lineup.preferred.model.version == "2", what="the next change followed"
-    )
+    assert serving("2")  # still serving
+    await registry.promote("accel", "3")  # the registry reads past them too
+    await eventually(lambda: serving("3"), what="the next change followed")
 
 
 async def test_a_version_that_does_not_load_is_not_switched_to(
