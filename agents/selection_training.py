@@ -25,11 +25,10 @@ from agents.runtimes import infer_ms_per_row
 from agents.training import (
     Builder,
     TrainingSettings,
-    classifier_accuracy,
+    classifier_card,
     export_tflite,
     fit_classifier,
 )
-from schemas import InputSpec
 
 #: The convolutions of the large model, as (filters, kernel size), one after the other at
 #: the window's full length: real capacity, and a real per-row cost.
@@ -142,21 +141,18 @@ def train_selection_models(
         served.save(out_dir / f"{stem}.keras")
         export_tflite(served, out_dir / f"{stem}.tflite")
         runtime = LiteRTModel(out_dir / f"{stem}.tflite", buckets=(32,))
-        val_accuracy = classifier_accuracy(model, x_train[val_idx], y_train[val_idx])
-        cards[variant] = ModelCard(
-            type=type_name,
+        cards[variant] = classifier_card(
+            model,
+            type_name=type_name,
             name=f"{dataset}-{stem}",
-            version="1.0.0",
+            sensor=sensor,
             labels=labels,
-            inputs=(InputSpec(sensor, x_train.shape[1], x_train.shape[2]),),
-            weight=round(max(val_accuracy, 0.05), 4),
+            train=(x_train, y_train),
+            test=(x_test, y_test),
+            split=(fit_idx, val_idx),
             metrics={
-                "val_accuracy": round(val_accuracy, 4),
-                "test_accuracy": round(classifier_accuracy(model, x_test, y_test), 4),
                 "infer_ms_per_row": round(infer_ms_per_row(runtime, batch=32), 6),
                 "params": float(model.count_params()),
-                "train_cases": float(len(fit_idx)),
-                "val_cases": float(len(val_idx)),
             },
             notes=(
                 f"{spec.description}, on the {sensor} channels of {dataset} TRAIN, seed "

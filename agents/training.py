@@ -157,20 +157,15 @@ def train_sensor_model(
     model, fit_idx, val_idx = fit_classifier(
         build_model, x_train, y_train, classes=len(labels), settings=settings
     )
-    val_accuracy = classifier_accuracy(model, x_train[val_idx], y_train[val_idx])
-    card = ModelCard(
-        type=type_name,
+    card = classifier_card(
+        model,
+        type_name=type_name,
         name=f"basicmotions-{type_name}",
-        version="1.0.0",
+        sensor=sensor,
         labels=labels,
-        inputs=(InputSpec(sensor, x_train.shape[1], x_train.shape[2]),),
-        weight=round(max(val_accuracy, 0.05), 4),
-        metrics={
-            "val_accuracy": round(val_accuracy, 4),
-            "test_accuracy": round(classifier_accuracy(model, x_test, y_test), 4),
-            "train_cases": float(len(fit_idx)),
-            "val_cases": float(len(val_idx)),
-        },
+        train=(x_train, y_train),
+        test=(x_test, y_test),
+        split=(fit_idx, val_idx),
         notes=(
             f"Conv1D on the {sensor} channels of BasicMotions TRAIN, seed {settings.seed}, "
             f"{settings.epochs} epochs; validated on {len(val_idx)} held-out TRAIN cases; "
@@ -182,3 +177,39 @@ def train_sensor_model(
     export_tflite(model, out_dir / f"{type_name}.tflite")
     (out_dir / f"{type_name}.json").write_text(card.to_json(), encoding="utf-8")
     return card
+
+
+def classifier_card(
+    model: Any,
+    *,
+    type_name: str,
+    name: str,
+    sensor: str,
+    labels: tuple[str, ...],
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    split: tuple[np.ndarray, np.ndarray],
+    notes: str,
+    metrics: dict[str, float] | None = None,
+) -> ModelCard:
+    """The card of a trained sensor classifier: its validation accuracy (on the held-out
+    rows of ``split``, also its fusion weight), its TEST accuracy, the case counts, and any
+    further ``metrics``."""
+    (x_train, y_train), (x_test, y_test), (fit_idx, val_idx) = train, test, split
+    val_accuracy = classifier_accuracy(model, x_train[val_idx], y_train[val_idx])
+    return ModelCard(
+        type=type_name,
+        name=name,
+        version="1.0.0",
+        labels=labels,
+        inputs=(InputSpec(sensor, x_train.shape[1], x_train.shape[2]),),
+        weight=round(max(val_accuracy, 0.05), 4),
+        metrics={
+            "val_accuracy": round(val_accuracy, 4),
+            "test_accuracy": round(classifier_accuracy(model, x_test, y_test), 4),
+            **(metrics or {}),
+            "train_cases": float(len(fit_idx)),
+            "val_cases": float(len(val_idx)),
+        },
+        notes=notes,
+    )
