@@ -210,7 +210,7 @@ class RegistryFollower:
         canary = await self._load(name, rollout.canary, against=current) if rollout.canary else None
         shadow = await self._load(name, rollout.shadow, against=current) if rollout.shadow else None
         self._serving[name] = (
-            current.model.version if current else "",
+            current.model.version,
             rollout.canary if canary else "",
             rollout.shadow if shadow else "",
         )

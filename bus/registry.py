@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import io
 import json
 import re
 import time
@@ -316,38 +317,40 @@ class ModelRegistry:
         """A stored version and its file's bytes (checked against its digest).
 
         Raises:
-            ConfigError: no such version is stored.
+            ConfigError: no such version is stored, or it is larger than the registry takes.
         """
-        info = await self.info(name, version)
-        if info is None:
+        stored = await self.info(name, version)
+        if stored is None:
             raise ConfigError(f"{name} has no stored version {version!r}")
-        try:
-            with _answered(f"reading {name} version {version}"):
-                result = await self.store.get(_object(name, version))
-        except ObjectNotFoundError:
-            raise ConfigError(f"{name} version {version} was removed") from None
-        return info, bytes(result.data or b"")
+        buffer = io.BytesIO()
+        await self._read(stored, buffer)
+        return stored, buffer.getvalue()
 
     async def download(self, stored: StoredModel, path: Path) -> None:
-        """Write a stored version's file to ``path``, chunk by chunk as it arrives (the
-        object store checks its digest).
+        """Write a stored version's file to ``path`` as it arrives.
 
         Raises:
             ConfigError: the version is larger than the registry takes, or was removed.
         """
+        out = await asyncio.to_thread(path.open, "wb")
+        try:
+            await self._read(stored, out)
+        finally:
+            await asyncio.to_thread(out.close)
+
+    async def _read(self, stored: StoredModel, out: io.BufferedIOBase) -> None:
+        """Write a stored version's chunks into ``out`` one by one as they arrive (not
+        joined in memory first; the object store checks the digest)."""
         if stored.size > MAX_MODEL_BYTES:
             raise ConfigError(
                 f"{stored.name} version {stored.version} is {stored.size} bytes; the registry "
                 f"takes at most {MAX_MODEL_BYTES}"
             )
-        out = await asyncio.to_thread(path.open, "wb")
         try:
             with _answered(f"reading {stored.name} version {stored.version}"):
                 await self.store.get(_object(stored.name, stored.version), writeinto=out)
         except ObjectNotFoundError:
             raise ConfigError(f"{stored.name} version {stored.version} was removed") from None
-        finally:
-            await asyncio.to_thread(out.close)
 
     async def catalog(self) -> list[StoredModel]:
         """Every stored version, by name then in the order stored."""

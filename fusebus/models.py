@@ -7,6 +7,7 @@ the registry and the shadow stream hold, so that they are tested without a serve
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
 from collections import Counter
@@ -288,30 +289,35 @@ async def _compare(args: argparse.Namespace, registry: ModelRegistry, nc: Connec
 
 async def _accuracy(registry: ModelRegistry, name: str, version: str, dataset: Any) -> float:
     """A stored version's accuracy on the dataset's TEST split, run here."""
-    stored, data = await registry.get(name, version)
-    return _score(stored, data, dataset)
-
-
-def _score(stored: StoredModel, data: bytes, dataset: Any) -> float:
-    """The accuracy of a stored version's file on the dataset's TEST split."""
     import tempfile
 
-    name, version = stored.name, stored.version
+    stored = await registry.info(name, version)
+    if stored is None:
+        raise ConfigError(f"{name} has no stored version {version!r}")
     with tempfile.TemporaryDirectory(prefix="fusebus-compare-") as folder:
         path = Path(folder) / f"model{Path(stored.file_name).suffix}"
-        path.write_bytes(data)
-        path.with_suffix(".json").write_text(json.dumps(stored.card), encoding="utf-8")
-        agent = check_model_file(path)
-        x, y = dataset.split("test")
-        inputs = {}
-        for spec in agent.inputs:
-            if spec.stage or spec.sensor not in dataset.sensors:
-                raise ConfigError(
-                    f"{name}@{version} reads {spec.sensor!r}, which dataset {dataset.name!r} "
-                    "does not have"
-                )
-            inputs[spec.sensor] = dataset.sensor_view(x, spec.sensor).astype(np.float32)
-        scores = agent.predict(inputs)
+        await registry.download(stored, path)
+        await asyncio.to_thread(
+            path.with_suffix(".json").write_text, json.dumps(stored.card), encoding="utf-8"
+        )
+        return await asyncio.to_thread(_score, stored, path, dataset)
+
+
+def _score(stored: StoredModel, path: Path, dataset: Any) -> float:
+    """The accuracy of a stored version's file (at ``path``, its card beside it) on the
+    dataset's TEST split."""
+    name, version = stored.name, stored.version
+    agent = check_model_file(path)
+    x, y = dataset.split("test")
+    inputs = {}
+    for spec in agent.inputs:
+        if spec.stage or spec.sensor not in dataset.sensors:
+            raise ConfigError(
+                f"{name}@{version} reads {spec.sensor!r}, which dataset {dataset.name!r} "
+                "does not have"
+            )
+        inputs[spec.sensor] = dataset.sensor_view(x, spec.sensor).astype(np.float32)
+    scores = agent.predict(inputs)
     labels = list(agent.labels)
     if set(labels) - set(dataset.labels):
         raise ConfigError(f"{name}@{version} answers labels the dataset does not have")
