@@ -176,12 +176,6 @@ class BatchPuller:
 
     async def _on_msg(self, msg: Msg) -> None:
         status = msg.headers.get(_STATUS) if msg.headers else None
-        if status is None and self._sub is None:
-            # Stopping: the open pull request still delivers until the server sees the
-            # unsubscribe. Hand it back at once; buffered, it would wait out the ack wait.
-            with contextlib.suppress(Exception):
-                await msg.nak()
-            return
         if status is None:
             self._refused_delay_s = 0.0
             self._buffer.append(msg)
